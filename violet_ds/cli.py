@@ -1,0 +1,143 @@
+"""`violet-ds <command>`: one command-line entry point for every user-facing job.
+
+Each command is a plain, fully type-annotated Python function somewhere in the library; this module
+only maps command names to those functions and builds a jsonargparse parser from the chosen
+function's signature. Only the chosen command's module is imported, so `violet-ds extract-frames`
+never pays for importing DeepSpeed.
+
+Every command accepts `--config FILE.yaml` (repeatable; later files and later flags override earlier
+ones), dotted overrides such as `--optim.lr 1e-4`, and `--print_config` to show the resolved
+configuration and exit. Unknown keys and wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from typing import Callable, Optional
+
+# name -> ("module:function", one-line help). Two-word names ("bench data") form groups.
+COMMANDS: dict[str, tuple[str, str]] = {
+    # training
+    "pretrain": ("violet_ds.engine.run:pretrain", "pretrain a model (VIOLET / VIOLETv2 / LAVENDER / VIMPAC) with DeepSpeed"),
+    "finetune": ("violet_ds.engine.run:finetune", "finetune on a downstream task from a checkpoint"),
+    "evaluate": ("violet_ds.engine.run:evaluate", "evaluate a checkpoint on a task; writes predictions and metrics"),
+    "export": ("violet_ds.engine.export:export", "DeepSpeed checkpoint -> one safetensors file of fp32 weights"),
+    "universal-checkpoint": ("violet_ds.engine.universal:universal_checkpoint", "convert a checkpoint to DeepSpeed's universal format (resume on another world size)"),
+    # data
+    "extract-frames": ("violet_ds.data.extract:extract_frames", "videos -> N sampled JPEG frames per video -> TSV shards"),
+    "extract-images": ("violet_ds.data.extract:extract_images", "images (CC3M style) -> one-frame TSV rows"),
+    "build-index": ("violet_ds.data.tsv:build_index_command", "write the .lineidx of a TSV that has none"),
+    "validate-tsv": ("violet_ds.data.tsv:validate_command", "check a TSV + .lineidx: every offset starts a row; count rows/frames"),
+    "convert-pickle": ("violet_ds.data.convert:convert_pickle", "official frame / VQ pickles -> TSV / .npz (restricted unpickler)"),
+    "make-demo-data": ("violet_ds.data.demo:make_demo_data", "generate the synthetic demo videos, annotations, TSVs and vocabulary"),
+    "extract-targets": ("violet_ds.targets.extract:extract_targets", "pre-compute an MVM target (teacher output) for a frame TSV"),
+    # models
+    "convert-checkpoint": ("violet_ds.models.checkpoint_io:convert_checkpoint", "official VIOLET / VIOLETv2 / LAVENDER checkpoint <-> violet_ds safetensors"),
+    "list-models": ("violet_ds.models:print_models", "list registered models with their parameter counts"),
+    # benchmarks
+    "bench data": ("violet_ds.data.bench:bench_data", "data-loader throughput (clips/s) per JPEG decoder"),
+    "bench train": ("violet_ds.engine.bench:bench_train", "forward+backward+step time, samples/s, peak memory, FLOPs"),
+    "bench targets": ("violet_ds.targets.bench:bench_targets", "time per clip of each MVM teacher"),
+}
+
+_LOCAL_RANK = re.compile(r"^--local[_-]rank(=\d+)?$")
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` that the DeepSpeed launcher appends (LOCAL_RANK is read from env)."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if _LOCAL_RANK.match(arg):
+            # `--local_rank 3` form: also drop the value
+            skip = "=" not in arg and i + 1 < len(argv) and argv[i + 1].isdigit()
+            continue
+        out.append(arg)
+    return out
+
+
+def _overview() -> str:
+    width = max(map(len, COMMANDS)) + 2
+    lines = ["usage: violet-ds <command> [--config FILE.yaml] [--key value ...] [--print_config]", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}{help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `violet-ds <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def resolve(argv: list[str]) -> tuple[str, list[str]]:
+    """Split argv into (command name, remaining args); raise SystemExit with help on bad input."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_overview())
+        raise SystemExit(0)
+    name, rest = argv[0], argv[1:]
+    groups = {key.split()[0] for key in COMMANDS if " " in key}
+    if name in groups:
+        sub = [key.split()[1] for key in COMMANDS if key.startswith(name + " ")]
+        if not rest or rest[0] not in sub:
+            print(f"usage: violet-ds {name} {{{','.join(sub)}}} ...", file=sys.stderr)
+            for key in sub:
+                print(f"  {key:<10}{COMMANDS[f'{name} {key}'][1]}", file=sys.stderr)
+            raise SystemExit(0 if rest and rest[0] in ("-h", "--help") else 2)
+        name, rest = f"{name} {rest[0]}", rest[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=3)
+        hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+        print(f"violet-ds: unknown command {name!r}{hint}\n\n{_overview()}", file=sys.stderr)
+        raise SystemExit(2)
+    return name, rest
+
+
+def load_command(name: str) -> Callable:
+    target, _ = COMMANDS[name]
+    module_name, func_name = target.split(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+# The resolved configuration of the running command as YAML, for run directories to record.
+resolved_config_yaml: Optional[str] = None
+
+
+def build_parser(name: str, func: Callable):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
+        prog=f"violet-ds {name}",
+        description=(func.__doc__ or COMMANDS[name][1]).strip(),
+        exit_on_error=True,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s); later ones override earlier")
+    parser.add_function_arguments(func, fail_untyped=True)
+    return parser
+
+
+def run_command(name: str, argv: list[str]):
+    """Parse argv for command `name` and call it; returns the function's result."""
+    global resolved_config_yaml
+    func = load_command(name)
+    parser = build_parser(name, func)
+    cfg = parser.parse_args(argv)
+    cfg.pop("config", None)
+    resolved_config_yaml = parser.dump(cfg, skip_none=False)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    kwargs = dict(vars(instantiate(cfg)))
+    kwargs.pop("config", None)
+    return func(**kwargs)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    name, rest = resolve(argv)
+    result = run_command(name, rest)
+    if isinstance(result, int) and not isinstance(result, bool):
+        raise SystemExit(result)
+
+
+if __name__ == "__main__":
+    main()
