@@ -1,0 +1,160 @@
+"""Typed configuration of a training or evaluation run.
+
+The training commands take one parameter per dataclass below, so a YAML file has the top-level keys
+`model`, `data`, `task`, `optim`, `engine`, `run`, and every key and type is validated by jsonargparse
+before any heavy work starts. Task-specific options that only one task understands live in
+`task.options`; each task validates that dictionary itself and names any key it does not know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build and how to initialise it."""
+
+    name: str = "violet-tiny"
+    """registered model name (`violet-ds list-models`)"""
+    weights: Optional[str] = None
+    """initial weights: a violet_ds safetensors file, an official checkpoint (.pt) or a run's checkpoint dir"""
+    pretrained_swin: Optional[str] = None
+    """Video Swin Kinetics checkpoint or timm 2D Swin state dict to initialise the video encoder"""
+    text_config_dir: Optional[str] = None
+    """local Hugging Face BERT directory whose config (and weights) build the text/cross-modal part"""
+    tie_mlm_head: bool = False
+    """tie the MLM decoder to the word embeddings (BERT default); the official code does not"""
+    grad_checkpointing: bool = False
+    """checkpoint every video-encoder and cross-modal block (recompute in backward)"""
+    offload_video_activations: bool = False
+    """keep the video encoder's saved activations on the CPU (with grad_checkpointing)"""
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    """extra keyword arguments for create_model (e.g. drop_path, max_frames)"""
+
+
+@dataclass
+class DataSource:
+    """One dataset: TSV frame shards + an annotation file."""
+
+    tsv: str
+    """TSV path, glob or comma-separated list of shards"""
+    annotations: str
+    """annotation JSON in the official format of the task"""
+    split: str = "train"
+    kind: Literal["video", "image"] = "video"
+    """`image`: one-frame rows (CC3M style), repeated/treated as a one-frame video"""
+    vq: Optional[str] = None
+    """pre-extracted DALL-E token sidecar (VQ MVM target)"""
+    targets: Optional[str] = None
+    """pre-extracted MVM target sidecar (`violet-ds extract-targets`)"""
+    weight: float = 1.0
+    """sampling weight when several sources are mixed"""
+
+
+@dataclass
+class DataConfig:
+    train: List[DataSource] = field(default_factory=list)
+    val: List[DataSource] = field(default_factory=list)
+    test: List[DataSource] = field(default_factory=list)
+    tokenizer: str = "data/demo/tokenizer"
+    """local BERT-style tokenizer directory (vocab.txt / tokenizer.json)"""
+    num_frames: int = 4
+    image_size: int = 224
+    max_text_len: int = 32
+    batch_size: int = 12
+    """micro-batch size per process"""
+    eval_batch_size: Optional[int] = None
+    num_workers: int = 4
+    pin_memory: bool = True
+    prefetch_factor: int = 2
+    jpeg_decoder: Literal["auto", "simplejpeg", "pillow", "torchvision"] = "auto"
+    max_bad_fraction: float = 0.0
+    """fraction of undecodable samples tolerated (skipped, counted, reported) before the run stops"""
+    eval_clips: int = 1
+    """clips per video at evaluation (multi-clip testing averages over them)"""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "pretrain"
+    """registered task (pretrain, vimpac_pretrain, qa_mc, qa_oe, retrieval, caption, action_cls, multitask)"""
+    head_style: Literal["head", "mlm"] = "head"
+    """task-specific heads (VIOLET/VIOLETv2) or answers at [MASK] through the MLM head (LAVENDER)"""
+    # --- pretraining objectives
+    loss_weights: Dict[str, float] = field(default_factory=lambda: {"vtm": 1.0, "mlm": 1.0, "mvm": 1.0})
+    vtm_negatives: int = 3
+    vtm_temperature: float = 0.05
+    mlm_probability: float = 0.15
+    mlm_replace: Literal["mask", "bert"] = "mask"
+    """`mask`: every chosen token becomes [MASK] (official); `bert`: 80/10/10"""
+    mvm_targets: Dict[str, float] = field(default_factory=lambda: {"pixel": 1.0})
+    """MVM targets and their loss weights (pixel, hog, optical_flow, depth, vq, 2d_feature, 2d_clip_feature, 3d_feature)"""
+    mvm_strategies: List[str] = field(default_factory=lambda: ["rm", "bm"])
+    """visual masking strategies, one drawn per sample: rm (random), bm (blockwise), am (attended)"""
+    mvm_ratio: float = 0.15
+    target_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    """per-target options, e.g. {"2d_feature": {"weights": "swin_b.pth"}}"""
+    # --- downstream
+    num_answers: int = 0
+    """answer vocabulary size for open-ended QA (0 = from the annotation file)"""
+    num_options: int = 5
+    num_classes: int = 0
+    options: Dict[str, Any] = field(default_factory=dict)
+    """task-specific options, validated by the task (unknown keys are errors)"""
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["auto", "adamw", "deepspeed_fused_adam", "apex_fused_adam", "deepspeed_cpu_adam"] = "auto"
+    """auto: DeepSpeed FusedAdam on CUDA, fused torch AdamW on CPU"""
+    lr: float = 5e-5
+    betas: Tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 1e-3
+    no_decay_bias_norm: bool = True
+    video_lr_mult: float = 1.0
+    """learning-rate multiplier of the video encoder (VIOLETv2/LAVENDER backbone multiplier)"""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.1
+    warmup_steps: Optional[int] = None
+    """overrides warmup_ratio when set"""
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EngineConfig:
+    ds_config: str = "ds_configs/zero2_bf16.json"
+    """DeepSpeed JSON; its "auto" fields are filled from this run config"""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: what ds_config says"""
+    zero_stage: Optional[int] = None
+    grad_accum: int = 1
+    seed: int = 42
+    deterministic: bool = False
+    dist_timeout_s: int = 1800
+    """timeout of every collective; a hung rank ends the job instead of blocking it forever"""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    """optimizer steps; overrides epochs when set"""
+    log_every: int = 10
+    eval_every: int = 0
+    """optimizer steps between validations (0: at the end of each epoch)"""
+    save_every: int = 0
+    """optimizer steps between checkpoints (0: at the end of each epoch and of the run)"""
+    keep_last: int = 3
+    image_every: int = 100
+    """steps between TensorBoard images (masked input vs reconstruction); 0 = never"""
+    resume: Optional[str] = None
+    """auto (latest if any, else fresh), latest, or a checkpoint tag"""
+    init_from: Optional[str] = None
+    """module weights to start from (pretraining checkpoint dir, export file or official checkpoint)"""
+    progress: bool = True
