@@ -1,0 +1,89 @@
+"""Convert the official pickles: frames `{video_id: [b64 JPEG, ...]}` -> TSV, VQ tokens
+`{video_id: int16 array (N, h, w)}` -> `.npz` (one array per video id, loaded with allow_pickle=False).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import numpy as np
+
+from violet_ds.data.safe_pickle import safe_load
+from violet_ds.data.tsv import TSVWriter
+
+
+class ConvertError(ValueError):
+    pass
+
+
+def _detect_kind(data: dict, source: str) -> str:
+    if not isinstance(data, dict) or not data:
+        raise ConvertError(f"{source}: expected a non-empty dict {{video_id: ...}}, got {type(data).__name__}")
+    key, value = next(iter(data.items()))
+    if isinstance(value, np.ndarray):
+        return "vq"
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (str, bytes)):
+        return "frames"
+    raise ConvertError(f"{source}: key {key!r}: value of type {type(value).__name__} is neither a frame list nor an array")
+
+
+def frames_pickle_to_tsv(data: dict, out: Path, source: str) -> int:
+    with TSVWriter(out) as writer:
+        for key, frames in data.items():
+            if not isinstance(frames, (list, tuple)) or not frames:
+                raise ConvertError(f"{source}: key {key!r}: expected a non-empty list of frames")
+            columns = [str(key)]
+            for number, frame in enumerate(frames):
+                if isinstance(frame, bytes):
+                    frame = frame.decode("ascii")
+                if not isinstance(frame, str):
+                    raise ConvertError(f"{source}: key {key!r} frame {number}: not a base64 string")
+                columns.append(frame)
+            writer.write(columns)
+        return writer.rows
+
+
+def vq_pickle_to_npz(data: dict, out: Path, source: str) -> int:
+    arrays = {}
+    for key, value in data.items():
+        if not isinstance(value, np.ndarray) or value.ndim != 3 or value.dtype.kind not in "iu":
+            raise ConvertError(f"{source}: key {key!r}: expected an integer array (N, h, w), got "
+                               f"{getattr(value, 'dtype', type(value).__name__)} {getattr(value, 'shape', '')}")
+        arrays[str(key)] = value.astype(np.int16, copy=False)
+    tmp = out.with_name(out.stem + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(out)
+    return len(arrays)
+
+
+def load_vq_tokens(path: Union[str, Path]) -> dict[str, np.ndarray]:
+    """Read a converted VQ sidecar (`.npz`) without pickle: {video_id: int16 (N, h, w)}."""
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def convert_pickle(src: str, out: Optional[str] = None, kind: Literal["auto", "frames", "vq"] = "auto") -> int:
+    """Convert an official pickle with a restricted unpickler (numpy arrays only, never arbitrary code).
+
+    Args:
+        src: the `.pkl` file (frames `{id: [b64, ...]}` or VQ tokens `{id: int16 (N,h,w)}`).
+        out: output path (default: `src` with `.tsv` for frames, `.npz` for VQ tokens).
+        kind: what the pickle holds; `auto` looks at its first value.
+    """
+    source = Path(src)
+    try:
+        data = safe_load(source)
+        detected = _detect_kind(data, str(source)) if kind == "auto" else kind
+        if detected == "frames":
+            target = Path(out) if out else source.with_suffix(".tsv")
+            count = frames_pickle_to_tsv(data, target, str(source))
+        else:
+            target = Path(out) if out else source.with_suffix(".npz")
+            count = vq_pickle_to_npz(data, target, str(source))
+    except (ConvertError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{source} -> {target}: {count} videos ({detected})")
+    return 0
