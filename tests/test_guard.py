@@ -1,0 +1,116 @@
+"""A rank that raises ends a 2-process job with a non-zero exit and its traceback, within the timeout."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a job must be over well before this; the collective timeout inside is much shorter
+JOB_LIMIT_S = 90
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    import torch
+    torch.set_num_threads(1)
+    from violet_ds.engine.distributed import init_distributed
+    from violet_ds.engine.guard import rank_guard
+
+    mode = sys.argv[1]
+    world = init_distributed(timeout_s=int(os.environ["GUARD_TIMEOUT_S"]), backend="gloo")
+    with rank_guard():
+        value = torch.ones(1)
+        torch.distributed.all_reduce(value)
+        print(f"rank {world.rank} first all_reduce {value.item()}", flush=True)
+        if world.rank == 1 and mode == "raise":
+            raise ValueError("deliberate failure on rank 1")
+        if world.rank == 1 and mode == "hang":
+            time.sleep(600)
+        # rank 0 blocks here waiting for rank 1
+        torch.distributed.all_reduce(value)
+        print(f"rank {world.rank} done {value.item()}", flush=True)
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(tmp_path: Path, mode: str, timeout_s: int = 20) -> tuple[list[subprocess.Popen], float]:
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), DS_ACCELERATOR="cpu", GUARD_TIMEOUT_S=str(timeout_s),
+                   PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), mode], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs, time.monotonic()
+
+
+def _wait(proc: subprocess.Popen, deadline: float) -> tuple[int | None, str]:
+    try:
+        out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        return None, out
+
+
+def test_raising_rank_ends_every_rank_nonzero(tmp_path):
+    procs, start = _launch(tmp_path, "raise", timeout_s=60)
+    deadline = start + JOB_LIMIT_S
+    results = [_wait(proc, deadline) for proc in procs]
+    elapsed = time.monotonic() - start
+    (code0, out0), (code1, out1) = results
+    assert code1 == 1, f"failing rank exit {code1}:\n{out1}"
+    assert "[violet-ds rank 1/2" in out1 and "ValueError: deliberate failure on rank 1" in out1, out1
+    assert "first all_reduce 2.0" in out0, out0
+    # rank 0 was blocked in the second all_reduce; it must fail as soon as its peer is gone,
+    # far earlier than the 60 s collective timeout
+    assert code0 not in (None, 0), f"rank 0 exit {code0} (None = still hanging):\n{out0}"
+    assert "[violet-ds rank 0/2" in out0, out0
+    assert elapsed < 50, f"job took {elapsed:.0f}s: the peer waited for the collective timeout"
+
+
+def test_hung_rank_is_ended_by_the_collective_timeout(tmp_path):
+    procs, start = _launch(tmp_path, "hang", timeout_s=4)
+    code0, out0 = _wait(procs[0], start + JOB_LIMIT_S)
+    elapsed = time.monotonic() - start
+    # the test plays the launcher: the first non-zero exit stops the rest
+    procs[1].kill()
+    procs[1].communicate()
+    assert code0 not in (None, 0), f"rank 0 exit {code0} (None = still hanging):\n{out0}"
+    assert "[violet-ds rank 0/2" in out0 and "FAILED" in out0, out0
+    assert elapsed < 60, f"rank 0 needed {elapsed:.0f}s to notice a 4 s collective timeout"
+
+
+def test_clean_run_exits_zero(tmp_path):
+    procs, start = _launch(tmp_path, "ok")
+    results = [_wait(proc, start + JOB_LIMIT_S) for proc in procs]
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, f"rank {rank} exit {code}:\n{out}"
+        assert f"rank {rank} done 4.0" in out
+
+
+def test_single_process_reraises():
+    from violet_ds.engine.guard import rank_guard
+
+    with pytest.raises(RuntimeError, match="plain"):
+        with rank_guard():
+            raise RuntimeError("plain")
