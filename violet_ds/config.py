@@ -122,6 +122,8 @@ class OptimConfig:
     """overrides warmup_ratio when set"""
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    video_param_prefixes: List[str] = field(default_factory=lambda: ["model.video_encoder.", "model.backbone."])
+    """parameter-name prefixes (in the task module) that get `video_lr_mult`"""
 
 
 @dataclass
@@ -136,6 +138,8 @@ class EngineConfig:
     deterministic: bool = False
     dist_timeout_s: int = 1800
     """timeout of every collective; a hung rank ends the job instead of blocking it forever"""
+    ds_overrides: Dict[str, Any] = field(default_factory=dict)
+    """keys merged (recursively) into the DeepSpeed JSON, e.g. {"zero_optimization": {"reduce_bucket_size": 5e7}}"""
 
 
 @dataclass
@@ -158,3 +162,9 @@ class RunConfig:
     init_from: Optional[str] = None
     """module weights to start from (pretraining checkpoint dir, export file or official checkpoint)"""
     progress: bool = True
+    val_max_batches: Optional[int] = None
+    """cap on validation batches per evaluation (None = the whole validation set)"""
+    log_sample_indices: bool = False
+    """record the dataset indices of every optimizer step in metrics.jsonl (resume audits)"""
+    save_on_sigterm: bool = True
+    """on SIGTERM (SLURM preemption) finish the current step, save a checkpoint and exit cleanly"""

@@ -1,0 +1,103 @@
+"""Evaluation loop shared by every task, and the cross-rank gathering tasks use in `evaluate_end`."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+import torch
+
+from .distributed import World
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to `device`; other values pass through."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
+
+
+def merge_outputs(outputs: Iterable[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Concatenate a list of per-batch dicts: tensors along dim 0 (on CPU), lists extended."""
+    merged: Dict[str, List[Any]] = {}
+    for output in outputs:
+        for key, value in output.items():
+            merged.setdefault(key, []).append(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+    result: Dict[str, Any] = {}
+    for key, values in merged.items():
+        if all(isinstance(v, torch.Tensor) for v in values):
+            result[key] = torch.cat([v.reshape(1) if v.dim() == 0 else v for v in values])
+        else:
+            flat: List[Any] = []
+            for value in values:
+                flat.extend(value if isinstance(value, (list, tuple)) else [value])
+            result[key] = flat
+    return result
+
+
+def gather_outputs(outputs: Iterable[Mapping[str, Any]], world: World) -> Dict[str, Any]:
+    """Merge this rank's per-batch outputs and all-gather them across ranks.
+
+    When outputs carry `index` (the dataset index), samples that a distributed sampler padded in
+    twice are dropped, so each sample is counted exactly once; rows are returned sorted by index.
+    """
+    local = merge_outputs(outputs)
+    if world.distributed and torch.distributed.is_initialized():
+        parts: List[Optional[Dict[str, Any]]] = [None] * world.world_size
+        torch.distributed.all_gather_object(parts, local)
+        local = merge_outputs([p for p in parts if p])
+    index = local.get("index")
+    if isinstance(index, torch.Tensor) and index.numel():
+        order = torch.argsort(index, stable=True)
+        sorted_index = index[order]
+        first = torch.ones_like(sorted_index, dtype=torch.bool)
+        first[1:] = sorted_index[1:] != sorted_index[:-1]
+        keep = order[first]
+        count = index.numel()
+        for key, value in list(local.items()):
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == count:
+                local[key] = value[keep]
+            elif isinstance(value, list) and len(value) == count:
+                local[key] = [value[i] for i in keep.tolist()]
+    return local
+
+
+@torch.no_grad()
+def evaluate(task: torch.nn.Module, loaders: Mapping[str, Any], world: World, *,
+             max_batches: Optional[int] = None, progress: bool = False) -> Dict[str, float]:
+    """Run a task's evaluation over `loaders` ({name: DataLoader}); returns metrics (same on every rank).
+
+    A task with `evaluate_full(loaders, world)` evaluates itself (e.g. full retrieval matrices);
+    otherwise each loader goes through `evaluate_step` and the list of outputs to `evaluate_end`.
+    Metrics of loaders other than the first are prefixed with the loader name.
+    """
+    from tqdm.auto import tqdm
+
+    was_training = task.training
+    task.eval()
+    # evaluation must not shift the training RNG streams (exact resume depends on it)
+    with torch.random.fork_rng(devices=[]):
+        try:
+            if hasattr(task, "evaluate_full"):
+                return {k: float(v) for k, v in task.evaluate_full(dict(loaders), world).items()}
+            metrics: Dict[str, float] = {}
+            for position, (name, loader) in enumerate(loaders.items()):
+                outputs = []
+                total = len(loader) if max_batches is None else min(len(loader), max_batches)
+                bar = tqdm(total=total, desc=f"eval {name}", disable=not (progress and world.is_main),
+                           leave=False, dynamic_ncols=True)
+                for number, batch in enumerate(loader):
+                    if max_batches is not None and number >= max_batches:
+                        break
+                    outputs.append(task.evaluate_step(to_device(batch, world.device)))
+                    bar.update(1)
+                bar.close()
+                result = task.evaluate_end(outputs, world)
+                prefix = "" if position == 0 else f"{name}/"
+                metrics.update({f"{prefix}{k}": float(v) for k, v in result.items()})
+            return metrics
+        finally:
+            task.train(was_training)
