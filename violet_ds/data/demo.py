@@ -1,0 +1,388 @@
+"""Synthetic demo data: short videos of coloured shapes moving in a direction, in every official format.
+
+`violet-ds make-demo-data --out data/demo` renders the videos with numpy, encodes them to mp4 with
+PyAV, runs the real extraction (`run_extraction`, the code behind `violet-ds extract-frames`) to TSV
+shards, writes annotation JSON in each official format and trains a WordPiece vocabulary on all the
+text with the `tokenizers` library. Output is a function of the arguments (seed included).
+
+Content. Each video shows one shape (circle, square, triangle) of one colour (red, green, blue,
+yellow, white) and size (small, big) that moves left, right, up, down or stays still over
+`render_frames` frames. Colour, shape and size are visible in any single frame; the motion needs at
+least two frames, so the motion questions, MC options, action labels and the direction blank test
+temporal modelling. Still images (one shape, no motion) form the image-text part.
+
+Layout of `out/` (stable names, referenced by configs):
+```
+videos/demoNNNN.mp4           the rendered videos (ids demo0000, demo0001, ...)
+images/imgNNNN.png            the still images (ids img0000, ...)
+video_000.tsv, video_001.tsv, ...  (+ .lineidx) frame TSV shards of all videos (`num_frames` frames,
+                              short side `size` px); use the glob `out/video_*.tsv`
+image_000.tsv (+ .lineidx)    one-frame rows of the images; glob `out/image_*.tsv`
+txt_pretrain.json             video captions  {"train"|"val": {video_id: [caption, ...]}}
+txt_image.json                image captions  {"train"|"val": {image_id: [caption, ...]}}
+txt_retrieval.json            {"train"|"val"|"test": [{"video", "caption"}]}
+txt_caption.json              captioning, same format as retrieval (all references per video)
+txt_qamc.json                 TGIF-style MC: {"question", "option_0".."option_4", "answer", "video"}
+txt_capmc.json                MSRVTT-MC-style MC: 5 captions per video (option_0..4), no question
+txt_qaoe.json                 open-ended QA {"video", "question", "answer"} + "vocab"; some test
+                              questions are unanswerable (answer -1)
+txt_fib.json                  fill-in-the-blank ("... moves _____ .") + "vocab"
+txt_action.json               {"train"|"val"|"test": [{"video", "label"}], "labels": [5 motion classes]}
+tokenizer/                    BERT-style WordPiece tokenizer (vocab.txt, tokenizer.json, configs)
+demo.json                     the arguments and counts of this build
+```
+Splits: 70% of the videos train, 15% val, 15% test (pretraining uses train and val).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 220, 40),
+          "white": (235, 235, 235)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "big")
+MOTIONS = ("left", "right", "up", "down", "still")
+MOTION_PHRASES = {"left": "move left", "right": "move right", "up": "move up", "down": "move down",
+                  "still": "stay still"}
+ACTION_LABELS = ["moving left", "moving right", "moving up", "moving down", "staying still"]
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@dataclass
+class DemoVideo:
+    video: str
+    color: str
+    shape: str
+    size: str
+    motion: str
+    split: str
+
+
+# ---------------------------------------------------------------- rendering
+
+def render_clip(color: str, shape: str, size: str, motion: str, frames: int, side: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """uint8 `(frames, side, side, 3)` clip of one shape moving (vectorised over frames and pixels)."""
+    radius = side * (0.09 if size == "small" else 0.17)
+    travel = side * 0.45
+    margin = radius + 2
+    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}[motion]
+    # start so that the whole path stays inside the frame
+    low_x = margin + (travel if dx < 0 else 0)
+    high_x = side - margin - (travel if dx > 0 else 0)
+    low_y = margin + (travel if dy < 0 else 0)
+    high_y = side - margin - (travel if dy > 0 else 0)
+    start_x, start_y = rng.uniform(low_x, high_x), rng.uniform(low_y, high_y)
+    progress = np.linspace(0.0, 1.0, frames)
+    centre_x = (start_x + dx * travel * progress)[:, None, None]
+    centre_y = (start_y + dy * travel * progress)[:, None, None]
+    grid_y, grid_x = np.mgrid[0:side, 0:side].astype(np.float32)
+    off_x, off_y = grid_x[None] - centre_x, grid_y[None] - centre_y
+    if shape == "circle":
+        inside = off_x ** 2 + off_y ** 2 <= radius ** 2
+    elif shape == "square":
+        inside = np.maximum(np.abs(off_x), np.abs(off_y)) <= radius * 0.85
+    else:  # triangle pointing up
+        inside = (off_y <= radius * 0.8) & (np.abs(off_x) <= (off_y + radius) * 0.6) & (off_y >= -radius)
+    background = rng.integers(10, 70, size=3)
+    clip = np.empty((frames, side, side, 3), dtype=np.float32)
+    clip[:] = background
+    clip += rng.normal(0.0, 6.0, size=(1, side, side, 3)).astype(np.float32)  # fixed texture
+    clip[inside] = np.array(COLORS[color], dtype=np.float32)
+    return np.clip(clip, 0, 255).astype(np.uint8)
+
+
+def encode_mp4(clip: np.ndarray, path: Path, fps: int = 8) -> None:
+    import av
+
+    frames, height, width, _ = clip.shape
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "crf": "16",
+                                                                     "threads": "1"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for image in clip:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _render_job(job: tuple) -> str:
+    item, frames, side, seed, index, folder = job
+    rng = np.random.default_rng([seed, index])
+    clip = render_clip(item.color, item.shape, item.size, item.motion, frames, side, rng)
+    encode_mp4(clip, Path(folder) / f"{item.video}.mp4")
+    return item.video
+
+
+def _image_job(job: tuple) -> str:
+    from PIL import Image
+
+    item, side, seed, index, folder = job
+    rng = np.random.default_rng([seed, 1_000_000 + index])
+    image = render_clip(item.color, item.shape, item.size, "still", 1, side, rng)[0]
+    Image.fromarray(image).save(Path(folder) / f"{item.video}.png")
+    return item.video
+
+
+# ---------------------------------------------------------------- text
+
+def describe(item: DemoVideo, variant: int = 0) -> str:
+    noun = f"{item.size} {item.color} {item.shape}"
+    if item.motion == "still":
+        templates = (f"a {noun} stays still", f"the {noun} does not move", f"a {noun} rests in place")
+    else:
+        templates = (f"a {noun} moves {item.motion}", f"the {noun} is moving {item.motion}",
+                     f"a {noun} slides {item.motion}")
+    return templates[variant % len(templates)]
+
+
+def describe_image(item: DemoVideo, variant: int = 0) -> str:
+    noun = f"{item.size} {item.color} {item.shape}"
+    return (f"a {noun}", f"a picture of a {noun}", f"an image showing a {noun}")[variant % 3]
+
+
+def _split_of(index: int, count: int) -> str:
+    fraction = index / count
+    return "train" if fraction < 0.7 else ("val" if fraction < 0.85 else "test")
+
+
+def make_items(count: int, seed: int, prefix: str) -> list[DemoVideo]:
+    rng = np.random.default_rng(seed)
+    items = []
+    order = rng.permutation(count)
+    for index in range(count):
+        items.append(DemoVideo(
+            video=f"{prefix}{index:04d}", color=str(rng.choice(list(COLORS))), shape=str(rng.choice(SHAPES)),
+            size=str(rng.choice(SIZES)), motion=MOTIONS[index % len(MOTIONS)],
+            split=_split_of(int(order[index]), count)))
+    return items
+
+
+def build_annotations(videos: list[DemoVideo], images: list[DemoVideo], seed: int) -> dict[str, dict]:
+    """Every annotation file of the demo as {file name: JSON object}."""
+    rng = np.random.default_rng([seed, 7])
+    splits = ("train", "val", "test")
+    by_split = {s: [v for v in videos if v.split == s] for s in splits}
+    files: dict[str, dict] = {}
+    files["txt_pretrain.json"] = {s: {v.video: [describe(v, 0), describe(v, 1), describe(v, 2)] for v in by_split[s]}
+                                  for s in ("train", "val")}
+    image_split = {s: [i for i in images if i.split == s] for s in splits}
+    files["txt_image.json"] = {s: {i.video: [describe_image(i, 0), describe_image(i, 1)] for i in image_split[s]}
+                               for s in ("train", "val")}
+    files["txt_retrieval.json"] = {
+        s: [{"video": v.video, "caption": describe(v, k)} for v in by_split[s] for k in ((0, 1) if s == "train" else (0,))]
+        for s in splits}
+    files["txt_caption.json"] = {s: [{"video": v.video, "caption": [describe(v, 0), describe(v, 1)]} for v in by_split[s]]
+                                 for s in splits}
+    # TGIF-style multiple choice: the answer needs the motion
+    qamc = {}
+    for s in splits:
+        records = []
+        for v in by_split[s]:
+            options = [MOTION_PHRASES[m] for m in rng.permutation(MOTIONS)]
+            record = {"question": f"what does the {v.size} {v.color} {v.shape} do ?"}
+            record.update({f"option_{k}": o for k, o in enumerate(options)})
+            record.update({"answer": options.index(MOTION_PHRASES[v.motion]), "video": v.video})
+            records.append(record)
+        qamc[s] = records
+    files["txt_qamc.json"] = qamc
+    # MSRVTT-MC style: the true caption among four captions that change one attribute
+    capmc = {}
+    for s in splits:
+        records = []
+        for v in by_split[s]:
+            distractors: list[str] = []
+            attributes = ["motion", "color", "shape", "motion"]
+            for attribute in attributes:
+                for _ in range(20):
+                    changed = DemoVideo(**asdict(v))
+                    pool = {"motion": MOTIONS, "color": list(COLORS), "shape": SHAPES}[attribute]
+                    setattr(changed, attribute, str(rng.choice([p for p in pool if p != getattr(v, attribute)])))
+                    text = describe(changed, 0)
+                    if text not in distractors:
+                        distractors.append(text)
+                        break
+            options = distractors[:4] + [describe(v, 0)]
+            order = rng.permutation(len(options))
+            options = [options[k] for k in order]
+            record = {f"option_{k}": o for k, o in enumerate(options)}
+            record.update({"answer": options.index(describe(v, 0)), "video": v.video})
+            records.append(record)
+        capmc[s] = records
+    files["txt_capmc.json"] = capmc
+    # open-ended QA over one vocabulary; motion answers need several frames
+    vocab = list(COLORS) + list(SHAPES) + list(SIZES) + list(MOTIONS)
+    answer = {word: k for k, word in enumerate(vocab)}
+    qaoe: dict = {}
+    for s in splits:
+        records = []
+        for number, v in enumerate(by_split[s]):
+            records.append({"video": v.video, "question": f"what color is the {v.shape} ?", "answer": answer[v.color]})
+            records.append({"video": v.video, "question": f"what shape is the {v.color} object ?", "answer": answer[v.shape]})
+            records.append({"video": v.video, "question": f"is the {v.color} {v.shape} big or small ?", "answer": answer[v.size]})
+            records.append({"video": v.video, "question": f"which way does the {v.color} {v.shape} move ?",
+                            "answer": answer[v.motion]})
+            if s == "test" and number % 5 == 0:
+                # an answer outside the vocabulary: counted wrong at evaluation, like the benchmarks
+                records.append({"video": v.video, "question": f"how old is the {v.shape} ?", "answer": -1})
+        qaoe[s] = records
+    qaoe["vocab"] = vocab
+    files["txt_qaoe.json"] = qaoe
+    fib_vocab = list(COLORS) + list(MOTIONS[:4])
+    fib_answer = {word: k for k, word in enumerate(fib_vocab)}
+    fib: dict = {}
+    for s in splits:
+        records = []
+        for v in by_split[s]:
+            records.append({"video": v.video, "question": f"a {v.size} _____ {v.shape} is in the video .",
+                            "answer": fib_answer[v.color]})
+            if v.motion != "still":
+                records.append({"video": v.video, "question": f"the {v.size} {v.color} {v.shape} moves _____ .",
+                                "answer": fib_answer[v.motion]})
+        fib[s] = records
+    fib["vocab"] = fib_vocab
+    files["txt_fib.json"] = fib
+    files["txt_action.json"] = {s: [{"video": v.video, "label": MOTIONS.index(v.motion)} for v in by_split[s]]
+                                for s in splits}
+    files["txt_action.json"]["labels"] = ACTION_LABELS
+    return files
+
+
+def all_texts(files: dict[str, dict]) -> list[str]:
+    # LAVENDER answers VTM with the words "true" / "false": weight them so they become whole word pieces
+    texts: list[str] = ["is this video matched with the text ? true", "it is false"] * 50
+
+    def walk(node) -> None:
+        if isinstance(node, str):
+            texts.append(node)
+        elif isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for content in files.values():
+        walk(content)
+    return texts
+
+
+def train_tokenizer(texts: list[str], folder: Path, vocab_size: int = 384) -> None:
+    """WordPiece vocabulary from the demo's text, saved as a BERT-style tokenizer directory."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = HFTokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS,
+                                        show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    (folder / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab))
+    special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+               "mask_token": "[MASK]"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "do_lower_case": True, "tokenizer_class": "BertTokenizer", "model_max_length": 512,
+         "strip_accents": None, "tokenize_chinese_chars": True}, indent=1))
+
+
+# ---------------------------------------------------------------- command
+
+def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: int = 100, num_frames: int = 8,
+                   render_frames: int = 16, size: int = 64, seed: int = 0, workers: int = 2,
+                   vocab_size: int = 384, force: bool = False) -> int:
+    """Generate the synthetic demo dataset (videos, frame TSVs, annotations in every official format,
+    WordPiece tokenizer); the layout is documented in violet_ds/data/demo.py.
+
+    Args:
+        out: output folder.
+        num_videos: synthetic videos to render.
+        num_images: still images for the image-text part.
+        num_frames: frames extracted per video into the TSVs (the real extraction rule).
+        render_frames: frames rendered per video (8 fps).
+        size: frame size in pixels (square; rounded up to even for the mp4 encoder).
+        seed: everything is a function of it.
+        workers: processes for rendering and extraction.
+        vocab_size: WordPiece vocabulary size (the text has under 100 distinct words).
+        force: delete an existing output folder first.
+    """
+    from violet_ds.data.extract import ExtractOptions, list_inputs, run_extraction
+    from violet_ds.data.tokenizer import Tokenizer
+
+    started = time.perf_counter()
+    root = Path(out)
+    if root.exists() and any(root.iterdir()):
+        if not force:
+            print(f"{root} exists and is not empty; pass --force true to rebuild it")
+            return 1
+        shutil.rmtree(root)
+    side = size + (size % 2)
+    (root / "videos").mkdir(parents=True)
+    (root / "images").mkdir(parents=True)
+    videos = make_items(num_videos, seed, "demo")
+    images = make_items(num_images, seed + 1, "img")
+    for image in images:
+        image.motion = "still"
+    render_jobs = [(v, render_frames, side, seed, i, str(root / "videos")) for i, v in enumerate(videos)]
+    image_jobs = [(v, side, seed, i, str(root / "images")) for i, v in enumerate(images)]
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool.map(_render_job, render_jobs, chunksize=8)
+            pool.map(_image_job, image_jobs, chunksize=8)
+    else:
+        list(map(_render_job, render_jobs))
+        list(map(_image_job, image_jobs))
+    video_report = run_extraction(list_inputs(str(root / "videos"), {".mp4"}), root, "video",
+                                  ExtractOptions(num_frames=num_frames, short_side=side), shard_size=128,
+                                  workers=workers, progress=False)
+    image_report = run_extraction(list_inputs(str(root / "images"), {".png"}), root, "image",
+                                  ExtractOptions(short_side=side, images=True), shard_size=10_000,
+                                  workers=workers, progress=False)
+    failed = {**video_report.failed, **image_report.failed}
+    if failed:
+        raise RuntimeError(f"demo extraction failed for {sorted(failed)[:5]}: {next(iter(failed.values()))}")
+    files = build_annotations(videos, images, seed)
+    for name, content in files.items():
+        (root / name).write_text(json.dumps(content, indent=1))
+    train_tokenizer(all_texts(files), root / "tokenizer", vocab_size)
+    tokenizer = Tokenizer(root / "tokenizer")
+    for vocab_name in ("txt_qaoe.json", "txt_fib.json"):
+        for word in files[vocab_name]["vocab"] + ["true", "false"]:
+            if tokenizer.token_id(word) < 0:
+                raise RuntimeError(f"demo answer {word!r} is not a single word piece of the demo vocabulary")
+    meta = {"arguments": {"num_videos": num_videos, "num_images": num_images, "num_frames": num_frames,
+                          "render_frames": render_frames, "size": side, "seed": seed, "vocab_size": vocab_size},
+            "videos": {s: sum(v.split == s for v in videos) for s in ("train", "val", "test")},
+            "video_shards": [Path(p).name for p in video_report.shards],
+            "image_shards": [Path(p).name for p in image_report.shards],
+            "tokenizer_vocab_size": tokenizer.vocab_size, "motions": list(MOTIONS), "colors": list(COLORS),
+            "shapes": list(SHAPES), "sizes": list(SIZES)}
+    (root / "demo.json").write_text(json.dumps(meta, indent=1))
+    print(f"demo data in {root}: {num_videos} videos ({num_frames} frames of {side}x{side} in "
+          f"{len(video_report.shards)} shards), {num_images} images, {len(files)} annotation files, "
+          f"vocabulary {tokenizer.vocab_size} ({time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+def default_demo_dir() -> Optional[Path]:
+    """`data/demo` in the working directory when it has been generated."""
+    path = Path("data/demo")
+    return path if (path / "demo.json").is_file() else None
