@@ -10,6 +10,8 @@
 # socket, state, spool, pid files and logs, so a test cluster never touches a system SLURM or munge
 # (its own ports, its own munge socket). Node CPUs = max(nproc, VIOLET_SLURM_CPUS or 4) with
 # `SlurmdParameters=config_overrides`, so a 2-core machine still accepts a 2-task job with a spare slot.
+# A requeued job may start again after the credential lifetime (cred_expire, default here 10 s instead
+# of SLURM's 120 s) so that preemption tests stay short.
 set -euo pipefail
 
 cmd="${1:-}"
@@ -60,7 +62,7 @@ SlurmUser=$(id -un)
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=${DIR}/munge.socket
+AuthInfo=socket=${DIR}/munge.socket,cred_expire=${VIOLET_SLURM_CRED_EXPIRE_S:-10}
 StateSaveLocation=${DIR}/state
 SlurmdSpoolDir=${DIR}/spool
 SlurmctldPidFile=${DIR}/slurmctld.pid

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -42,20 +43,50 @@ def _first_slurm_host() -> str:
         return nodelist.split(",")[0]
 
 
+def slurm_master() -> tuple[str, str]:
+    """(MASTER_ADDR, MASTER_PORT) of this SLURM job: its first host and a port derived from the job id.
+
+    Variables already in the environment win. The port is job-specific so that two jobs sharing a
+    node do not collide; every task and the DeepSpeed-launcher path of the sbatch scripts
+    (`python -m violet_ds.engine.distributed master`) get the same answer.
+    """
+    addr = os.environ.get("MASTER_ADDR") or _first_slurm_host()
+    job = int(os.environ.get("SLURM_JOB_ID", "0") or 0)
+    port = os.environ.get("MASTER_PORT") or str(20000 + job % 20000)
+    return addr, port
+
+
 def env_from_slurm() -> None:
     """Fill the torch.distributed variables from SLURM's when the process is an `srun` task.
 
-    Variables that a launcher already set (torchrun / deepspeed inside an allocation) win.
+    Variables that a launcher already set (torchrun / deepspeed inside an allocation) win. The batch
+    script itself (SLURM_PROCID=0 but no job step) is not a rank: mapping it would make a command
+    run there wait forever for peers that were never started.
     """
     if "SLURM_PROCID" not in os.environ or "RANK" in os.environ:
         return
+    if "SLURM_STEP_ID" not in os.environ and "SLURM_STEPID" not in os.environ:
+        return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    # the step's task count: a step may use fewer tasks than the allocation (`srun -n1 ...`)
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS", "1")
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_ADDR", _first_slurm_host())
-    # a job-specific port so two jobs sharing a node do not collide
-    job = int(os.environ.get("SLURM_JOB_ID", "0"))
-    os.environ.setdefault("MASTER_PORT", str(20000 + job % 20000))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", _tasks_on_this_node())
+    addr, port = slurm_master()
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
+
+
+def _tasks_on_this_node() -> str:
+    """SLURM writes tasks per node as `2(x3),1`; this node's count is the entry covering SLURM_NODEID."""
+    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE") or "1"
+    node = int(os.environ.get("SLURM_NODEID", "0") or 0)
+    seen = 0
+    for part in spec.split(","):
+        count, _, repeat = part.partition("(x")
+        seen += int(repeat.rstrip(")")) if repeat else 1
+        if node < seen:
+            return count
+    return spec.split(",")[0].partition("(")[0]
 
 
 def init_distributed(timeout_s: int = 1800, backend: str = "auto") -> World:
@@ -84,3 +115,16 @@ def init_distributed(timeout_s: int = 1800, backend: str = "auto") -> World:
             deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                        verbose=False)
     return World(rank=rank, local_rank=local_rank, world_size=world_size, backend=backend, device=device)
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m violet_ds.engine.distributed master`: print MASTER_ADDR and MASTER_PORT (sbatch scripts)."""
+    if argv[:1] != ["master"]:
+        print("usage: python -m violet_ds.engine.distributed master", file=sys.stderr)
+        return 2
+    print(*slurm_master())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
