@@ -122,7 +122,7 @@ class OptimConfig:
     """overrides warmup_ratio when set"""
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
-    video_param_prefixes: List[str] = field(default_factory=lambda: ["model.video_encoder.", "model.backbone."])
+    video_param_prefixes: List[str] = field(default_factory=lambda: ["model.video_backbone."])
     """parameter-name prefixes (in the task module) that get `video_lr_mult`"""
 
 

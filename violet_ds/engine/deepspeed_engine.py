@@ -297,8 +297,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, tag: str, client_state: dict, 
     """
     checkpoint_dir = Path(checkpoint_dir)
     tag_dir = checkpoint_dir / tag
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), tag_dir / f"rng_rank{world.rank:05d}.pt")
     _barrier(world)
     if world.is_main:
@@ -359,9 +358,7 @@ def load_checkpoint(engine, checkpoint_dir: Path, tag: str, world: World) -> dic
         raise RuntimeError(
             f"checkpoint {tag} was written by {info['world_size']} ranks, this run has {world.world_size}; "
             "convert it with `violet-ds universal-checkpoint` to change the number of ranks")
-    # frozen parameters were excluded when saving, so only then may module keys be missing
-    strict = all(p.requires_grad for p in engine.module.parameters())
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_module_strict=strict,
+    path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_module_strict=True,
                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(checkpoint_dir) / tag}")

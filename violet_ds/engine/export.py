@@ -1,0 +1,114 @@
+"""`violet-ds export`: a DeepSpeed (ZeRO) checkpoint -> one safetensors file of fp32 task weights.
+
+The file holds the task's keys (`model.*` backbone, `heads.*`), loadable by
+`violet_ds.models.create_model(name, weights=file)` (backbone) and by `--run.init_from file` (all).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .deepspeed_engine import COMPLETE_MARKER, LATEST_FILE
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def locate_checkpoint(path: str | Path, tag: Optional[str] = None) -> Tuple[Path, str]:
+    """(checkpoints dir, tag) from a run dir, a checkpoints dir or a tag dir (+ optional tag)."""
+    path = Path(path)
+    if (path / MODEL_STATES).is_file():
+        if tag is not None and tag != path.name:
+            raise ValueError(f"{path} is the checkpoint {path.name!r}, but tag {tag!r} was asked for")
+        return path.parent, path.name
+    for checkpoint_dir in (path, path / "checkpoints"):
+        if tag is not None and (checkpoint_dir / tag / MODEL_STATES).is_file():
+            return checkpoint_dir, tag
+        if tag is None and (checkpoint_dir / LATEST_FILE).is_file():
+            latest = (checkpoint_dir / LATEST_FILE).read_text().strip()
+            return checkpoint_dir, latest
+    raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint found (expected a run dir, its checkpoints/ dir "
+                            f"with a `latest` file, or a tag dir holding {MODEL_STATES})"
+                            + (f"; tag {tag!r} not found" if tag else ""))
+
+
+def deepspeed_fp32_state_dict(path: str | Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Consolidated fp32 weights of a (ZeRO-partitioned) checkpoint, through DeepSpeed's zero_to_fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoint_dir, tag = locate_checkpoint(path, tag)
+    if not (checkpoint_dir / tag / COMPLETE_MARKER).is_file():
+        raise RuntimeError(f"checkpoint {checkpoint_dir / tag} is incomplete (its save was interrupted)")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    return {key: value.detach().float().contiguous() if value.is_floating_point() else value.contiguous()
+            for key, value in state.items()}
+
+
+def read_weights(path: str | Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Task weights from a run/checkpoint dir (DeepSpeed), a violet_ds safetensors, or an official .pt.
+
+    Official VIOLET/VIOLETv2/LAVENDER checkpoints are mapped to `model.*` / `heads.*` names; their
+    frozen teachers are dropped.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return deepspeed_fp32_state_dict(path, tag)
+    from violet_ds.models.checkpoint_io import convert_official_state_dict, read_state_dict
+
+    state = read_state_dict(path)
+    if any(key.startswith(("enc_img.", "trsfr.", "enc_txt.")) for key in state):
+        return convert_official_state_dict(state).state_dict
+    return state
+
+
+def _model_name_of(checkpoint_dir: Path, tag: str) -> Optional[str]:
+    """The model name recorded in the run's resolved config (client state is not needed for this)."""
+    for candidate in (checkpoint_dir.parent / "config.yaml",):
+        if candidate.is_file():
+            import yaml
+
+            config = yaml.safe_load(candidate.read_text()) or {}
+            name = (config.get("model") or {}).get("name")
+            if name:
+                return str(name)
+    return None
+
+
+def export(checkpoint: str, output: Optional[str] = None, tag: Optional[str] = None,
+           dtype: str = "fp32", backbone_only: bool = False) -> None:
+    """Export a DeepSpeed training checkpoint to one safetensors file of consolidated weights.
+
+    Args:
+        checkpoint: a run directory (runs/NAME), its checkpoints/ directory, or one tag directory.
+        output: the .safetensors file to write (default: <run dir>/export/<tag>.safetensors).
+        tag: checkpoint tag (default: the one `latest` names).
+        dtype: fp32 (default), bf16 or fp16 for the floating-point tensors.
+        backbone_only: keep only `model.*` keys (drop task heads).
+    """
+    from safetensors.torch import save_file
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    checkpoint_dir, tag = locate_checkpoint(checkpoint, tag)
+    state = deepspeed_fp32_state_dict(checkpoint_dir / tag)
+    if backbone_only:
+        state = {k: v for k, v in state.items() if k.startswith("model.")}
+    state = {k: v.to(dtypes[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+    out = Path(output) if output else checkpoint_dir.parent / "export" / f"{tag}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "violet_ds", "source": str(checkpoint_dir / tag), "tag": tag, "dtype": dtype}
+    model_name = _model_name_of(checkpoint_dir, tag)
+    if model_name:
+        metadata["model_name"] = model_name
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(out)
+    params = sum(v.numel() for v in state.values())
+    print(f"exported {checkpoint_dir / tag} -> {out}\n  {len(state)} tensors, {params / 1e6:.2f}M values, {dtype}"
+          + (f", model {model_name} (create_model({model_name!r}, weights={str(out)!r}))" if model_name else ""),
+          flush=True)
+    (out.with_suffix(".json")).write_text(json.dumps({**metadata, "tensors": len(state), "values": params}, indent=2))

@@ -1,0 +1,376 @@
+"""`violet-ds pretrain | finetune | evaluate`: build everything from the run config and hand it to the loop.
+
+Order matters for exact resume: seeds, model, task, data, DeepSpeed engine, then the checkpoint
+(which restores weights, optimizer, schedule, data cursor and RNG states last).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig, TaskConfig
+from . import deepspeed_engine as dse
+from .distributed import World, init_distributed
+from .logging import RunLogger
+
+
+# ----------------------------------------------------------------------------------------- setup
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def setup_world(engine: EngineConfig) -> World:
+    """init_distributed; a single process still gets a (1-rank) process group, which DeepSpeed needs."""
+    if "WORLD_SIZE" not in os.environ and "SLURM_PROCID" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    return init_distributed(timeout_s=engine.dist_timeout_s)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolved_config_text(**sections: Any) -> str:
+    """The YAML the CLI resolved, or a dump of the dataclasses when called from Python."""
+    from violet_ds import cli
+
+    if cli.resolved_config_yaml:
+        return cli.resolved_config_yaml
+    import yaml
+
+    return yaml.safe_dump({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                           for k, v in sections.items()}, sort_keys=False)
+
+
+def build_model(model_cfg: ModelConfig, tokenizer=None):
+    from violet_ds.models import create_model
+
+    overrides = dict(model_cfg.overrides)
+    if model_cfg.text_config_dir:
+        overrides.setdefault("text_config_dir", model_cfg.text_config_dir)
+    if model_cfg.pretrained_swin:
+        overrides.setdefault("pretrained_swin", model_cfg.pretrained_swin)
+    model = create_model(model_cfg.name, weights=model_cfg.weights, **overrides)
+    # tasks read this when building their MLM head
+    model.tie_mlm_head = model_cfg.tie_mlm_head
+    if model_cfg.grad_checkpointing or model_cfg.offload_video_activations:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(f"model {model_cfg.name!r} does not support grad_checkpointing")
+        model.set_grad_checkpointing(video=model_cfg.grad_checkpointing, cross=model_cfg.grad_checkpointing,
+                                     offload_video=model_cfg.offload_video_activations)
+    return model
+
+
+def load_init_weights(task: torch.nn.Module, path: str, logger: Optional[RunLogger] = None) -> dict:
+    """Initialise task weights from a run/checkpoint dir, an exported safetensors or an official .pt.
+
+    Keys are matched by name (`model.*`, `heads.*`); heads absent from the file (a new downstream
+    head) are reported, never silently assumed; keys of the file the task lacks are reported too.
+    """
+    from .export import read_weights
+
+    state = read_weights(path)
+    own = task.state_dict()
+    if not any(key.startswith(("model.", "heads.")) for key in state):
+        state = {f"model.{key}": value for key, value in state.items()}
+    mismatched = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
+    loadable = {k: v for k, v in state.items() if k in own and k not in mismatched}
+    missing = sorted(set(own) - set(loadable))
+    unused = sorted(set(state) - set(own))
+    model_missing = [k for k in missing if k.startswith("model.")]
+    if model_missing:
+        raise KeyError(f"{path}: backbone weights missing for {model_missing[:10]} ({len(model_missing)} keys)")
+    task.load_state_dict(loadable, strict=False)
+    report = {"loaded": len(loadable), "missing": missing, "unused": unused, "shape_mismatch": mismatched}
+    if logger is not None:
+        logger.info(f"init_from {path}: {len(loadable)} tensors loaded; newly initialised: "
+                    f"{missing[:8]}{'...' if len(missing) > 8 else ''}; unused: {unused[:8]}"
+                    f"{'...' if len(unused) > 8 else ''}; shape mismatch (re-initialised): {mismatched}")
+    return report
+
+
+# ----------------------------------------------------------------------------------------- data
+class SeededSamples(Dataset):
+    """Runs each sample's random augmentation under a seed made of (run seed, epoch, sample index).
+
+    A sample then looks the same whichever DataLoader worker loads it and whether or not the run was
+    interrupted and resumed, which exact resume needs; the caller's RNG streams are left untouched.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample_seed = (self.seed * 1_000_003 + self.epoch * 100_003 + int(index)) % 2**63
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % 2**32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
+
+    def __getattr__(self, name: str):
+        # dataset attributes (vocab, classes, ...) stay reachable through the wrapper
+        if name in ("dataset", "seed", "epoch"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def build_split(task, data: DataConfig, tokenizer, split: str, task_name: str) -> Dict[str, Dataset]:
+    """{name: dataset} of a split: the task's own `build_datasets` hook, else the generic dataset of the task."""
+    if not getattr(data, split):
+        return {}
+    if hasattr(task, "build_datasets"):
+        built = task.build_datasets(data, tokenizer, split)
+        if built:
+            return dict(built)
+    import inspect
+
+    from violet_ds.data import datasets as data_sets
+
+    kind = getattr(task, "dataset_kind", task_name)
+    if kind not in data_sets.DATASETS:
+        raise ValueError(f"task {task_name!r} has no build_datasets and no generic dataset "
+                         f"(known: {sorted(data_sets.DATASETS)})")
+    cls = data_sets.DATASETS[kind]
+    accepted = inspect.signature(cls.__init__).parameters
+    parts = []
+    for source in getattr(data, split):
+        options = dict(num_frames=data.num_frames, size=data.image_size, max_text_len=data.max_text_len,
+                       train=split == "train", decoder=data.jpeg_decoder, max_bad_fraction=data.max_bad_fraction)
+        for key, value in (("kind", source.kind), ("vq", source.vq)):
+            if key in accepted:
+                options[key] = value
+        parts.append(cls(source.tsv, source.annotations, source.split, tokenizer, **options))
+    weights = [source.weight for source in getattr(data, split)]
+    if len(parts) == 1 and weights[0] == 1.0:
+        return {split: parts[0]}
+    return {split: data_sets.MixedDataset(parts, weights)}
+
+
+def _loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, world: World, seed: int,
+            drop_last: bool) -> DataLoader:
+    from violet_ds.data.datasets import collate
+
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    workers = data.num_workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=data.pin_memory and world.device.type == "cuda", drop_last=drop_last,
+                      generator=generator, prefetch_factor=data.prefetch_factor if workers > 0 else None,
+                      persistent_workers=False)
+
+
+def eval_loaders(datasets: Mapping[str, Dataset], data: DataConfig, world: World, seed: int) -> Dict[str, DataLoader]:
+    from violet_ds.data.sampler import ResumableDistributedSampler
+
+    loaders = {}
+    for name, dataset in datasets.items():
+        sampler = ResumableDistributedSampler(len(dataset), world.rank, world.world_size, seed, shuffle=False,
+                                              drop_last=False)
+        loaders[name] = _loader(dataset, sampler, data, data.eval_batch_size or data.batch_size, world, seed,
+                                drop_last=False)
+    return loaders
+
+
+# ----------------------------------------------------------------------------------------- commands
+def _summary_line(key: str, value: Any) -> str:
+    return f"  {key:<18}{value}"
+
+
+def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimConfig, engine: EngineConfig,
+          run: RunConfig, command: str = "pretrain") -> Dict[str, Any]:
+    """Shared body of pretrain and finetune; returns the summary dict (also printed by rank 0)."""
+    from violet_ds.data.sampler import ResumableDistributedSampler
+    from violet_ds.data.tokenizer import Tokenizer
+    from violet_ds.tasks import create_task
+
+    started = time.time()
+    if not data.train:
+        raise ValueError(f"{command}: data.train is empty (give at least one {{tsv, annotations}} source)")
+    if data.batch_size < 1 or engine.grad_accum < 1:
+        raise ValueError(f"data.batch_size ({data.batch_size}) and engine.grad_accum ({engine.grad_accum}) must be >= 1")
+    config_text = resolved_config_text(model=model, data=data, task=task, optim=optim, engine=engine, run=run)
+    world = setup_world(engine)
+    run_dir = Path(run.output_dir) / run.name
+    resuming = bool(run.resume) and dse.resolve_resume_tag(run_dir / "checkpoints", run.resume) is not None
+    logger = RunLogger(run_dir, world, purge_step=None)
+    if world.is_main:
+        (run_dir / "config.yaml").write_text(config_text)
+    if engine.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    # identical initial weights on every rank, then per-rank streams for masking and dropout
+    seed_everything(engine.seed)
+    tokenizer = Tokenizer(data.tokenizer)
+    backbone = build_model(model, tokenizer)
+    task_module = create_task(task.name, backbone, task, tokenizer)
+    if run.init_from and not resuming:
+        load_init_weights(task_module, run.init_from, logger)
+    seed_everything(engine.seed + 1 + world.rank)
+
+    datasets = build_split(task_module, data, tokenizer, "train", task.name)
+    train_set = SeededSamples(next(iter(datasets.values())), engine.seed)
+    sampler = ResumableDistributedSampler(len(train_set), world.rank, world.world_size, engine.seed, shuffle=True,
+                                          drop_last=True)
+    micro_per_epoch = len(sampler) // data.batch_size
+    steps_per_epoch = micro_per_epoch // engine.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training samples are less than one optimizer step "
+                         f"(batch {data.batch_size} x grad_accum {engine.grad_accum} x {world.world_size} ranks)")
+    total_steps = run.max_steps if run.max_steps is not None else run.epochs * steps_per_epoch
+
+    def make_loader(epoch: int, consumed_local: int) -> DataLoader:
+        sampler.set_epoch(epoch)
+        # the sampler's cursor counts samples of all ranks together
+        sampler.set_cursor(consumed_local * world.world_size)
+        train_set.epoch = epoch
+        return _loader(train_set, sampler, data, data.batch_size, world, engine.seed * 7919 + epoch, drop_last=True)
+
+    val_cache: Dict[str, DataLoader] = {}
+
+    def make_val_loaders() -> Dict[str, DataLoader]:
+        if not val_cache and data.val:
+            val_cache.update(eval_loaders(build_split(task_module, data, tokenizer, "val", task.name), data,
+                                          world, engine.seed))
+        return val_cache
+
+    ds_config = dse.resolve_ds_config(engine, optim, data, world)
+    if world.is_main:
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    frozen = task_module.frozen_modules() if hasattr(task_module, "frozen_modules") else []
+    if world.device.type == "cuda":
+        task_module.to(world.device)
+        for teacher_owner in [getattr(task_module, "targets", None)]:
+            if teacher_owner is not None and hasattr(teacher_owner, "to"):
+                teacher_owner.to(world.device, dse.precision_of(ds_config))
+    ds_engine, optimizer, scheduler, groups = dse.initialize(task_module, ds_config, optim, total_steps, world,
+                                                             frozen)
+    trainable = sum(g["num_params"] for g in groups)
+    logger.info(f"{command}: model {model.name}, task {task.name}, {trainable / 1e6:.2f}M trainable parameters in "
+                f"{len(groups)} groups, {len(train_set)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+                f"world {world.world_size}, precision {dse.precision_of(ds_config)}, ZeRO stage "
+                f"{ds_config['zero_optimization']['stage']}, optimizer {type(optimizer.optimizer if hasattr(optimizer, 'optimizer') else optimizer).__name__}")
+    from .trainer import Trainer
+
+    trainer = Trainer(engine=ds_engine, scheduler=scheduler, make_loader=make_loader, micro_per_epoch=micro_per_epoch,
+                      world=world, run=run, run_dir=run_dir, logger=logger, batch_size=data.batch_size,
+                      grad_accum=engine.grad_accum, total_steps=total_steps, resolved_config=config_text,
+                      val_loaders=make_val_loaders if data.val else None)
+    try:
+        result = trainer.fit(resume=run.resume)
+    finally:
+        logger.close()
+    summary = {
+        "command": command, "run_dir": str(run_dir), "steps": result.steps, "epochs": result.epochs_done,
+        "first_loss": result.first_loss, "last_loss": result.last_loss, "skipped_steps": result.skipped_steps,
+        "preempted": result.preempted, "checkpoint": str(run_dir / "checkpoints" / result.last_checkpoint)
+        if result.last_checkpoint else None, "tensorboard": str(run_dir / "tensorboard"),
+        "val": result.val_metrics, "wall_s": round(time.time() - started, 1),
+    }
+    if world.is_main:
+        losses = result.losses
+        curve = ", ".join(f"{value:.3f}" for value in losses[:: max(1, len(losses) // 10)]) if losses else "-"
+        lines = [f"violet-ds {command} finished" + (" (stopped by a signal, resumable)" if result.preempted else ""),
+                 _summary_line("run dir", run_dir), _summary_line("steps", f"{result.steps}/{total_steps}"),
+                 _summary_line("loss", f"{result.first_loss} -> {result.last_loss}" if losses else "-"),
+                 _summary_line("loss curve", curve),
+                 _summary_line("skipped steps", result.skipped_steps),
+                 _summary_line("checkpoint", summary["checkpoint"]),
+                 _summary_line("wall time", f"{summary['wall_s']} s")]
+        if result.val_metrics:
+            lines.append(_summary_line("validation", ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.val_metrics.items()))))
+        lines.append(_summary_line("tensorboard", f"tensorboard --logdir {run_dir / 'tensorboard'}"))
+        print("\n".join(lines), flush=True)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def pretrain(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimConfig, engine: EngineConfig,
+             run: RunConfig) -> None:
+    """Pretrain a model (VIOLET / VIOLETv2 / LAVENDER / VIMPAC) with DeepSpeed ZeRO-2.
+
+    Recipes are in launch/configs/ (pretrain_demo.yaml runs the tiny model on the demo data on CPU).
+    Writes runs/<run.name>/: config.yaml, ds_config.json, tensorboard/, checkpoints/, metrics.jsonl,
+    log.txt. `--run.resume auto` continues an interrupted run exactly.
+    """
+    train(model, data, task, optim, engine, run, command="pretrain")
+
+
+def finetune(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimConfig, engine: EngineConfig,
+             run: RunConfig) -> None:
+    """Finetune on a downstream task, starting from `run.init_from` (a pretraining run, export or official
+    checkpoint) or `model.weights`; evaluates on data.val during training and writes the same run dir."""
+    if not run.init_from and not model.weights and not run.resume:
+        print("warning: finetuning from random weights (set run.init_from or model.weights)", flush=True)
+    train(model, data, task, optim, engine, run, command="finetune")
+
+
+def evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, engine: EngineConfig, run: RunConfig,
+             split: str = "val") -> None:
+    """Evaluate weights (`run.init_from`: run dir, checkpoint, export or official file; or `model.weights`)
+    on `data.<split>`; writes runs/<run.name>/eval_<split>.json (metrics) and prints them."""
+    from violet_ds.data.tokenizer import Tokenizer
+    from violet_ds.tasks import create_task
+
+    from .evaluator import evaluate as run_evaluation
+
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    if not getattr(data, split):
+        raise ValueError(f"evaluate: data.{split} is empty")
+    world = setup_world(engine)
+    seed_everything(engine.seed)
+    run_dir = Path(run.output_dir) / run.name
+    logger = RunLogger(run_dir, world)
+    tokenizer = Tokenizer(data.tokenizer)
+    task_module = create_task(task.name, build_model(model, tokenizer), task, tokenizer)
+    if run.init_from:
+        load_init_weights(task_module, run.init_from, logger)
+    elif not model.weights:
+        logger.warning("evaluating random weights (set run.init_from or model.weights)")
+    task_module.to(world.device)
+    if world.device.type == "cuda" and engine.precision in ("bf16", "auto"):
+        task_module.to(torch.bfloat16)
+    datasets = build_split(task_module, data, tokenizer, split, task.name)
+    loaders = eval_loaders(datasets, data, world, engine.seed)
+    metrics = run_evaluation(task_module, loaders, world, max_batches=run.val_max_batches, progress=run.progress)
+    if world.is_main:
+        (run_dir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2))
+        predictions = getattr(task_module, "predictions", None)
+        if callable(predictions):
+            rows = predictions()
+            if rows:
+                with open(run_dir / f"predictions_{split}.jsonl", "w") as handle:
+                    for row in rows:
+                        handle.write(json.dumps(row, default=str) + "\n")
+        print(f"violet-ds evaluate ({task.name}, {split}): " +
+              ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())), flush=True)
+        print(_summary_line("metrics", run_dir / f"eval_{split}.json"), flush=True)
+    logger.close()
