@@ -118,7 +118,8 @@ def decode_jpeg(data: Union[bytes, str], decoder: str = "auto", min_size: int = 
         raise FrameDecodeError(f"undecodable image ({type(err).__name__}: {err})") from err
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+    # numpy's single-threaded transpose: torch's parallel strided copy is 3x slower on small frames
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
 def decode_frames(frames: Sequence[Union[bytes, str]], decoder: str = "auto", min_size: int = 0) -> torch.Tensor:
