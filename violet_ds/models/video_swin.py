@@ -15,6 +15,7 @@ one zero frame at the end, so there is no temporal downsampling (output frame t 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -26,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
 
 Size3 = Tuple[int, int, int]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -399,18 +401,21 @@ def _resize_bias_table_2d(table: torch.Tensor, size: int) -> torch.Tensor:
 
 def inflate_2d_swin_state_dict(state_dict_2d: Dict[str, torch.Tensor],
                                model: VideoSwinTransformer3D) -> Dict[str, torch.Tensor]:
-    """Convert a timm 2D Swin state dict to this model's keys and shapes.
+    """Convert a 2D Swin state dict (timm's, or Microsoft's original layout) to this model's keys and shapes.
 
     - patch embedding (D, 3, ph, pw) is repeated over the kernel's time axis and divided by its length
       (a static video then gives the 2D response);
     - each ((2w-1)^2, heads) relative-position table is resized bicubically to this model's spatial
       window and repeated over the (2wt-1) temporal offsets;
-    - timm keeps the patch merge at the start of stage i+1; here it ends stage i;
+    - timm keeps the patch merge at the start of stage i+1; here (and in Microsoft's layout) it ends stage i;
     - classifier head and index/mask buffers are dropped (buffers are rebuilt).
     Raises KeyError naming the keys that have no counterpart.
     """
     target = model.state_dict()
     window = model.cfg.window_size
+    # timm (>= 0.9) merges patches at the start of stage i+1; Microsoft's original 2D checkpoints (and
+    # this model) at the end of stage i, so only timm's layout needs its stage index moved
+    timm_layout = not any(k.startswith("layers.0.downsample.") for k in state_dict_2d)
     out: Dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state_dict_2d.items():
@@ -418,7 +423,7 @@ def inflate_2d_swin_state_dict(state_dict_2d: Dict[str, torch.Tensor],
             continue
         new_key = key
         parts = key.split(".")
-        if parts[0] == "layers" and parts[2] == "downsample":
+        if timm_layout and parts[0] == "layers" and len(parts) > 2 and parts[2] == "downsample":
             new_key = ".".join(["layers", str(int(parts[1]) - 1)] + parts[2:])
         if new_key not in target:
             unknown.append(key)
@@ -456,16 +461,18 @@ def load_video_swin_weights(model: VideoSwinTransformer3D, path: str) -> Dict[st
     from .checkpoint_io import read_state_dict
 
     state = read_state_dict(path)
-    if any(k.startswith("backbone.") for k in state):
-        state = strip_prefix(state, "backbone.")
-    elif any(k.startswith("enc_img.swin.") for k in state):
-        state = strip_prefix(state, "enc_img.swin.")
+    outside_prefix: list = []
+    for prefix in ("backbone.", "enc_img.swin."):
+        if any(k.startswith(prefix) for k in state):
+            # Kinetics checkpoints also carry `cls_head.*`, VIOLET ones the rest of the model: reported
+            outside_prefix = sorted(k for k in state if not k.startswith(prefix))
+            state = strip_prefix(state, prefix)
+            break
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     if "patch_embed.proj.weight" in state and state["patch_embed.proj.weight"].dim() == 4:
         state = inflate_2d_swin_state_dict(state, model)
-    # Kinetics checkpoints also carry `cls_head.*`: reported as unexpected, not loaded
     target = model.state_dict()
-    unexpected = sorted(k for k in state if k not in target)
+    unexpected = outside_prefix + sorted(k for k in state if k not in target)
     missing = sorted(k for k in target if k not in state)
     for key in list(state):
         if key in target and tuple(state[key].shape) != tuple(target[key].shape):
@@ -475,6 +482,8 @@ def load_video_swin_weights(model: VideoSwinTransformer3D, path: str) -> Dict[st
     if weight_missing:
         raise KeyError(f"{path}: Video Swin weights missing: {weight_missing}")
     model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
+    if unexpected:
+        log.info("%s: %d keys not used by the video backbone: %s", path, len(unexpected), unexpected[:10])
     return {"missing": missing, "unexpected": unexpected}
 
 

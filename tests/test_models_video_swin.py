@@ -1,0 +1,193 @@
+"""Video Swin 3D: vectorised window attention vs a per-window reference, 2D inflation, Kinetics loading."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from violet_ds.models.video_swin import (
+    SwinStage,
+    VideoSwinConfig,
+    VideoSwinTransformer3D,
+    build_video_swin,
+    inflate_2d_swin_state_dict,
+    load_video_swin_weights,
+    relative_position_index,
+    window_partition,
+    window_reverse,
+)
+
+torch.set_num_threads(1)
+
+
+def _reference_window_attention(block, x, window, shift):
+    """The official algorithm written out: pad, roll, loop over windows, explicit softmax with
+    relative-position bias and a region mask derived from each token's original coordinate."""
+    attn = block.attn
+    b, t, h, w, c = x.shape
+    heads, head_dim = attn.num_heads, c // attn.num_heads
+    x = block.norm1(x)
+    pad = [(-s) % ws for s, ws in zip((t, h, w), window)]
+    x = torch.nn.functional.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
+    grid = x.shape[1:4]
+    rolled = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3)) if any(shift) else x
+    out = torch.zeros_like(rolled)
+
+    def region(coord, axis):
+        # after rolling by -shift, the last `shift` positions along an axis hold tokens that wrapped
+        # around from the other border: they must not attend to the unwrapped tokens of their window
+        return shift[axis] > 0 and coord >= grid[axis] - shift[axis]
+
+    offsets = list(itertools.product(*(range(s) for s in window)))
+    table = attn.relative_position_bias_table
+    full = attn.window
+    for wi, wj, wk in itertools.product(*(range(g // s) for g, s in zip(grid, window))):
+        coords = [(wi * window[0] + a, wj * window[1] + bb, wk * window[2] + cc) for a, bb, cc in offsets]
+        tokens = torch.stack([rolled[:, p[0], p[1], p[2]] for p in coords], dim=1)  # (B, N, C)
+        n = len(coords)
+        qkv = attn.qkv(tokens).view(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = (q * head_dim ** -0.5) @ k.transpose(-1, -2)
+        bias = torch.zeros(heads, n, n)
+        mask = torch.zeros(n, n)
+        for i, pi in enumerate(offsets):
+            for j, pj in enumerate(offsets):
+                d = [pi[a] - pj[a] + full[a] - 1 for a in range(3)]
+                row = (d[0] * (2 * full[1] - 1) + d[1]) * (2 * full[2] - 1) + d[2]
+                bias[:, i, j] = table[row]
+                ri = [region(coords[i][a], a) for a in range(3)]
+                rj = [region(coords[j][a], a) for a in range(3)]
+                mask[i, j] = 0.0 if ri == rj else -100.0
+        probs = torch.softmax(scores + bias + mask, dim=-1)
+        result = (probs @ v).transpose(1, 2).reshape(b, n, c)
+        result = attn.proj(result)
+        for idx, p in enumerate(coords):
+            out[:, p[0], p[1], p[2]] = result[:, idx]
+    if any(shift):
+        out = torch.roll(out, shifts=shift, dims=(1, 2, 3))
+    return out[:, :t, :h, :w]
+
+
+@pytest.mark.parametrize("grid", [(3, 5, 7), (2, 4, 4)])
+def test_stage_matches_per_window_reference(grid):
+    """SDPA + bias-as-mask + folded shifted-window mask == the loop formulation, incl. padding/clipping."""
+    torch.manual_seed(0)
+    stage = SwinStage(dim=16, depth=2, num_heads=2, window=(2, 3, 3), mlp_ratio=2.0, qkv_bias=True,
+                      drop=0.0, attn_drop=0.0, drop_path=[0.0, 0.0], downsample=False).eval()
+    for block in stage.blocks:
+        torch.nn.init.normal_(block.attn.relative_position_bias_table, std=0.5)
+    x = torch.randn(2, *grid, 16)
+    with torch.no_grad():
+        ours = stage(x)
+        ref = x
+        from violet_ds.models.video_swin import _effective_window
+
+        window, shift = _effective_window(grid, stage.window, stage.shift)
+        for i, block in enumerate(stage.blocks):
+            block_shift = shift if i % 2 else (0, 0, 0)
+            ref = ref + _reference_window_attention(block, ref, window, block_shift)
+            ref = ref + block.mlp(block.norm2(ref))
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_window_partition_roundtrip_and_index():
+    x = torch.randn(2, 4, 6, 9, 5)
+    windows = window_partition(x, (2, 3, 3))
+    assert windows.shape == (2 * 2 * 2 * 3, 18, 5)
+    assert torch.equal(window_reverse(windows, (2, 3, 3), 2, 4, 6, 9), x)
+    index = relative_position_index((8, 7, 7))
+    assert index.shape == (392, 392) and int(index.max()) == 15 * 13 * 13 - 1
+    assert int(index[0, 0]) == int(index.diagonal().unique().item())  # zero offset -> one table row
+
+
+def test_output_grid_and_no_temporal_downsampling():
+    """VIOLET's patch embedding pads one zero frame: T frames in, T token frames out, stride 32."""
+    model = VideoSwinTransformer3D(VideoSwinConfig(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4),
+                                                   window_size=(2, 3, 3), drop_path_rate=0.0))
+    video = torch.randn(1, 3, 3, 96, 64)
+    out = model(video)
+    assert out.shape == (1, 3, 3, 2, 128)
+    assert model.output_grid(3, 96, 64) == (3, 3, 2)
+    assert model.cfg.stride == 32
+
+
+def test_parameter_names_follow_official_layout(state_dict_listings):
+    """Our Video Swin-S / -B state dicts have exactly the official `enc_img.swin.*` keys and shapes."""
+    import json
+
+    for listing, variant in (("violet_retrieval.json", "small"), ("empirical_mvm_retrieval.json", "base")):
+        tensors = json.loads((state_dict_listings / listing).read_text())["tensors"]
+        official = {k[len("enc_img.swin."):]: tuple(v) for k, v in tensors.items() if k.startswith("enc_img.swin.")}
+        with torch.device("meta"):
+            model = build_video_swin(variant)
+        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert ours == official, listing
+
+
+def test_inflate_timm_2d_swin_gives_2d_features():
+    """timm swin_tiny weights inflated into a (temporal-stride-2) Video Swin-T: a static 2-frame clip
+    reproduces the 2D model's features exactly (patch-embed inflation, bias-table repetition, merge order)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model_2d = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    state_2d = model_2d.state_dict()
+    model_3d = build_video_swin("tiny", temporal_stride=2, drop_path_rate=0.0).eval()
+    inflated = inflate_2d_swin_state_dict(state_2d, model_3d)
+    model_3d.load_state_dict(inflated, strict=True)
+    image = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        features_2d = model_2d.forward_features(image)
+        features_3d = model_3d(image[:, :, None].expand(-1, -1, 2, -1, -1))
+    assert features_3d.shape == (1, 1, 7, 7, 768)
+    torch.testing.assert_close(features_3d[:, 0], features_2d, rtol=1e-4, atol=1e-4)
+    # VIOLET's layout (temporal stride 1, window 8x7x7) accepts the same weights
+    violet_swin = build_video_swin("tiny")
+    violet_swin.load_state_dict(inflate_2d_swin_state_dict(state_2d, violet_swin), strict=True)
+    kernel = violet_swin.patch_embed.proj.weight
+    torch.testing.assert_close(kernel.sum(dim=2), state_2d["patch_embed.proj.weight"])
+
+
+def test_inflate_microsoft_layout_and_resize_bias(tmp_path):
+    """Original (Microsoft) 2D key layout — merge at the end of stage i, `{"model": ...}` wrapper — and a
+    window that differs from the 2D one (bias tables resized)."""
+    timm = pytest.importorskip("timm")
+    state = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).state_dict()
+    microsoft = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "layers" and parts[2] == "downsample":
+            key = ".".join(["layers", str(int(parts[1]) - 1)] + parts[2:])
+        microsoft[key] = value.half()
+    path = tmp_path / "swin_tiny_2d.pth"
+    torch.save({"model": microsoft}, path)
+    model = build_video_swin("tiny", window_size=(2, 5, 5), depths=(2, 2, 6, 2))
+    report = load_video_swin_weights(model, str(path))
+    assert report["unexpected"] == []
+    assert model.layers[0].downsample.reduction.weight.dtype == torch.float32
+    torch.testing.assert_close(model.layers[0].downsample.reduction.weight,
+                               state["layers.1.downsample.reduction.weight"].half().float())
+    assert model.layers[0].blocks[0].attn.relative_position_bias_table.shape == (3 * 9 * 9, 3)
+
+
+def test_load_kinetics_checkpoint_with_backbone_prefix(tmp_path):
+    """Official Video Swin Kinetics layout: `backbone.*` + `cls_head.*`, fp16; loads and reports the head."""
+    torch.manual_seed(0)
+    cfg = dict(embed_dim=16, depths=(1, 2), num_heads=(1, 2), window_size=(2, 3, 3))
+    source = build_video_swin("tiny", **cfg)
+    state = {"backbone." + k: v.half() if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    state["cls_head.fc_cls.weight"] = torch.zeros(400, 32)
+    path = tmp_path / "swin_kinetics.pth"
+    torch.save({"state_dict": state, "meta": {"epoch": 30}}, path)
+    target = build_video_swin("tiny", **cfg)
+    report = load_video_swin_weights(target, str(path))
+    assert report["unexpected"] == ["cls_head.fc_cls.weight"]
+    for key, value in source.state_dict().items():
+        expected = value.half().float() if value.is_floating_point() else value
+        assert torch.equal(target.state_dict()[key], expected), key
+    # a checkpoint of a different size is an error that names the key
+    wrong = build_video_swin("tiny", **{**cfg, "embed_dim": 8, "num_heads": (1, 1)})
+    with pytest.raises(ValueError, match="patch_embed"):
+        load_video_swin_weights(wrong, str(path))
