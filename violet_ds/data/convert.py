@@ -1,9 +1,10 @@
 """Convert the official pickles: frames `{video_id: [b64 JPEG, ...]}` -> TSV, VQ tokens
-`{video_id: int16 array (N, h, w)}` -> `.npz` (one array per video id, loaded with allow_pickle=False).
+`{video_id: int16 array (N, h, w)}` (or a list of N `(h, w)` arrays, as in WebVid's file) -> `.npz` (one array per video id, loaded with allow_pickle=False).
 """
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -26,6 +27,8 @@ def _detect_kind(data: dict, source: str) -> str:
         return "vq"
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], (str, bytes)):
         return "frames"
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], np.ndarray):
+        return "vq"  # WebVid's file: a list of per-frame (h, w) token maps
     raise ConvertError(f"{source}: key {key!r}: value of type {type(value).__name__} is neither a frame list nor an array")
 
 
@@ -48,9 +51,16 @@ def frames_pickle_to_tsv(data: dict, out: Path, source: str) -> int:
 def vq_pickle_to_npz(data: dict, out: Path, source: str) -> int:
     arrays = {}
     for key, value in data.items():
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, np.ndarray) for v in value):
+            shapes = {v.shape for v in value}
+            if len(shapes) != 1:
+                raise ConvertError(f"{source}: key {key!r}: per-frame token maps of different shapes {sorted(shapes)}")
+            value = np.stack(value)
         if not isinstance(value, np.ndarray) or value.ndim != 3 or value.dtype.kind not in "iu":
             raise ConvertError(f"{source}: key {key!r}: expected an integer array (N, h, w), got "
                                f"{getattr(value, 'dtype', type(value).__name__)} {getattr(value, 'shape', '')}")
+        if value.size and (int(value.max()) > np.iinfo(np.int16).max or int(value.min()) < 0):
+            raise ConvertError(f"{source}: key {key!r}: token ids outside 0..32767")
         arrays[str(key)] = value.astype(np.int16, copy=False)
     tmp = out.with_name(out.stem + ".tmp.npz")
     np.savez(tmp, **arrays)
@@ -82,7 +92,7 @@ def convert_pickle(src: str, out: Optional[str] = None, kind: Literal["auto", "f
         else:
             target = Path(out) if out else source.with_suffix(".npz")
             count = vq_pickle_to_npz(data, target, str(source))
-    except (ConvertError, OSError, ValueError) as err:
+    except (ConvertError, OSError, ValueError, pickle.UnpicklingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"{source} -> {target}: {count} videos ({detected})")

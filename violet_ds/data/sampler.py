@@ -89,4 +89,5 @@ class ResumableDistributedSampler(Sampler[int]):
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"sampler state has seed {state['seed']}, this run uses {self.seed}")
         self.epoch = int(state["epoch"])
-        self.set_cursor(int(state["cursor"]))
+        # another world size pads the epoch differently: a finished epoch stays finished
+        self.set_cursor(min(int(state["cursor"]), self.total))
