@@ -26,7 +26,7 @@ def fixture_clip(official_dir):
 
 def test_every_issue_target_is_registered():
     names = set(list_targets())
-    assert {"pixel", "hog"} <= names
+    assert {"pixel", "hog", "optical_flow", "depth", "vq", "2d_feature", "2d_clip_feature", "3d_feature"} <= names
     with pytest.raises(KeyError, match="unknown MVM target 'hgo'.*'hog'"):
         create_target("hgo")
 

@@ -6,7 +6,7 @@ Importing the package registers every target in `violet_ds.registry.TARGETS`. He
 
 from .base import (IMAGENET_MEAN, IMAGENET_STD, MixEntry, Target, TargetMix, TargetOutput, TargetSpec,
                    create_target, create_targets, list_targets, mvm_loss, target_from_batch)
-from . import pixel, hog  # noqa: F401  (registration)
+from . import clip, depth, feat2d, feat3d, hog, optical_flow, pixel, vq  # noqa: F401  (registration)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MixEntry", "Target", "TargetMix", "TargetOutput", "TargetSpec",
            "create_target", "create_targets", "list_targets", "mvm_loss", "target_from_batch"]

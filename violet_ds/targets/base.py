@@ -109,7 +109,8 @@ def resize_frames(frames: torch.Tensor, size: Tuple[int, int], mode: str = "bili
     antialias = mode in ("bilinear", "bicubic") and (size[0] < frames.shape[-2] or size[1] < frames.shape[-1])
     if antialias:
         kwargs["antialias"] = True
-    return F.interpolate(frames, size=tuple(size), mode=mode, **kwargs)
+    # float32: antialiased kernels have no bf16/fp16 CPU implementation, and resizing is cheap next to a teacher
+    return F.interpolate(frames.float(), size=tuple(size), mode=mode, **kwargs).to(frames.dtype)
 
 
 def pool_to_grid(features: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
@@ -483,3 +484,12 @@ def target_from_batch(name: str, spec: TargetSpec, batch: Optional[Mapping[str, 
     if spec.kind == "token" and name == "vq" and batch.get("vq_tokens") is not None:
         return TargetOutput(batch["vq_tokens"].long(), None)
     return None
+
+
+def load_hf_model(model_cls, model_dir: Union[str, os.PathLike]) -> nn.Module:
+    """A transformers model from a local folder (`save_pretrained` layout); never touches the hub."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; pass a local folder written by save_pretrained "
+                                "(weights are never downloaded at run time)")
+    return model_cls.from_pretrained(str(path), local_files_only=True)
