@@ -217,10 +217,16 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     if data.batch_size < 1 or engine.grad_accum < 1:
         raise ValueError(f"data.batch_size ({data.batch_size}) and engine.grad_accum ({engine.grad_accum}) must be >= 1")
     config_text = resolved_config_text(model=model, data=data, task=task, optim=optim, engine=engine, run=run)
-    world = setup_world(engine)
     run_dir = Path(run.output_dir) / run.name
-    resuming = bool(run.resume) and dse.resolve_resume_tag(run_dir / "checkpoints", run.resume) is not None
-    logger = RunLogger(run_dir, world, purge_step=None)
+    # before any heavy work: a resume that cannot happen is an error now, not after model building
+    resume_tag = dse.resolve_resume_tag(run_dir / "checkpoints", run.resume) if run.resume else None
+    resuming = resume_tag is not None
+    world = setup_world(engine)
+    purge_step = None
+    if resuming:
+        marker = json.loads((run_dir / "checkpoints" / resume_tag / dse.COMPLETE_MARKER).read_text())
+        purge_step = int(marker.get("step") or 0) + 1
+    logger = RunLogger(run_dir, world, purge_step=purge_step)
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_text)
     if engine.deterministic:
