@@ -1,0 +1,159 @@
+"""`violet-ds bench targets`: time per clip of each MVM target's teacher.
+
+Every teacher is the real architecture the paper uses (DALL-E dVAE encoder, RAFT-large and -small,
+DPT-Large, 2D Swin-B, CLIP ViT-B/16, Video Swin-B) with *random* weights, written to a temporary
+folder in the teacher's real checkpoint format and loaded through the target factory, so the command
+needs no downloads and exercises the same loading path as training. Speed does not depend on the
+weight values. Pass `--weights '{"depth": {"model_dir": "dpt-large/"}}'` to time real files instead.
+
+Clips are random normalised float `(batch, frames, 3, size, size)`; a clip's time is the best of
+`repeats` timed calls (after `warmup` untimed ones) divided by the batch size: the best, because on a
+shared machine other load only ever slows a call down.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .base import create_target, resolve_dtype
+
+ALL_TARGETS = ["pixel", "hog", "vq", "optical_flow", "optical_flow_small", "depth", "2d_feature",
+               "2d_clip_feature", "3d_feature"]
+
+
+def write_random_teacher(name: str, root: Path) -> Dict[str, Any]:
+    """Save the paper-sized teacher of `name` with random weights under `root`; return the target options."""
+    if name == "vq":
+        from safetensors.torch import save_file
+
+        from .vq import DalleEncoder
+
+        save_file(DalleEncoder().state_dict(), str(root / "dalle_encoder.safetensors"))
+        return {"checkpoint": str(root / "dalle_encoder.safetensors")}
+    if name in ("optical_flow", "optical_flow_small"):
+        from safetensors.torch import save_file
+        from torchvision.models import optical_flow
+
+        variant = "raft_small" if name == "optical_flow_small" else "raft_large"
+        path = root / f"{variant}.safetensors"
+        save_file(getattr(optical_flow, variant)(weights=None, progress=False).state_dict(), str(path))
+        return {"checkpoint": str(path), "variant": variant}
+    if name == "depth":
+        from transformers import DPTConfig, DPTForDepthEstimation
+
+        DPTForDepthEstimation(DPTConfig()).save_pretrained(root / "dpt-large")  # defaults = DPT-Large
+        return {"model_dir": str(root / "dpt-large")}
+    if name == "2d_feature":
+        from transformers import SwinConfig, SwinModel
+
+        config = SwinConfig(image_size=224, patch_size=4, embed_dim=128, depths=[2, 2, 18, 2],
+                            num_heads=[4, 8, 16, 32], window_size=7)  # Swin-B
+        SwinModel(config).save_pretrained(root / "swin-base")
+        return {"model_dir": str(root / "swin-base")}
+    if name == "2d_clip_feature":
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        config = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                  num_attention_heads=12, image_size=224, patch_size=16)  # ViT-B/16
+        CLIPVisionModel(config).save_pretrained(root / "clip-vit-b16")
+        return {"model_dir": str(root / "clip-vit-b16")}
+    if name == "3d_feature":
+        from safetensors.torch import save_file
+
+        from violet_ds.models.video_swin import build_video_swin
+
+        swin = build_video_swin("base", temporal_stride=2, drop_path_rate=0.0)
+        save_file({f"backbone.{k}": v.contiguous() for k, v in swin.state_dict().items()},
+                  str(root / "swin_base_kinetics.safetensors"))
+        return {"checkpoint": str(root / "swin_base_kinetics.safetensors"), "variant": "base"}
+    return {}
+
+
+def _time_target(target, video: torch.Tensor, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        target.compute(video)
+    best = float("inf")
+    for _ in range(repeats):
+        if video.is_cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        target.compute(video)
+        if video.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def bench_targets(
+    targets: Optional[List[str]] = None,
+    num_frames: int = 4,
+    size: int = 224,
+    batch_size: int = 1,
+    warmup: int = 1,
+    repeats: int = 2,
+    device: str = "cpu",
+    dtype: str = "float32",
+    threads: Optional[int] = None,
+    weights: Optional[Dict[str, Dict[str, Any]]] = None,
+    output: Optional[str] = None,
+) -> int:
+    """Time per clip of each MVM target's teacher (real architectures, random weights unless --weights).
+
+    Args:
+        targets: which to time (default: all; `optical_flow_small` = RAFT-small).
+        num_frames: frames per clip.
+        size: square frame side (multiple of 32).
+        batch_size: clips per call (the time reported is per clip).
+        warmup: untimed calls first.
+        repeats: timed calls; the best is reported.
+        device: cpu, cuda, cuda:1.
+        dtype: teacher dtype (float32, bf16, fp16).
+        threads: torch CPU threads (default: torch's choice).
+        weights: per-target options of real local teacher files, used instead of random ones.
+        output: JSON file for the results (also printed).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    names = list(targets or ALL_TARGETS)
+    unknown = sorted(set(names) - set(ALL_TARGETS))
+    if unknown:
+        raise ValueError(f"bench targets: unknown targets {unknown}; known: {ALL_TARGETS}")
+    weights = dict(weights or {})
+    torch.manual_seed(0)
+    torch_dtype = resolve_dtype(dtype) or torch.float32
+    video = torch.randn(batch_size, num_frames, 3, size, size, device=device).to(torch_dtype)
+    rows = []
+    for name in names:
+        registered = "optical_flow" if name == "optical_flow_small" else name
+        with tempfile.TemporaryDirectory(prefix="violet_ds_bench_") as tmp:
+            options = dict(weights[name]) if name in weights else write_random_teacher(name, Path(tmp))
+            target = create_target(registered, **options).to(device, torch_dtype)
+            seconds = _time_target(target, video, warmup, repeats)
+            info = target.describe()
+        row = {"target": name, "kind": info["kind"], "channels": info["channels"],
+               "teacher_params_m": round(info["teacher_params"] / 1e6, 2),
+               "ms_per_clip": round(seconds / batch_size * 1000, 1),
+               "clips_per_s": round(batch_size / seconds, 3)}
+        rows.append(row)
+        print(f"{name:20s} {row['kind']:8s} {row['teacher_params_m']:8.2f}M {row['ms_per_clip']:10.1f} ms/clip",
+              flush=True)
+        del target
+    result = {"device": str(device), "dtype": str(torch_dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+              "num_frames": num_frames, "size": size, "batch_size": batch_size, "repeats": repeats,
+              "weights": "given" if weights else "random", "results": rows}
+    header = f"| target | kind | teacher params (M) | ms / clip ({num_frames}x{size}px) | clips/s |"
+    lines = [header, "|---|---|---|---|---|"]
+    lines += [f"| {r['target']} | {r['kind']} | {r['teacher_params_m']} | {r['ms_per_clip']} | {r['clips_per_s']} |"
+              for r in rows]
+    print("\n".join(lines))
+    text = json.dumps(result, indent=1)
+    print(text)
+    if output:
+        Path(output).write_text(text + "\n")
+    return 0
