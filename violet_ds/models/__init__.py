@@ -74,11 +74,16 @@ def load_weights(model: nn.Module, path: str | Path) -> dict:
     """Load a violet_ds safetensors (or torch) weight file strictly into a bare model.
 
     Accepts exported task weights (keys `model.*` plus `heads.*`, the heads being ignored and
-    reported) or bare backbone weights. Raises naming the missing / unexpected keys.
+    reported), bare backbone weights, or an official VIOLET / VIOLETv2 / LAVENDER checkpoint (converted
+    through `checkpoint_io`'s key map first). Raises naming the missing / unexpected keys.
     """
-    from .checkpoint_io import read_state_dict
+    from .checkpoint_io import convert_official_state_dict, is_official_state_dict, read_state_dict
 
     state = read_state_dict(path)
+    if is_official_state_dict(state):
+        report = convert_official_state_dict(state)
+        log.info("%s: official checkpoint: %s", path, report.summary())
+        state = report.state_dict
     if any(k.startswith("model.") for k in state):
         ignored = sorted(k for k in state if not k.startswith("model."))
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}

@@ -94,6 +94,11 @@ def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
     return obj
 
 
+def is_official_state_dict(state: Dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict uses the official VIOLET-family key layout (`enc_img.*`, `trsfr.*`)."""
+    return any(k.startswith(("enc_img.", "trsfr.layer.")) for k in state)
+
+
 def _upcast(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """fp16/bf16 checkpoints -> fp32 (integer buffers untouched)."""
     return {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v) for k, v in state.items()}
@@ -176,7 +181,9 @@ def convert_official_state_dict(state: Dict[str, torch.Tensor], allow_unmatched:
         if key == "fc_mtm.predictions.decoder.bias":
             # the same tensor as fc_mtm.predictions.bias in BERT's head; keep one copy, check they agree
             other = state.get("fc_mtm.predictions.bias")
-            if other is not None and not torch.equal(other.float(), value):
+            # meta tensors (shape-only checks) have no values to compare
+            comparable = other is not None and "meta" not in (other.device.type, value.device.type)
+            if comparable and not torch.equal(other.float(), value):
                 raise ValueError("fc_mtm.predictions.bias and fc_mtm.predictions.decoder.bias differ; "
                                  "this checkpoint does not follow BERT's tied-bias layout")
             if other is None:
@@ -203,6 +210,16 @@ def to_official_state_dict(state: Dict[str, torch.Tensor], mvm_target: str = "pi
     """
     inverse_prefixes = [(new, old) for old, new in _DIRECT_PREFIXES]
     inverse_keys = {new: old for old, new in _DIRECT_KEYS.items()}
+    state = dict(state)
+    word_embeddings = state.get("model.text_embeddings.word_embeddings.weight")
+    if "heads.mlm.bias" in state and "heads.mlm.decoder.weight" not in state:
+        # a tied MLM head stores no decoder of its own; the official layout always has one, and a copy
+        # of the word embeddings computes exactly what the tied head did
+        if word_embeddings is None:
+            raise KeyError("the MLM head is tied (no heads.mlm.decoder.weight) and the word embeddings "
+                           "(model.text_embeddings.word_embeddings.weight) are missing")
+        state["heads.mlm.decoder.weight"] = word_embeddings.clone()
+        log.info("tied MLM head written with its own decoder weight (a copy of the word embeddings)")
     out: Dict[str, torch.Tensor] = {}
     unmatched = []
     for key, value in state.items():
@@ -224,9 +241,6 @@ def to_official_state_dict(state: Dict[str, torch.Tensor], mvm_target: str = "pi
                 unmatched.append(key)
     if unmatched:
         raise KeyError(f"violet_ds keys with no official counterpart: {unmatched}")
-    if "heads.mlm.bias" in state and "heads.mlm.decoder.weight" not in state:
-        raise KeyError("the MLM head is tied to the word embeddings; the official layout needs its own "
-                       "decoder weight: untie it (copy model.text_embeddings.word_embeddings.weight) first")
     if legacy_position_ids and "enc_txt.emb_txt.position_embeddings.weight" in out:
         positions = out["enc_txt.emb_txt.position_embeddings.weight"].shape[0]
         out["enc_txt.emb_txt.position_ids"] = torch.arange(positions).unsqueeze(0)
@@ -306,8 +320,17 @@ def _save_safetensors(state: Dict[str, torch.Tensor], path: Path, metadata: Dict
     tmp.replace(path)
 
 
+def _safetensors_metadata(path: Path) -> Dict[str, str]:
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
 def convert_checkpoint(src: str, dst: str, direction: Literal["auto", "to_ours", "to_official"] = "auto",
-                       mvm_target: str = "pixel", allow_unmatched: bool = False,
+                       mvm_target: Optional[str] = None, allow_unmatched: bool = False,
                        legacy_position_ids: bool = True, half: bool = False) -> None:
     """Convert an official VIOLET / VIOLETv2 / LAVENDER checkpoint to violet_ds safetensors, or back.
 
@@ -316,7 +339,8 @@ def convert_checkpoint(src: str, dst: str, direction: Literal["auto", "to_ours",
             violet_ds `.safetensors` (keys `model.*`, `heads.*`).
         dst: output file: `.safetensors` for violet_ds weights, `.pt` for the official layout.
         direction: `auto` picks from the input: official keys -> to_ours, violet_ds keys -> to_official.
-        mvm_target: name of the official dense MVM decoder (`decoder_<target>`) when writing official keys.
+        mvm_target: name of the official dense MVM decoder (`decoder_<target>`) when writing official keys
+            (default: the one recorded when the file was converted to ours, else `pixel`).
         allow_unmatched: keep going (with a report) when official keys have no counterpart.
         legacy_position_ids: add `enc_txt.emb_txt.position_ids` when writing official keys (the
             official code's transformers < 4.31 expects it).
@@ -331,9 +355,12 @@ def convert_checkpoint(src: str, dst: str, direction: Literal["auto", "to_ours",
         report = convert_official_state_dict(state, allow_unmatched=allow_unmatched)
         metadata = {"format": "violet_ds", "model": report.model_name, "source": src_path.name,
                     "heads": ",".join(sorted(report.heads))}
+        if "target" in report.heads.get("mvm", {}):
+            metadata["mvm_target"] = report.heads["mvm"]["target"]
         _save_safetensors(report.state_dict, dst_path, metadata)
         print(f"{src_path} -> {dst_path}: {report.summary()}")
         return None
+    mvm_target = mvm_target or _safetensors_metadata(src_path).get("mvm_target", "pixel")
     official = to_official_state_dict(_upcast(state), mvm_target=mvm_target,
                                       legacy_position_ids=legacy_position_ids)
     if half:
@@ -347,7 +374,7 @@ def convert_checkpoint(src: str, dst: str, direction: Literal["auto", "to_ours",
 
 
 __all__ = [
-    "read_state_dict", "map_official_key", "describe_official", "convert_official_state_dict",
+    "read_state_dict", "is_official_state_dict", "map_official_key", "describe_official", "convert_official_state_dict",
     "to_official_state_dict", "build_heads", "load_official_checkpoint", "load_strict", "convert_checkpoint",
     "ConversionReport", "OfficialModel", "TEACHER_PREFIXES",
 ]
