@@ -2,8 +2,9 @@
 
 `violet-ds make-demo-data --out data/demo` renders the videos with numpy, encodes them to mp4 with
 PyAV, runs the real extraction (`run_extraction`, the code behind `violet-ds extract-frames`) to TSV
-shards, writes annotation JSON in each official format and trains a WordPiece vocabulary on all the
-text with the `tokenizers` library. Output is a function of the arguments (seed included).
+shards, writes annotation JSON in each official format and builds a WordPiece vocabulary from all the
+text (split by the `tokenizers` BERT pre-tokeniser, saved as a `tokenizers` + BERT directory).
+Output is a function of the arguments (seed included): files are byte-identical across runs.
 
 Content. Each video shows one shape (circle, square, triangle) of one colour (red, green, blue,
 yellow, white) and size (small, big) that moves left, right, up, down or stays still over
@@ -278,24 +279,45 @@ def all_texts(files: dict[str, dict]) -> list[str]:
 
 
 def train_tokenizer(texts: list[str], folder: Path, vocab_size: int = 384) -> None:
-    """WordPiece vocabulary from the demo's text, saved as a BERT-style tokenizer directory."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """WordPiece vocabulary from the demo's text, saved as a BERT-style tokenizer directory.
 
-    tokenizer = HFTokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS,
-                                        show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    Words are split by the `tokenizers` BERT normaliser and pre-tokeniser; the vocabulary is the
+    special tokens, every character (plain and `##` continuation, so no word is ever [UNK]) and then
+    whole words by frequency. `tokenizers`' own WordPieceTrainer breaks frequency ties differently
+    from run to run, which would make the demo depend on luck; counting here keeps it a function of
+    the seed.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    characters = sorted({ch for word in counts for ch in word})
+    tokens = list(SPECIAL_TOKENS) + characters + ["##" + ch for ch in characters]
+    if vocab_size < len(tokens):
+        raise ValueError(f"vocab_size {vocab_size} is below the {len(tokens)} special and character tokens")
+    known = set(tokens)
+    for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if len(tokens) >= vocab_size:
+            break
+        if word not in known:
+            tokens.append(word)
+            known.add(word)
+    vocab = {token: index for index, token in enumerate(tokens)}
+    tokenizer = HFTokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     tokenizer.decoder = decoders.WordPiece(prefix="##")
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    (folder / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab))
+    (folder / "vocab.txt").write_text("".join(token + "\n" for token in tokens))
     special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                "mask_token": "[MASK]"}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
@@ -321,7 +343,7 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
         size: frame size in pixels (square; rounded up to even for the mp4 encoder).
         seed: everything is a function of it.
         workers: processes for rendering and extraction.
-        vocab_size: WordPiece vocabulary size (the text has under 100 distinct words).
+        vocab_size: WordPiece vocabulary size cap (special + character tokens + whole words by frequency).
         force: delete an existing output folder first.
     """
     from violet_ds.data.extract import ExtractOptions, list_inputs, run_extraction

@@ -1,0 +1,81 @@
+"""Demo data generator (deterministic, official formats, motion needs several frames) and `bench data`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from violet_ds.data import annotations as ann
+from violet_ds.data.demo import make_demo_data
+from violet_ds.data.tsv import validate_tsv
+
+SMALL = dict(num_videos=25, num_images=6, num_frames=5, size=32, workers=1)
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in (".tsv", ".json", ".txt", ".lineidx")}
+
+
+def test_demo_layout_formats_and_determinism(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert make_demo_data(out=str(first), seed=4, **SMALL) == 0
+    assert make_demo_data(out=str(second), seed=4, **SMALL) == 0
+    digest = _digest(first)
+    assert digest == _digest(second)
+    for name in ("txt_pretrain.json", "txt_image.json", "txt_retrieval.json", "txt_caption.json", "txt_qamc.json",
+                 "txt_capmc.json", "txt_qaoe.json", "txt_fib.json", "txt_action.json", "demo.json",
+                 "tokenizer/vocab.txt", "tokenizer/tokenizer.json", "video_000.tsv", "image_000.tsv"):
+        assert name in digest, name
+    for shard in list(first.glob("video_*.tsv")) + list(first.glob("image_*.tsv")):
+        report = validate_tsv(shard, decode=True, progress=False)
+        assert report["ok"], report["error"]
+    assert validate_tsv(first / "video_000.tsv", progress=False)["min_frames"] == 5
+    # every file loads through the official-format loaders
+    assert ann.detect_format(first / "txt_pretrain.json") == "pretrain"
+    assert ann.detect_format(first / "txt_qamc.json") == "mc_qa"
+    assert ann.detect_format(first / "txt_qaoe.json") == "oe_qa"
+    assert ann.detect_format(first / "txt_fib.json") == "fib"
+    assert ann.detect_format(first / "txt_action.json") == "action"
+    assert ann.load_pretrain_captions(first / "txt_image.json", "train")
+    # motion questions exist and their answers are directions (needs more than one frame)
+    oe = ann.load_oe_qa(first / "txt_qaoe.json", "train")
+    motion = [r for r in oe.records if r.question.startswith("which way")]
+    assert motion and {oe.vocab[r.answer] for r in motion} <= {"left", "right", "up", "down", "still"}
+    labels = [r.label for r in ann.load_action(first / "txt_action.json", "train").records]
+    assert len(set(labels)) >= 3
+    assert make_demo_data(out=str(first), **SMALL) == 1  # refuses to overwrite without force
+    assert make_demo_data(out=str(first), seed=5, force=True, **SMALL) == 0
+    assert _digest(first) != digest
+
+
+def test_demo_motion_is_visible_in_frames(tmp_path):
+    from violet_ds.data.datasets import ActionDataset
+
+    root = tmp_path / "demo"
+    make_demo_data(out=str(root), **SMALL)
+    dataset = ActionDataset(str(root / "video_*.tsv"), root / "txt_action.json", "train", num_frames=5, size=32,
+                            spatial="resize")
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        video = sample["video"].float()
+        change = (video[-1] - video[0]).abs().mean()
+        if sample["label"] == 4:  # still
+            assert change < 3, change
+        else:
+            assert change > 3, change
+
+
+def test_bench_data_runs_every_decoder(tmp_path):
+    from violet_ds.data.bench import bench_data
+    from violet_ds.data.frames import available_decoders
+
+    out = tmp_path / "bench.json"
+    torch.set_num_threads(1)
+    assert bench_data(num_frames=2, size=32, batch_size=2, workers=0, batches=2, out=str(out)) == 0
+    results = json.loads(out.read_text())
+    assert set(results["decoders"]) == set(available_decoders())
+    assert all(r["loader_clips_per_s"] > 0 and r["decode_frames_per_s"] > 0 for r in results["decoders"].values())
