@@ -256,3 +256,51 @@ def _open_or_create(out: Path, meta: Dict[str, Any], keys: List[str], value_shap
         if not leftovers <= {"values.npy", "valid.npy", "done.npy", "keys.txt", "meta.json.tmp"}:
             raise ValueError(f"{out} exists and is not a target store; choose an empty or new folder")
     return TargetStore.create(out, meta, keys, value_shape, value_dtype, num_frames)
+
+
+# ------------------------------------------------------------------------------- using a sidecar
+
+def open_stores(paths: Dict[str, Union[str, os.PathLike]], num_frames: int, size: int) -> Dict[str, TargetStore]:
+    """Open `{target name: sidecar folder}`, refusing stores made for another target or clip geometry."""
+    stores = {}
+    for name, path in paths.items():
+        store = TargetStore(path)
+        if not store.matches(name, num_frames, size):
+            raise ValueError(f"{path}: sidecar holds target {store.target_name!r} with geometry "
+                             f"{store.meta['geometry']}, the run needs {name!r} with {_geometry(num_frames, size)}")
+        stores[name] = store
+    return stores
+
+
+def attach_targets(batch: Dict[str, Any], stores: Dict[str, TargetStore]) -> Dict[str, Any]:
+    """Add `mvm_target:<name>` / `mvm_target_valid:<name>` to a collated batch from the sidecars.
+
+    A target is attached only when *every* video of the batch is in its store; otherwise the key is
+    left out and the task falls back to the live teacher for that batch (see
+    `base.target_from_batch`). Regression values come back as float32, token ids as int64.
+    """
+    video_ids = batch.get("video_id")
+    if video_ids is None:
+        raise KeyError("attach_targets: the batch has no 'video_id' list to look the sidecar up by")
+    for name, store in stores.items():
+        if all(video_id in store for video_id in video_ids):
+            out = store.get_batch(video_ids)
+            value = out.value if store.spec.kind == "token" else out.value.float()
+            batch[f"mvm_target:{name}"] = value
+            batch[f"mvm_target_valid:{name}"] = out.valid
+    return batch
+
+
+class SidecarCollate:
+    """A collate function that attaches pre-extracted targets: `DataLoader(..., collate_fn=SidecarCollate(...))`.
+
+    Only valid when the loader's clips have the sidecar's geometry (evenly spaced frames, resize +
+    centre crop, no random crop or flip): `open_stores` checks frames and size, the caller the rest.
+    """
+
+    def __init__(self, collate_fn, stores: Dict[str, TargetStore]):
+        self.collate_fn = collate_fn
+        self.stores = stores
+
+    def __call__(self, samples):
+        return attach_targets(self.collate_fn(samples), self.stores)
