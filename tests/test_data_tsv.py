@@ -192,3 +192,25 @@ def test_resolve_paths(tmp_path):
     assert len(resolve_tsv_paths(f"{tmp_path / 's_000.tsv'},{tmp_path / 's_001.tsv'}")) == 2
     with pytest.raises(FileNotFoundError, match="nothing.tsv"):
         resolve_tsv_paths(str(tmp_path / "nothing.tsv"))
+
+
+@pytest.mark.parametrize("command", ["extract-frames", "extract-images", "build-index", "validate-tsv",
+                                     "convert-pickle", "make-demo-data", "bench data"])
+def test_data_commands_build_parsers(command):
+    from violet_ds.cli import build_parser, load_command
+
+    parser = build_parser(command, load_command(command))
+    assert parser.description
+
+
+def test_validate_command_through_cli(official_dir, tmp_path, capsys):
+    from violet_ds.cli import main
+
+    path = _copy_fixture(official_dir, "msrvtt.tsv", tmp_path)
+    main(["validate-tsv", "--tsv", str(path)])  # returns 0: no SystemExit
+    assert "10 rows, 50 frames" in capsys.readouterr().out
+    lineidx_path(path).write_text("0\n5\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate-tsv", "--tsv", str(path)])
+    assert exit_info.value.code == 1
+    assert "BAD" in capsys.readouterr().out

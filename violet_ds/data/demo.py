@@ -267,8 +267,9 @@ def all_texts(files: dict[str, dict]) -> list[str]:
         if isinstance(node, str):
             texts.append(node)
         elif isinstance(node, dict):
-            for value in node.values():
-                walk(value)
+            for key, value in node.items():
+                if key != "video":  # ids are not language
+                    walk(value)
         elif isinstance(node, list):
             for value in node:
                 walk(value)
