@@ -207,7 +207,9 @@ def test_validate_command_through_cli(official_dir, tmp_path, capsys):
     from violet_ds.cli import main
 
     path = _copy_fixture(official_dir, "msrvtt.tsv", tmp_path)
-    main(["validate-tsv", "--tsv", str(path)])  # returns 0: no SystemExit
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate-tsv", "--tsv", str(path)])
+    assert exit_info.value.code == 0
     assert "10 rows, 50 frames" in capsys.readouterr().out
     lineidx_path(path).write_text("0\n5\n")
     with pytest.raises(SystemExit) as exit_info:
