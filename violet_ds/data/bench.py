@@ -82,7 +82,7 @@ def time_loader(tsv: str, decoder: str, num_frames: int, size: int, batch_size: 
 
 def bench_data(tsv: Optional[str] = None, num_frames: int = 5, size: int = 224, batch_size: int = 8,
                workers: int = 2, batches: int = 16, decoders: Optional[list[str]] = None,
-               train: bool = True, out: Optional[str] = None) -> int:
+               train: bool = True, synthetic_rows: int = 64, out: Optional[str] = None) -> int:
     """Data-loader throughput in clips/s for each JPEG decoder (real Dataset + DataLoader).
 
     Args:
@@ -94,6 +94,7 @@ def bench_data(tsv: Optional[str] = None, num_frames: int = 5, size: int = 224, 
         batches: timed batches per decoder (after two warm-up batches).
         decoders: decoders to compare (default: every installed one of simplejpeg, torchvision, pillow).
         train: training transforms (random temporal offset + random crop) instead of eval ones.
+        synthetic_rows: rows (videos of 8 frames) of the synthetic TSV when no --tsv is given.
         out: also write the results as JSON to this file.
     """
     from violet_ds.data.frames import available_decoders, resolve_decoder
@@ -104,7 +105,7 @@ def bench_data(tsv: Optional[str] = None, num_frames: int = 5, size: int = 224, 
     pin_memory = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as scratch:
         if tsv is None:
-            tsv = str(write_synthetic_tsv(Path(scratch) / "bench.tsv"))
+            tsv = str(write_synthetic_tsv(Path(scratch) / "bench.tsv", rows=synthetic_rows))
             source = "synthetic 320x240 JPEG q90"
         else:
             source = tsv
