@@ -1,0 +1,166 @@
+"""Pretraining objectives on a hand-made batch: each loss equals its definition computed by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from violet_ds.config import TaskConfig
+from violet_ds.data.frames import normalize
+from violet_ds.data.tokenizer import Tokenizer
+from violet_ds.models import create_model
+from violet_ds.tasks import create_task
+
+WORDS = ["a", "red", "blue", "circle", "square", "moves", "left", "right", "true", "false", "big", "small"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    folder = tmp_path_factory.mktemp("vocab")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    return Tokenizer(folder)
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_model("violet-tiny", vocab_size=64, hidden_dropout=0.0, attention_dropout=0.0, max_frames=4)
+
+
+def _task(tokenizer, **cfg):
+    task = create_task("pretrain", _model(), TaskConfig(name="pretrain", **cfg), tokenizer)
+    return task.eval()
+
+
+def _batch(tokenizer, batch_size: int = 3):
+    generator = torch.Generator().manual_seed(1)
+    video = torch.randint(0, 256, (batch_size, 2, 3, 64, 64), dtype=torch.uint8, generator=generator)
+    texts = ["a red circle moves left", "a blue square", "a big small circle moves right"][:batch_size]
+    ids, mask = tokenizer.encode(texts, 12)
+    return {"video": video, "text_ids": ids, "text_mask": mask, "index": torch.arange(batch_size)}
+
+
+def _pooled(task, video, ids, mask):
+    return task.model(normalize(video), ids, mask)
+
+
+def test_vtm_is_cross_entropy_over_in_batch_negatives_with_temperature(tokenizer, monkeypatch):
+    task = _task(tokenizer, loss_weights={"vtm": 1.0}, vtm_negatives=3, vtm_temperature=0.05)
+    batch = _batch(tokenizer)
+    negatives = torch.tensor([[1, 2], [2, 0], [0, 1]])  # min(B, 3+1) - 1 = 2 negatives each
+    monkeypatch.setattr(task, "_negatives", lambda size, device: negatives)
+    out = task(batch)
+    logits = torch.zeros(3, 3)
+    for video_index in range(3):
+        for column, text_index in enumerate([video_index] + negatives[video_index].tolist()):
+            output = _pooled(task, batch["video"][video_index:video_index + 1], batch["text_ids"][text_index:text_index + 1],
+                             batch["text_mask"][text_index:text_index + 1])
+            logits[video_index, column] = task.heads["score"](output.pooled).squeeze()
+    expected = F.cross_entropy(logits / 0.05, torch.zeros(3, dtype=torch.long))
+    assert torch.allclose(out["loss_vtm"], expected, atol=1e-4), (out["loss_vtm"], expected)
+    assert torch.allclose(out["loss"], expected, atol=1e-4)
+    assert set(out) == {"loss", "loss_vtm", "acc_vtm"}
+
+
+def test_mlm_predicts_every_masked_non_special_token(tokenizer):
+    task = _task(tokenizer, loss_weights={"mlm": 1.0}, mlm_probability=1.0)
+    batch = _batch(tokenizer)
+    out = task(batch)
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    special = torch.isin(ids, torch.tensor(tokenizer.special_ids))
+    chosen = mask.bool() & ~special
+    masked = torch.where(chosen, torch.full_like(ids, tokenizer.mask_id), ids)
+    text_hidden = _pooled(task, batch["video"], masked, mask).text_hidden
+    expected = F.cross_entropy(task.heads["mlm"](text_hidden[chosen]), ids[chosen])
+    assert torch.allclose(out["loss_mlm"], expected, atol=1e-4), (out["loss_mlm"], expected)
+
+
+def test_mvm_pixel_l1_over_masked_patches_only(tokenizer, monkeypatch):
+    task = _task(tokenizer, loss_weights={"mvm": 1.0}, mvm_targets={"pixel": 1.0}, mvm_strategies=["rm"])
+    batch = _batch(tokenizer, 2)
+    token_mask = torch.zeros(2, 2, 2, 2, dtype=torch.bool)
+    token_mask[0, 0, 1, 0] = True
+    token_mask[1, 1, 0, 1] = True
+    import violet_ds.tasks.pretrain as pretrain_module
+
+    monkeypatch.setattr(pretrain_module, "mask_video_tokens", lambda *a, **k: (token_mask, torch.zeros(2, dtype=torch.long)))
+    out = task(batch)
+    video = normalize(batch["video"])
+    masked_video = video.clone()
+    masked_video[0, 0, :, 32:64, 0:32] = 0
+    masked_video[1, 1, :, 0:32, 32:64] = 0
+    output = task.model(masked_video, batch["text_ids"], batch["text_mask"])
+    patches = output.video_hidden.reshape(2, 2, 5, -1)[:, :, 1:].reshape(2, 2, 2, 2, -1)
+    pred = task.heads["mvm"](patches)  # (B, T, 3, 64, 64)
+    expected = torch.cat([(pred[0, 0, :, 32:64, 0:32] - video[0, 0, :, 32:64, 0:32]).abs().flatten(),
+                          (pred[1, 1, :, 0:32, 32:64] - video[1, 1, :, 0:32, 32:64]).abs().flatten()]).mean()
+    assert torch.allclose(out["loss_mvm"], expected, atol=1e-4), (out["loss_mvm"], expected)
+
+
+def test_vq_target_from_batch_tokens(tokenizer):
+    task = _task(tokenizer, loss_weights={"mvm": 1.0}, mvm_targets={"vq": 1.0}, mvm_strategies=["bm"], mvm_ratio=0.5)
+    batch = _batch(tokenizer, 2)
+    batch["vq_tokens"] = torch.randint(0, 8192, (2, 2, 2, 2))
+    out = task(batch)
+    # 8192-way classification starts near log(8192)
+    assert 7.0 < out["loss_mvm"].item() < 11.0
+    assert task.heads["mvm"].kind == "token" and task.heads["mvm"].channels == 8192
+
+
+def test_lavender_vtm_as_mlm_and_true_false_scoring(tokenizer, monkeypatch):
+    task = _task(tokenizer, head_style="mlm", loss_weights={"vtm": 1.0}, vtm_negatives=1)
+    assert "score" not in task.heads and "mlm" in task.heads
+    batch = _batch(tokenizer, 2)
+    monkeypatch.setattr(task, "_negatives", lambda size, device: torch.tensor([[1], [0]]))
+    out = task(batch)
+    true_id, false_id = tokenizer.token_id("true"), tokenizer.token_id("false")
+    losses = []
+    for video_index, text_index, answer in [(0, 0, true_id), (0, 1, false_id), (1, 1, true_id), (1, 0, false_id)]:
+        ids, mask, position = task._answer_slot(batch["text_ids"][text_index:text_index + 1],
+                                                batch["text_mask"][text_index:text_index + 1])
+        assert ids[0, position[0]] == tokenizer.mask_id and ids[0, position[0] + 1] == tokenizer.sep_id
+        output = _pooled(task, batch["video"][video_index:video_index + 1], ids, mask)
+        logits = task.heads["mlm"](output.text_hidden[0, position[0]])
+        losses.append(F.cross_entropy(logits[None], torch.tensor([answer])))
+    assert torch.allclose(out["loss_vtm"], torch.stack(losses).mean(), atol=1e-4)
+
+    # scoring = softmax over {true, false} at [MASK]; a head biased towards "true" says match
+    probability = task.match_probability(batch["video"], batch["text_ids"], batch["text_mask"])
+    ids, mask, position = task._answer_slot(batch["text_ids"], batch["text_mask"])
+    output = _pooled(task, batch["video"], ids, mask)
+    logits = task.heads["mlm"](output.text_hidden[torch.arange(2), position])
+    manual = torch.softmax(torch.stack([logits[:, true_id], logits[:, false_id]], 1), 1)[:, 0]
+    assert torch.allclose(probability, manual, atol=1e-5)
+    with torch.no_grad():
+        task.heads["mlm"].bias[true_id] += 50.0
+    assert (task.match_probability(batch["video"], batch["text_ids"], batch["text_mask"]) > 0.999).all()
+    with torch.no_grad():
+        task.heads["mlm"].bias[false_id] += 100.0
+    assert (task.match_probability(batch["video"], batch["text_ids"], batch["text_mask"]) < 0.001).all()
+
+
+def test_all_objectives_weighted_sum_backward_and_attended_masking(tokenizer):
+    task = _task(tokenizer, loss_weights={"vtm": 0.5, "mlm": 2.0, "mvm": 1.5}, mvm_strategies=["rm", "bm", "am"])
+    task.train()
+    out = task(_batch(tokenizer))
+    expected = 0.5 * out["loss_vtm"] + 2.0 * out["loss_mlm"] + 1.5 * out["loss_mvm"]
+    assert torch.allclose(out["loss"], expected, atol=1e-5)
+    out["loss"].backward()
+    assert task.heads["mvm"].proj.weight.grad is not None and task.heads["score"][1].weight.grad is not None
+    images = task.visualize(_batch(tokenizer))
+    image = images["mvm_pixel"]
+    # rows: target, masked input, reconstruction pasted into the holes, raw reconstruction; frames side by side
+    assert image.shape == (3, 4 * 64, 2 * 64) and 0 <= image.min() and image.max() <= 1
+
+
+def test_config_errors_name_the_key(tokenizer):
+    with pytest.raises(ValueError, match="unknown loss_weights keys"):
+        _task(tokenizer, loss_weights={"vtm": 1.0, "itm": 1.0})
+    with pytest.raises(ValueError, match="every loss weight is 0"):
+        _task(tokenizer, loss_weights={"vtm": 0.0})
+    with pytest.raises(ValueError, match="mvm_strategies"):
+        _task(tokenizer, loss_weights={"mvm": 1.0}, mvm_strategies=["rm", "random"])
+    with pytest.raises(KeyError, match="nonexistent"):
+        _task(tokenizer, loss_weights={"mvm": 1.0}, mvm_targets={"nonexistent": 1.0})
