@@ -4,7 +4,11 @@ Token storage (one integer grid ``(N, h, w)`` per video, ``N`` = stored frames):
 - ``.npz``: one array per video id (what `violet-ds convert-pickle` writes from the official VQ
   pickles), opened lazily and read one video at a time, never with pickle;
 - VQ TSV (``X.tsv`` + ``X.lineidx``, seek-based through `violet_ds.data.tsv`): rows
-  ``video_id \\t N,h,w \\t base64(little-endian int16 codes)``, written by `violet-ds extract-vq`.
+  ``video_id \\t N,h,w \\t base64(little-endian int16 codes)``, written by `violet-ds extract-vq`
+  (every stored frame of a frame TSV through the DALL-E dVAE encoder, so videos keep their length);
+- an `extract-targets` sidecar folder of the ``vq`` target (``--options '{"patch": 8, ...}'`` for
+  VIMPAC's 8x downsampling): every video has the same ``num_frames`` there (short videos repeat
+  frames instead of getting [PAD]).
 
 Clips are ``clip_frames`` stored frames ``frame_stride`` apart, starting anywhere in the video; a
 video shorter than a clip is kept in order and filled with [PAD] frames at the end. A stored grid
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
@@ -98,11 +103,13 @@ class VQTokenStore:
         if not names:
             raise FileNotFoundError(f"no VQ token file given in {spec!r}")
         self.npz_paths = [Path(n) for n in names if n.endswith(".npz")]
-        tsv_specs = [n for n in names if not n.endswith(".npz")]
+        self.sidecar_paths = [Path(n) for n in names if (Path(n) / "meta.json").is_file()]
+        tsv_specs = [n for n in names if not n.endswith(".npz") and Path(n) not in self.sidecar_paths]
         for path in self.npz_paths:
             if not path.is_file():
                 raise FileNotFoundError(f"VQ token file not found: {path}")
         self.tsv_files = [TSVFile(p, frame_column=1) for p in resolve_tsv_paths(tsv_specs)] if tsv_specs else []
+        self.sidecars = [_open_vq_sidecar(path) for path in self.sidecar_paths]
         self._archives: dict[int, Any] = {}
         self._pid: Optional[int] = None
         self.location: dict[str, tuple[str, int]] = {}
@@ -113,9 +120,14 @@ class VQTokenStore:
         for number, tsv_file in enumerate(self.tsv_files):
             for row, key in enumerate(tsv_file.keys()):
                 self.location.setdefault(key, ("tsv", number))
+        for number, sidecar in enumerate(self.sidecars):
+            for key in sidecar.keys:
+                if key in sidecar:  # rows an interrupted extraction has not written yet are absent
+                    self.location.setdefault(key, ("sidecar", number))
 
     def describe(self) -> str:
-        paths = [str(p) for p in self.npz_paths] + [str(f.path) for f in self.tsv_files]
+        paths = [str(p) for p in self.npz_paths] + [str(f.path) for f in self.tsv_files] + \
+            [str(p) for p in self.sidecar_paths]
         return ", ".join(paths[:3]) + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else "")
 
     def __len__(self) -> int:
@@ -147,6 +159,10 @@ class VQTokenStore:
         if kind == "npz":
             tokens = self._archive(number)[video_id]
             where = f"{self.npz_paths[number]}[{video_id!r}]"
+        elif kind == "sidecar":
+            sidecar = self.sidecars[number]
+            tokens = sidecar.get(video_id).value.numpy()
+            where = f"{sidecar.path} [{video_id!r}]"
         else:
             tsv_file = self.tsv_files[number]
             row = tsv_file.row_of(video_id)
@@ -159,6 +175,17 @@ class VQTokenStore:
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for key in self.location:
             yield key, self[key]
+
+
+def _open_vq_sidecar(path: Path):
+    """An `extract-targets` store that must hold DALL-E token ids."""
+    from violet_ds.targets.extract import TargetStore
+
+    store = TargetStore(path)
+    if store.target_name != "vq" or store.spec.kind != "token":
+        raise VQTokenError(f"{path}: sidecar holds target {store.target_name!r} ({store.spec.kind}); "
+                           "VIMPAC needs the 'vq' token target")
+    return store
 
 
 # ---------------------------------------------------------------- clip sampling
@@ -347,7 +374,105 @@ class VQActionDataset(_ClipMixin, Dataset):
         return sample
 
 
+# ---------------------------------------------------------------- extraction (frames -> VQ TSV)
+
+def write_random_dvae(path: PathLike, n_hid: int = 16, blocks_per_group: int = 1, vocab_size: int = 8192,
+                      seed: int = 0) -> Path:
+    """Save a randomly initialised DALL-E dVAE encoder in the official state-dict layout (`.pt`).
+
+    For demos and tests only: no weights can be downloaded here, and a random encoder still maps a
+    local image patch to a stable code, which is all the CPU demo needs. Real runs convert OpenAI's
+    encoder once (see `violet_ds.targets.vq`).
+    """
+    from violet_ds.targets.vq import DalleEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = DalleEncoder(n_hid=n_hid, blocks_per_group=blocks_per_group, vocab_size=vocab_size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(encoder.state_dict(), tmp)
+    tmp.replace(path)
+    return path
+
+
+def _frames_to_codes(encoder, frames: torch.Tensor, batch_frames: int) -> np.ndarray:
+    """uint8 ``(N, 3, S, S)`` -> int16 codes ``(N, S/8, S/8)``, ``batch_frames`` frames per encoder call."""
+    from violet_ds.targets.vq import DalleEncoder
+
+    codes = []
+    for start in range(0, frames.shape[0], batch_frames):
+        pixels = frames[start:start + batch_frames].float() / 255.0
+        codes.append(encoder(DalleEncoder.map_pixels(pixels)).argmax(dim=1).to(torch.int16))
+    return torch.cat(codes).numpy()
+
+
+def extract_vq(tsv: str, encoder: str, output: str, size: int = 128, batch_frames: int = 64,
+               frame_column: Optional[int] = None, decoder: str = "auto", limit: Optional[int] = None,
+               threads: Optional[int] = None) -> int:
+    """Frame TSV(s) -> VIMPAC VQ-token TSV: every stored frame through the DALL-E dVAE encoder.
+
+    Each frame is resized (short side) and centre-cropped to `size` pixels, then encoded to a
+    `(size/8, size/8)` grid of the 8192 codes; a video keeps all its frames (clips are cut at
+    training time, and short videos are padded then). Rows: `video_id<TAB>N,h,w<TAB>base64(int16)`.
+
+    Args:
+        tsv: frame TSV path, glob or comma-separated list (`video_id<TAB>b64 JPEG ...`).
+        encoder: DALL-E dVAE encoder state dict (`.pt`/`.pth` read with weights_only, or `.safetensors`).
+        output: the VQ TSV to write (its `.lineidx` is written next to it, atomically).
+        size: square frame side in pixels before encoding (multiple of 8: 128 -> 16x16 tokens).
+        batch_frames: frames per encoder call.
+        frame_column: first frame column (default: detected).
+        decoder: JPEG decoder (auto, simplejpeg, torchvision, pillow).
+        limit: only the first N videos (smoke runs).
+        threads: torch CPU threads (default: torch's own choice).
+    """
+    from tqdm import tqdm
+
+    from violet_ds.data.frames import VideoTransform, decode_frames
+    from violet_ds.targets.base import read_state_dict
+    from violet_ds.targets.vq import DOWNSAMPLE, DalleEncoder
+
+    if size < DOWNSAMPLE or size % DOWNSAMPLE:
+        raise ValueError(f"size must be a positive multiple of {DOWNSAMPLE}, got {size}")
+    if threads:
+        torch.set_num_threads(threads)
+    model = DalleEncoder.from_state_dict(read_state_dict(encoder), where=str(encoder)).eval()
+    transform = VideoTransform(size, train=False, mode="crop")
+    tables = [TSVFile(path, frame_column=frame_column) for path in resolve_tsv_paths(tsv)]
+    jobs = [(table, row) for table in tables for row in range(len(table))]
+    if limit is not None:
+        jobs = jobs[:limit]
+    seen: set[str] = set()
+    started = time.perf_counter()
+    frames_done = 0
+
+    def encoded() -> Iterator[tuple[str, np.ndarray]]:
+        nonlocal frames_done
+        with torch.inference_mode(), tqdm(total=len(jobs), desc="extract-vq", unit="video") as progress:
+            for table, row in jobs:
+                key, frames = table.frames(row)
+                if key in seen:
+                    raise VQTokenError(f"{table.path}: row {row}: video id {key!r} repeats; VQ rows are keyed by id")
+                seen.add(key)
+                try:
+                    video = transform(decode_frames(frames, decoder=decoder))
+                except ValueError as err:
+                    raise VQTokenError(f"{table.path}: row {row} ({key!r}): {err}") from err
+                frames_done += video.shape[0]
+                yield key, _frames_to_codes(model, video, batch_frames)
+                progress.update(1)
+
+    rows = write_vq_tsv(output, encoded())
+    elapsed = time.perf_counter() - started
+    print(f"extract-vq: {rows} videos, {frames_done} frames -> {output} ({size // DOWNSAMPLE}x{size // DOWNSAMPLE} "
+          f"tokens per frame; {1000 * elapsed / max(frames_done, 1):.1f} ms/frame, {elapsed:.1f} s)")
+    return 0
+
+
 __all__ = [
     "VQTokenError", "VQTokenStore", "VQPretrainDataset", "VQActionDataset", "encode_token_row",
     "decode_token_row", "write_vq_tsv", "cut_clip", "clip_span", "evenly_spaced", "TSVError",
+    "extract_vq", "write_random_dvae",
 ]

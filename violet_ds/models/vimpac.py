@@ -341,8 +341,17 @@ class VimpacModel(nn.Module):
         """The token embedding, for the tied token-prediction head."""
         return self.backbone.embeddings.token
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each layer in backward (``torch.utils.checkpoint``, non-reentrant)."""
+    def set_grad_checkpointing(self, enable: bool = True, *, video: Optional[bool] = None,
+                               cross: Optional[bool] = None, offload_video: bool = False) -> None:
+        """Recompute each layer in backward (``torch.utils.checkpoint``, non-reentrant).
+
+        ``video``/``cross`` are the engine's VIOLET-style switches (`model.grad_checkpointing`); VIMPAC
+        has one stack, checkpointed when either is set. Activation offloading is VIOLET-only.
+        """
+        if offload_video:
+            raise ValueError("VIMPAC does not offload activations; unset model.offload_video_activations")
+        if video is not None or cross is not None:
+            enable = bool(video) or bool(cross)
         self.backbone.grad_checkpointing = enable
 
     def forward(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> VimpacOutput:

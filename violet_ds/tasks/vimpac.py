@@ -44,12 +44,19 @@ PRETRAIN_OPTIONS: Dict[str, Any] = {
     "contrastive_hidden": 4096,
     "contrastive_out": 256,
     "sync_batchnorm": True,      # SyncBatchNorm in the contrastive head on multi-rank CUDA runs
+    "clip_frames": None,         # frames per clip; None = data.num_frames
+    "frame_stride": 1,           # stored frames between clip frames
+    "grid": None,                # [h, w] token crop of the stored grid (random when training); None = all
 }
 
 ACTION_OPTIONS: Dict[str, Any] = {
     "dropout": 0.0,
     "label_smoothing": 0.0,
     "eval_view_chunk": 64,       # clips per forward at evaluation (bounds activation memory)
+    "eval_crops": 1,             # spatial crops per temporal clip at evaluation (3 = 3-crop testing)
+    "clip_frames": None,
+    "frame_stride": 1,
+    "grid": None,
 }
 
 
@@ -119,6 +126,32 @@ def symmetric_infonce(feat_a: torch.Tensor, feat_b: torch.Tensor, temperature: f
             "correct_a": correct_a, "correct_b": correct_b}
 
 
+def _vq_sources(data_cfg, split: str) -> list:
+    """The data sources of a split; a source's VQ tokens are ``vq`` (or ``tsv`` when ``vq`` is unset)."""
+    sources = list(getattr(data_cfg, split) or [])
+    for source in sources:
+        if not (source.vq or source.tsv):
+            raise ValueError(f"data.{split}: a VIMPAC source needs `vq` (VQ token TSV/.npz/sidecar), got {source}")
+    return sources
+
+
+def _clip_geometry(options: dict, data_cfg) -> dict:
+    grid = options["grid"]
+    if grid is not None and (len(grid) != 2 or min(grid) < 1):
+        raise ValueError(f"task.options.grid must be [h, w] token counts, got {grid!r}")
+    return {"clip_frames": int(options["clip_frames"] or data_cfg.num_frames),
+            "frame_stride": int(options["frame_stride"]),
+            "grid": tuple(int(g) for g in grid) if grid is not None else None}
+
+
+def _one_dataset(parts: list, sources: list, split: str) -> dict:
+    from violet_ds.data.datasets import MixedDataset
+
+    if len(parts) == 1 and sources[0].weight == 1.0:
+        return {split: parts[0]}
+    return {split: MixedDataset(parts, [source.weight for source in sources])}
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -170,6 +203,18 @@ class VimpacPretrainTask(nn.Module):
 
     def frozen_modules(self) -> list:
         return []
+
+    def build_datasets(self, data_cfg, tokenizer, split: str) -> dict:
+        """Two clips per video (``vq_tokens``, ``vq_tokens_b``) from each source's VQ tokens; the videos
+        are those of ``annotations`` (any annotation format) for ``source.split``."""
+        from violet_ds.data.vq_clips import VQPretrainDataset
+
+        sources = _vq_sources(data_cfg, split)
+        geometry = _clip_geometry(self.options, data_cfg)
+        parts = [VQPretrainDataset(source.vq or source.tsv, annotations=source.annotations, split=source.split,
+                                   contrastive=bool(self.options["contrastive"]),
+                                   pad_id=self.model.config.pad_id, **geometry) for source in sources]
+        return _one_dataset(parts, sources, split)
 
     def _mask(self, tokens: torch.Tensor) -> torch.Tensor:
         return mask_vq_tokens(tokens, self.model.config.pad_id, strategy=self.options["masking"],
@@ -271,6 +316,24 @@ class VimpacActionTask(nn.Module):
 
     def frozen_modules(self) -> list:
         return []
+
+    def build_datasets(self, data_cfg, tokenizer, split: str) -> dict:
+        """One random clip per video when training; ``data.eval_clips`` x ``eval_crops`` views otherwise."""
+        from violet_ds.data.vq_clips import VQActionDataset
+
+        sources = _vq_sources(data_cfg, split)
+        geometry = _clip_geometry(self.options, data_cfg)
+        parts = []
+        for source in sources:
+            dataset = VQActionDataset(source.vq or source.tsv, source.annotations, split=source.split,
+                                      train=split == "train", eval_clips=int(getattr(data_cfg, "eval_clips", 1) or 1),
+                                      eval_crops=int(self.options["eval_crops"]), pad_id=self.model.config.pad_id,
+                                      **geometry)
+            if dataset.num_classes > self.num_classes:
+                raise ValueError(f"{source.annotations} [{source.split}]: {dataset.num_classes} classes but "
+                                 f"task.num_classes is {self.num_classes}")
+            parts.append(dataset)
+        return _one_dataset(parts, sources, split)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.heads["classifier"](self.model(tokens).cls).float()
