@@ -140,3 +140,13 @@ def test_image_extraction_one_frame_rows(tmp_path, official_dir):
     frame = decode_frames(shard.frames(0)[1])
     assert frame.shape[0] == 1 and min(frame.shape[-2:]) == 96
     assert "broken" in json.loads((tmp_path / "out" / "cc3m_failed.json").read_text())
+
+
+def test_gif_follows_the_official_rule(tmp_path):
+    from PIL import Image
+
+    frames = [Image.fromarray(np.full((40, 60, 3), i * 20, np.uint8)) for i in range(12)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    picked = read_video_frames(tmp_path / "anim.gif", 5, short_side=0)
+    # frames int(12 / 6 * (i + 1)) = 2, 4, 6, 8, 10 of a GIF whose frame k has value 20 k
+    assert [int(round(f.mean())) for f in picked] == [40, 80, 120, 160, 200]

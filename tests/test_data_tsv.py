@@ -216,3 +216,13 @@ def test_validate_command_through_cli(official_dir, tmp_path, capsys):
         main(["validate-tsv", "--tsv", str(path)])
     assert exit_info.value.code == 1
     assert "BAD" in capsys.readouterr().out
+
+
+def test_row_without_frames_and_without_image_columns(tmp_path):
+    path = _write_rows(tmp_path / "n.tsv", [["only_id"], ["other", "not-an-image"]])
+    tsv = TSVFile(path, frame_column=1)
+    with pytest.raises(TSVError, match=r"n.tsv: row 0 \('only_id'\) has no frame columns"):
+        tsv.frames(0)
+    with pytest.raises(TSVError, match="no column looks like a base64 JPEG"):
+        TSVFile(path).frame_column
+    assert "no column looks like" in validate_tsv(path, progress=False)["error"]

