@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from torch.utils.data import DataLoader
 from violet_ds.data.datasets import (ActionDataset, BadSampleLimitError, CaptionDataset, FiBDataset, MCQADataset,
                                      MissingVideoError, MixedDataset, OEQADataset, PretrainDataset, RetrievalDataset,
                                      VideoDataset, build_retrieval_eval, collate)
-from violet_ds.data.frames import FrameDecodeError, encode_b64_jpeg
+from violet_ds.data.frames import FrameDecodeError
 from violet_ds.data.sampler import ResumableDistributedSampler
 from violet_ds.data.tokenizer import Tokenizer
 from violet_ds.data.tsv import TSVFile, TSVWriter

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from violet_ds.data.extract import (ExtractOptions, extract_frames, extract_images, fps_indices, list_inputs,
                                     official_indices, read_video_frames, run_extraction)

@@ -224,5 +224,5 @@ def test_row_without_frames_and_without_image_columns(tmp_path):
     with pytest.raises(TSVError, match=r"n.tsv: row 0 \('only_id'\) has no frame columns"):
         tsv.frames(0)
     with pytest.raises(TSVError, match="no column looks like a base64 JPEG"):
-        TSVFile(path).frame_column
+        _ = TSVFile(path).frame_column
     assert "no column looks like" in validate_tsv(path, progress=False)["error"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import glob
 import json
 import multiprocessing
-import os
 import re
 import sys
 import time

@@ -240,7 +240,7 @@ class TSVFile:
         if self._keys is None:
             keys = []
             handle = self._file()
-            for row, start in enumerate(self._offsets.tolist()):
+            for start in self._offsets.tolist():
                 handle.seek(start)
                 head = handle.read(256)
                 while b"\t" not in head and b"\n" not in head:
