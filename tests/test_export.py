@@ -1,0 +1,56 @@
+"""`violet-ds export`: a ZeRO-2 checkpoint -> fp32 safetensors that create_model and init_from load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, safe_open
+
+from engine_support import make_small_demo, run_cli, tiny_config, write_config
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    demo = make_small_demo(root)
+    config = write_config(tiny_config(demo, root, "exp", run__max_steps=2, run__save_every=0,
+                                      run__log_sample_indices=False), root / "run.yaml")
+    run_cli(config)
+    return root / "exp"
+
+
+def test_export_then_create_model_and_init_from(trained_run, tmp_path):
+    from violet_ds.cli import main
+    from violet_ds.config import TaskConfig
+    from violet_ds.data.tokenizer import Tokenizer
+    from violet_ds.engine.export import deepspeed_fp32_state_dict
+    from violet_ds.engine.run import load_init_weights
+    from violet_ds.models import create_model
+    from violet_ds.tasks import create_task
+
+    out = tmp_path / "weights.safetensors"
+    main(["export", "--checkpoint", str(trained_run), "--output", str(out)])
+    state = load_file(str(out))
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    assert any(k.startswith("heads.mvm.") for k in state) and any(k.startswith("model.video_backbone.") for k in state)
+    with safe_open(str(out), "pt") as handle:
+        assert handle.metadata()["model_name"] == "violet-tiny"
+    # the fp32 master weights, not the bf16 copies: equal to zero_to_fp32's consolidation
+    master = deepspeed_fp32_state_dict(trained_run)
+    assert all(torch.equal(state[k], master[k]) for k in master)
+
+    model = create_model("violet-tiny", weights=str(out), vocab_size=384, max_frames=4)
+    backbone = model.state_dict()
+    assert all(torch.equal(backbone[k], state["model." + k]) for k in backbone)
+    # and it differs from a fresh initialisation (training happened)
+    fresh = create_model("violet-tiny", vocab_size=384, max_frames=4).state_dict()
+    assert any(not torch.equal(fresh[k], backbone[k]) for k in backbone if fresh[k].is_floating_point())
+
+    tokenizer = Tokenizer(trained_run.parent / "demo" / "tokenizer")
+    task = create_task("pretrain", create_model("violet-tiny", vocab_size=384, max_frames=4), TaskConfig(), tokenizer)
+    report = load_init_weights(task, str(out))
+    assert report["missing"] == [] and report["unused"] == [] and report["shape_mismatch"] == []
+    assert torch.equal(task.state_dict()["heads.mvm.proj.weight"], state["heads.mvm.proj.weight"])
+    # a run directory is accepted directly as init_from
+    report = load_init_weights(task, str(trained_run))
+    assert report["missing"] == []
