@@ -1,0 +1,262 @@
+"""Helpers shared by the downstream tasks: option validation, video/text plumbing, [MASK] answers.
+
+Downstream tasks come in two head styles (`TaskConfig.head_style`):
+- "head": VIOLET / VIOLETv2 task heads on the pooled text-[CLS] output (`heads.score` with one
+  output for matching / multiple choice / retrieval, `heads.answer` over the answer vocabulary);
+- "mlm": LAVENDER's unified interface: a [MASK] is placed after the text and the answer is read
+  from the MLM head there (an answer word, or "true"/"false" for matching-style tasks).
+
+Every helper works on whole batches with tensor operations; nothing loops over tokens or frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from violet_ds.data.frames import normalize
+
+IGNORE_INDEX = -100
+
+
+def parse_options(task_name: str, options: Mapping[str, Any], defaults: Mapping[str, Any]) -> Dict[str, Any]:
+    """`defaults` updated by `options`; an unknown key is an error that names it and the known ones."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"task {task_name!r}: unknown task.options key(s) {unknown}; "
+                         f"known: {sorted(defaults)}")
+    merged = dict(defaults)
+    merged.update(options)
+    return merged
+
+
+def word_id(tokenizer, word: str, purpose: str) -> int:
+    """Vocabulary id of a word that must be one word piece (e.g. "true" / "false" answers)."""
+    token = tokenizer.token_id(word)
+    if token < 0:
+        raise ValueError(f"{purpose}: the word {word!r} is not a single word piece of tokenizer "
+                         f"{getattr(tokenizer, 'path', tokenizer)}")
+    return token
+
+
+def device_of(module: nn.Module) -> torch.device:
+    for param in module.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def dtype_of(module: nn.Module) -> torch.dtype:
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+# ---------------------------------------------------------------------------------------- video
+def encode_video(model: nn.Module, video: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (or float) video -> (video_tokens `(B, Nv, D)`, video_mask long `(B, Nv)`).
+
+    `video` is `(B, T, 3, H, W)`, or `(B, C, T, 3, H, W)` for multi-clip testing: the C clips are
+    encoded separately and their encoder outputs averaged (one forward through the cross-modal part
+    afterwards, as in the official multi-clip evaluation).
+    """
+    param = next(model.parameters())
+    video = video.to(param.device, non_blocking=True)
+    clips = 1
+    if video.dim() == 6:
+        batch, clips = video.shape[:2]
+        video = video.flatten(0, 1)
+    elif video.dim() != 5:
+        raise ValueError(f"video must be (B,T,3,H,W) or (B,clips,T,3,H,W), got {tuple(video.shape)}")
+    tokens = model.encode_video(normalize(video, dtype=param.dtype))
+    if clips > 1:
+        tokens = tokens.view(batch, clips, *tokens.shape[1:]).mean(dim=1)
+    mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+    return tokens, mask
+
+
+def fuse_pairs(model: nn.Module, video_tokens: torch.Tensor, video_mask: torch.Tensor,
+               text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """Cross-modal hidden states `(B, Nv+L, D)` of already-encoded videos with texts (row-aligned)."""
+    text_embeds = model.embed_text(text_ids)
+    return model.fuse(video_tokens, video_mask, text_embeds, text_mask)
+
+
+def pooled_of(hidden: torch.Tensor, num_video_tokens: int) -> torch.Tensor:
+    """The text [CLS] output (index Nv: video tokens come first)."""
+    return hidden[:, num_video_tokens]
+
+
+def repeat_rows(tensor: torch.Tensor, times: int) -> torch.Tensor:
+    """`(B, ...)` -> `(B*times, ...)` with each row repeated `times` times consecutively."""
+    return tensor.repeat_interleave(times, dim=0)
+
+
+# ----------------------------------------------------------------------------------- text / [MASK]
+@dataclass
+class SpecialIds:
+    cls: int
+    sep: int
+    pad: int
+    mask: int
+
+    @classmethod
+    def of(cls, tokenizer) -> "SpecialIds":
+        return cls(tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id)
+
+
+def append_answer_mask(text_ids: torch.Tensor, text_mask: torch.Tensor, special: SpecialIds
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`[CLS] text [SEP] [PAD]*` -> `[CLS] text [SEP] [MASK] [SEP] [PAD]*` (LAVENDER answer slot).
+
+    When the row is full, the end of the text is cut to make room, so the [MASK] is always present.
+    Returns (ids, mask, mask_position `(B,)`). Works on `(..., L)` inputs.
+    """
+    shape = text_ids.shape
+    ids = text_ids.reshape(-1, shape[-1]).clone()
+    mask = text_mask.reshape(-1, shape[-1])
+    max_len = ids.shape[1]
+    if max_len < 4:
+        raise ValueError(f"max_text_len {max_len} leaves no room for `[CLS] x [SEP] [MASK] [SEP]`")
+    lengths = mask.sum(dim=1).clamp(min=2)
+    new_len = (lengths + 2).clamp(max=max_len)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    ids[rows, new_len - 3] = special.sep
+    ids[rows, new_len - 2] = special.mask
+    ids[rows, new_len - 1] = special.sep
+    positions = torch.arange(max_len, device=ids.device)[None, :]
+    new_mask = (positions < new_len[:, None]).long()
+    ids = torch.where(new_mask.bool(), ids, torch.full_like(ids, special.pad))
+    return ids.view(shape), new_mask.view(shape), (new_len - 2).view(shape[:-1])
+
+
+def first_mask_position(text_ids: torch.Tensor, text_mask: torch.Tensor, mask_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(position of the first [MASK] in each row, whether the row has one) — fill-in-the-blank
+    datasets put the [MASK] at the blank already."""
+    is_mask = (text_ids == mask_id) & text_mask.bool()
+    return is_mask.long().argmax(dim=1), is_mask.any(dim=1)
+
+
+def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """hidden `(B, N, D)`, positions `(B,)` -> `(B, D)`."""
+    index = positions.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+    return hidden.gather(1, index).squeeze(1)
+
+
+def true_false_logits(mlm_logits: torch.Tensor, true_id: int, false_id: int) -> torch.Tensor:
+    """Matching score from MLM logits at [MASK]: log p(true) - log p(false) under the two-way softmax.
+
+    This is the log-odds of the proper softmax over {true, false} (monotone in p(true)), which keeps
+    full resolution for ranking where p(true) itself would saturate at 1.0 in low precision.
+    """
+    return mlm_logits[..., true_id].float() - mlm_logits[..., false_id].float()
+
+
+# ---------------------------------------------------------------------------------- evaluation I/O
+def gather_objects(items: List[Any], world) -> List[Any]:
+    """Concatenate per-rank lists on every rank (identity when not distributed)."""
+    if world is None or not getattr(world, "distributed", False):
+        return list(items)
+    import torch.distributed as dist
+
+    out: List[Optional[List[Any]]] = [None] * world.world_size
+    dist.all_gather_object(out, list(items))
+    return [item for part in out for item in (part or [])]
+
+
+def gather_step_outputs(outputs: Sequence[Mapping[str, Any]], world) -> Dict[str, Any]:
+    """Merge per-step outputs across ranks, deduplicated by `index` (the engine's gathering)."""
+    from violet_ds.engine.distributed import World
+    from violet_ds.engine.evaluator import gather_outputs
+
+    return gather_outputs(outputs, world if world is not None else World())
+
+
+def cross_entropy_or_zero(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy ignoring IGNORE_INDEX; an all-ignored batch gives a zero that keeps the graph."""
+    valid = targets != IGNORE_INDEX
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+
+
+def chunks(total: int, size: int) -> Iterable[Tuple[int, int]]:
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
+
+
+# ------------------------------------------------------------------------------------- base class
+class DownstreamTask(nn.Module):
+    """Common state of the finetuning tasks: backbone, heads, options, special ids, head style.
+
+    Subclasses set `option_defaults` (their `task.options` keys) and build their heads.
+    """
+
+    option_defaults: Dict[str, Any] = {}
+    head_styles: Tuple[str, ...] = ("head", "mlm")
+
+    def __init__(self, model: nn.Module, cfg, tokenizer):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.task_name = cfg.name
+        if cfg.head_style not in self.head_styles:
+            raise ValueError(f"task {cfg.name!r} supports head_style {list(self.head_styles)}, "
+                             f"not {cfg.head_style!r}")
+        self.head_style = cfg.head_style
+        self.options = parse_options(cfg.name, cfg.options, self.option_defaults)
+        self.special = SpecialIds.of(tokenizer)
+        self.heads = nn.ModuleDict()
+        self.last_predictions: List[Dict[str, Any]] = []
+
+    # ---- heads
+    def _mlm_head(self) -> nn.Module:
+        from violet_ds.models.heads import MLMHead
+
+        tie = bool(getattr(self.model, "tie_mlm_head", False))
+        vocab = getattr(self.model, "vocab_size", None) or self.tokenizer.vocab_size
+        if self.tokenizer.vocab_size > vocab:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} entries but the model's text vocabulary "
+                             f"only {vocab}")
+        return MLMHead(self.model.hidden_size, vocab, tie_to=self.model.word_embeddings if tie else None)
+
+    def _score_head(self, out: int = 1) -> nn.Module:
+        from violet_ds.models.heads import ScoreHead
+
+        return ScoreHead(self.model.hidden_size, out)
+
+    def _true_false_ids(self) -> Tuple[int, int]:
+        return (word_id(self.tokenizer, "true", f"task {self.task_name} (head_style mlm)"),
+                word_id(self.tokenizer, "false", f"task {self.task_name} (head_style mlm)"))
+
+    # ---- pair scoring shared by matching-style tasks (MC options, retrieval, zero-shot VTM)
+    def match_scores(self, video_tokens: torch.Tensor, video_mask: torch.Tensor, text_ids: torch.Tensor,
+                     text_mask: torch.Tensor) -> torch.Tensor:
+        """Row-aligned pairs -> matching logits `(N,)`: score head on pooled, or true/false log-odds at [MASK]."""
+        if self.head_style == "mlm":
+            ids, mask, position = append_answer_mask(text_ids, text_mask, self.special)
+            hidden = fuse_pairs(self.model, video_tokens, video_mask, ids, mask)
+            logits = self.heads["mlm"](gather_positions(hidden, position + video_tokens.shape[1]))
+            return true_false_logits(logits, self.true_id, self.false_id)
+        hidden = fuse_pairs(self.model, video_tokens, video_mask, text_ids, text_mask)
+        return self.heads["score"](pooled_of(hidden, video_tokens.shape[1])).squeeze(-1).float()
+
+    def match_mlm_loss(self, video_tokens: torch.Tensor, video_mask: torch.Tensor, text_ids: torch.Tensor,
+                       text_mask: torch.Tensor, is_match: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """LAVENDER matching loss: MLM cross-entropy over the whole vocabulary at [MASK] towards the word
+        "true" (matching pair) or "false". Returns (loss, true/false log-odds `(N,)`)."""
+        ids, mask, position = append_answer_mask(text_ids, text_mask, self.special)
+        hidden = fuse_pairs(self.model, video_tokens, video_mask, ids, mask)
+        logits = self.heads["mlm"](gather_positions(hidden, position + video_tokens.shape[1])).float()
+        target = torch.where(is_match.bool(), torch.full_like(is_match, self.true_id, dtype=torch.long),
+                             torch.full_like(is_match, self.false_id, dtype=torch.long))
+        return F.cross_entropy(logits, target), true_false_logits(logits, self.true_id, self.false_id)
+
+    def predictions(self) -> List[Dict[str, Any]]:
+        """Per-sample predictions of the last `evaluate_end` / `evaluate_full` (for predictions.jsonl)."""
+        return list(self.last_predictions)

@@ -1,0 +1,106 @@
+"""Zero-shot evaluation: a downstream task answered by the pretraining heads, with no finetuning.
+
+`violet-ds evaluate --task.name zero_shot --task.options '{task: retrieval}' --run.init_from <pretraining run>`
+
+- LAVENDER (`head_style: mlm`): every task through the pretrained MLM head: retrieval and multiple
+  choice as "true"/"false" at [MASK] (the VTM-as-MLM of pretraining), open-ended QA / fill-in-the-blank /
+  action classification as the answer word at [MASK], captioning by [MASK] decoding.
+- VIOLET / VIOLETv2 (`head_style: head`): retrieval and multiple choice through the pretrained VTM
+  score head (`heads.score`); tasks that need a new classifier (open-ended QA with an answer head,
+  action classification) have no zero-shot form in this style and are refused.
+
+The wrapped task is built exactly as for finetuning (same datasets, metrics and predictions); its
+model and heads are registered here under the same names (`model.*`, `heads.*`), so the pretraining
+checkpoint's weights land in them. Evaluating heads the checkpoint did not provide would score random
+weights: that is an error naming the heads.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Dict, List
+
+from torch import nn
+
+from violet_ds.registry import TASKS
+from violet_ds.tasks.common import parse_options
+
+ZERO_SHOT_STYLES = {"retrieval": ("head", "mlm"), "qa_mc": ("head", "mlm"), "qa_oe": ("mlm",),
+                    "caption": ("mlm",), "action_cls": ("mlm",)}
+
+
+@TASKS.register("zero_shot")
+class ZeroShot(nn.Module):
+    """Evaluation-only wrapper of a downstream task with pretrained heads."""
+
+    option_defaults: Dict[str, Any] = {"task": None, "task_options": {}}
+
+    def __init__(self, model: nn.Module, cfg, tokenizer):
+        super().__init__()
+        self.options = parse_options(cfg.name, cfg.options, self.option_defaults)
+        inner_name = self.options["task"]
+        if inner_name not in ZERO_SHOT_STYLES:
+            raise ValueError(f"task zero_shot: options.task must be one of {sorted(ZERO_SHOT_STYLES)}, got {inner_name!r}")
+        if cfg.head_style not in ZERO_SHOT_STYLES[inner_name]:
+            raise ValueError(f"task zero_shot: {inner_name} has no zero-shot form with head_style {cfg.head_style!r} "
+                             f"(a new head would be random); use {ZERO_SHOT_STYLES[inner_name]}")
+        inner_cfg = dataclasses.replace(cfg, name=inner_name, options=copy.deepcopy(self.options["task_options"]))
+        inner = TASKS.create(inner_name, model=model, cfg=inner_cfg, tokenizer=tokenizer)
+        self.model = inner.model
+        self.heads = inner.heads
+        object.__setattr__(self, "inner", inner)
+        self.dataset_kind = getattr(inner, "dataset_kind", inner_name)
+        self.loaded_heads: set = set()
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for name, buffer in self.inner._buffers.items():
+            if buffer is not None:
+                self.inner._buffers[name] = fn(buffer)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.inner.training = mode
+        return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # remember which head weights came from the checkpoint: the others would be random
+        self.loaded_heads |= {key for key in state_dict if key.startswith("heads.")}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def missing_heads(self) -> List[str]:
+        """Head parameters the loaded checkpoint did not provide."""
+        return sorted(key for key in self.state_dict() if key.startswith("heads.") and key not in self.loaded_heads)
+
+    def _check_heads(self) -> None:
+        missing = self.missing_heads()
+        if missing:
+            raise ValueError(f"zero-shot {self.options['task']}: the weights given (run.init_from) have no "
+                             f"{missing[:6]}; zero-shot evaluation needs the pretraining heads "
+                             f"({'LAVENDER MLM head' if 'heads.mlm' in ' '.join(missing) else 'VTM score head'})")
+
+    def forward(self, batch: Dict[str, Any]):
+        raise RuntimeError("task zero_shot only evaluates (violet-ds evaluate); finetune with the task itself")
+
+    def build_datasets(self, data_cfg, tokenizer, split: str) -> Dict[str, Any]:
+        hook = getattr(self.inner, "build_datasets", None)
+        return hook(data_cfg, tokenizer, split) if hook is not None else {}
+
+    def evaluate_full(self, loaders: Dict[str, Any], world) -> Dict[str, float]:
+        self._check_heads()
+        if hasattr(self.inner, "evaluate_full"):
+            return self.inner.evaluate_full(loaders, world)
+        from violet_ds.engine.evaluator import to_device
+
+        device = next(self.model.parameters()).device
+        metrics: Dict[str, float] = {}
+        for position, (name, loader) in enumerate(loaders.items()):
+            outputs = [self.inner.evaluate_step(to_device(batch, device)) for batch in loader]
+            prefix = "" if position == 0 else f"{name}/"
+            metrics.update({f"{prefix}{k}": float(v) for k, v in self.inner.evaluate_end(outputs, world).items()})
+        return metrics
+
+    def predictions(self) -> List[Dict[str, Any]]:
+        return self.inner.predictions()
