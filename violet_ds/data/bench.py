@@ -56,6 +56,22 @@ def time_decoder(frames: list[str], decoder: str, repeats: int = 5) -> float:
     return best
 
 
+def time_extraction(video: Path, num_frames: int, repeats: int = 2) -> dict:
+    """Seconds to extract `num_frames` frames of one video with and without seeking (best of repeats)."""
+    from violet_ds.data.extract import read_video_frames
+
+    timings, outputs = {}, {}
+    for seek in (True, False):
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            outputs[seek] = read_video_frames(video, num_frames, short_side=224, seek=seek)
+            best = min(best, time.perf_counter() - started)
+        timings["seek_s" if seek else "full_decode_s"] = best
+    timings["identical"] = all(np.array_equal(a, b) for a, b in zip(outputs[True], outputs[False]))
+    return timings
+
+
 def time_loader(tsv: str, decoder: str, num_frames: int, size: int, batch_size: int, workers: int,
                 batches: int, pin_memory: bool, train: bool) -> float:
     """Clips per second through Dataset + DataLoader (after two warm-up batches)."""
@@ -82,7 +98,8 @@ def time_loader(tsv: str, decoder: str, num_frames: int, size: int, batch_size: 
 
 def bench_data(tsv: Optional[str] = None, num_frames: int = 5, size: int = 224, batch_size: int = 8,
                workers: int = 2, batches: int = 16, decoders: Optional[list[str]] = None,
-               train: bool = True, synthetic_rows: int = 64, out: Optional[str] = None) -> int:
+               train: bool = True, synthetic_rows: int = 64, video: Optional[str] = None,
+               out: Optional[str] = None) -> int:
     """Data-loader throughput in clips/s for each JPEG decoder (real Dataset + DataLoader).
 
     Args:
@@ -95,6 +112,7 @@ def bench_data(tsv: Optional[str] = None, num_frames: int = 5, size: int = 224, 
         decoders: decoders to compare (default: every installed one of simplejpeg, torchvision, pillow).
         train: training transforms (random temporal offset + random crop) instead of eval ones.
         synthetic_rows: rows (videos of 8 frames) of the synthetic TSV when no --tsv is given.
+        video: also time frame extraction from this video file, seeking vs decoding straight through.
         out: also write the results as JSON to this file.
     """
     from violet_ds.data.frames import available_decoders, resolve_decoder
@@ -122,6 +140,11 @@ def bench_data(tsv: Optional[str] = None, num_frames: int = 5, size: int = 224, 
             print(f"{name:12s} decode {decode_fps:8.1f} frames/s (1 process)   loader {clips_per_s:7.1f} clips/s "
                   f"({num_frames}x{size}x{size}, {workers} workers, batch {batch_size})", flush=True)
     print(f"source: {source}; default decoder (auto): {results['default_decoder']}")
+    if video:
+        results["extraction"] = time_extraction(Path(video), num_frames)
+        timing = results["extraction"]
+        print(f"extraction of {num_frames} frames from {video}: seek {timing['seek_s']:.3f}s, "
+              f"full decode {timing['full_decode_s']:.3f}s, identical frames: {timing['identical']}")
     if out:
         Path(out).write_text(json.dumps(results, indent=1))
     return 0
