@@ -14,6 +14,7 @@ shared machine other load only ever slows a call down.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +48,11 @@ def write_random_teacher(name: str, root: Path) -> Dict[str, Any]:
     if name == "depth":
         from transformers import DPTConfig, DPTForDepthEstimation
 
-        DPTForDepthEstimation(DPTConfig()).save_pretrained(root / "dpt-large")  # defaults = DPT-Large
+        # Intel/dpt-large (MiDaS DPT-Large): ViT-L/16 at 384, hooks after layers 5/11/17/23
+        config = DPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                           image_size=384, patch_size=16, backbone_out_indices=[5, 11, 17, 23],
+                           neck_hidden_sizes=[256, 512, 1024, 1024], fusion_hidden_size=256)
+        DPTForDepthEstimation(config).save_pretrained(root / "dpt-large")
         return {"model_dir": str(root / "dpt-large")}
     if name == "2d_feature":
         from transformers import SwinConfig, SwinModel
@@ -144,7 +149,9 @@ def bench_targets(
         print(f"{name:20s} {row['kind']:8s} {row['teacher_params_m']:8.2f}M {row['ms_per_clip']:10.1f} ms/clip",
               flush=True)
         del target
-    result = {"device": str(device), "dtype": str(torch_dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+    # the machine's load average: on a shared host it says how much the numbers are inflated
+    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    result = {"device": str(device), "load_average": load, "dtype": str(torch_dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
               "num_frames": num_frames, "size": size, "batch_size": batch_size, "repeats": repeats,
               "weights": "given" if weights else "random", "results": rows}
     header = f"| target | kind | teacher params (M) | ms / clip ({num_frames}x{size}px) | clips/s |"
