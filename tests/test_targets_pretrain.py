@@ -133,3 +133,54 @@ def test_pretraining_step_with_weighted_mix_and_pre_extracted_vq(batch, bert_dir
     assert {"loss_mvm_hog", "loss_mvm_vq", "loss_mvm_2d_feature"} <= set(out)
     expected = 0.5 * out["loss_mvm_hog"] + out["loss_mvm_vq"] + 2.0 * out["loss_mvm_2d_feature"]
     assert torch.allclose(out["loss_mvm"], expected, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_pretraining_checkpoint_holds_no_teacher(tmp_path):
+    """`violet-ds pretrain` with a 2D Swin teacher: DeepSpeed checkpoints carry no teacher tensors."""
+    from engine_support import latest_tag, make_small_demo, run_cli, tiny_config, write_config
+
+    demo = make_small_demo(tmp_path)
+    options = make_teacher("2d_feature", tmp_path)
+    config = tiny_config(demo, tmp_path / "runs", "teacher", run__max_steps=2, run__save_every=2)
+    config["task"].update(mvm_targets={"2d_feature": 1.0}, target_options={"2d_feature": options})
+    run_cli(write_config(config, tmp_path / "run.yaml"), timeout=600)
+    run_dir = tmp_path / "runs" / "teacher"
+    tag = latest_tag(run_dir)
+    assert tag is not None
+    files = sorted((run_dir / "checkpoints" / tag).rglob("*.pt"))
+    assert files
+    from safetensors.torch import load_file
+
+    teacher_shapes = {tuple(v.shape) for v in load_file(str(tmp_path / "swin" / "model.safetensors")).values()}
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    optimizer_names = set()
+    for path in files:
+        # DeepSpeed pickles a few of its own plain classes next to the tensors: allow exactly those
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+
+        def walk(obj, where=""):
+            if isinstance(obj, dict):
+                for key, value in obj.items():
+                    assert "swin.embeddings" not in str(key) and "feature_model" not in str(key), f"{path}: {where}{key}"
+                    walk(value, f"{where}{key}.")
+            elif isinstance(obj, (list, tuple)):
+                for value in obj:
+                    walk(value, where)
+
+        walk(state)
+        # the optimizer's parameters, by name: only the task's own
+        for group in state.get("param_shapes", []) if isinstance(state, dict) else []:
+            assert all(name.startswith(("model.", "heads.")) for name in group), path
+            optimizer_names.update(group)
+        module = state.get("module") if isinstance(state, dict) else None
+        if module:
+            assert all(k.startswith(("model.", "heads.")) for k in module), path
+            # the tiny Swin's patch embedding (16, 3, 4, 4) has no twin among the task's tensors
+            assert (16, 3, 4, 4) in teacher_shapes
+            assert all(tuple(v.shape) != (16, 3, 4, 4) for v in module.values())
+    assert any(name.startswith("heads.mvm") for name in optimizer_names)
