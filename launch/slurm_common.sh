@@ -6,6 +6,9 @@
 #   LAUNCHER=deepspeed   one srun task per node running the DeepSpeed launcher over a hostfile built
 #                        from the allocation (launch/make_hostfile.sh); `--no_ssh`, so no pdsh/ssh needed
 #   VIOLET_DS_ROOT       repository checkout (default: the directory sbatch was called from)
+#   VIOLET_DS_WORKDIR    directory the run starts in, against which relative paths of the config
+#                        resolve (default: the job's working directory, i.e. sbatch --chdir or the
+#                        directory sbatch was called from)
 #   VIOLET_DS_PYTHON     interpreter with violet_ds installed (default: python3)
 #   VIOLET_DS_NO_REQUEUE=1  never requeue (e.g. for debugging a preemption)
 
@@ -16,7 +19,9 @@ violet_ds_slurm_run() {
     shift
     local root="${VIOLET_DS_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
     local python="${VIOLET_DS_PYTHON:-python3}"
-    cd "$root" || { echo "cannot cd to $root" >&2; return 1; }
+    # the job's working directory (sbatch --chdir, else where sbatch was called)
+    local workdir="${VIOLET_DS_WORKDIR:-$PWD}"
+    cd "$workdir" || { echo "cannot cd to $workdir" >&2; return 1; }
     export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
     # DeepSpeed and torch threads: one rank per GPU must not oversubscribe the node's cores
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
@@ -53,18 +58,18 @@ PY
 )" || { rm -f "$resolved"; return 2; }
     mkdir -p "$run_dir"
     cp "$resolved" "$run_dir/slurm-${SLURM_JOB_ID:-local}-${SLURM_RESTART_COUNT:-0}.yaml"
-    violet_ds_log "run directory: $root/$run_dir"
+    violet_ds_log "run directory: $(cd "$run_dir" && pwd)"
     violet_ds_log "resolved configuration:"
     sed 's/^/    /' "$resolved"
     rm -f "$resolved"
 
-    export VIOLET_DS_PREEMPT_MARKER="$root/$run_dir/.preempted-${SLURM_JOB_ID:-local}"
+    export VIOLET_DS_PREEMPT_MARKER="$(cd "$run_dir" && pwd)/.preempted-${SLURM_JOB_ID:-local}"
     rm -f "$VIOLET_DS_PREEMPT_MARKER"
 
     local task="$root/launch/srun_task.sh"
     local step=()
     if [ "${LAUNCHER:-srun}" = deepspeed ]; then
-        local hostfile="$root/$run_dir/hostfile-${SLURM_JOB_ID:-local}"
+        local hostfile="$(cd "$run_dir" && pwd)/hostfile-${SLURM_JOB_ID:-local}"
         bash "$root/launch/make_hostfile.sh" "$hostfile"
         local master_addr master_port
         read -r master_addr master_port < <("$python" -m violet_ds.engine.distributed master)

@@ -114,3 +114,49 @@ def test_single_process_reraises():
     with pytest.raises(RuntimeError, match="plain"):
         with rank_guard():
             raise RuntimeError("plain")
+
+
+WORKER_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+    from violet_ds.engine.guard import ignore_preemption_signals
+
+    class Slow(Dataset):
+        def __len__(self):
+            return 64
+        def __getitem__(self, index):
+            time.sleep(0.05)
+            return torch.tensor([index])
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda number, frame: stop.append(number))
+    init = ignore_preemption_signals if sys.argv[1] == "ignore" else None
+    loader = DataLoader(Slow(), batch_size=4, num_workers=1, worker_init_fn=init)
+    seen = 0
+    for batch in loader:
+        seen += len(batch)
+        if seen == 8:
+            # what SLURM does on preemption: every process of the step gets SIGTERM
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+        if stop and seen >= 24:
+            break
+    print(f"survived seen={seen} stop={bool(stop)}", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["ignore", "default"])
+def test_dataloader_workers_survive_a_step_wide_sigterm(tmp_path, mode):
+    script = tmp_path / "workers.py"
+    script.write_text(WORKER_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    # its own process group, so the group-wide signal reaches only this test's processes
+    result = subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True, text=True,
+                            timeout=JOB_LIMIT_S, start_new_session=True)
+    if mode == "ignore":
+        assert result.returncode == 0 and "survived seen=24 stop=True" in result.stdout, result.stderr[-2000:]
+    else:
+        # the hazard the worker_init_fn exists for: PyTorch's worker dies and the step fails
+        assert result.returncode != 0 and "DataLoader worker" in result.stderr, result.stdout + result.stderr[-2000:]

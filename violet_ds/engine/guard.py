@@ -134,6 +134,21 @@ def rank_guard(stream=None) -> Iterator[None]:
         destroy_process_group()
 
 
+def ignore_preemption_signals(worker_id: int = 0) -> None:
+    """`worker_init_fn` for DataLoaders: a worker ignores SIGTERM/SIGUSR1 and leaves stopping to its parent.
+
+    SLURM signals every process of a job step, DataLoader workers included, and PyTorch's worker
+    handler re-raises a SIGTERM that does not come from the parent: the worker dies, the main process
+    raises "DataLoader worker ... is killed by signal: Terminated" in the middle of the step, and the
+    preemption checkpoint is never written. An ignoring worker keeps serving batches until the trainer
+    has saved; it still exits when the loader shuts down and when its parent dies (PyTorch's watchdog).
+    """
+    for name in ("SIGTERM", "SIGUSR1"):
+        number = getattr(signal, name, None)
+        if number is not None:
+            signal.signal(number, signal.SIG_IGN)
+
+
 def guarded(func: Callable[..., T]) -> Callable[..., T]:
     """Decorator form of `rank_guard` for a command function."""
 
