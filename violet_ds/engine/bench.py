@@ -1,0 +1,183 @@
+"""`violet-ds bench train`: time of one training step (forward + backward + optimizer step) through the real
+DeepSpeed ZeRO-2 engine and the pretraining task, with activation checkpointing off and on.
+
+Each configuration runs in a fresh process, so its peak memory is its own (CUDA allocator peak on GPU,
+peak RSS on CPU). Model FLOPs per step are counted by torch's FlopCounterMode over one forward+backward
+(matmuls/convolutions/attention, the attended-masking pass included; recomputation under
+checkpointing is counted too, so compare "model FLOPs" with checkpointing off).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+
+def _synthetic_batch(batch_size: int, frames: int, image_size: int, text_len: int, tokenizer, seed: int = 0) -> dict:
+    """Random clips and texts of the real layout (uint8 video, `[CLS] ... [SEP] [PAD]*`)."""
+    generator = torch.Generator().manual_seed(seed)
+    video = torch.randint(0, 256, (batch_size, frames, 3, image_size, image_size), dtype=torch.uint8,
+                          generator=generator)
+    special = torch.tensor(tokenizer.special_ids)
+    ids = torch.randint(0, tokenizer.vocab_size, (batch_size, text_len), generator=generator)
+    # replace special ids drawn by chance with [UNK]-free ordinary tokens
+    ids = torch.where(torch.isin(ids, special), torch.full_like(ids, tokenizer.vocab_size - 1), ids)
+    lengths = torch.randint(text_len // 2, text_len + 1, (batch_size,), generator=generator)
+    positions = torch.arange(text_len)[None]
+    mask = (positions < lengths[:, None]).long()
+    ids[:, 0] = tokenizer.cls_id
+    ids[torch.arange(batch_size), lengths - 1] = tokenizer.sep_id
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, tokenizer.pad_id))
+    return {"video": video, "text_ids": ids, "text_mask": mask, "index": torch.arange(batch_size)}
+
+
+def _measure(spec: dict) -> dict:
+    """One configuration, in this process: build, warm up, time `steps` steps, count FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from violet_ds.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, TaskConfig
+    from violet_ds.data.tokenizer import load_tokenizer
+    from violet_ds.engine import deepspeed_engine as dse
+    from violet_ds.engine.evaluator import to_device
+    from violet_ds.engine.logging import memory_mb
+    from violet_ds.engine.run import build_model, seed_everything, setup_world
+    from violet_ds.tasks import create_task
+
+    torch.set_num_threads(spec["threads"])
+    engine_cfg = EngineConfig(ds_config=spec["ds_config"], precision=spec["precision"])
+    world = setup_world(engine_cfg)
+    seed_everything(0)
+    tokenizer = load_tokenizer(spec["tokenizer"])
+    model_cfg = ModelConfig(name=spec["model"], grad_checkpointing=spec["checkpointing"],
+                            overrides={"vocab_size": max(tokenizer.vocab_size, 8), "max_frames": max(spec["frames"], 4)})
+    model = build_model(model_cfg, tokenizer)
+    task_cfg = TaskConfig(name="pretrain", mvm_targets={"pixel": 1.0}, mvm_strategies=spec["strategies"])
+    task = create_task("pretrain", model, task_cfg, tokenizer)
+    if world.device.type == "cuda":
+        task.to(world.device)
+    data_cfg = DataConfig(batch_size=spec["batch_size"])
+    ds_config = dse.resolve_ds_config(engine_cfg, OptimConfig(), data_cfg, world)
+    engine, _, _, groups = dse.initialize(task, ds_config, OptimConfig(warmup_steps=0, schedule="constant"),
+                                          total_steps=10_000, world=world)
+    batch = to_device(_synthetic_batch(spec["batch_size"], spec["frames"], spec["image_size"], spec["text_len"],
+                                       tokenizer), world.device)
+
+    def step() -> None:
+        loss = engine(batch)["loss"]
+        engine.backward(loss)
+        engine.step()
+
+    def sync() -> None:
+        if world.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(spec["warmup"]):
+        step()
+    sync()
+    if world.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(spec["steps"]):
+        started = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - started)
+    peak = memory_mb(world.device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = engine(batch)["loss"]
+        engine.backward(loss)
+    engine.step()
+    flops = counter.get_total_flops()
+    times.sort()
+    median = times[len(times) // 2]
+    return {
+        "model": spec["model"], "batch_size": spec["batch_size"], "frames": spec["frames"],
+        "image_size": spec["image_size"], "text_len": spec["text_len"], "checkpointing": spec["checkpointing"],
+        "precision": dse.precision_of(ds_config), "device": str(world.device),
+        "device_name": torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else "cpu",
+        "threads": spec["threads"], "params_m": sum(g["num_params"] for g in groups) / 1e6,
+        "step_s_median": median, "step_s_min": times[0], "samples_per_s": spec["batch_size"] / median,
+        "peak_memory_mb": peak, "gflops_per_step": flops / 1e9,
+        "achieved_tflops": flops / median / 1e12, "steps": spec["steps"],
+    }
+
+
+def _child(spec: dict, queue) -> None:
+    try:
+        queue.put(("ok", _measure(spec)))
+    except Exception as error:  # reported by the parent with the configuration that failed
+        import traceback
+
+        queue.put(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+
+
+def _table(rows: List[dict]) -> str:
+    header = (f"{'model':<12} {'batch':>5} {'frames':>6} {'size':>5} {'ckpt':>5} {'prec':>5} {'params M':>9} "
+              f"{'step s':>8} {'samples/s':>10} {'peak MB':>9} {'GFLOP/step':>11} {'TFLOP/s':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['model']:<12} {r['batch_size']:>5} {r['frames']:>6} {r['image_size']:>5} "
+                     f"{'on' if r['checkpointing'] else 'off':>5} {r['precision']:>5} {r['params_m']:>9.2f} "
+                     f"{r['step_s_median']:>8.3f} {r['samples_per_s']:>10.2f} {r['peak_memory_mb']:>9.0f} "
+                     f"{r['gflops_per_step']:>11.1f} {r['achieved_tflops']:>8.3f}")
+    return "\n".join(lines)
+
+
+def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames: int = 4, image_size: int = 224,
+                text_len: int = 32, checkpointing: List[bool] = [False, True], steps: int = 3, warmup: int = 1,
+                precision: str = "bf16", ds_config: str = "ds_configs/zero2_bf16.json",
+                tokenizer: Optional[str] = None, strategies: List[str] = ["rm", "bm"], threads: int = 2,
+                output: str = "runs/bench/bench_train.json") -> None:
+    """Benchmark one pretraining step (VTM + MLM + MVM-pixel, forward + backward + ZeRO-2 step) per model,
+    with activation checkpointing off and on; prints a table and writes JSON.
+
+    Args:
+        models: registered model names.
+        batch_size: micro-batch size.
+        frames: frames per clip.
+        image_size: frame side in pixels (multiple of 32).
+        text_len: text tokens.
+        checkpointing: activation-checkpointing settings to compare.
+        steps: timed steps (the median is reported).
+        warmup: untimed steps first.
+        precision: bf16, fp16 or fp32.
+        ds_config: DeepSpeed JSON (its "auto" fields are filled).
+        tokenizer: BERT-style vocabulary folder (default: the packaged BERT-uncased vocabulary).
+        strategies: visual masking strategies (add `am` to include the attention pass).
+        threads: torch CPU threads.
+        output: JSON file of the results.
+    """
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for model in models:
+        for flag in checkpointing:
+            spec = {"model": model, "batch_size": batch_size, "frames": frames, "image_size": image_size,
+                    "text_len": text_len, "checkpointing": flag, "steps": steps, "warmup": warmup,
+                    "precision": precision, "ds_config": ds_config, "tokenizer": tokenizer,
+                    "strategies": strategies, "threads": threads}
+            queue = context.Queue()
+            process = context.Process(target=_child, args=(spec, queue))
+            # each child is a fresh single-rank job: no launcher variables from the parent
+            saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+                     if k in os.environ}
+            process.start()
+            os.environ.update(saved)
+            status, result = queue.get()
+            process.join()
+            if status != "ok":
+                raise RuntimeError(f"bench train {model} (checkpointing={flag}) failed: {result}")
+            rows.append(result)
+            print(f"  {model} checkpointing={'on' if flag else 'off'}: {result['step_s_median']:.3f} s/step, "
+                  f"{result['peak_memory_mb']:.0f} MB", flush=True)
+    print(_table(rows), flush=True)
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2))
+    print(f"results: {path}", flush=True)
