@@ -122,10 +122,16 @@ def measure(model_name: str, mode: str, batch: int, frames: int, size: int, text
         from torch.distributed._tools.mem_tracker import MemTracker
 
         model.zero_grad(set_to_none=True)
+        # MemTracker hooks every parameter's gradient; the frozen order embedding of v2 has none to hook
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        for param in frozen:
+            param.requires_grad_(True)
         tracker = MemTracker()
         tracker.track_external(model)
         with tracker:
             model(video, text_ids, text_mask).hidden.float().pow(2).mean().backward()
+        for param in frozen:
+            param.requires_grad_(False)
         peak = tracker.get_tracker_snapshot("peak")[torch.device(device)]
         tensor_peak = round(peak["Total"] / 2 ** 20, 1)
         activation_peak = round(next(v for k, v in peak.items() if str(k).endswith("ACT")) / 2 ** 20, 1)
@@ -162,8 +168,10 @@ def main(argv=None) -> None:
             if args.no_track_tensors:
                 command.append("--no-track-tensors")
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-            output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-            row = json.loads(output.strip().splitlines()[-1])
+            finished = subprocess.run(command, capture_output=True, text=True, env=env)
+            if finished.returncode != 0:
+                raise SystemExit(f"mode {mode} failed ({finished.returncode}):\n{finished.stderr[-4000:]}")
+            row = json.loads(finished.stdout.strip().splitlines()[-1])
         else:
             row = measure(args.model, mode, args.batch, args.frames, args.size, args.text_len, args.steps,
                           args.device, args.threads, track_tensors=not args.no_track_tensors)
