@@ -1,0 +1,146 @@
+"""launch/local.sh through the real DeepSpeed launcher, and the launcher-variable mapping of the engine."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from violet_ds.engine import distributed
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROBE = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    from violet_ds.engine.distributed import init_distributed
+    from violet_ds.engine.guard import rank_guard
+
+    world = init_distributed(timeout_s=60, backend="gloo")
+    with rank_guard():
+        value = torch.tensor([float(world.rank + 1)])
+        torch.distributed.all_reduce(value)
+        print(f"PROBE rank={world.rank} local_rank={world.local_rank} world={world.world_size} sum={value.item():.0f}",
+              flush=True)
+        if sys.argv[-1] == "fail" and world.rank == 1:
+            raise RuntimeError("probe failure on rank 1")
+        torch.distributed.all_reduce(value)
+    """
+)
+
+
+def _local(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run(["bash", str(REPO / "launch/local.sh"), "-n", "2", "--script", str(script), mode],
+                          env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.distributed
+def test_local_sh_starts_two_ranks(tmp_path):
+    result = _local(tmp_path, "ok")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    for rank in range(2):
+        assert f"PROBE rank={rank} local_rank={rank} world=2 sum=3" in out, out[-3000:]
+
+
+@pytest.mark.distributed
+def test_local_sh_one_failing_rank_fails_the_launch(tmp_path):
+    result = _local(tmp_path, "fail")
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    assert "[violet-ds rank 1/2" in out and "RuntimeError: probe failure on rank 1" in out, out[-3000:]
+
+
+def test_local_sh_usage_without_command():
+    result = subprocess.run(["bash", str(REPO / "launch/local.sh")], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "launch/local.sh" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------- env mapping
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("SLURM_") or key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                               "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_srun_task_variables_map_to_torch_distributed(clean_env):
+    clean_env.setenv("SLURM_PROCID", "5")
+    clean_env.setenv("SLURM_STEP_ID", "0")
+    clean_env.setenv("SLURM_NTASKS", "8")
+    clean_env.setenv("SLURM_STEP_NUM_TASKS", "8")
+    clean_env.setenv("SLURM_LOCALID", "1")
+    clean_env.setenv("SLURM_NODEID", "1")
+    clean_env.setenv("SLURM_STEP_TASKS_PER_NODE", "4(x2)")
+    clean_env.setenv("SLURM_JOB_ID", "123456")
+    clean_env.setenv("SLURM_STEP_NODELIST", "gpu017")
+    distributed.env_from_slurm()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
+    assert os.environ["LOCAL_WORLD_SIZE"] == "4"
+    assert os.environ["MASTER_ADDR"] == "gpu017"
+    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
+
+
+def test_batch_shell_is_not_a_rank(clean_env):
+    # inside the batch script SLURM_PROCID=0 and SLURM_NTASKS=8 are set, but no step runs yet
+    clean_env.setenv("SLURM_PROCID", "0")
+    clean_env.setenv("SLURM_NTASKS", "8")
+    clean_env.setenv("SLURM_JOB_ID", "7")
+    distributed.env_from_slurm()
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+
+
+def test_launcher_variables_win_over_slurm(clean_env):
+    # the DeepSpeed launcher (or torchrun) inside an allocation already set the rank variables
+    clean_env.setenv("SLURM_PROCID", "0")
+    clean_env.setenv("SLURM_STEP_ID", "0")
+    clean_env.setenv("SLURM_NTASKS", "1")
+    clean_env.setenv("RANK", "3")
+    clean_env.setenv("WORLD_SIZE", "4")
+    distributed.env_from_slurm()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("3", "4")
+
+
+@pytest.mark.parametrize("spec,node,expected", [("2(x3),1", 0, "2"), ("2(x3),1", 2, "2"), ("2(x3),1", 3, "1"),
+                                                ("8", 0, "8"), ("4,2", 1, "2")])
+def test_tasks_per_node_spec(clean_env, spec, node, expected):
+    clean_env.setenv("SLURM_TASKS_PER_NODE", spec)
+    clean_env.setenv("SLURM_NODEID", str(node))
+    assert distributed._tasks_on_this_node() == expected
+
+
+def test_master_command_prints_address_and_port(clean_env):
+    env = dict(os.environ, SLURM_JOB_ID="41", MASTER_ADDR="node-a",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    result = subprocess.run([sys.executable, "-m", "violet_ds.engine.distributed", "master"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["node-a", str(20000 + 41)]
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol (slurm-client) is not installed")
+def test_make_hostfile_expands_the_nodelist(tmp_path):
+    # scontrol reads a configuration even to expand host names; a minimal one, no controller needed
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=test\nSlurmctldHost=localhost\nNodeName=gpu[001-003] CPUs=1\n"
+                    "PartitionName=test Nodes=ALL\n")
+    env = dict(os.environ, SLURM_JOB_NODELIST="gpu[001-003]", SLURM_NTASKS_PER_NODE="4", SLURM_CONF=str(conf))
+    env.pop("SLURM_GPUS_ON_NODE", None)
+    result = subprocess.run(["bash", str(REPO / "launch/make_hostfile.sh"), str(tmp_path / "hostfile")], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "hostfile").read_text().split("\n")[:3] == ["gpu001 slots=4", "gpu002 slots=4",
+                                                                   "gpu003 slots=4"]
