@@ -178,10 +178,14 @@ def _loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, world:
             drop_last: bool) -> DataLoader:
     from violet_ds.data.datasets import collate
 
+    from .guard import ignore_preemption_signals
+
     generator = torch.Generator()
     generator.manual_seed(seed)
     workers = data.num_workers
+    # workers ignore SIGTERM so that a preempted run can finish its step and save
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      worker_init_fn=ignore_preemption_signals if workers > 0 else None,
                       pin_memory=data.pin_memory and world.device.type == "cuda", drop_last=drop_last,
                       generator=generator, prefetch_factor=data.prefetch_factor if workers > 0 else None,
                       persistent_workers=False)
@@ -276,7 +280,11 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
         for teacher_owner in [getattr(task_module, "targets", None)]:
             if teacher_owner is not None and hasattr(teacher_owner, "to"):
                 teacher_owner.to(world.device, dse.precision_of(ds_config))
-    ds_engine, optimizer, scheduler, groups = dse.initialize(task_module, ds_config, optim, total_steps, world,
+    from .universal import configure_load
+
+    # a universal checkpoint (another world size) needs DeepSpeed's load_universal for this one load
+    init_config = configure_load(ds_config, run_dir / "checkpoints", run.resume)
+    ds_engine, optimizer, scheduler, groups = dse.initialize(task_module, init_config, optim, total_steps, world,
                                                              frozen)
     trainable = sum(g["num_params"] for g in groups)
     logger.info(f"{command}: model {model.name}, task {task.name}, {trainable / 1e6:.2f}M trainable parameters in "
@@ -326,7 +334,9 @@ def pretrain(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: Opti
     Writes runs/<run.name>/: config.yaml, ds_config.json, tensorboard/, checkpoints/, metrics.jsonl,
     log.txt. `--run.resume auto` continues an interrupted run exactly.
     """
-    train(model, data, task, optim, engine, run, command="pretrain")
+    from .guard import run_guarded
+
+    run_guarded(train, model, data, task, optim, engine, run, command="pretrain")
 
 
 def finetune(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimConfig, engine: EngineConfig,
@@ -335,7 +345,9 @@ def finetune(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: Opti
     checkpoint) or `model.weights`; evaluates on data.val during training and writes the same run dir."""
     if not run.init_from and not model.weights and not run.resume:
         print("warning: finetuning from random weights (set run.init_from or model.weights)", flush=True)
-    train(model, data, task, optim, engine, run, command="finetune")
+    from .guard import run_guarded
+
+    run_guarded(train, model, data, task, optim, engine, run, command="finetune")
 
 
 def evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, engine: EngineConfig, run: RunConfig,

@@ -196,6 +196,7 @@ class Trainer:
         started = time.time()
         summary = TrainSummary()
         rng = self.resume(resume) if resume else None
+        resumed = self.state.step > 0
         self.logger.truncate_metrics(self.state.step)
         stop = _StopSignal(self.run.save_on_sigterm)
         bar = progress_bar(self.total_steps, self.state.step, self.world, self.run.progress)
@@ -204,7 +205,7 @@ class Trainer:
         micro_count = 0
         window_indices: List[int] = []
         step_started = time.time()
-        last_saved_step = self.state.step if rng is not None else -1
+        last_saved_step = self.state.step if resumed else -1
         step_lr = self._current_lr()
         try:
             while self.state.step < self.total_steps and self.state.epoch < epochs:
