@@ -176,3 +176,21 @@ def test_sigterm_checkpoints_requeues_and_resumes(slurm, demo_work):
     steps = [r["step"] for r in _records(run_dir) if "loss" in r]
     # resumed where it stopped: every step once, in order
     assert steps == list(range(1, max_steps + 1)), steps
+
+
+@pytest.mark.slow
+def test_pretrain_sbatch_through_the_deepspeed_launcher(slurm, demo_work):
+    """LAUNCHER=deepspeed: one srun task per node runs the DeepSpeed launcher over a generated hostfile."""
+    job = slurm.sbatch(*SBATCH_OVERRIDES, f"--output={demo_work}/dslaunch-%j.out", f"--chdir={demo_work}",
+                       str(REPO / "launch/slurm_pretrain.sbatch"), *DEMO_ARGS, "--run.name", "dslaunch",
+                       "--run.max_steps", "2", env={"VIOLET_DS_ROOT": str(REPO), "OMP_NUM_THREADS": "1",
+                                                    "LAUNCHER": "deepspeed"})
+    state = slurm.wait(job, timeout=300)
+    log = (demo_work / f"dslaunch-{job}.out").read_text()
+    assert state == "COMPLETED", f"{state}\n{log[-5000:]}"
+    host = socket.gethostname().split(".")[0]
+    assert "DeepSpeed launcher: hostfile" in log and "(1 node(s))" in log, log[-3000:]
+    assert (demo_work / f"runs/dslaunch/hostfile-{job}").read_text().strip() == f"{host} slots=2"
+    assert "num_local_procs=2" in log and "world 2" in log and "steps             2/2" in log, log[-3000:]
+    tag = (demo_work / "runs/dslaunch/checkpoints/latest").read_text().strip()
+    assert len(list((demo_work / "runs/dslaunch/checkpoints" / tag).glob("*zero_pp_rank_*_optim_states.pt"))) == 2
