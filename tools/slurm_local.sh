@@ -156,18 +156,15 @@ stop() {
     if pid_alive "$DIR/slurmctld.pid"; then
         scancel --full --signal=KILL --state=RUNNING -u "$(id -un)" 2>/dev/null || true
         scancel -u "$(id -un)" 2>/dev/null || true
-        sleep 1
+        # let slurmd reap the cancelled steps (their slurmstepd processes exit with them) before it stops
+        for _ in $(seq 1 30); do
+            [ -z "$(squeue -h -t RUNNING,COMPLETING -o %i 2>/dev/null)" ] && break
+            sleep 0.5
+        done
     fi
     stop_daemon "$DIR/slurmd.pid" slurmd
     stop_daemon "$DIR/slurmctld.pid" slurmctld
     stop_daemon "$DIR/munged.pid" munged
-    # job steps whose slurmstepd outlived slurmd (it detaches on purpose) would keep training
-    local stepd
-    for stepd in $(pgrep -f "slurmstepd" 2>/dev/null || true); do
-        if tr '\0' '\n' <"/proc/$stepd/environ" 2>/dev/null | grep -q "^SLURM_CONF=$DIR/slurm.conf$"; then
-            kill -KILL "$stepd" 2>/dev/null || true
-        fi
-    done
 }
 
 case "$cmd" in
