@@ -15,7 +15,6 @@ note() {
 }
 trap 'note TERM' TERM
 trap 'note USR1' USR1
-trap 'note INT' INT
 
 if [ "${VIOLET_DS_TASK_IGNORE_TERM:-0}" = 1 ]; then
     # the DeepSpeed runner dies on SIGTERM at once and this task would end, taking the ranks with it

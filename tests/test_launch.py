@@ -144,3 +144,21 @@ def test_make_hostfile_expands_the_nodelist(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "hostfile").read_text().split("\n")[:3] == ["gpu001 slots=4", "gpu002 slots=4",
                                                                    "gpu003 slots=4"]
+
+
+def test_sbatch_scripts_are_valid_and_differ_only_in_the_command():
+    scripts = {name: (REPO / "launch" / f"slurm_{name}.sbatch").read_text() for name in ("pretrain", "finetune")}
+    for name, text in scripts.items():
+        result = subprocess.run(["bash", "-n", str(REPO / "launch" / f"slurm_{name}.sbatch")], capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+        # the defaults a user overrides, and what makes preemption resumable
+        for option in ("--partition=", "--nodes=", "--gpus-per-node=", "--ntasks-per-node=", "--time=",
+                       "--requeue", "--signal=TERM@"):
+            assert any(option in line for line in directives), (name, option)
+        assert f"violet_ds_slurm_run {name} \"$@\"" in text
+    for script in ("slurm_common.sh", "srun_task.sh", "make_hostfile.sh", "local.sh"):
+        result = subprocess.run(["bash", "-n", str(REPO / "launch" / script)], capture_output=True, text=True,
+                                timeout=30)
+        assert result.returncode == 0, (script, result.stderr)
