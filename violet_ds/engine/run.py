@@ -350,10 +350,11 @@ def finetune(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: Opti
     run_guarded(train, model, data, task, optim, engine, run, command="finetune")
 
 
-def evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, engine: EngineConfig, run: RunConfig,
-             split: str = "val") -> None:
+def evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimConfig, engine: EngineConfig,
+             run: RunConfig, split: str = "val") -> None:
     """Evaluate weights (`run.init_from`: run dir, checkpoint, export or official file; or `model.weights`)
-    on `data.<split>`; writes runs/<run.name>/eval_<split>.json (metrics) and prints them."""
+    on `data.<split>`; writes runs/<run.name>/eval_<split>.json (metrics) and prints them. Takes the same
+    YAML as training (the `optim` section is accepted and unused)."""
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.tasks import create_task
 
