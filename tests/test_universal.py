@@ -171,3 +171,21 @@ def _assert_same_fp32(checkpoint_dir: Path, tag: str) -> None:
         converted = torch.load(checkpoint_dir / f"{tag}-universal" / "zero" / name / "fp32.pt",
                                map_location="cpu", weights_only=True)["param"]
         assert torch.equal(converted.reshape(tensor.shape), tensor.float()), name
+
+
+def test_resume_overrides_for_launchers(tmp_path):
+    checkpoints = tmp_path / "runs" / "big" / "checkpoints"
+    (checkpoints / "step00000004-universal").mkdir(parents=True)
+    (checkpoints / "step00000004-universal" / universal.COMPLETE_MARKER).write_text(
+        json.dumps({"step": 4, "universal": True}))
+    (checkpoints / "step00000006").mkdir()
+    (checkpoints / "step00000006" / universal.COMPLETE_MARKER).write_text(json.dumps({"step": 6}))
+    resolved = (f"run:\n  output_dir: {tmp_path / 'runs'}\n  name: big\n  resume: auto\n"
+                "engine:\n  ds_overrides:\n    zero_optimization: {reduce_bucket_size: 1000}\n")
+    (checkpoints / "latest").write_text("step00000004-universal")
+    assert universal.resume_overrides(resolved) == {"zero_optimization": {"reduce_bucket_size": 1000},
+                                                    "checkpoint": {"load_universal": True}}
+    # once the resumed run saved an ordinary checkpoint, a requeue loads it normally
+    (checkpoints / "latest").write_text("step00000006")
+    assert universal.resume_overrides(resolved) is None
+    assert universal.resume_overrides(resolved.replace("resume: auto", "resume: null")) is None
