@@ -240,3 +240,35 @@ def test_parameter_counts_match_official(name, listing, state_dict_listings, cap
     printed = capsys.readouterr().out
     assert f"video_backbone {official['video_backbone'] / 1e6:.2f}M" in printed
     assert f"cross {official['cross_modal'] / 1e6:.2f}M" in printed
+
+
+def test_offload_hooks_move_activations_not_parameters():
+    """The offload hooks copy every saved activation (here CPU->CPU, `include_cpu`) and no parameter,
+    and backward through the copies gives the same gradients."""
+    from violet_ds.models.violet import OffloadSavedActivations
+
+    torch.manual_seed(0)
+    model = create_model("violet-tiny", vocab_size=1000, drop_path=0.1).train()
+    model.set_grad_checkpointing(video=True, cross=False)
+    swin = model.video_backbone
+    video = torch.randn(2, 4, 3, 64, 64).transpose(1, 2)
+    param_storages = {p.untyped_storage().data_ptr() for p in swin.parameters()}
+    saved = {"activations": 0, "parameters": 0}
+
+    def count(tensor):
+        kind = "parameters" if tensor.untyped_storage().data_ptr() in param_storages else "activations"
+        saved[kind] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    grads = []
+    for context in (torch.autograd.graph.saved_tensors_hooks(count, lambda t: t),
+                    OffloadSavedActivations(swin, include_cpu=True)):
+        swin.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with context:
+            out = swin(video)
+        out.pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in swin.named_parameters()})
+    assert saved["parameters"] > 0 and context.offloaded_bytes == saved["activations"] > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)

@@ -6,8 +6,10 @@ Modes (each runs in its own process, so peak memory belongs to that mode alone):
 - `plain`: no checkpointing;
 - `checkpoint`: every Video Swin block and cross-modal layer recomputed in backward
   (`torch.utils.checkpoint`, `use_reentrant=False`);
-- `checkpoint+offload`: as `checkpoint`, plus the video encoder's saved tensors kept in (pinned) CPU
-  memory through `torch.autograd.graph.save_on_cpu` (what `set_grad_checkpointing(offload_video=True)` does);
+- `checkpoint+offload`: as `checkpoint`, plus the video encoder's saved activations kept in (pinned) CPU
+  memory (`set_grad_checkpointing(offload_video=True)`: saved-tensor hooks that leave parameters alone);
+- `checkpoint+save_on_cpu`: the same with torch's stock `torch.autograd.graph.save_on_cpu` (copies
+  the weights saved by each layer out and back too);
 - `fairscale_offload`: the official recipe for comparison: fairscale `checkpoint_wrapper(offload_to_cpu=True)`
   around each Video Swin block, cross-modal layers checkpointed as in `checkpoint`.
 
@@ -30,7 +32,7 @@ import sys
 import threading
 import time
 
-MODES = ("plain", "checkpoint", "checkpoint+offload", "fairscale_offload")
+MODES = ("plain", "checkpoint", "checkpoint+offload", "checkpoint+save_on_cpu", "fairscale_offload")
 
 
 class _RssSampler:
@@ -70,6 +72,21 @@ def _apply_mode(model, mode: str) -> None:
         model.set_grad_checkpointing(video=True, cross=True)
     elif mode == "checkpoint+offload":
         model.set_grad_checkpointing(video=True, cross=True, offload_video=True)
+    elif mode == "checkpoint+save_on_cpu":
+        import torch
+
+        model.set_grad_checkpointing(video=True, cross=True)
+        contexts = []
+
+        def enter(module, args):
+            contexts.append(torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()))
+            contexts[-1].__enter__()
+
+        def leave(module, args, output):
+            contexts.pop().__exit__(None, None, None)
+
+        model.video_backbone.register_forward_pre_hook(enter)
+        model.video_backbone.register_forward_hook(leave)
     elif mode == "fairscale_offload":
         from fairscale.nn.checkpoint import checkpoint_wrapper
 
