@@ -115,7 +115,7 @@ def measure(model_name: str, mode: str, batch: int, frames: int, size: int, text
     cuda = device.startswith("cuda")
     sampler = _RssSampler()
     results = []
-    for _ in range(max(steps, 1)):
+    for _ in range(steps):
         model.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
@@ -155,7 +155,8 @@ def measure(model_name: str, mode: str, batch: int, frames: int, size: int, text
     params = sum(p.numel() for p in model.parameters())
     return {"model": model_name, "mode": mode, "device": device, "threads": threads, "batch": batch,
             "frames": frames, "size": size, "text_len": text_len, "params_m": round(params / 1e6, 2),
-            "steps": results, "seconds": results[-1]["seconds"], "peak_step_mib": results[-1]["peak_step_mib"],
+            "steps": results, "seconds": results[-1]["seconds"] if results else None,
+            "peak_step_mib": results[-1]["peak_step_mib"] if results else None,
             "tensor_peak_mib": tensor_peak, "activation_peak_mib": activation_peak}
 
 
@@ -168,7 +169,7 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--text-len", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per mode (the first warms up); "
-                        "the last one is reported")
+                        "the last one is reported; 0 = only the MemTracker step")
     parser.add_argument("--no-track-tensors", action="store_true", help="skip the MemTracker step")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -201,7 +202,7 @@ def main(argv=None) -> None:
         print(f"{args.model} batch {args.batch}, {args.frames}x{args.size}x{args.size}, text {args.text_len}, "
               f"{args.device} ({args.threads} threads); last of {args.steps} steps")
         for row in rows:
-            print(f"  {row['mode']:<20} {row['seconds']:8.2f} s   peak step memory {row['peak_step_mib']:9.1f} MiB"
+            print(f"  {row['mode']:<22} {row['seconds']} s   peak step memory {row['peak_step_mib']} MiB"
                   f"   tensor peak {row['tensor_peak_mib']} MiB (activations {row['activation_peak_mib']} MiB)"
                   f"   steps: {row['steps']}")
 
