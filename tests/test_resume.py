@@ -33,10 +33,10 @@ def reference(demo, tmp_path_factory) -> list[dict]:
     return records
 
 
-def _interrupt(config: Path, run_dir: Path, sig: int, after_tag: str = "step00000002",
+def _interrupt(config: Path, run_dir: Path, sig: int, after_tag: str, extra: tuple = (),
                timeout: float = 240) -> subprocess.Popen:
     """Start a run, wait until `latest` names `after_tag` (or later), then send `sig`."""
-    process = subprocess.Popen(cli_command(config), env=cli_env(), cwd=str(REPO), stdout=subprocess.PIPE,
+    process = subprocess.Popen(cli_command(config, *extra), env=cli_env(), cwd=str(REPO), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -68,32 +68,28 @@ def _assert_continues_exactly(reference: list[dict], resumed: list[dict], resume
     assert resumed_from < MAX_STEPS
 
 
-def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(demo, reference, tmp_path):
-    config = write_config(tiny_config(demo, tmp_path, "killed", run__max_steps=MAX_STEPS), tmp_path / "run.yaml")
-    run_dir = tmp_path / "killed"
-    process = _interrupt(config, run_dir, signal.SIGKILL)
-    assert process.returncode == -signal.SIGKILL, f"the run was not killed mid-way:\n{process.output[-2000:]}"
-    tag = latest_tag(run_dir)
-    resumed_from = int(tag.replace("step", ""))
-    run_cli(config, "--run.resume", "auto")
-    log = (run_dir / "log.txt").read_text()
-    assert f"resumed from {run_dir / 'checkpoints' / tag}" in log
-    _assert_continues_exactly(reference, train_records(run_dir), resumed_from)
+def test_sigkill_then_sigterm_then_resume_matches_uninterrupted(demo, reference, tmp_path):
+    """One run interrupted twice: SIGKILL after its first checkpoint, resumed with `auto`; then SIGTERM
+    (preemption: it saves and exits 0), resumed with `latest`; the end result equals the reference."""
+    config = write_config(tiny_config(demo, tmp_path, "interrupted", run__max_steps=MAX_STEPS), tmp_path / "run.yaml")
+    run_dir = tmp_path / "interrupted"
 
+    killed = _interrupt(config, run_dir, signal.SIGKILL, after_tag="step00000002")
+    assert killed.returncode == -signal.SIGKILL, f"the run was not killed mid-way:\n{killed.output[-2000:]}"
+    killed_at = int(latest_tag(run_dir).replace("step", ""))
+    assert killed_at < MAX_STEPS
 
-def test_sigterm_saves_exits_cleanly_and_resumes_exactly(demo, reference, tmp_path):
-    config = write_config(tiny_config(demo, tmp_path, "preempted", run__max_steps=MAX_STEPS, run__save_every=4),
-                          tmp_path / "run.yaml")
-    run_dir = tmp_path / "preempted"
-    process = _interrupt(config, run_dir, signal.SIGTERM, after_tag="step00000004")
-    assert process.returncode == 0, process.output[-3000:]
-    assert "SIGTERM received" in process.output, process.output[-3000:]
-    tag = latest_tag(run_dir)
-    stopped_at = int(tag.replace("step", ""))
-    # the signal's own checkpoint: not a multiple of save_every unless by chance, and before the end
-    assert 4 <= stopped_at < MAX_STEPS
+    # resume after the kill, and preempt the resumed run once it saved a later checkpoint
+    resumed = _interrupt(config, run_dir, signal.SIGTERM, after_tag=f"step{killed_at + 2:08d}",
+                         extra=("--run.resume", "auto"))
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step{killed_at:08d}'}" in (run_dir / "log.txt").read_text()
+    assert "SIGTERM received" in resumed.output, resumed.output[-3000:]
+    stopped_at = int(latest_tag(run_dir).replace("step", ""))
+    assert killed_at < stopped_at < MAX_STEPS, (killed_at, stopped_at)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["preempted"] is True and summary["steps"] == stopped_at
+
     run_cli(config, "--run.resume", "latest")
     _assert_continues_exactly(reference, train_records(run_dir), stopped_at)
 
