@@ -16,7 +16,8 @@ import pytest
 
 from slurm_cluster import REPO, SlurmCluster, start_cluster
 
-pytestmark = pytest.mark.slurm
+# every wait inside is bounded too; this is the backstop for a wedged daemon
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +195,28 @@ def test_pretrain_sbatch_through_the_deepspeed_launcher(slurm, demo_work):
     assert "num_local_procs=2" in log and "world 2" in log and "steps             2/2" in log, log[-3000:]
     tag = (demo_work / "runs/dslaunch/checkpoints/latest").read_text().strip()
     assert len(list((demo_work / "runs/dslaunch/checkpoints" / tag).glob("*zero_pp_rank_*_optim_states.pt"))) == 2
+
+
+@pytest.mark.slow
+def test_universal_resume_on_one_rank_through_sbatch(slurm, demo_work):
+    """2 ranks -> universal checkpoint -> the same sbatch script on 1 rank adds load_universal by itself."""
+    import subprocess
+    import sys
+
+    job = _submit_pretrain(slurm, demo_work, "regrid", "--run.max_steps", "2", "--data.num_workers", "0")
+    assert slurm.wait(job, timeout=300) == "COMPLETED", (demo_work / f"regrid-{job}.out").read_text()[-4000:]
+    converted = subprocess.run([sys.executable, "-m", "violet_ds.cli", "universal-checkpoint", "--run_dir",
+                                "runs/regrid", "--world_size", "1", "--batch_size", "8"], cwd=demo_work,
+                               env=slurm.env, capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stdout + converted.stderr
+    job = slurm.sbatch("--partition=debug", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
+                       "--cpus-per-task=1", "--time=15", f"--output={demo_work}/regrid1-%j.out",
+                       f"--chdir={demo_work}", str(REPO / "launch/slurm_pretrain.sbatch"),
+                       *DEMO_ARGS, "--data.batch_size", "8", "--run.name", "regrid", "--run.max_steps", "4",
+                       "--data.num_workers", "0", env={"VIOLET_DS_ROOT": str(REPO), "OMP_NUM_THREADS": "1"})
+    state = slurm.wait(job, timeout=300)
+    log = (demo_work / f"regrid1-{job}.out").read_text()
+    assert state == "COMPLETED", f"{state}\n{log[-5000:]}"
+    assert "resuming a universal checkpoint" in log and "world 1" in log, log[-4000:]
+    assert "resumed from runs/regrid/checkpoints/step00000002-universal: step 2" in log, log[-4000:]
+    assert "steps             4/4" in log, log[-4000:]
