@@ -102,7 +102,7 @@ def one_step(task, batch) -> Dict[str, torch.Tensor]:
     assert any(not torch.equal(heads_before[k], v) for k, v in task.heads.state_dict().items() if k.startswith("mvm"))
     own_params = {id(p) for p in task.parameters()}
     task_keys = set(task.state_dict())
-    for teacher, before in zip(teachers, teacher_before):
+    for teacher, before in zip(teachers, teacher_before, strict=True):
         assert not teacher.training
         assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
         assert not any(id(p) in own_params for p in teacher.parameters())
@@ -163,16 +163,16 @@ def test_cli_pretraining_checkpoint_holds_no_teacher(tmp_path):
         with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
             state = torch.load(path, map_location="cpu", weights_only=True)
 
-        def walk(obj, where=""):
+        def walk(obj, where):
             if isinstance(obj, dict):
                 for key, value in obj.items():
-                    assert "swin.embeddings" not in str(key) and "feature_model" not in str(key), f"{path}: {where}{key}"
+                    assert "swin.embeddings" not in str(key) and "feature_model" not in str(key), f"{where}{key}"
                     walk(value, f"{where}{key}.")
             elif isinstance(obj, (list, tuple)):
                 for value in obj:
                     walk(value, where)
 
-        walk(state)
+        walk(state, f"{path.name}: ")
         # the optimizer's parameters, by name: only the task's own
         for group in state.get("param_shapes", []) if isinstance(state, dict) else []:
             assert all(name.startswith(("model.", "heads.")) for name in group), path

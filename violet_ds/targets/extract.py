@@ -24,12 +24,12 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .base import Target, TargetOutput, TargetSpec, create_target, resolve_dtype
+from .base import TargetOutput, TargetSpec, create_target, resolve_dtype
 
 STORE_VERSION = 1
 ClipGeometry = Dict[str, Any]
