@@ -421,12 +421,21 @@ class VimpacContrastiveHead(nn.Module):
 
 
 class VimpacClassifier(nn.Module):
-    """Action-classification head on [CLS]: dropout + a zero-initialised linear layer."""
+    """Action-classification head on [CLS]: dropout + a zero-initialised linear layer.
 
-    def __init__(self, hidden_size: int, num_classes: int, dropout: float = 0.0):
+    ``norm="batch"`` (not in the paper, off by default) puts a parameter-free BatchNorm before the
+    linear layer. It removes the component of [CLS] shared by every clip of the batch: when most
+    tokens of every clip are alike (static backgrounds, as in the synthetic demo videos), that
+    shared component dominates the zero-initialised layer's gradient and finetuning barely moves.
+    """
+
+    def __init__(self, hidden_size: int, num_classes: int, dropout: float = 0.0, norm: Optional[str] = None):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if norm not in (None, "none", "batch"):
+            raise ValueError(f"classifier norm must be None, 'none' or 'batch', got {norm!r}")
+        self.norm = nn.BatchNorm1d(hidden_size, affine=False) if norm == "batch" else nn.Identity()
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(hidden_size, num_classes)
         # zero init (VIMPAC finetuning): the first steps do not disturb the pretrained features
@@ -434,7 +443,7 @@ class VimpacClassifier(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout(cls))
+        return self.linear(self.dropout(self.norm(cls)))
 
 
 # --------------------------------------------------------------------------- sizes

@@ -51,6 +51,7 @@ PRETRAIN_OPTIONS: Dict[str, Any] = {
 
 ACTION_OPTIONS: Dict[str, Any] = {
     "dropout": 0.0,
+    "head_norm": None,           # None (paper: linear on raw [CLS]) or "batch" (see VimpacClassifier)
     "label_smoothing": 0.0,
     "eval_view_chunk": 64,       # clips per forward at evaluation (bounds activation memory)
     "eval_crops": 1,             # spatial crops per temporal clip at evaluation (3 = 3-crop testing)
@@ -152,6 +153,18 @@ def _one_dataset(parts: list, sources: list, split: str) -> dict:
     return {split: MixedDataset(parts, [source.weight for source in sources])}
 
 
+def _sync_batchnorm(heads: nn.ModuleDict, name: str, task: str) -> None:
+    """BatchNorms of ``heads[name]`` -> SyncBatchNorm on multi-rank runs (statistics over the global batch)."""
+    _, world = _distributed_world()
+    if world == 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in heads[name].modules()):
+        return
+    if dist.get_backend() == "gloo":
+        # SyncBatchNorm has no CPU kernel: CPU runs keep per-rank statistics
+        log.warning("%s: gloo backend, BatchNorm of heads.%s stays per-rank", task, name)
+        return
+    heads[name] = nn.SyncBatchNorm.convert_sync_batchnorm(heads[name])
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -192,14 +205,8 @@ class VimpacPretrainTask(nn.Module):
         self._maybe_sync_batchnorm()
 
     def _maybe_sync_batchnorm(self) -> None:
-        rank, world = _distributed_world()
-        if world == 1 or "contrastive" not in self.heads or not self.options["sync_batchnorm"]:
-            return
-        if dist.get_backend() == "gloo":
-            # SyncBatchNorm has no CPU kernel: CPU runs keep per-rank statistics
-            log.warning("vimpac_pretrain: gloo backend, contrastive-head BatchNorm stays per-rank")
-            return
-        self.heads["contrastive"] = nn.SyncBatchNorm.convert_sync_batchnorm(self.heads["contrastive"])
+        if "contrastive" in self.heads and self.options["sync_batchnorm"]:
+            _sync_batchnorm(self.heads, "contrastive", "vimpac_pretrain")
 
     def frozen_modules(self) -> list:
         return []
@@ -312,7 +319,9 @@ class VimpacActionTask(nn.Module):
             raise ValueError(f"vimpac_action: set task.num_classes (>= 2), got {num_classes}")
         self.num_classes = num_classes
         self.heads = nn.ModuleDict({"classifier": VimpacClassifier(self.model.hidden_size, num_classes,
-                                                                    self.options["dropout"])})
+                                                                    self.options["dropout"],
+                                                                    self.options["head_norm"])})
+        _sync_batchnorm(self.heads, "classifier", "vimpac_action")
 
     def frozen_modules(self) -> list:
         return []
