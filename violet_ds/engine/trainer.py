@@ -204,6 +204,7 @@ class Trainer:
         sums: Dict[str, torch.Tensor] = {}
         micro_count = 0
         window_indices: List[int] = []
+        window_steps = 0
         step_started = time.time()
         last_saved_step = self.state.step if resumed else -1
         step_lr = self._current_lr()
@@ -222,8 +223,6 @@ class Trainer:
                         window_indices.extend(int(i) for i in batch["index"].tolist())
                     outputs = self.engine(batch)
                     loss = outputs["loss"]
-                    if not torch.isfinite(loss.detach()).all():
-                        self.logger.warning(f"step {self.state.step + 1}: non-finite loss {loss.item()}")
                     self.engine.backward(loss)
                     boundary = self.engine.is_gradient_accumulation_boundary()
                     if boundary:
@@ -239,15 +238,19 @@ class Trainer:
                     if not boundary:
                         continue
                     self.state.step += 1
+                    window_steps += 1
                     bar.update(1)
-                    step_time = time.time() - step_started
-                    step_started = time.time()
-                    keys = sorted(sums)
-                    means = self._reduce_mean(torch.stack([sums[k] for k in keys]) / micro_count)
-                    terms = {k: float(v) for k, v in zip(keys, means.tolist())}
-                    sums, micro_count = {}, 0
-                    summary.losses.append(terms.get("loss", float("nan")))
                     if self.state.step % max(1, self.run.log_every) == 0 or self.state.step == self.total_steps:
+                        # one host sync and one collective per logged window, not per step
+                        step_time = (time.time() - step_started) / window_steps
+                        step_started, window_steps = time.time(), 0
+                        keys = sorted(sums)
+                        means = self._reduce_mean(torch.stack([sums[k] for k in keys]) / micro_count)
+                        terms = {k: float(v) for k, v in zip(keys, means.tolist())}
+                        sums, micro_count = {}, 0
+                        summary.losses.append(terms.get("loss", float("nan")))
+                        if not math.isfinite(terms.get("loss", 0.0)):
+                            self.logger.warning(f"step {self.state.step}: non-finite loss {terms.get('loss')}")
                         record = {
                             "step": self.state.step, "epoch": self.state.epoch, **terms, "lr": step_lr,
                             "grad_norm": dse.grad_norm(self.engine), "loss_scale": dse.loss_scale(self.engine),
@@ -261,8 +264,8 @@ class Trainer:
                         if self.run.log_sample_indices:
                             record["indices"] = window_indices
                         self.logger.record(record)
+                        window_indices = []
                         bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4f}", lr=f"{step_lr:.2e}")
-                    window_indices = []
                     if self.run.image_every and self.state.step % self.run.image_every == 0:
                         self._images(batch)
                     end_of_epoch = self.state.micro_in_epoch >= self.micro_per_epoch
