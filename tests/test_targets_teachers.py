@@ -291,3 +291,36 @@ def test_teacher_runs_in_training_dtype(clip, tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in target.encoder.parameters())
     out = target.compute(clip.bfloat16())
     assert out.value.dtype == torch.long and out.value.max() < 32
+
+
+def test_2d_feature_teacher_matches_the_official_listing(state_dict_listings):
+    """Our Swin-B teacher config has exactly the keys/shapes of VIOLETv2's `feature_model.*` teacher."""
+    import json
+
+    from transformers import SwinConfig, SwinModel
+
+    from violet_ds.targets.feat2d import SWIN_B_CONFIG
+
+    listing = json.loads((state_dict_listings / "empirical_mvm_pretrain_2d_feature.json").read_text())
+    official = {k[len("feature_model."):]: tuple(v) for k, v in listing["tensors"].items()
+                if k.startswith("feature_model.")}
+    with torch.device("meta"):
+        swin = SwinModel(SwinConfig(**SWIN_B_CONFIG))
+    ours = {k: tuple(v.shape) for k, v in swin.state_dict().items()}
+    assert ours == official
+    assert sum(p.numel() for p in swin.parameters()) == listing["param_counts_unique"]["teacher"]
+
+
+def test_bench_targets_command(tmp_path, capsys):
+    import json
+
+    from violet_ds.targets.bench import bench_targets
+
+    out = tmp_path / "bench.json"
+    assert bench_targets(targets=["pixel", "hog"], num_frames=2, size=64, warmup=0, repeats=1, output=str(out)) == 0
+    result = json.loads(out.read_text())
+    assert [r["target"] for r in result["results"]] == ["pixel", "hog"]
+    assert all(r["ms_per_clip"] > 0 and r["teacher_params_m"] == 0 for r in result["results"])
+    assert "| hog | dense |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown targets"):
+        bench_targets(targets=["pixels"])

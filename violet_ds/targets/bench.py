@@ -57,9 +57,9 @@ def write_random_teacher(name: str, root: Path) -> Dict[str, Any]:
     if name == "2d_feature":
         from transformers import SwinConfig, SwinModel
 
-        config = SwinConfig(image_size=224, patch_size=4, embed_dim=128, depths=[2, 2, 18, 2],
-                            num_heads=[4, 8, 16, 32], window_size=7)  # Swin-B
-        SwinModel(config).save_pretrained(root / "swin-base")
+        from .feat2d import SWIN_B_CONFIG
+
+        SwinModel(SwinConfig(**SWIN_B_CONFIG)).save_pretrained(root / "swin-base")
         return {"model_dir": str(root / "swin-base")}
     if name == "2d_clip_feature":
         from transformers import CLIPVisionConfig, CLIPVisionModel

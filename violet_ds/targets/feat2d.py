@@ -23,6 +23,12 @@ from .base import (Target, TargetOutput, TargetSpec, load_hf_model, load_strict,
                    preprocessor_mean_std, read_state_dict, renormalize, resize_frames, IMAGENET_MEAN, IMAGENET_STD)
 
 
+# transformers SwinConfig fields of the official teacher (Swin-B, 224, window 7): the same keys and
+# shapes as `feature_model.*` in VIOLETv2's 2d_feature pretraining state dict
+SWIN_B_CONFIG = dict(image_size=224, patch_size=4, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
+                     window_size=7)
+
+
 def build_timm_swin(name: str, checkpoint: Union[str, os.PathLike], **kwargs) -> torch.nn.Module:
     """A timm model by name with `pretrained=False` and no classifier, loaded from a local state dict."""
     import timm
