@@ -59,4 +59,4 @@ class CLIPFeatureTarget(Target):
             hidden = self.clip.vision_model.post_layernorm(hidden)
         grid = hidden.reshape(b * t, height // self.vit_patch, width // self.vit_patch, -1)
         tokens = pool_to_grid(grid, (height // self.patch, width // self.patch))
-        return TargetOutput(tokens.reshape(b, t, height // self.patch, width // self.patch, -1).to(video.dtype))
+        return TargetOutput(tokens.reshape(b, t, height // self.patch, width // self.patch, -1).to(video.device, video.dtype))

@@ -71,4 +71,4 @@ class DepthTarget(Target):
             # no absolute epsilon: depth units are arbitrary (a small model may output 1e-8); a flat map gives 0
             depth = torch.where(spread > 0, (depth - low) / torch.where(spread > 0, spread, 1.0), 0.0)
         depth = depth * self.scale
-        return TargetOutput(depth.reshape(b, t, 1, height, width).to(video.dtype))
+        return TargetOutput(depth.reshape(b, t, 1, height, width).to(video.device, video.dtype))

@@ -92,4 +92,4 @@ class Swin2DFeatureTarget(Target):
                 side = int(round(grid.shape[1] ** 0.5))
                 grid = grid.reshape(b * t, side, grid.shape[1] // side, -1)
         tokens = pool_to_grid(grid, (height // self.patch, width // self.patch))
-        return TargetOutput(tokens.reshape(b, t, height // self.patch, width // self.patch, -1).to(video.dtype))
+        return TargetOutput(tokens.reshape(b, t, height // self.patch, width // self.patch, -1).to(video.device, video.dtype))

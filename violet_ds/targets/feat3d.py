@@ -51,4 +51,4 @@ class VideoSwinFeatureTarget(Target):
         index = torch.div(torch.arange(t, device=features.device) * steps, t, rounding_mode="floor")
         features = features.index_select(1, index)
         tokens = pool_to_grid(features.reshape(b * t, *features.shape[2:]), (h, w))
-        return TargetOutput(tokens.reshape(b, t, h, w, -1).to(video.dtype))
+        return TargetOutput(tokens.reshape(b, t, h, w, -1).to(video.device, video.dtype))

@@ -76,7 +76,7 @@ class OpticalFlowTarget(Target):
         if size != (height, width):
             pairs = F.interpolate(pairs.float(), size=(height, width), mode="bilinear", align_corners=False)
             pairs = pairs * torch.tensor([width / size[1], height / size[0]], device=pairs.device).view(1, 2, 1, 1)
-        pairs = pairs.reshape(b, t - 1, 2, height, width).to(video.dtype)
+        pairs = pairs.reshape(b, t - 1, 2, height, width).to(video.device, video.dtype)
         ok = pairs.abs().amax(dim=(2, 3, 4)) < self.max_flow
         flow[:, :-1] = torch.where(ok[:, :, None, None, None], pairs * self.scale, torch.zeros_like(pairs))
         valid[:, :-1] = ok.to(valid.device)

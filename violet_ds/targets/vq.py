@@ -172,4 +172,4 @@ class VQTarget(Target):
         grid = (height // self.patch, width // self.patch)
         frames = to_unit_range(video.reshape(b * t, 3, height, width).to(self.device, self.dtype))
         ids = vq_token_grid(self.encoder, frames, grid)
-        return TargetOutput(ids.reshape(b, t, *grid).long())
+        return TargetOutput(ids.reshape(b, t, *grid).to(video.device, torch.long))
