@@ -272,3 +272,18 @@ def test_offload_hooks_move_activations_not_parameters():
     assert saved["parameters"] > 0 and context.offloaded_bytes == saved["activations"] > 0
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_pretrained_swin_override_loads_kinetics_layout(tmp_path):
+    """`create_model(..., pretrained_swin=...)` initialises the video encoder from a Kinetics-style file."""
+    small = dict(num_layers=1, vocab_size=256, swin_overrides={"depths": (1, 1, 2, 1)})
+    torch.manual_seed(0)
+    donor = create_model("violet-v1", **small).video_backbone
+    path = tmp_path / "kinetics.pth"
+    torch.save({"state_dict": {"backbone." + k: v.half() for k, v in donor.state_dict().items()
+                               if v.is_floating_point()}}, path)
+    torch.manual_seed(1)
+    model = create_model("violet-v1", pretrained_swin=str(path), **small)
+    for key, value in donor.state_dict().items():
+        expected = value.half().float() if value.is_floating_point() else value
+        assert torch.equal(model.video_backbone.state_dict()[key], expected), key
