@@ -160,3 +160,22 @@ def test_dataloader_workers_survive_a_step_wide_sigterm(tmp_path, mode):
     else:
         # the hazard the worker_init_fn exists for: PyTorch's worker dies and the step fails
         assert result.returncode != 0 and "DataLoader worker" in result.stderr, result.stdout + result.stderr[-2000:]
+
+
+def test_single_rank_process_group_reraises_and_leaves_the_group(monkeypatch):
+    import socket as socket_module
+
+    import torch
+
+    from violet_ds.engine.guard import rank_guard
+
+    with socket_module.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialised in this test process")
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    with pytest.raises(KeyError, match="one rank"):
+        with rank_guard():
+            raise KeyError("one rank")
+    assert not torch.distributed.is_initialized()

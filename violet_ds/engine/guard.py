@@ -13,8 +13,8 @@ allocation until the collective timeout, or forever. `rank_guard` closes that ho
   DeepSpeed launcher does by itself, `srun` with `--kill-on-bad-exit=1`, torchrun by default).
 - on normal completion the process group is destroyed, because a gloo group left for interpreter
   shutdown aborts the process intermittently ("terminate called without an active exception").
-- a single process (no process group, WORLD_SIZE 1) re-raises as usual, so tests and notebooks see
-  the ordinary exception.
+- a single process (WORLD_SIZE 1, with or without a 1-rank process group) leaves the group and
+  re-raises as usual, so tests and notebooks see the ordinary exception.
 
 Usage (the whole body of a command, after or around `init_distributed`):
 
@@ -120,10 +120,10 @@ def rank_guard(stream=None) -> Iterator[None]:
     except BaseException as error:  # noqa: BLE001 - every way out of a rank must be handled here
         code = _exit_code(error)
         rank, world = _rank_and_world()
-        distributed = world > 1 or (torch.distributed.is_available() and torch.distributed.is_initialized())
-        if code == 0 or not distributed:
-            if code == 0:
-                destroy_process_group()
+        # a 1-rank group (DeepSpeed needs one even for a single process) has no peer to hang: the
+        # ordinary exception is more useful there, e.g. to a test calling the command in-process
+        if code == 0 or world <= 1:
+            destroy_process_group()
             raise
         report_failure(error, rank, world, stream)
         with contextlib.suppress(Exception):
