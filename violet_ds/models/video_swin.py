@@ -224,7 +224,7 @@ class SwinBlock3D(nn.Module):
 
     def _attention(self, x: torch.Tensor, window: Size3, shift: Size3,
                    shift_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        b, t, h, w, c = x.shape
+        b, t, h, w, _ = x.shape
         x = self.norm1(x)
         pad = [(-s) % ws for s, ws in zip((t, h, w), window)]
         if any(pad):
@@ -391,7 +391,7 @@ def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, 
 
 def _resize_bias_table_2d(table: torch.Tensor, size: int) -> torch.Tensor:
     """Bicubic resize of a ((2w-1)^2, heads) 2D table to ((size)^2, heads)."""
-    old = int(round(table.shape[0] ** 0.5))
+    old = round(table.shape[0] ** 0.5)
     if old == size:
         return table
     grid = table.t().reshape(1, -1, old, old).float()
