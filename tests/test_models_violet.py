@@ -287,3 +287,12 @@ def test_pretrained_swin_override_loads_kinetics_layout(tmp_path):
     for key, value in donor.state_dict().items():
         expected = value.half().float() if value.is_floating_point() else value
         assert torch.equal(model.video_backbone.state_dict()[key], expected), key
+
+
+def test_list_models_command(capsys):
+    from violet_ds.cli import main
+
+    main(["list-models", "--names", "[violet-tiny, vimpac-small]"])
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed] == ["violet-tiny", "vimpac-small"]
+    assert "video_swin" in printed[0] and "cross" in printed[0]
