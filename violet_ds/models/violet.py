@@ -222,12 +222,17 @@ class VioletModel(nn.Module):
             raise FileNotFoundError(f"{model_dir}: no *.safetensors or pytorch_model.bin with BERT weights")
         # Hugging Face BERT checkpoints exist with and without the `bert.` prefix
         state = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in state.items()}
-        mapped = {}
+        mapped, unused = {}, []
         for key, value in state.items():
             if key.startswith("embeddings."):
                 mapped["text_embeddings." + key[len("embeddings."):]] = value
             elif key.startswith("encoder.layer."):
                 mapped["cross_encoder.layer." + key[len("encoder.layer."):]] = value
+            else:
+                unused.append(key)
+        if unused:
+            # e.g. the pooler, or an MLM head: VIOLET has its own heads
+            log.info("%s: BERT weights not used by the backbone: %s", model_dir, sorted(unused))
         own = {k: v for k, v in self.state_dict().items()
                if k.startswith(("text_embeddings.", "cross_encoder."))}
         mapped = {k: v for k, v in mapped.items() if k in own or not k.endswith(("position_ids", "token_type_ids"))}
