@@ -61,15 +61,6 @@ PY
     violet_ds_log "run directory: $(cd "$run_dir" && pwd)"
     violet_ds_log "resolved configuration:"
     sed 's/^/    /' "$resolved"
-    # a checkpoint converted by `violet-ds universal-checkpoint` (resume on another number of ranks)
-    # loads only with DeepSpeed's load_universal; ordinary checkpoints must not get it
-    local universal_overrides
-    universal_overrides="$("$python" -m violet_ds.engine.universal resume-overrides "$resolved")" || {
-        rm -f "$resolved"; return 2; }
-    if [ -n "$universal_overrides" ]; then
-        violet_ds_log "resuming a universal checkpoint: --engine.ds_overrides $universal_overrides"
-        args+=(--engine.ds_overrides "$universal_overrides")
-    fi
     rm -f "$resolved"
 
     export VIOLET_DS_PREEMPT_MARKER="$(cd "$run_dir" && pwd)/.preempted-${SLURM_JOB_ID:-local}"

@@ -114,7 +114,8 @@ def demo_dir(tmp_path_factory) -> Path:
 @pytest.mark.distributed
 def test_resume_one_to_two_to_one_rank_continues_the_reference(demo_dir):
     work = demo_dir
-    universal_on = ["--run.resume", "auto", "--engine.ds_overrides", '{"checkpoint": {"load_universal": true}}']
+    # no load_universal flag anywhere: the engine sets it because `latest` names a universal checkpoint
+    universal_on = ["--run.resume", "auto"]
     # reference: 1 rank x batch 4, steps 1..6, checkpoints at 2, 4, 6
     _pretrain(work, 1, "ref", 4, 6)
     reference = _steps(work / "runs/ref")
@@ -172,20 +173,3 @@ def _assert_same_fp32(checkpoint_dir: Path, tag: str) -> None:
                                map_location="cpu", weights_only=True)["param"]
         assert torch.equal(converted.reshape(tensor.shape), tensor.float()), name
 
-
-def test_resume_overrides_for_launchers(tmp_path):
-    checkpoints = tmp_path / "runs" / "big" / "checkpoints"
-    (checkpoints / "step00000004-universal").mkdir(parents=True)
-    (checkpoints / "step00000004-universal" / universal.COMPLETE_MARKER).write_text(
-        json.dumps({"step": 4, "universal": True}))
-    (checkpoints / "step00000006").mkdir()
-    (checkpoints / "step00000006" / universal.COMPLETE_MARKER).write_text(json.dumps({"step": 6}))
-    resolved = (f"run:\n  output_dir: {tmp_path / 'runs'}\n  name: big\n  resume: auto\n"
-                "engine:\n  ds_overrides:\n    zero_optimization: {reduce_bucket_size: 1000}\n")
-    (checkpoints / "latest").write_text("step00000004-universal")
-    assert universal.resume_overrides(resolved) == {"zero_optimization": {"reduce_bucket_size": 1000},
-                                                    "checkpoint": {"load_universal": True}}
-    # once the resumed run saved an ordinary checkpoint, a requeue loads it normally
-    (checkpoints / "latest").write_text("step00000006")
-    assert universal.resume_overrides(resolved) is None
-    assert universal.resume_overrides(resolved.replace("resume: auto", "resume: null")) is None

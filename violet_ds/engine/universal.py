@@ -15,8 +15,8 @@ command says which world sizes work.
 
 The converted checkpoint is a new tag `<tag>-universal` next to the original, marked complete and made
 `latest`, so `--run.resume auto` (and a requeued SLURM job) continues from it. Loading it needs
-`load_universal` in the DeepSpeed config for that one load: `configure_load` sets it when the tag to
-resume is universal.
+`load_universal` in the DeepSpeed config for that one load: the engine calls `configure_load`, which
+sets it exactly when the tag to resume is universal (later checkpoints are ordinary ones again).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -233,34 +232,3 @@ def universal_checkpoint(run_dir: str, tag: str = "latest", world_size: Optional
     print("\n".join(lines), flush=True)
     return 0
 
-
-def resume_overrides(resolved_yaml: str) -> Optional[dict]:
-    """`engine.ds_overrides` a launcher should pass so that this run loads its universal checkpoint.
-
-    `resolved_yaml` is the `--print_config` output of the command about to start. Returns None when
-    the checkpoint `run.resume` designates is not universal, else the run's own overrides with
-    `checkpoint.load_universal = true` merged in. The sbatch scripts use it until the engine applies
-    `configure_load` itself; after the resumed run saves again, `latest` is an ordinary checkpoint
-    and the flag is no longer added (a requeue then loads normally).
-    """
-    config = yaml.safe_load(resolved_yaml) or {}
-    run = config.get("run") or {}
-    run_dir = Path(run.get("output_dir") or "runs") / (run.get("name") or "run")
-    overrides = dict((config.get("engine") or {}).get("ds_overrides") or {})
-    configured = configure_load(overrides, run_dir / "checkpoints", run.get("resume"))
-    return None if configured is overrides else configured
-
-
-def _main(argv: list[str]) -> int:
-    """`python -m violet_ds.engine.universal resume-overrides RESOLVED.yaml`: print the JSON, if any."""
-    if len(argv) != 2 or argv[0] != "resume-overrides":
-        print("usage: python -m violet_ds.engine.universal resume-overrides RESOLVED.yaml", file=sys.stderr)
-        return 2
-    overrides = resume_overrides(Path(argv[1]).read_text())
-    if overrides is not None:
-        print(json.dumps(overrides))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))
