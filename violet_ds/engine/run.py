@@ -143,11 +143,16 @@ class SeededSamples(Dataset):
 
 
 def build_split(task, data: DataConfig, tokenizer, split: str, task_name: str) -> Dict[str, Dataset]:
-    """{name: dataset} of a split: the task's own `build_datasets` hook, else the generic dataset of the task."""
+    """{name: dataset} of a split, from the task's hooks when it has them, else the task's generic dataset.
+
+    Training data: `task.build_train_datasets(data_cfg, tokenizer, split)`; evaluation data (val/test):
+    `task.build_datasets(data_cfg, tokenizer, split)` (e.g. retrieval's separate texts and videos).
+    """
     if not getattr(data, split):
         return {}
-    if hasattr(task, "build_datasets"):
-        built = task.build_datasets(data, tokenizer, split)
+    hook = getattr(task, "build_train_datasets" if split == "train" else "build_datasets", None)
+    if hook is not None:
+        built = hook(data, tokenizer, split)
         if built:
             return dict(built)
     import inspect

@@ -390,3 +390,7 @@ class PretrainTask(nn.Module):
         dataset = parts[0] if len(parts) == 1 and sources[0].weight == 1.0 else \
             MixedDataset(parts, [source.weight for source in sources])
         return {split: dataset}
+
+    def build_train_datasets(self, data_cfg, tokenizer, split: str = "train") -> Dict[str, Any]:
+        """Training data: the same caption datasets (random caption per video, training transforms)."""
+        return self.build_datasets(data_cfg, tokenizer, split)
