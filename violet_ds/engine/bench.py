@@ -132,7 +132,7 @@ def _table(rows: List[dict]) -> str:
 
 def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames: int = 4, image_size: int = 224,
                 text_len: int = 32, checkpointing: List[bool] = [False, True], steps: int = 3, warmup: int = 1,
-                precision: str = "bf16", ds_config: str = "ds_configs/zero2_bf16.json",
+                precision: str = "bf16", ds_config: str = "auto",
                 tokenizer: Optional[str] = None, strategies: List[str] = ["rm", "bm"], threads: int = 2,
                 output: str = "runs/bench/bench_train.json") -> None:
     """Benchmark one pretraining step (VTM + MLM + MVM-pixel, forward + backward + ZeRO-2 step) per model,
@@ -148,12 +148,16 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
         steps: timed steps (the median is reported).
         warmup: untimed steps first.
         precision: bf16, fp16 or fp32.
-        ds_config: DeepSpeed JSON (its "auto" fields are filled).
+        ds_config: DeepSpeed JSON (its "auto" fields are filled); auto = zero2_bf16.json on CUDA,
+            cpu_test.json (small buckets) on CPU.
         tokenizer: BERT-style vocabulary folder (default: the packaged BERT-uncased vocabulary).
         strategies: visual masking strategies (add `am` to include the attention pass).
         threads: torch CPU threads.
         output: JSON file of the results.
     """
+    if ds_config == "auto":
+        on_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+        ds_config = "ds_configs/zero2_bf16.json" if on_cuda else "ds_configs/cpu_test.json"
     context = multiprocessing.get_context("spawn")
     rows = []
     for model in models:
