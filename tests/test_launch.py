@@ -70,10 +70,12 @@ def test_local_sh_usage_without_command():
 # ----------------------------------------------------------------------------------------- env mapping
 @pytest.fixture
 def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith("SLURM_") or key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                               "MASTER_ADDR", "MASTER_PORT"):
-            monkeypatch.delenv(key, raising=False)
+    # the code under test writes these variables itself: register each with monkeypatch first so the
+    # values it writes are undone too (a leaked WORLD_SIZE=8 would make later in-process runs multi-rank)
+    torch_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for key in [k for k in os.environ if k.startswith("SLURM_")] + list(torch_vars):
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
     return monkeypatch
 
 
