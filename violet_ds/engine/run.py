@@ -143,14 +143,16 @@ class SeededSamples(Dataset):
 
 
 def build_split(task, data: DataConfig, tokenizer, split: str, task_name: str) -> Dict[str, Dataset]:
-    """{name: dataset} of a split, from the task's hooks when it has them, else the task's generic dataset.
+    """{name: dataset} of a split, from the task's hook when it has one, else the task's generic dataset.
 
-    Training data: `task.build_train_datasets(data_cfg, tokenizer, split)`; evaluation data (val/test):
-    `task.build_datasets(data_cfg, tokenizer, split)` (e.g. retrieval's separate texts and videos).
+    The hook is `task.build_datasets(data_cfg, tokenizer, split)` (for training, an optional
+    `build_train_datasets` takes precedence); a hook returning nothing (e.g. retrieval for `train`)
+    falls back to the generic dataset of the task.
     """
     if not getattr(data, split):
         return {}
-    hook = getattr(task, "build_train_datasets" if split == "train" else "build_datasets", None)
+    hook = getattr(task, "build_train_datasets", None) if split == "train" else None
+    hook = hook or getattr(task, "build_datasets", None)
     if hook is not None:
         built = hook(data, tokenizer, split)
         if built:
