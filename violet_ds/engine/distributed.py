@@ -56,6 +56,11 @@ def slurm_master() -> tuple[str, str]:
     return addr, port
 
 
+def in_slurm_step() -> bool:
+    """True inside an `srun` task (not in the batch script itself, which has SLURM_PROCID=0 too)."""
+    return "SLURM_PROCID" in os.environ and ("SLURM_STEP_ID" in os.environ or "SLURM_STEPID" in os.environ)
+
+
 def env_from_slurm() -> None:
     """Fill the torch.distributed variables from SLURM's when the process is an `srun` task.
 
@@ -63,9 +68,7 @@ def env_from_slurm() -> None:
     script itself (SLURM_PROCID=0 but no job step) is not a rank: mapping it would make a command
     run there wait forever for peers that were never started.
     """
-    if "SLURM_PROCID" not in os.environ or "RANK" in os.environ:
-        return
-    if "SLURM_STEP_ID" not in os.environ and "SLURM_STEPID" not in os.environ:
+    if not in_slurm_step() or "RANK" in os.environ:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     # the step's task count: a step may use fewer tasks than the allocation (`srun -n1 ...`)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig, TaskConfig
 from . import deepspeed_engine as dse
-from .distributed import World, init_distributed
+from .distributed import World, in_slurm_step, init_distributed
 from .logging import RunLogger
 
 
@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 def setup_world(engine: EngineConfig) -> World:
     """init_distributed; a single process still gets a (1-rank) process group, which DeepSpeed needs."""
-    if "WORLD_SIZE" not in os.environ and "SLURM_PROCID" not in os.environ:
+    if "WORLD_SIZE" not in os.environ and not in_slurm_step():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("RANK", "0")

@@ -200,7 +200,9 @@ class Trainer:
         self.logger.truncate_metrics(self.state.step)
         stop = _StopSignal(self.run.save_on_sigterm)
         bar = progress_bar(self.total_steps, self.state.step, self.world, self.run.progress)
-        epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        # with max_steps the step count alone ends the run: after a resume on another world size the
+        # steps per epoch differ, and an epoch bound computed from them would stop the run early
+        epochs = math.ceil(self.total_steps / self.steps_per_epoch) if self.run.max_steps is None else math.inf
         sums: Dict[str, torch.Tensor] = {}
         micro_count = 0
         window_indices: List[int] = []
