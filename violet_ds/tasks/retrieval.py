@@ -299,4 +299,5 @@ def _progress(iterable, description: str, world):
         from tqdm import tqdm
     except ImportError:
         return iterable
-    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
+    # disable=None: no bar when the output is not a terminal (log files of batch jobs)
+    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True, disable=None)
