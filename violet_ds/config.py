@@ -48,7 +48,13 @@ class DataSource:
     vq: Optional[str] = None
     """pre-extracted DALL-E token sidecar (VQ MVM target)"""
     targets: Optional[str] = None
-    """pre-extracted MVM target sidecar (`violet-ds extract-targets`)"""
+    """pre-extracted MVM target sidecar folder(s) (`violet-ds extract-targets`), comma-separated, one per
+    target; batches whose videos are all in a sidecar take that target from it, others run the live
+    teacher. A sidecar describes the clip extraction read (evenly spaced segment-centre frames,
+    short-side resize + centre crop, no flip), so the engine reads this source's training clips the
+    same way (`sampling="fixed"`: no random frame offsets, crops, scale or flips) and refuses a source
+    with another spatial mode (e.g. `vq`'s resize); the sidecar's num_frames / image size must equal
+    data.num_frames / data.image_size, and two sidecars of one split may not hold the same target"""
     weight: float = 1.0
     """sampling weight when several sources are mixed"""
 

@@ -93,13 +93,19 @@ class ClipReader:
     """Reads one clip: temporal sampling on the stored frames, decoding only the chosen ones, transform."""
 
     def __init__(self, num_frames: int, size: int, train: bool, spatial: str = "crop", flip: bool = False,
-                 decoder: str = "auto", short: str = "repeat", scale: float = 1.0):
+                 decoder: str = "auto", short: str = "repeat", scale: float = 1.0, sampling: str = "auto"):
+        # `fixed`: evaluation-style clips (segment centres, centre crop, no flip/scale) even in training,
+        # which pre-extracted MVM targets (`violet-ds extract-targets`) need to describe the clip
+        if sampling not in ("auto", "fixed"):
+            raise ValueError(f"unknown clip sampling {sampling!r} (auto, fixed)")
         self.num_frames, self.train, self.decoder, self.short = num_frames, train, decoder, short
-        self.transform = VideoTransform(size, train=train, mode=spatial, flip=flip, scale=scale)
+        self.sampling = sampling
+        self.random_clip = train and sampling == "auto"
+        self.transform = VideoTransform(size, train=self.random_clip, mode=spatial, flip=flip, scale=scale)
         self.size = size
 
     def __call__(self, frames: list[str], generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = sample_frame_indices(len(frames), self.num_frames, self.train, generator, self.short)
+        indices = sample_frame_indices(len(frames), self.num_frames, self.random_clip, generator, self.short)
         unique, inverse = torch.unique(indices, return_inverse=True)
         decoded = decode_frames([frames[i] for i in unique.tolist()], self.decoder, min_size=self.size)
         video = self.transform(decoded, generator)[inverse]
@@ -114,13 +120,13 @@ class VideoTextDataset(Dataset):
     def __init__(self, tsv: TsvSpec, tokenizer: Optional[Tokenizer], num_frames: int = 5, size: int = 224,
                  max_text_len: int = 32, train: bool = False, *, spatial: str = "crop", flip: bool = False,
                  decoder: str = "auto", short: str = "repeat", max_bad_fraction: float = 0.0,
-                 frame_column: Optional[int] = None, source: Optional[FrameSource] = None):
+                 frame_column: Optional[int] = None, source: Optional[FrameSource] = None, sampling: str = "auto"):
         if not 0.0 <= max_bad_fraction < 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction}")
         self.source = source if source is not None else FrameSource(tsv, frame_column)
         self.tokenizer = tokenizer
         self.num_frames, self.size, self.max_text_len, self.train = num_frames, size, max_text_len, train
-        self.reader = ClipReader(num_frames, size, train, spatial, flip, decoder, short)
+        self.reader = ClipReader(num_frames, size, train, spatial, flip, decoder, short, sampling=sampling)
         self.max_bad_fraction = max_bad_fraction
         self.bad_samples: list[tuple[int, str, str]] = []
         self.missing_videos: list[str] = []

@@ -181,8 +181,59 @@ def build_split(task, data: DataConfig, tokenizer, split: str, task_name: str) -
     return {split: data_sets.MixedDataset(parts, weights)}
 
 
+def _sidecar_paths(source) -> list:
+    return [part.strip() for part in (source.targets or "").split(",") if part.strip()]
+
+
+def _source_parts(dataset: Dataset, sources) -> list:
+    """(dataset part, its DataSource or None when the parts cannot be matched to the sources)."""
+    parts = list(dataset.datasets) if hasattr(dataset, "datasets") and not hasattr(dataset, "reader") else [dataset]
+    if len(parts) == len(sources):
+        return list(zip(parts, sources))
+    return [(part, None) for part in parts]
+
+
+def prepare_sidecars(datasets: Mapping[str, Dataset], data: DataConfig, split: str) -> Dict[str, Any]:
+    """Open the split's `targets:` sidecars and make the clips they describe read the way extraction read them.
+
+    A stored target is right only for the clip extraction saw: evenly spaced segment-centre frames,
+    short-side resize + centre crop, no flip. Readers of sources with sidecars (all readers when the
+    datasets cannot be matched to sources) switch to `sampling="fixed"`; a source whose clips are not
+    centre crops (e.g. `spatial="resize"` for VQ tokens) or whose short rows are not stretched
+    (`short="repeat"`) is refused. Returns {target name: TargetStore}, empty without sidecars.
+    """
+    from violet_ds.data.datasets import ClipReader
+    from violet_ds.targets.extract import open_sidecars
+
+    sources = getattr(data, split)
+    paths = [path for source in sources for path in _sidecar_paths(source)]
+    if not paths:
+        return {}
+    stores = open_sidecars(paths, data.num_frames, data.image_size)
+    for dataset in datasets.values():
+        for part, source in _source_parts(dataset, sources):
+            if source is not None and not _sidecar_paths(source):
+                continue
+            reader = getattr(part, "reader", None)
+            if not isinstance(reader, ClipReader):
+                continue
+            where = f"data.{split} source {source.tsv!r}" if source is not None else f"data.{split}"
+            mode = reader.transform.mode
+            if mode != "crop":
+                raise ValueError(f"{where}: its clips use spatial={mode!r} but `targets:` sidecars were extracted "
+                                 "from short-side resize + centre crop (spatial='crop'); drop `targets` (or `vq`) "
+                                 "from that source")
+            if reader.short != "repeat":
+                raise ValueError(f"{where}: short rows use short={reader.short!r} but `targets:` sidecars were "
+                                 "extracted with short='repeat'")
+            if reader.random_clip:
+                part.reader = ClipReader(reader.num_frames, reader.size, reader.train, mode, reader.transform.flip,
+                                         reader.decoder, reader.short, reader.transform.scale, sampling="fixed")
+    return stores
+
+
 def _loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, world: World, seed: int,
-            drop_last: bool) -> DataLoader:
+            drop_last: bool, stores: Optional[Mapping[str, Any]] = None) -> DataLoader:
     from violet_ds.data.datasets import collate
 
     from .guard import ignore_preemption_signals
@@ -190,23 +241,30 @@ def _loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, world:
     generator = torch.Generator()
     generator.manual_seed(seed)
     workers = data.num_workers
+    collate_fn = collate
+    if stores:
+        from violet_ds.targets.extract import SidecarCollate
+
+        collate_fn = SidecarCollate(collate, dict(stores))
     # workers ignore SIGTERM so that a preempted run can finish its step and save
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                       worker_init_fn=ignore_preemption_signals if workers > 0 else None,
                       pin_memory=data.pin_memory and world.device.type == "cuda", drop_last=drop_last,
                       generator=generator, prefetch_factor=data.prefetch_factor if workers > 0 else None,
                       persistent_workers=False)
 
 
-def eval_loaders(datasets: Mapping[str, Dataset], data: DataConfig, world: World, seed: int) -> Dict[str, DataLoader]:
+def eval_loaders(datasets: Mapping[str, Dataset], data: DataConfig, world: World, seed: int,
+                 split: str = "val") -> Dict[str, DataLoader]:
     from violet_ds.data.sampler import ResumableDistributedSampler
 
+    stores = prepare_sidecars(datasets, data, split)
     loaders = {}
     for name, dataset in datasets.items():
         sampler = ResumableDistributedSampler(len(dataset), world.rank, world.world_size, seed, shuffle=False,
                                               drop_last=False)
         loaders[name] = _loader(dataset, sampler, data, data.eval_batch_size or data.batch_size, world, seed,
-                                drop_last=False)
+                                drop_last=False, stores=stores)
     return loaders
 
 
@@ -253,6 +311,11 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     seed_everything(engine.seed + 1 + world.rank)
 
     datasets = build_split(task_module, data, tokenizer, "train", task.name)
+    train_stores = prepare_sidecars(datasets, data, "train")
+    if train_stores:
+        logger.info("MVM targets from sidecars (live teacher for batches not fully covered): " +
+                    ", ".join(f"{name} <- {store.path} ({store.num_done()}/{len(store)} rows)"
+                              for name, store in train_stores.items()))
     train_set = SeededSamples(next(iter(datasets.values())), engine.seed)
     sampler = ResumableDistributedSampler(len(train_set), world.rank, world.world_size, engine.seed, shuffle=True,
                                           drop_last=True)
@@ -268,7 +331,8 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
         # the sampler's cursor counts samples of all ranks together
         sampler.set_cursor(consumed_local * world.world_size)
         train_set.epoch = epoch
-        return _loader(train_set, sampler, data, data.batch_size, world, engine.seed * 7919 + epoch, drop_last=True)
+        return _loader(train_set, sampler, data, data.batch_size, world, engine.seed * 7919 + epoch, drop_last=True,
+                       stores=train_stores)
 
     val_cache: Dict[str, DataLoader] = {}
 
@@ -385,7 +449,7 @@ def evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: Opti
     if world.device.type == "cuda" and engine.precision in ("bf16", "auto"):
         task_module.to(torch.bfloat16)
     datasets = build_split(task_module, data, tokenizer, split, task.name)
-    loaders = eval_loaders(datasets, data, world, engine.seed)
+    loaders = eval_loaders(datasets, data, world, engine.seed, split)
     metrics = run_evaluation(task_module, loaders, world, max_batches=run.val_max_batches, progress=run.progress)
     if world.is_main:
         (run_dir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2))

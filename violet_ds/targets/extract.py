@@ -38,16 +38,19 @@ ClipGeometry = Dict[str, Any]
 # ---------------------------------------------------------------------------------------- reading
 
 def read_clip(tsv, row: int, num_frames: int, size: int, decoder: str = "auto") -> torch.Tensor:
-    """uint8 `(num_frames, 3, size, size)` of one TSV row: evenly spaced frames, resize + centre crop."""
-    from violet_ds.data.frames import VideoTransform, decode_frames, sample_frame_indices
+    """uint8 `(num_frames, 3, size, size)` of one TSV row: evenly spaced frames, resize + centre crop.
+
+    The training datasets' own clip reader in its `sampling="fixed"` mode, so a sidecar holds the
+    target of exactly the clip a training run with that mode feeds the model.
+    """
+    from violet_ds.data.datasets import ClipReader
 
     key, frames = tsv.frames(row)
-    indices = sample_frame_indices(len(frames), num_frames, train=False)
+    reader = ClipReader(num_frames, size, train=False, spatial="crop", decoder=decoder, sampling="fixed")
     try:
-        video = decode_frames([frames[i] for i in indices.tolist()], decoder=decoder)
+        return reader(frames)[0]
     except ValueError as err:
         raise ValueError(f"{tsv.path}: row {row} ({key!r}): {err}") from err
-    return VideoTransform(size, train=False, mode="crop")(video)
 
 
 def _geometry(num_frames: int, size: int) -> ClipGeometry:
@@ -268,6 +271,25 @@ def open_stores(paths: Dict[str, Union[str, os.PathLike]], num_frames: int, size
         if not store.matches(name, num_frames, size):
             raise ValueError(f"{path}: sidecar holds target {store.target_name!r} with geometry "
                              f"{store.meta['geometry']}, the run needs {name!r} with {_geometry(num_frames, size)}")
+        stores[name] = store
+    return stores
+
+
+def open_sidecars(paths: Sequence[Union[str, os.PathLike]], num_frames: int, size: int) -> Dict[str, TargetStore]:
+    """Open sidecar folders keyed by the target each holds, checking their clip geometry.
+
+    Two folders holding the same target are refused (which one a batch should use is ambiguous).
+    """
+    stores: Dict[str, TargetStore] = {}
+    for path in paths:
+        store = TargetStore(path)
+        name = store.target_name
+        if name in stores:
+            raise ValueError(f"sidecars {stores[name].path} and {store.path} both hold target {name!r}; "
+                             "give one sidecar per target")
+        if not store.matches(name, num_frames, size):
+            raise ValueError(f"{path}: sidecar holds target {name!r} with geometry {store.meta['geometry']}, "
+                             f"the run needs {_geometry(num_frames, size)} (data.num_frames / data.image_size)")
         stores[name] = store
     return stores
 
