@@ -234,6 +234,14 @@ class DownstreamTask(nn.Module):
         return (word_id(self.tokenizer, "true", f"task {self.task_name} (head_style mlm)"),
                 word_id(self.tokenizer, "false", f"task {self.task_name} (head_style mlm)"))
 
+    def _add_match_head(self) -> None:
+        """The head `match_scores` needs: the MLM head + true/false ids (mlm style) or a 1-way score head."""
+        if self.head_style == "mlm":
+            self.heads["mlm"] = self._mlm_head()
+            self.true_id, self.false_id = self._true_false_ids()
+        else:
+            self.heads["score"] = self._score_head(1)
+
     # ---- pair scoring shared by matching-style tasks (MC options, retrieval, zero-shot VTM)
     def match_scores(self, video_tokens: torch.Tensor, video_mask: torch.Tensor, text_ids: torch.Tensor,
                      text_mask: torch.Tensor) -> torch.Tensor:

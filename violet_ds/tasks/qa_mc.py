@@ -33,11 +33,7 @@ class MultipleChoiceQA(DownstreamTask):
 
     def __init__(self, model, cfg, tokenizer):
         super().__init__(model, cfg, tokenizer)
-        if self.head_style == "mlm":
-            self.heads["mlm"] = self._mlm_head()
-            self.true_id, self.false_id = self._true_false_ids()
-        else:
-            self.heads["score"] = self._score_head(1)
+        self._add_match_head()
 
     def option_logits(self, batch: Dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, K) option scores and, for the MLM style in training, the MLM loss."""

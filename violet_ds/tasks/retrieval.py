@@ -46,11 +46,7 @@ class Retrieval(DownstreamTask):
 
     def __init__(self, model, cfg, tokenizer):
         super().__init__(model, cfg, tokenizer)
-        if self.head_style == "mlm":
-            self.heads["mlm"] = self._mlm_head()
-            self.true_id, self.false_id = self._true_false_ids()
-        else:
-            self.heads["score"] = self._score_head(1)
+        self._add_match_head()
         temperature = self.options["temperature"]
         self.temperature = float(cfg.vtm_temperature if temperature is None else temperature)
         self.last_scores: Optional[torch.Tensor] = None
