@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import pickle
+from multiprocessing.reduction import ForkingPickler
 import shutil
 from pathlib import Path
 
@@ -163,7 +163,8 @@ def test_per_process_reopen_and_pickling(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "getpid", lambda: real_pid + 1)
     assert tsv[1] == ["b", "2"]
     assert tsv._handle is not handle and not handle.closed  # the parent's handle is left alone
-    clone = pickle.loads(pickle.dumps(tsv))
+    # what a spawned DataLoader worker receives: the reduction used by torch.multiprocessing
+    clone = ForkingPickler.loads(ForkingPickler.dumps(tsv))
     assert clone._handle is None and clone[0] == ["a", "1"]
 
 

@@ -169,7 +169,7 @@ def _assert_same_fp32(checkpoint_dir: Path, tag: str) -> None:
     source = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     assert source, tag
     for name, tensor in source.items():
-        converted = torch.load(checkpoint_dir / f"{tag}-universal" / "zero" / name / "fp32.pt",
-                               map_location="cpu", weights_only=True)["param"]
+        fp32_file = checkpoint_dir / f"{tag}-universal" / "zero" / name / "fp32.pt"
+        converted = torch.load(fp32_file, map_location="cpu", weights_only=True)["param"]
         assert torch.equal(converted.reshape(tensor.shape), tensor.float()), name
 

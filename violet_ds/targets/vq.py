@@ -14,9 +14,9 @@ Convolutions hold their weights as `w`/`b` (the official layout), widths n_hid, 
 Pixels in [0, 1] are squeezed into [eps, 1-eps] (eps = 0.1) before the encoder, as DALL-E does.
 
 Weights: the official `encoder.pkl` is a *pickled module*; loading it would execute code, so it is
-not supported. Convert it once where it is trusted (`torch.save(torch.load("encoder.pkl",
-weights_only=False).state_dict(), "dalle_encoder.pt")`) and pass the state dict (`.pt`/`.pth` read
-with `weights_only=True`, or `.safetensors`). The architecture (n_hid, blocks per group, vocabulary)
+not supported. Convert it once, on a machine and with code you trust, by unpickling the module and
+saving its `state_dict()` with `torch.save` (or safetensors); then pass that state dict (`.pt`/`.pth`
+read with `weights_only=True`, or `.safetensors`). The architecture (n_hid, blocks per group, vocabulary)
 is read off the state dict's shapes. Keys under `dalle.encoder.` or `encoder.` (VIOLETv2 pretraining
 checkpoints) are accepted.
 
