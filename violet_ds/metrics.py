@@ -47,6 +47,17 @@ def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> fl
 
 
 # ---------------------------------------------------------------------------------------- retrieval
+def _rank_with_ties(higher: torch.Tensor, equal: torch.Tensor, ties: str) -> torch.Tensor:
+    """1-based rank from the counts of competitors scoring higher / equal, under a tie rule."""
+    if ties == "pessimistic":
+        return 1.0 + higher + equal
+    if ties == "optimistic":
+        return 1.0 + higher
+    if ties == "mean":
+        return 1.0 + higher + equal / 2.0
+    raise ValueError(f"unknown tie rule {ties!r} (pessimistic, optimistic, mean)")
+
+
 def ranks_of_targets(scores: torch.Tensor, target_index: torch.Tensor, ties: TieRule = "pessimistic") -> torch.Tensor:
     """1-based rank of each row's target column in a `(rows, columns)` score matrix.
 
@@ -64,13 +75,7 @@ def ranks_of_targets(scores: torch.Tensor, target_index: torch.Tensor, ties: Tie
     target_score = scores.gather(1, target_index[:, None])
     higher = (scores > target_score).sum(dim=1).float()
     equal_others = (scores == target_score).sum(dim=1).float() - 1.0
-    if ties == "pessimistic":
-        return 1.0 + higher + equal_others
-    if ties == "optimistic":
-        return 1.0 + higher
-    if ties == "mean":
-        return 1.0 + higher + equal_others / 2.0
-    raise ValueError(f"unknown tie rule {ties!r} (pessimistic, optimistic, mean)")
+    return _rank_with_ties(higher, equal_others, ties)
 
 
 def recall_metrics(ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10), prefix: str = "") -> Dict[str, float]:
@@ -112,13 +117,7 @@ def video_to_text_ranks(scores: torch.Tensor, text_to_video: torch.Tensor, ties:
     best_correct = scores_v.masked_fill(~correct, float("-inf")).max(dim=1).values[:, None]
     higher_wrong = ((scores_v > best_correct) & ~correct).sum(dim=1).float()
     equal_wrong = ((scores_v == best_correct) & ~correct).sum(dim=1).float()
-    if ties == "pessimistic":
-        return 1.0 + higher_wrong + equal_wrong
-    if ties == "optimistic":
-        return 1.0 + higher_wrong
-    if ties == "mean":
-        return 1.0 + higher_wrong + equal_wrong / 2.0
-    raise ValueError(f"unknown tie rule {ties!r} (pessimistic, optimistic, mean)")
+    return _rank_with_ties(higher_wrong, equal_wrong, ties)
 
 
 # --------------------------------------------------------------------------------------- captioning

@@ -186,8 +186,14 @@ class VideoTextDataset(Dataset):
             return sample
         raise BadSampleLimitError(f"every sample of {type(self).__name__} failed to load")
 
+    # subclasses keep their annotation records (each with a `.video`) in `self.records`
+    records: list = []
+
+    def __len__(self) -> int:
+        return len(self.records)
+
     def video_of(self, index: int) -> str:
-        raise NotImplementedError
+        return self.records[index].video
 
     def bad_sample_report(self) -> dict[str, Any]:
         return {"seen": self.samples_seen, "bad": len(self.bad_samples),
@@ -222,12 +228,6 @@ class PretrainDataset(VideoTextDataset):
             absent = [r.video for r in self.records if r.video not in self.vq_tokens]
             if absent:
                 raise MissingVideoError(f"{vq}: no VQ tokens for video {absent[0]!r} ({len(absent)} videos missing)")
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def video_of(self, index: int) -> str:
-        return self.records[index].video
 
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
@@ -292,12 +292,6 @@ class MCQADataset(VideoTextDataset):
             raise ann.AnnotationError(f"{annotations}: {split}: records have different option counts {sorted(counts)}")
         self.records = self._keep_present(records, annotations, split)
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def video_of(self, index: int) -> str:
-        return self.records[index].video
-
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         video, _ = self.read_clip(record.video)
@@ -334,12 +328,6 @@ class OEQADataset(VideoTextDataset):
         self.unanswerable = sum(r.answer == ann.UNANSWERABLE for r in self.records)
         self.answer_token_ids = [tokenizer.token_id(word) for word in self.vocab]
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def video_of(self, index: int) -> str:
-        return self.records[index].video
-
     def question_text(self, record: ann.OERecord) -> str:
         return record.question
 
@@ -372,12 +360,6 @@ class RetrievalDataset(VideoTextDataset):
         super().__init__(tsv, tokenizer, num_frames, size, max_text_len, train, **options)
         self.annotation_path = annotations
         self.records = self._keep_present(ann.load_text_video(annotations, split), annotations, split)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def video_of(self, index: int) -> str:
-        return self.records[index].video
 
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
@@ -469,12 +451,6 @@ class CaptionDataset(VideoTextDataset):
                 grouped.setdefault(record.video, []).append(record.caption)
             self.records = [ann.CaptionRecord(video, captions) for video, captions in grouped.items()]
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def video_of(self, index: int) -> str:
-        return self.records[index].video
-
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         video, _ = self.read_clip(record.video)
@@ -499,12 +475,6 @@ class ActionDataset(VideoTextDataset):
     @property
     def num_classes(self) -> int:
         return len(self.classes) or (max(r.label for r in self.records) + 1)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def video_of(self, index: int) -> str:
-        return self.records[index].video
 
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]

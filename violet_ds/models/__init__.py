@@ -17,7 +17,7 @@ from torch import nn
 
 from violet_ds.registry import MODELS
 
-from .violet import VioletConfig, VioletModel, VioletOutput
+from .violet import VioletConfig, VioletModel, VioletOutput, check_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +89,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict:
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     else:
         ignored = []
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"{path}: weights do not match the model: missing {missing}, unexpected {unexpected}")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, model expects {tuple(own[key].shape)}")
+    check_state_dict(state, model.state_dict(), f"{path}: weights")
     model.load_state_dict(state, strict=True)
     if ignored:
         log.info("%s: ignored %d non-backbone keys (heads): %s", path, len(ignored), ignored[:8])

@@ -122,6 +122,17 @@ class OffloadSavedActivations(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, unpack)
 
 
+def check_state_dict(state: dict, own: dict, where: str) -> None:
+    """Raise, naming every key, unless `state` has exactly the keys of `own` with the same shapes."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"{where} do not match the model: missing {missing}, unexpected {unexpected}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
+
+
 class CrossModalEncoder(nn.Module):
     """A stack of BERT layers over the concatenated video+text sequence (official prefix `trsfr.`)."""
 
@@ -236,13 +247,7 @@ class VioletModel(nn.Module):
         own = {k: v for k, v in self.state_dict().items()
                if k.startswith(("text_embeddings.", "cross_encoder."))}
         mapped = {k: v for k, v in mapped.items() if k in own or not k.endswith(("position_ids", "token_type_ids"))}
-        missing = sorted(set(own) - set(mapped))
-        unexpected = sorted(set(mapped) - set(own))
-        if missing or unexpected:
-            raise KeyError(f"{model_dir}: BERT weights do not fit (missing {missing}, unexpected {unexpected})")
-        for key, value in mapped.items():
-            if tuple(value.shape) != tuple(own[key].shape):
-                raise ValueError(f"{model_dir}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+        check_state_dict(mapped, own, f"{model_dir}: BERT weights")
         self.load_state_dict(mapped, strict=False)
 
     # ------------------------------------------------------------------ public API
