@@ -52,6 +52,8 @@ def test_score_and_answer_heads_follow_official_layout():
     assert set(head.state_dict()) == {"1.weight", "1.bias", "3.weight", "3.bias"}
     assert tuple(head[1].weight.shape) == (32, 16) and isinstance(head[0], nn.Dropout)
     assert head(torch.randn(5, 16)).shape == (5, 1)
+    # the last layer starts at zero: every candidate scores the same until training separates them
+    assert torch.equal(head(torch.randn(5, 16)), torch.zeros(5, 1))
     answer = AnswerHead(16, 1000)
     assert answer(torch.randn(2, 16)).shape == (2, 1000)
 

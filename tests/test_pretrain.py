@@ -51,6 +51,7 @@ def test_vtm_is_cross_entropy_over_in_batch_negatives_with_temperature(tokenizer
     batch = _batch(tokenizer)
     negatives = torch.tensor([[1, 2], [2, 0], [0, 1]])  # min(B, 3+1) - 1 = 2 negatives each
     monkeypatch.setattr(task, "_negatives", lambda size, device: negatives)
+    torch.nn.init.normal_(task.heads["score"][3].weight, std=0.5)  # starts at zero: all logits would tie
     out = task(batch)
     logits = torch.zeros(3, 3)
     for video_index in range(3):
@@ -59,6 +60,7 @@ def test_vtm_is_cross_entropy_over_in_batch_negatives_with_temperature(tokenizer
                              batch["text_mask"][text_index:text_index + 1])
             logits[video_index, column] = task.heads["score"](output.pooled).squeeze()
     expected = F.cross_entropy(logits / 0.05, torch.zeros(3, dtype=torch.long))
+    assert logits.std() > 1e-3
     assert torch.allclose(out["loss_vtm"], expected, atol=1e-4), (out["loss_vtm"], expected)
     assert torch.allclose(out["loss"], expected, atol=1e-4)
     assert set(out) == {"loss", "loss_vtm", "acc_vtm"}

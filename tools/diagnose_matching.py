@@ -18,7 +18,7 @@ from violet_ds.data.datasets import PretrainDataset, collate
 from violet_ds.data.frames import normalize
 from violet_ds.data.tokenizer import load_tokenizer
 from violet_ds.models import create_model
-from violet_ds.models.heads import ScoreHead
+from violet_ds.models.heads import ScoreHead, head_dropout
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
                               num_frames=args.frames, size=args.size, max_text_len=24, train=False)
     batch = collate([dataset[i] for i in range(args.pairs)])
     model = create_model(args.model, vocab_size=tokenizer.vocab_size)
-    head = ScoreHead(model.hidden_size, 1)
+    head = ScoreHead(model.hidden_size, 1, dropout=head_dropout(model))
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr)
     video = normalize(batch["video"])
     ids, mask = batch["text_ids"], batch["text_mask"]

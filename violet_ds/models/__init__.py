@@ -30,7 +30,15 @@ VIOLET_VARIANTS: Dict[str, dict] = {
         swin_overrides=dict(embed_dim=32, depths=(2, 2, 2), num_heads=(1, 2, 4), patch_size=(2, 8, 8),
                             window_size=(2, 4, 4)),
         drop_path=0.0, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512,
-        max_frames=8, max_position_embeddings=128),
+        max_frames=8, max_position_embeddings=128,
+        # no dropout at this size: trained from scratch on little data, dropout noise on the pooled
+        # output drowns the small video-text interaction at init and matching never leaves chance
+        # (tools/diagnose_matching.py: 8 pairs stay at ln 8 with dropout 0.1, reach 0 in 90 steps without)
+        hidden_dropout=0.0, attention_dropout=0.0,
+        # BERT's 0.02 is for width 768; at width 128 it makes every layer ~2.4x weaker and the pooled
+        # [CLS] output nearly input-independent (variance across pairs ~4e-5 against ~1.5e-3 at 0.05).
+        # 0.05 keeps BERT-base's per-layer gain (std * sqrt(width) ~ 0.55)
+        initializer_range=0.05),
     # VIOLET: Video Swin-S, 768 features straight into BERT-base
     "violet-v1": dict(swin_variant="small", drop_path=0.2),
     # VIOLETv2 / LAVENDER: Video Swin-B + Linear(1024, 768), plus the (unused) order embedding

@@ -251,18 +251,18 @@ def to_official_state_dict(state: Dict[str, torch.Tensor], mvm_target: str = "pi
 
 def build_heads(heads: Dict[str, dict], model: nn.Module, tie_mlm: bool = False) -> nn.ModuleDict:
     """A heads ModuleDict matching a description from `describe_official` (or written by hand)."""
-    from .heads import MLMHead, MVMHead, ScoreHead, TaskEmbedding
+    from .heads import MLMHead, MVMHead, ScoreHead, TaskEmbedding, head_dropout
 
     hidden = model.hidden_size
     built = nn.ModuleDict()
     for name, spec in heads.items():
         if name in ("score", "answer"):
-            built[name] = ScoreHead(hidden, out=spec["out"])
+            built[name] = ScoreHead(hidden, out=spec["out"], dropout=head_dropout(model))
         elif name == "mlm":
             tie = model.word_embeddings if (tie_mlm or spec.get("tied")) else None
             built[name] = MLMHead(hidden, spec["vocab_size"], tie_to=tie)
         elif name == "mvm":
-            built[name] = MVMHead(hidden, spec["kind"], spec["channels"])
+            built[name] = MVMHead(hidden, spec["kind"], spec["channels"], dropout=head_dropout(model))
         elif name == "task_embedding":
             built[name] = TaskEmbedding(spec["num_tasks"], hidden)
         else:

@@ -57,6 +57,12 @@ class MLMHead(nn.Module):
         return F.linear(x, self.decoder_weight, self.bias)
 
 
+def head_dropout(model: nn.Module, default: float = 0.1) -> float:
+    """Dropout for task heads: the backbone's hidden dropout (0.1 in BERT / the official heads; 0 in violet-tiny)."""
+    cfg = getattr(model, "cfg", None)
+    return float(getattr(cfg, "hidden_dropout", default))
+
+
 class ScoreHead(nn.Sequential):
     """`Dropout -> Linear(h, 2h) -> ReLU -> Linear(2h, out)` on the pooled output (official `fc.1`, `fc.3`).
 
@@ -66,6 +72,11 @@ class ScoreHead(nn.Sequential):
     def __init__(self, hidden: int, out: int = 1, dropout: float = 0.1):
         super().__init__(nn.Dropout(dropout), nn.Linear(hidden, 2 * hidden), nn.ReLU(inplace=True),
                          nn.Linear(2 * hidden, out))
+        # all scores start equal (loss = ln(#candidates)): with a random last layer the initial scores
+        # vary by text and video alone, and the quickest way down is to shrink the head until its
+        # ReLUs die, which leaves matching stuck at chance when the backbone is trained from scratch
+        nn.init.zeros_(self[3].weight)
+        nn.init.zeros_(self[3].bias)
 
 
 def AnswerHead(hidden: int, num_answers: int, dropout: float = 0.1) -> ScoreHead:  # noqa: N802

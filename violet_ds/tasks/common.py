@@ -226,9 +226,9 @@ class DownstreamTask(nn.Module):
         return MLMHead(self.model.hidden_size, vocab, tie_to=self.model.word_embeddings if tie else None)
 
     def _score_head(self, out: int = 1) -> nn.Module:
-        from violet_ds.models.heads import ScoreHead
+        from violet_ds.models.heads import ScoreHead, head_dropout
 
-        return ScoreHead(self.model.hidden_size, out)
+        return ScoreHead(self.model.hidden_size, out, dropout=head_dropout(self.model))
 
     def _true_false_ids(self) -> Tuple[int, int]:
         return (word_id(self.tokenizer, "true", f"task {self.task_name} (head_style mlm)"),

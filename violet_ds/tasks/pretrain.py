@@ -120,7 +120,7 @@ class PretrainTask(nn.Module):
                              f"vocabulary only {self.vocab_size}: set model.overrides.vocab_size")
         self.patch = int(getattr(getattr(getattr(model, "video_backbone", None), "cfg", None), "stride", 32))
 
-        from violet_ds.models.heads import MLMHead, MVMHead, ScoreHead
+        from violet_ds.models.heads import MLMHead, MVMHead, ScoreHead, head_dropout
 
         hidden = model.hidden_size
         self.heads = nn.ModuleDict()
@@ -128,7 +128,7 @@ class PretrainTask(nn.Module):
             tie = model.word_embeddings if getattr(model, "tie_mlm_head", False) else None
             self.heads["mlm"] = MLMHead(hidden, self.vocab_size, tie_to=tie)
         if self.weights["vtm"] and not self.lavender:
-            self.heads["score"] = ScoreHead(hidden, out=1)
+            self.heads["score"] = ScoreHead(hidden, out=1, dropout=head_dropout(model))
         if self.lavender and self.weights["vtm"]:
             self.true_id = self._single_piece("true")
             self.false_id = self._single_piece("false")
@@ -146,7 +146,8 @@ class PretrainTask(nn.Module):
             for number, entry in enumerate(self.targets):
                 head_name = "mvm" if number == 0 else f"mvm_{entry.name}"
                 spec = entry.target.spec
-                self.heads[head_name] = MVMHead(hidden, spec.kind, spec.channels, patch=self.patch)
+                self.heads[head_name] = MVMHead(hidden, spec.kind, spec.channels, patch=self.patch,
+                                                 dropout=head_dropout(model))
                 self.mvm_head_names[entry.name] = head_name
 
     def _single_piece(self, word: str) -> int:
