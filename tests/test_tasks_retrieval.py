@@ -67,6 +67,9 @@ def build_task(tokenizer_dir: Path, head_style: str = "head", **options):
     options.setdefault("pair_batch", 5)  # several chunks per matrix, chunks crossing video boundaries
     task = create_task("retrieval", model, TaskConfig(name="retrieval", head_style=head_style, options=options),
                        tokenizer)
+    if "score" in task.heads:
+        # score heads start with a zero last layer (all scores equal): give the matrices something to rank
+        torch.nn.init.normal_(task.heads["score"][3].weight, std=0.5)
     return task.eval(), tokenizer
 
 
@@ -134,6 +137,22 @@ def test_sharded_evaluation_matches_single_process(tmp_path):
             assert result["metrics"] == pytest.approx(single)
 
 
+def test_max_batches_ranks_captions_of_the_encoded_videos_only(tmp_path):
+    """`max_batches` (run.val_max_batches) caps the video batches; captions of other videos are left out and
+    the scores are the matching block of the full matrix."""
+    from violet_ds.engine.distributed import World
+    from violet_ds.engine.evaluator import evaluate
+
+    tokenizer_dir = make_tokenizer_dir(tmp_path)
+    task, tokenizer = build_task(tokenizer_dir, "head")
+    task.evaluate_full(loaders_for(tokenizer, 0, 1), World())
+    full = task.last_scores
+    metrics = evaluate(task, loaders_for(tokenizer, 0, 1), World(), max_batches=1)  # 1 batch = videos 0..2
+    kept = [row for row, video in enumerate(CAPTION_VIDEO) if video < 3]
+    assert metrics["num_videos"] == 3 and metrics["num_texts"] == len(kept)
+    torch.testing.assert_close(task.last_scores, full[kept][:, :3], atol=1e-5, rtol=1e-5)
+
+
 def test_training_loss_in_batch_contrast(tmp_path):
     tokenizer_dir = make_tokenizer_dir(tmp_path)
     task, tokenizer = build_task(tokenizer_dir, "head")
@@ -153,7 +172,7 @@ def test_training_loss_in_batch_contrast(tmp_path):
     out = task(batch)
     assert torch.isfinite(out["loss"]) and out["loss"] > 0
     out["loss"].backward()
-    assert task.heads["score"][1].weight.grad.abs().sum() > 0
+    assert task.heads["score"][3].weight.grad.abs().sum() > 0  # the last layer starts at zero
 
     lavender, _ = build_task(tokenizer_dir, "mlm")
     lavender.train()

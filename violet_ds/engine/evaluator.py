@@ -70,7 +70,8 @@ def evaluate(task: torch.nn.Module, loaders: Mapping[str, Any], world: World, *,
              max_batches: Optional[int] = None, progress: bool = False) -> Dict[str, float]:
     """Run a task's evaluation over `loaders` ({name: DataLoader}); returns metrics (same on every rank).
 
-    A task with `evaluate_full(loaders, world)` evaluates itself (e.g. full retrieval matrices);
+    A task with `evaluate_full(loaders, world, max_batches=None)` evaluates itself (e.g. full retrieval
+    matrices; `max_batches` caps the batches it reads from each loader, as for step-wise evaluation);
     otherwise each loader goes through `evaluate_step` and the list of outputs to `evaluate_end`.
     Metrics of loaders other than the first are prefixed with the loader name.
     """
@@ -82,7 +83,8 @@ def evaluate(task: torch.nn.Module, loaders: Mapping[str, Any], world: World, *,
     with torch.random.fork_rng(devices=[]):
         try:
             if hasattr(task, "evaluate_full"):
-                return {k: float(v) for k, v in task.evaluate_full(dict(loaders), world).items()}
+                full = task.evaluate_full(dict(loaders), world, max_batches=max_batches)
+                return {k: float(v) for k, v in full.items()}
             metrics: Dict[str, float] = {}
             for position, (name, loader) in enumerate(loaders.items()):
                 outputs = []

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Dict, List, Mapping, Set
+import itertools
+from typing import Any, Dict, List, Mapping, Optional, Set
 
 import torch
 from torch import nn
@@ -235,7 +236,7 @@ class MultiTask(nn.Module):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate_full(self, loaders: Dict[str, Any], world) -> Dict[str, float]:
+    def evaluate_full(self, loaders: Dict[str, Any], world, max_batches: Optional[int] = None) -> Dict[str, float]:
         """Each task on its own loaders (`<key>/<name>`); metrics `<key>/<metric>` and `mean_main`."""
         from violet_ds.engine.evaluator import to_device
 
@@ -250,11 +251,12 @@ class MultiTask(nn.Module):
                 continue
             sub = self.subtasks[key]
             if hasattr(sub, "evaluate_full"):
-                result = sub.evaluate_full(own, world)
+                result = sub.evaluate_full(own, world, max_batches=max_batches)
             else:
                 result = {}
                 for name, loader in own.items():
-                    outputs = [sub.evaluate_step(to_device(batch, device)) for batch in loader]
+                    outputs = [sub.evaluate_step(to_device(batch, device))
+                               for batch in itertools.islice(loader, max_batches)]
                     result.update(sub.evaluate_end(outputs, world))
             metrics.update({f"{key}/{name}": float(value) for name, value in result.items()})
             main = MAIN_METRIC.get(self.specs[key]["task"])

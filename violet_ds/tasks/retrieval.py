@@ -18,6 +18,7 @@ R@1/5/10 and median rank (text->video and video->text, several captions per vide
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -113,14 +114,16 @@ class Retrieval(DownstreamTask):
         return build_retrieval_eval_datasets(data_cfg, tokenizer, split)
 
     @torch.no_grad()
-    def _encode_video_shard(self, loader, world) -> Tuple[List[int], List[str], List[torch.Tensor]]:
-        """Encode this rank's share of the videos once: (indices, video ids, token tensors per batch)."""
+    def _encode_video_shard(self, loader, world, max_batches: Optional[int] = None
+                            ) -> Tuple[List[int], List[str], List[torch.Tensor]]:
+        """Encode this rank's share of the videos once: (indices, video ids, token tensors per batch);
+        `max_batches` stops after that many loader batches."""
         rank, world_size = (world.rank, world.world_size) if world is not None else (0, 1)
         indices: List[int] = []
         video_ids: List[str] = []
         tokens: List[torch.Tensor] = []
         seen = set()
-        for batch in _progress(loader, "retrieval: videos", world):
+        for batch in _progress(itertools.islice(loader, max_batches), "retrieval: videos", world):
             index = batch["index"].long().view(-1)
             # keep index % world == rank: with the engine's strided sampler (no shuffle) this is exactly the
             # rank's share without its padding repeats; with an unsharded loader it shards the encoding work
@@ -181,8 +184,12 @@ class Retrieval(DownstreamTask):
         return scores.view(num_videos, num_texts).t().contiguous()
 
     @torch.no_grad()
-    def evaluate_full(self, loaders: Dict[str, Any], world) -> Dict[str, float]:
-        """Full text x video evaluation; `loaders` has `texts` and `videos` (see `build_datasets`)."""
+    def evaluate_full(self, loaders: Dict[str, Any], world, max_batches: Optional[int] = None) -> Dict[str, float]:
+        """Full text x video evaluation; `loaders` has `texts` and `videos` (see `build_datasets`).
+
+        `max_batches` (validation during training: `run.val_max_batches`) encodes only the first
+        `max_batches` video batches of each rank and ranks the captions of those videos among them.
+        """
         missing = {"texts", "videos"} - set(loaders)
         if missing:
             raise KeyError(f"retrieval.evaluate_full needs loaders 'texts' and 'videos', missing {sorted(missing)} "
@@ -191,7 +198,9 @@ class Retrieval(DownstreamTask):
         self.eval()
         try:
             texts = self._collect_texts(loaders["texts"], world)
-            indices, video_ids, video_tokens = self._encode_video_shard(loaders["videos"], world)
+            indices, video_ids, video_tokens = self._encode_video_shard(loaders["videos"], world, max_batches)
+            if max_batches is not None:
+                texts = _texts_of_videos(texts, {v for part in gather_objects([video_ids], world) for v in part})
             local = self.score_matrix_shard(texts, video_tokens, world)
             shards = gather_objects([(indices, video_ids, local)], world)
         finally:
@@ -231,6 +240,16 @@ class Retrieval(DownstreamTask):
     def evaluate_end(self, outputs: List[Dict[str, Any]], world) -> Dict[str, float]:
         merged = gather_step_outputs(outputs, world)
         return {"in_batch_acc": 100.0 * float(merged["in_batch_acc"].mean())}
+
+
+def _texts_of_videos(texts: Dict[str, Any], videos: set) -> Dict[str, Any]:
+    """The rows of a `_collect_texts` result whose video is in `videos`."""
+    keep = [i for i, video in enumerate(texts["video_id"]) if video in videos]
+    if not keep:
+        raise ValueError("retrieval: no caption names one of the videos encoded within max_batches")
+    rows = torch.tensor(keep, dtype=torch.long)
+    return {"index": texts["index"][rows], "text_ids": texts["text_ids"][rows], "text_mask": texts["text_mask"][rows],
+            "video_id": [texts["video_id"][i] for i in keep]}
 
 
 class MultiClipVideoDataset(VideoDataset):

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Dict, List
+import itertools
+from typing import Any, Dict, List, Optional
 
 from torch import nn
 
@@ -88,16 +89,17 @@ class ZeroShot(nn.Module):
         hook = getattr(self.inner, "build_datasets", None)
         return hook(data_cfg, tokenizer, split) if hook is not None else {}
 
-    def evaluate_full(self, loaders: Dict[str, Any], world) -> Dict[str, float]:
+    def evaluate_full(self, loaders: Dict[str, Any], world, max_batches: Optional[int] = None) -> Dict[str, float]:
         self._check_heads()
         if hasattr(self.inner, "evaluate_full"):
-            return self.inner.evaluate_full(loaders, world)
+            return self.inner.evaluate_full(loaders, world, max_batches=max_batches)
         from violet_ds.engine.evaluator import to_device
 
         device = next(self.model.parameters()).device
         metrics: Dict[str, float] = {}
         for position, (name, loader) in enumerate(loaders.items()):
-            outputs = [self.inner.evaluate_step(to_device(batch, device)) for batch in loader]
+            outputs = [self.inner.evaluate_step(to_device(batch, device))
+                       for batch in itertools.islice(loader, max_batches)]
             prefix = "" if position == 0 else f"{name}/"
             metrics.update({f"{prefix}{k}": float(v) for k, v in self.inner.evaluate_end(outputs, world).items()})
         return metrics
