@@ -210,6 +210,8 @@ class Trainer:
         step_started = time.time()
         last_saved_step = self.state.step if resumed else -1
         step_lr = self._current_lr()
+        log_every = max(1, self.run.log_every)
+        text_every = log_every * max(1, round(self.total_steps / 20 / log_every))
         try:
             while self.state.step < self.total_steps and self.state.epoch < epochs:
                 loader = self.make_loader(self.state.epoch, self.state.micro_in_epoch * self.batch_size)
@@ -268,6 +270,12 @@ class Trainer:
                         self.logger.record(record)
                         window_indices = []
                         bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4f}", lr=f"{step_lr:.2e}")
+                        if not self.run.progress and (self.state.step % text_every == 0
+                                                      or self.state.step == self.total_steps):
+                            # no progress bar (batch jobs, --run.progress false): about 20 lines per run
+                            self.logger.info(f"step {self.state.step}/{self.total_steps} loss "
+                                             f"{terms.get('loss', float('nan')):.4f} lr {step_lr:.2e} "
+                                             f"{step_time:.3f} s/step")
                     if self.run.image_every and self.state.step % self.run.image_every == 0:
                         self._images(batch)
                     end_of_epoch = self.state.micro_in_epoch >= self.micro_per_epoch
