@@ -86,6 +86,26 @@ def test_task_trains_and_evaluates(demo, case, head_style):
     assert rows, "evaluate must leave per-sample predictions for predictions_<split>.jsonl"
 
 
+def test_mc_mlm_listwise_adds_option_cross_entropy(demo):
+    """qa_mc mlm style with `mlm_listwise`: LAVENDER's true/false loss plus CE over the options' log-odds."""
+    import torch.nn.functional as F
+
+    from violet_ds.data.datasets import collate
+    from violet_ds.engine.run import build_split
+
+    losses = {}
+    for weight in (0.0, 1.0):
+        task, tokenizer = build(demo, "qa_mc", "mlm", {"mlm_listwise": weight})
+        train_set = next(iter(build_split(task, data_config(demo, "txt_qamc.json"), tokenizer, "train",
+                                          "qa_mc").values()))
+        batch = collate([train_set[i] for i in range(4)])
+        task.eval()  # no dropout: the two builds see identical forward passes
+        task.training = True  # but the training branch (MLM loss) of option_logits
+        scores, loss = task.option_logits(batch)
+        losses[weight] = (float(loss), float(F.cross_entropy(scores, batch["answer"])))
+    binary, listwise = losses[0.0][0], losses[1.0][0]
+    assert listwise == pytest.approx(binary + losses[1.0][1], rel=1e-5)
+
 def test_answer_slot_and_true_false_score(demo):
     from violet_ds.tasks.common import SpecialIds, append_answer_mask, true_false_logits
 

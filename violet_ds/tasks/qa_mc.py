@@ -29,6 +29,10 @@ class MultipleChoiceQA(DownstreamTask):
 
     option_defaults: Dict[str, Any] = {
         "temperature": 1.0,  # divides option logits before the cross-entropy (head style)
+        # mlm style: weight of an extra cross-entropy over the K options' true/false log-odds (0 = LAVENDER's
+        # loss alone: per-option "true"/"false" at [MASK]). The listwise term contrasts the options of one
+        # video directly, as the head style does; from-scratch models learn much faster with it
+        "mlm_listwise": 0.0,
     }
 
     def __init__(self, model, cfg, tokenizer):
@@ -51,7 +55,10 @@ class MultipleChoiceQA(DownstreamTask):
             answer = batch["answer"].to(device)
             is_match = F.one_hot(answer.clamp(min=0), num_options).flatten() * (answer >= 0).long().repeat_interleave(num_options)
             loss, scores = self.match_mlm_loss(video_tokens, video_mask, ids, mask, is_match)
-            return scores.view(batch_size, num_options), loss
+            scores = scores.view(batch_size, num_options)
+            if self.options["mlm_listwise"]:
+                loss = loss + self.options["mlm_listwise"] * F.cross_entropy(scores, answer, ignore_index=-1)
+            return scores, loss
         scores = self.match_scores(video_tokens, video_mask, ids, mask)
         return scores.view(batch_size, num_options), None
 
