@@ -69,14 +69,15 @@ class ScoreHead(nn.Sequential):
     out=1: VTM / retrieval / multiple-choice scores; out=answer vocabulary: open-ended QA.
     """
 
-    def __init__(self, hidden: int, out: int = 1, dropout: float = 0.1):
+    def __init__(self, hidden: int, out: int = 1, dropout: float = 0.1, zero_init: bool = True):
         super().__init__(nn.Dropout(dropout), nn.Linear(hidden, 2 * hidden), nn.ReLU(inplace=True),
                          nn.Linear(2 * hidden, out))
-        # all scores start equal (loss = ln(#candidates)): with a random last layer the initial scores
-        # vary by text and video alone, and the quickest way down is to shrink the head until its
-        # ReLUs die, which leaves matching stuck at chance when the backbone is trained from scratch
-        nn.init.zeros_(self[3].weight)
-        nn.init.zeros_(self[3].bias)
+        if zero_init:
+            # all scores start equal (loss = ln(#candidates)): with a random last layer the initial scores
+            # vary by text and video alone, and the quickest way down is to shrink the head until its
+            # ReLUs die, which leaves matching stuck at chance when the backbone is trained from scratch
+            nn.init.zeros_(self[3].weight)
+            nn.init.zeros_(self[3].bias)
 
 
 def AnswerHead(hidden: int, num_answers: int, dropout: float = 0.1) -> ScoreHead:  # noqa: N802
@@ -105,7 +106,7 @@ class MVMHead(nn.Module):
             self.proj = nn.Conv2d(hidden, channels * patch * patch, kernel_size=1)
             self.shuffle = nn.PixelShuffle(patch)
         else:
-            self.mlp = ScoreHead(hidden, out=channels, dropout=dropout)
+            self.mlp = ScoreHead(hidden, out=channels, dropout=dropout, zero_init=False)
 
     def forward(self, video_hidden: torch.Tensor) -> torch.Tensor:
         if video_hidden.dim() != 5:
