@@ -68,6 +68,11 @@ def test_local_sh_usage_without_command():
 
 
 # ----------------------------------------------------------------------------------------- env mapping
+def set_env(monkeypatch, **values: str) -> None:
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.fixture
 def clean_env(monkeypatch):
     # the code under test writes these variables itself: register each with monkeypatch first so the
@@ -80,15 +85,9 @@ def clean_env(monkeypatch):
 
 
 def test_srun_task_variables_map_to_torch_distributed(clean_env):
-    clean_env.setenv("SLURM_PROCID", "5")
-    clean_env.setenv("SLURM_STEP_ID", "0")
-    clean_env.setenv("SLURM_NTASKS", "8")
-    clean_env.setenv("SLURM_STEP_NUM_TASKS", "8")
-    clean_env.setenv("SLURM_LOCALID", "1")
-    clean_env.setenv("SLURM_NODEID", "1")
-    clean_env.setenv("SLURM_STEP_TASKS_PER_NODE", "4(x2)")
-    clean_env.setenv("SLURM_JOB_ID", "123456")
-    clean_env.setenv("SLURM_STEP_NODELIST", "gpu017")
+    set_env(clean_env,
+            SLURM_PROCID="5", SLURM_STEP_ID="0", SLURM_NTASKS="8", SLURM_STEP_NUM_TASKS="8", SLURM_LOCALID="1",
+            SLURM_NODEID="1", SLURM_STEP_TASKS_PER_NODE="4(x2)", SLURM_JOB_ID="123456", SLURM_STEP_NODELIST="gpu017")
     distributed.env_from_slurm()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
     assert os.environ["LOCAL_WORLD_SIZE"] == "4"
@@ -98,20 +97,14 @@ def test_srun_task_variables_map_to_torch_distributed(clean_env):
 
 def test_batch_shell_is_not_a_rank(clean_env):
     # inside the batch script SLURM_PROCID=0 and SLURM_NTASKS=8 are set, but no step runs yet
-    clean_env.setenv("SLURM_PROCID", "0")
-    clean_env.setenv("SLURM_NTASKS", "8")
-    clean_env.setenv("SLURM_JOB_ID", "7")
+    set_env(clean_env, SLURM_PROCID="0", SLURM_NTASKS="8", SLURM_JOB_ID="7")
     distributed.env_from_slurm()
     assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
 
 
 def test_launcher_variables_win_over_slurm(clean_env):
     # the DeepSpeed launcher (or torchrun) inside an allocation already set the rank variables
-    clean_env.setenv("SLURM_PROCID", "0")
-    clean_env.setenv("SLURM_STEP_ID", "0")
-    clean_env.setenv("SLURM_NTASKS", "1")
-    clean_env.setenv("RANK", "3")
-    clean_env.setenv("WORLD_SIZE", "4")
+    set_env(clean_env, SLURM_PROCID="0", SLURM_STEP_ID="0", SLURM_NTASKS="1", RANK="3", WORLD_SIZE="4")
     distributed.env_from_slurm()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("3", "4")
 

@@ -244,7 +244,7 @@ class Trainer:
                     self.state.step += 1
                     window_steps += 1
                     bar.update(1)
-                    if self.state.step % max(1, self.run.log_every) == 0 or self.state.step == self.total_steps:
+                    if self.state.step % log_every == 0 or self.state.step == self.total_steps:
                         # one host sync and one collective per logged window, not per step
                         step_time = (time.time() - step_started) / window_steps
                         step_started, window_steps = time.time(), 0
