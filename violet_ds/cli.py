@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # benchmarks
     "bench data": ("violet_ds.data.bench:bench_data", "data-loader throughput (clips/s) per JPEG decoder"),
     "bench train": ("violet_ds.engine.bench:bench_train", "forward+backward+step time, samples/s, peak memory, FLOPs"),
+    "bench gpu": ("violet_ds.engine.gpu_check:bench_gpu", "one-shot check of every CUDA path (CPU mode for CI): one table"),
     "bench targets": ("violet_ds.targets.bench:bench_targets", "time per clip of each MVM teacher"),
 }
 

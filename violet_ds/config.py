@@ -114,7 +114,7 @@ class TaskConfig:
 @dataclass
 class OptimConfig:
     optimizer: Literal["auto", "adamw", "deepspeed_fused_adam", "apex_fused_adam", "deepspeed_cpu_adam"] = "auto"
-    """auto: DeepSpeed FusedAdam on CUDA, fused torch AdamW on CPU"""
+    """auto: fused torch AdamW (CUDA and CPU; DeepSpeedCPUAdam when the optimizer is offloaded)"""
     lr: float = 5e-5
     betas: Tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8

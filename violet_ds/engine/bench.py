@@ -55,16 +55,19 @@ def _measure(spec: dict) -> dict:
     seed_everything(0)
     tokenizer = load_tokenizer(spec["tokenizer"])
     model_cfg = ModelConfig(name=spec["model"], grad_checkpointing=spec["checkpointing"],
+                            offload_video_activations=spec.get("offload", False),
                             overrides={"vocab_size": max(tokenizer.vocab_size, 8), "max_frames": max(spec["frames"], 4)})
     model = build_model(model_cfg, tokenizer)
+    if spec.get("attention") and hasattr(model, "video_backbone"):
+        model.video_backbone.set_attention(spec["attention"])
     task_cfg = TaskConfig(name="pretrain", mvm_targets={"pixel": 1.0}, mvm_strategies=spec["strategies"])
     task = create_task("pretrain", model, task_cfg, tokenizer)
     if world.device.type == "cuda":
         task.to(world.device)
     data_cfg = DataConfig(batch_size=spec["batch_size"])
-    ds_config = dse.resolve_ds_config(engine_cfg, OptimConfig(), data_cfg, world)
-    engine, _, _, groups = dse.initialize(task, ds_config, OptimConfig(warmup_steps=0, schedule="constant"),
-                                          total_steps=10_000, world=world)
+    optim_cfg = OptimConfig(warmup_steps=0, schedule="constant", optimizer=spec.get("optimizer", "auto"))
+    ds_config = dse.resolve_ds_config(engine_cfg, optim_cfg, data_cfg, world)
+    engine, optimizer, _, groups = dse.initialize(task, ds_config, optim_cfg, total_steps=10_000, world=world)
     batch = to_device(_synthetic_batch(spec["batch_size"], spec["frames"], spec["image_size"], spec["text_len"],
                                        tokenizer), world.device)
 
@@ -76,6 +79,9 @@ def _measure(spec: dict) -> dict:
     def sync() -> None:
         if world.device.type == "cuda":
             torch.cuda.synchronize()
+
+    if spec.get("search"):
+        return _search_max_batch(spec, engine, world, tokenizer, sync)
 
     for _ in range(spec["warmup"]):
         step()
@@ -89,12 +95,19 @@ def _measure(spec: dict) -> dict:
         sync()
         times.append(time.perf_counter() - started)
     peak = memory_mb(world.device)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss = engine(batch)["loss"]
-        engine.backward(loss)
-    engine.step()
-    flops = counter.get_total_flops()
+    timed_attention = model.video_backbone.cfg.attention if hasattr(model, "video_backbone") else None
+    if spec.get("count_flops", True):
+        # FlopCounterMode cannot see inside FlexAttention: count with SDPA (same FLOPs, dense windows)
+        if hasattr(model, "video_backbone"):
+            model.video_backbone.set_attention("sdpa")
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss = engine(batch)["loss"]
+            engine.backward(loss)
+        engine.step()
+        flops = counter.get_total_flops()
+    else:
+        loss, flops = engine(batch)["loss"], 0
     times.sort()
     median = times[len(times) // 2]
     return {
@@ -106,7 +119,60 @@ def _measure(spec: dict) -> dict:
         "step_s_median": median, "step_s_min": times[0], "samples_per_s": spec["batch_size"] / median,
         "peak_memory_mb": peak, "gflops_per_step": flops / 1e9,
         "achieved_tflops": flops / median / 1e12, "steps": spec["steps"],
+        "offload": spec.get("offload", False), "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,
+        "attention": timed_attention,
+        "loss": float(loss.detach().float()),
     }
+
+
+def _search_max_batch(spec: dict, engine, world, tokenizer, sync) -> dict:
+    """Largest micro-batch whose step fits, with one engine: doubling from spec["batch_size"], then bisection."""
+    from violet_ds.engine.evaluator import to_device
+
+    def fits(batch_size: int):
+        batch = None
+        try:
+            batch = to_device(_synthetic_batch(batch_size, spec["frames"], spec["image_size"], spec["text_len"],
+                                               tokenizer), world.device)
+            torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            loss = engine(batch)["loss"]
+            engine.backward(loss)
+            engine.step()
+            sync()
+            return {"step_s": time.perf_counter() - started,
+                    "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
+        except torch.cuda.OutOfMemoryError:
+            return None
+        finally:
+            del batch
+            engine.zero_grad()
+            torch.cuda.empty_cache()
+
+    low, high, best = 0, None, None
+    size = spec["batch_size"]
+    while size <= spec["limit"]:
+        result = fits(size)
+        if result is None:
+            high = size
+            break
+        low, best = size, result
+        size *= 2
+    if high is not None and low:
+        for _ in range(spec.get("bisect", 3)):
+            if high - low <= max(1, low // 16):
+                break
+            mid = (low + high) // 2
+            result = fits(mid)
+            if result is None:
+                high = mid
+            else:
+                low, best = mid, result
+    if not low:
+        return {"max_batch": 0, "bounded_by": "memory", "note": f"batch {spec['batch_size']} does not fit"}
+    return {"max_batch": low, "bounded_by": "memory" if high is not None else f"limit {spec['limit']}",
+            "step_s": round(best["step_s"], 3), "samples_per_s": round(low / best["step_s"], 1),
+            "peak_memory_mb": round(best["peak_memory_mb"])}
 
 
 def _child(spec: dict, queue) -> None:

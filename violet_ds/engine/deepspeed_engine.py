@@ -160,8 +160,11 @@ def build_optimizer(groups: list[dict], optim: OptimConfig, device: torch.device
     """The client optimizer handed to DeepSpeed (see OptimConfig.optimizer)."""
     kind = optim.optimizer
     if kind == "auto":
-        kind = "deepspeed_cpu_adam" if offloaded else (
-            "deepspeed_fused_adam" if device.type == "cuda" else "adamw")
+        # torch's fused AdamW (one multi-tensor CUDA kernel, no JIT build) on GPU and CPU alike;
+        # DeepSpeed's FusedAdam needs an nvcc build at first use (see tools/gpu_check.sh for both timed)
+        kind = "deepspeed_cpu_adam" if offloaded else "adamw"
+    if kind.startswith("deepspeed_"):
+        _deepspeed_friendly_arch_list()
     clean = [{k: v for k, v in g.items() if k in ("params", "weight_decay", "lr")} for g in groups]
     common = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if kind == "adamw":
@@ -183,6 +186,26 @@ def build_optimizer(groups: list[dict], optim: OptimConfig, device: torch.device
                               "(github.com/NVIDIA/apex); PyPI's 'apex' is an unrelated package") from None
         return ApexFusedAdam(clean, adam_w_mode=True, **common)
     raise ValueError(f"unknown optimizer {kind!r}")
+
+
+def _deepspeed_friendly_arch_list() -> None:
+    """DeepSpeed's JIT op builder parses TORCH_CUDA_ARCH_LIST as plain "major.minor" numbers; CUDA images
+    often set arch-specific entries such as "9.0a", which it cannot parse (ValueError '0a'). Its ops need
+    no arch-specific instructions, so drop the suffix."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return
+    entries = [e for e in value.replace(" ", ";").split(";") if e]
+    fixed = []
+    for entry in entries:
+        ptx = entry.endswith("+PTX")
+        number = entry[:-4] if ptx else entry
+        number = number.rstrip("abcdefghijklmnopqrstuvwxyz")
+        number = number + "+PTX" if ptx else number
+        if number not in fixed:
+            fixed.append(number)
+    if fixed != entries:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(fixed)
 
 
 class WarmupDecay:

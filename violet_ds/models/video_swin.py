@@ -47,6 +47,10 @@ class VideoSwinConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.2
     in_chans: int = 3
+    # window attention kernel: "sdpa" (bias + shift mask as a float attn_mask: the memory-efficient
+    # kernel on CUDA), "flex" (FlexAttention: bias as score_mod, shift mask as a block mask; compiled on
+    # CUDA; forward-only on CPU), or "auto" (= sdpa: flex measured no faster on an H200, see gpu_check)
+    attention: str = "auto"
 
     @property
     def num_features(self) -> int:
@@ -102,8 +106,8 @@ def relative_position_index(window: Size3) -> torch.Tensor:
     return rel[..., 0] * (2 * wh - 1) * (2 * ww - 1) + rel[..., 1] * (2 * ww - 1) + rel[..., 2]
 
 
-def shifted_window_mask(grid: Size3, window: Size3, shift: Size3, device: torch.device) -> torch.Tensor:
-    """(num_windows, N, N) additive mask: -inf-like between tokens from different regions after the roll."""
+def shifted_window_regions(grid: Size3, window: Size3, shift: Size3, device: torch.device) -> torch.Tensor:
+    """(num_windows, N) region label of each token after the cyclic roll; tokens attend within a label."""
     region = torch.zeros((1, *grid, 1), device=device)
     label = 0
     slices = [(slice(0, -window[a]), slice(-window[a], -shift[a]), slice(-shift[a], None)) for a in range(3)]
@@ -112,10 +116,68 @@ def shifted_window_mask(grid: Size3, window: Size3, shift: Size3, device: torch.
             for sw in slices[2]:
                 region[:, st, sh, sw, :] = label
                 label += 1
-    region_windows = window_partition(region, window).squeeze(-1)
+    return window_partition(region, window).squeeze(-1).long()
+
+
+def shifted_window_mask(grid: Size3, window: Size3, shift: Size3, device: torch.device) -> torch.Tensor:
+    """(num_windows, N, N) additive mask: -inf-like between tokens from different regions after the roll."""
+    region_windows = shifted_window_regions(grid, window, shift, device)
     diff = region_windows[:, None, :] - region_windows[:, :, None]
     # a large finite value instead of -inf keeps half-precision softmax free of NaN
-    return torch.zeros_like(diff).masked_fill_(diff != 0, -100.0)
+    return torch.zeros(diff.shape, device=device).masked_fill_(diff != 0, -100.0)
+
+
+def flex_attention_supported(device: torch.device) -> bool:
+    """FlexAttention with backward needs a CUDA device and Triton (it is compiled there)."""
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flex_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+                           index: torch.Tensor, regions: Optional[torch.Tensor], heads: int) -> torch.Tensor:
+    """Window attention through FlexAttention.
+
+    q, k, v: (B, G, N, d) with G = heads, or G = num_windows * heads (window-major) when `regions`
+    (num_windows, N) is given. The relative-position bias is read from `table` inside `score_mod`
+    (so the table gets its gradient there, and no (heads, N, N) bias is materialised); the
+    shifted-window rule becomes a block mask. Masked pairs get exactly zero weight where the SDPA path
+    adds -100 (a difference of e^-100 relative).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[index[q_idx, kv_idx], h % heads].to(score.dtype)
+
+    block_mask = None
+    if regions is not None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            window = h // heads
+            return regions[window, q_idx] == regions[window, kv_idx]
+
+        n = q.shape[2]
+        block_mask = create_block_mask(mask_mod, None, q.shape[1], n, n, device=q.device)
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+_compiled_flex = None
+
+
+def _flex_call(*args):
+    """Compiled FlexAttention on CUDA (its fused kernel); eager elsewhere (forward-only reference)."""
+    global _compiled_flex
+    if not args[0].is_cuda:
+        return _flex_window_attention(*args)
+    if _compiled_flex is None:
+        # one graph per stage geometry (heads, window, shifted or not): allow them all
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _compiled_flex = torch.compile(_flex_window_attention, dynamic=False, fullgraph=True)
+    return _compiled_flex(*args)
 
 
 class PatchEmbed3D(nn.Module):
@@ -163,6 +225,7 @@ class WindowAttention3D(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
         self._index_cache: Dict[Tuple[Size3, torch.device], torch.Tensor] = {}
+        self.attention = "auto"  # set by the backbone from VideoSwinConfig.attention
 
     def _index_for(self, window: Size3) -> torch.Tensor:
         full_index = self.relative_position_index
@@ -184,28 +247,47 @@ class WindowAttention3D(nn.Module):
         """(heads, N, N) bias for an (effective) window."""
         index = self._index_for(window)
         n = index.shape[0]
-        return self.relative_position_bias_table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1)
+        # contiguous: SDPA's memory-efficient CUDA kernel needs a unit-stride mask (else it falls back to math)
+        return self.relative_position_bias_table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
 
-    def forward(self, windows: torch.Tensor, window: Size3, shift_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def uses_flex(self, device: torch.device) -> bool:
+        # "auto" is SDPA: on an H200, FlexAttention (compiled) measured no faster than SDPA's memory-efficient
+        # kernel for Video Swin's 196-token windows (tools/gpu_check.sh, attention section)
+        return self.attention == "flex" and (device.type == "cuda" or not torch.is_grad_enabled())
+
+    def forward(self, windows: torch.Tensor, window: Size3, shift: Optional["ShiftGeometry"]) -> torch.Tensor:
         # windows: (B * nW, N, C) ordered batch-major, as window_partition returns them
         bw, n, c = windows.shape
         heads = self.num_heads
         qkv = self.qkv(windows).view(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = self.relative_bias(window).to(q.dtype)
-        if shift_mask is None:
-            mask = bias.unsqueeze(0)
+        if shift is not None:
+            # fold windows into the head axis: (B, nW*heads, N, d), so the per-window mask is shared
+            # by the batch instead of materialised per sample
+            nw = shift.regions.shape[0]
+            q, k, v = (t.reshape(bw // nw, nw * heads, n, -1) for t in (q, k, v))
+        if self.uses_flex(q.device) and not (self.training and self.attn_drop > 0):
+            out = _flex_call(q, k, v, self.relative_position_bias_table, self._index_for(window),
+                             None if shift is None else shift.regions, heads)
         else:
-            nw = shift_mask.shape[0]
-            # fold windows into the head axis so one (1, nW*heads, N, N) mask broadcasts over the
-            # batch instead of materialising a per-sample copy
-            b = bw // nw
-            q, k, v = (t.reshape(b, nw * heads, n, -1) for t in (q, k, v))
-            mask = (bias.unsqueeze(0) + shift_mask.to(q.dtype).unsqueeze(1)).reshape(1, nw * heads, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.attn_drop if self.training else 0.0)
+            bias = self.relative_bias(window).to(q.dtype)
+            if shift is None:
+                mask = bias.unsqueeze(0)
+            else:
+                mask = (bias.unsqueeze(0) + shift.mask.to(q.dtype).unsqueeze(1)).reshape(1, -1, n, n)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 dropout_p=self.attn_drop if self.training else 0.0)
         out = out.reshape(bw, heads, n, -1).transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(out))
+
+
+@dataclass
+class ShiftGeometry:
+    """What shifted-window attention needs for one padded grid: region labels (nW, N) and the
+    additive mask (nW, N, N) built from them."""
+
+    regions: torch.Tensor
+    mask: torch.Tensor
 
 
 class SwinBlock3D(nn.Module):
@@ -223,7 +305,7 @@ class SwinBlock3D(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
     def _attention(self, x: torch.Tensor, window: Size3, shift: Size3,
-                   shift_mask: Optional[torch.Tensor]) -> torch.Tensor:
+                   shift_mask: Optional[ShiftGeometry]) -> torch.Tensor:
         b, t, h, w, _ = x.shape
         x = self.norm1(x)
         pad = [(-s) % ws for s, ws in zip((t, h, w), window)]
@@ -243,7 +325,7 @@ class SwinBlock3D(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, window: Size3, shift: Size3,
-                shift_mask: Optional[torch.Tensor]) -> torch.Tensor:
+                shift_mask: Optional[ShiftGeometry]) -> torch.Tensor:
         x = x + self.drop_path(self._attention(x, window, shift, shift_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -281,15 +363,18 @@ class SwinStage(nn.Module):
         ])
         self.downsample = PatchMerging(dim) if downsample else None
         self.grad_checkpointing = False
-        self._mask_cache: Dict[tuple, torch.Tensor] = {}
+        self._mask_cache: Dict[tuple, ShiftGeometry] = {}
 
-    def _shift_mask(self, padded: Size3, window: Size3, shift: Size3, device: torch.device) -> torch.Tensor:
+    def _shift_mask(self, padded: Size3, window: Size3, shift: Size3, device: torch.device) -> ShiftGeometry:
         key = (padded, window, shift, device)
-        mask = self._mask_cache.get(key)
-        if mask is None:
-            mask = shifted_window_mask(padded, window, shift, device)
-            self._mask_cache[key] = mask
-        return mask
+        geometry = self._mask_cache.get(key)
+        if geometry is None:
+            regions = shifted_window_regions(padded, window, shift, device)
+            diff = regions[:, None, :] - regions[:, :, None]
+            mask = torch.zeros(diff.shape, device=device).masked_fill_(diff != 0, -100.0)
+            geometry = ShiftGeometry(regions, mask)
+            self._mask_cache[key] = geometry
+        return geometry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = tuple(x.shape[1:4])
@@ -336,6 +421,7 @@ class VideoSwinTransformer3D(nn.Module):
                 downsample=i < len(cfg.depths) - 1))
             start += depth
         self.layers = nn.ModuleList(stages)
+        self.set_attention(cfg.attention)
         self.num_features = cfg.num_features
         self.norm = nn.LayerNorm(self.num_features)
         self.apply(self._init_weights)
@@ -349,6 +435,15 @@ class VideoSwinTransformer3D(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    def set_attention(self, kind: str) -> None:
+        """Window-attention kernel for every block: "auto", "sdpa" or "flex" (see VideoSwinConfig)."""
+        if kind not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attention must be auto, sdpa or flex, got {kind!r}")
+        self.cfg.attention = kind
+        for module in self.modules():
+            if isinstance(module, WindowAttention3D):
+                module.attention = kind
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.layers:
@@ -494,5 +589,6 @@ def count_parameters(module: nn.Module) -> int:
 __all__ = [
     "VideoSwinConfig", "VideoSwinTransformer3D", "build_video_swin", "inflate_2d_swin_state_dict",
     "load_video_swin_weights", "window_partition", "window_reverse", "relative_position_index",
-    "shifted_window_mask", "SWIN_VARIANTS", "count_parameters",
+    "shifted_window_mask", "shifted_window_regions", "flex_attention_supported", "SWIN_VARIANTS",
+    "count_parameters",
 ]

