@@ -30,6 +30,10 @@ class ModelConfig:
     """checkpoint every video-encoder and cross-modal block (recompute in backward)"""
     offload_video_activations: bool = False
     """keep the video encoder's saved activations on the CPU (with grad_checkpointing)"""
+    compile: bool = False
+    """torch.compile every transformer block in place (regional compilation; first steps pay the compile time)"""
+    video_attention: str = "auto"
+    """Video Swin window-attention kernel: auto (= sdpa), sdpa, or flex (FlexAttention; CUDA for training)"""
     overrides: Dict[str, Any] = field(default_factory=dict)
     """extra keyword arguments for create_model (e.g. drop_path, max_frames)"""
 

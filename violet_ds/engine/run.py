@@ -77,6 +77,16 @@ def build_model(model_cfg: ModelConfig, tokenizer=None):
             raise ValueError(f"model {model_cfg.name!r} does not support grad_checkpointing")
         model.set_grad_checkpointing(video=model_cfg.grad_checkpointing, cross=model_cfg.grad_checkpointing,
                                      offload_video=model_cfg.offload_video_activations)
+    if model_cfg.video_attention != "auto":
+        backbone = getattr(model, "video_backbone", None)
+        if backbone is None or not hasattr(backbone, "set_attention"):
+            raise ValueError(f"model.video_attention={model_cfg.video_attention!r}: model {model_cfg.name!r} "
+                             "has no Video Swin backbone")
+        backbone.set_attention(model_cfg.video_attention)
+    if model_cfg.compile:
+        from violet_ds.models.compile import compile_blocks
+
+        compile_blocks(model)
     return model
 
 
