@@ -78,4 +78,5 @@ def test_bench_data_runs_every_decoder(tmp_path):
     assert bench_data(num_frames=2, size=32, batch_size=2, workers=0, batches=2, synthetic_rows=4, out=str(out)) == 0
     results = json.loads(out.read_text())
     assert set(results["decoders"]) == set(available_decoders())
+    assert results["meta"]["commit"] and results["meta"]["time_utc"]
     assert all(r["loader_clips_per_s"] > 0 and r["decode_frames_per_s"] > 0 for r in results["decoders"].values())

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from violet_ds.data.tokenizer import find_packaged_bert
 from violet_ds.engine.deepspeed_engine import _deepspeed_friendly_arch_list
@@ -35,6 +36,7 @@ def test_bench_gpu_cpu_mode_runs_every_section(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert rc == 0, printed
     assert results["mode"] == "cpu" and results["env"]["device"] == "cpu"
+    assert results["meta"]["torch"] == torch.__version__ and results["meta"]["time_utc"]
     assert set(results["steps"]) == {"violet-tiny fp32", "violet-tiny bf16 ckpt+offload"}
     for row in results["steps"].values():
         assert row["step_s_median"] > 0 and row["samples_per_s"] > 0 and row["gflops_per_step"] > 0

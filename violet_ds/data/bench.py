@@ -99,7 +99,7 @@ def time_loader(tsv: str, decoder: str, num_frames: int, size: int, batch_size: 
 def bench_data(tsv: Optional[str] = None, num_frames: int = 5, size: int = 224, batch_size: int = 8,
                workers: int = 2, batches: int = 16, decoders: Optional[list[str]] = None,
                train: bool = True, synthetic_rows: int = 64, video: Optional[str] = None,
-               out: Optional[str] = None) -> int:
+               out: Optional[str] = "runs/bench/bench_data.json") -> int:
     """Data-loader throughput in clips/s for each JPEG decoder (real Dataset + DataLoader).
 
     Args:
@@ -113,7 +113,7 @@ def bench_data(tsv: Optional[str] = None, num_frames: int = 5, size: int = 224, 
         train: training transforms (random temporal offset + random crop) instead of eval ones.
         synthetic_rows: rows (videos of 8 frames) of the synthetic TSV when no --tsv is given.
         video: also time frame extraction from this video file, seeking vs decoding straight through.
-        out: also write the results as JSON to this file.
+        out: JSON results file (time, host, versions and commit included, to compare runs over time).
     """
     from violet_ds.data.frames import available_decoders, resolve_decoder
     from violet_ds.data.tsv import TSVFile, resolve_tsv_paths
@@ -146,5 +146,10 @@ def bench_data(tsv: Optional[str] = None, num_frames: int = 5, size: int = 224, 
         print(f"extraction of {num_frames} frames from {video}: seek {timing['seek_s']:.3f}s, "
               f"full decode {timing['full_decode_s']:.3f}s, identical frames: {timing['identical']}")
     if out:
+        from violet_ds.bench_meta import bench_meta
+
+        results["meta"] = bench_meta()
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=1))
+        print(f"results: {out}")
     return 0

@@ -247,6 +247,11 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
             print(f"  {model} checkpointing={'on' if flag else 'off'}: {result['step_s_median']:.3f} s/step, "
                   f"{result['peak_memory_mb']:.0f} MB", flush=True)
     print(_table(rows), flush=True)
+    from violet_ds.bench_meta import bench_meta
+
+    meta = bench_meta()
+    for row in rows:
+        row["meta"] = meta
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=2))

@@ -301,7 +301,9 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
     started = time.perf_counter()
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    results: dict = {"mode": mode}
+    from violet_ds.bench_meta import bench_meta
+
+    results: dict = {"mode": mode, "meta": bench_meta()}
     failed = False
 
     def save() -> None:

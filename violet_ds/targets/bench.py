@@ -106,7 +106,7 @@ def bench_targets(
     dtype: str = "float32",
     threads: Optional[int] = None,
     weights: Optional[Dict[str, Dict[str, Any]]] = None,
-    output: Optional[str] = None,
+    output: Optional[str] = "runs/bench/bench_targets.json",
 ) -> int:
     """Time per clip of each MVM target's teacher (real architectures, random weights unless --weights).
 
@@ -154,6 +154,9 @@ def bench_targets(
     result = {"device": str(device), "load_average": load, "dtype": str(torch_dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
               "num_frames": num_frames, "size": size, "batch_size": batch_size, "repeats": repeats,
               "weights": "given" if weights else "random", "results": rows}
+    from violet_ds.bench_meta import bench_meta
+
+    result["meta"] = bench_meta()
     header = f"| target | kind | teacher params (M) | ms / clip ({num_frames}x{size}px) | clips/s |"
     lines = [header, "|---|---|---|---|---|"]
     lines += [f"| {r['target']} | {r['kind']} | {r['teacher_params_m']} | {r['ms_per_clip']} | {r['clips_per_s']} |"
@@ -162,5 +165,6 @@ def bench_targets(
     text = json.dumps(result, indent=1)
     print(text)
     if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(text + "\n")
     return 0
