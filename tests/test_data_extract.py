@@ -149,3 +149,16 @@ def test_gif_follows_the_official_rule(tmp_path):
     picked = read_video_frames(tmp_path / "anim.gif", 5, short_side=0)
     # frames int(12 / 6 * (i + 1)) = 2, 4, 6, 8, 10 of a GIF whose frame k has value 20 k
     assert [int(round(f.mean())) for f in picked] == [40, 80, 120, 160, 200]
+
+
+def test_seek_only_where_a_key_frame_lies_ahead():
+    from violet_ds.data.extract import _seek_pays
+
+    # one key frame at 0 (short clips are often encoded so): seeking never skips decoding
+    assert not _seek_pays([0], target=100, position=10, jump=50)
+    # a key frame between the position and the target: seeking skips frames 11..59
+    assert _seek_pays([0, 60, 120], target=100, position=10, jump=50)
+    # the key frame before the target is behind us: decoding on is cheaper than seeking back
+    assert not _seek_pays([0, 60, 120], target=100, position=70, jump=50)
+    # no index (a long video): the distance rule
+    assert _seek_pays(None, target=100, position=10, jump=50) and not _seek_pays(None, 40, 10, 50)

@@ -125,6 +125,35 @@ def _to_rgb(frame, size: tuple[int, int]) -> np.ndarray:
     return frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
 
 
+# clips up to this long get a key-frame index (demuxing only) so that a seek happens only where it skips
+# decoding; longer ones seek whenever the next frame is more than `jump` frames away (it always pays there)
+KEYFRAME_INDEX_MAX_SECONDS = 300.0
+
+
+def _keyframe_indices(container, stream, start: int, time_base: float, rate: float, total: int) -> Optional[list]:
+    """Frame indices of the key frames of a short clip (demuxing, no decoding); None for long clips."""
+    if total / rate > KEYFRAME_INDEX_MAX_SECONDS:
+        return None
+    found = []
+    try:
+        for packet in container.demux(stream):
+            if packet.is_keyframe and packet.pts is not None:
+                found.append(int(round((packet.pts - start) * time_base * rate)))
+        container.seek(start, stream=stream, backward=True, any_frame=False)
+    except Exception:  # an odd container: fall back to the distance rule
+        return None
+    return sorted(set(found)) or None
+
+
+def _seek_pays(keyframes: Optional[list], target: int, position: int, jump: int) -> bool:
+    """Seek when it skips decoding: the key frame at or before `target` lies beyond the current position
+    (a seek lands there and decodes forward). Without an index: when `target` is over `jump` frames away."""
+    if keyframes is None:
+        return target - position > jump
+    before = [k for k in keyframes if k <= target]
+    return bool(before) and before[-1] > position + 1
+
+
 def read_video_frames(path: Path, num_frames: int = 5, fps: Optional[float] = None, max_frames: int = 0,
                       short_side: int = 224, seek: bool = True) -> list[np.ndarray]:
     """Decode the sampled frames of one video -> list of uint8 `(H, W, 3)` RGB arrays."""
@@ -152,6 +181,7 @@ def read_video_frames(path: Path, num_frames: int = 5, fps: Optional[float] = No
                 return fallback
             return int(round((frame.pts - start) * time_base * rate))
 
+        keyframes = _keyframe_indices(container, stream, start, time_base, rate, total) if can_seek else None
         position = -1
         decoder: Iterator = container.decode(stream)
         size: Optional[tuple[int, int]] = None
@@ -160,7 +190,7 @@ def read_video_frames(path: Path, num_frames: int = 5, fps: Optional[float] = No
         sought = -1
         while pending:
             target = pending[0]
-            if can_seek and target - position > jump and target != sought:
+            if can_seek and target != sought and _seek_pays(keyframes, target, position, jump):
                 sought = target  # one jump per target: the key frame may lie far before it
                 try:
                     container.seek(int(start + target / rate / time_base), stream=stream, backward=True, any_frame=False)
