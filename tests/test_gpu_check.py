@@ -42,4 +42,5 @@ def test_bench_gpu_cpu_mode_runs_every_section(tmp_path, capsys):
         assert row["step_s_median"] > 0 and row["samples_per_s"] > 0 and row["gflops_per_step"] > 0
     assert results["attention"]["sdpa"]["kernels"], results["attention"]
     assert results["loader"]["clips_per_s"] > 0
+    assert results["steps"]["violet-tiny fp32"]["profile"]["top_ops_ms"]
     assert "engine step" in printed and "violet-tiny fp32" in printed

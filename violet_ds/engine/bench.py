@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import torch
@@ -37,15 +38,11 @@ def _synthetic_batch(batch_size: int, frames: int, image_size: int, text_len: in
     return {"video": video, "text_ids": ids, "text_mask": mask, "index": torch.arange(batch_size)}
 
 
-def _measure(spec: dict) -> dict:
-    """One configuration, in this process: build, warm up, time `steps` steps, count FLOPs."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def _build(spec: dict) -> SimpleNamespace:
+    """Model + pretraining task + DeepSpeed engine of one configuration, in this process."""
     from violet_ds.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, TaskConfig
     from violet_ds.data.tokenizer import load_tokenizer
     from violet_ds.engine import deepspeed_engine as dse
-    from violet_ds.engine.evaluator import to_device
-    from violet_ds.engine.logging import memory_mb
     from violet_ds.engine.run import build_model, seed_everything, setup_world
     from violet_ds.tasks import create_task
 
@@ -68,6 +65,23 @@ def _measure(spec: dict) -> dict:
     optim_cfg = OptimConfig(warmup_steps=0, schedule="constant", optimizer=spec.get("optimizer", "auto"))
     ds_config = dse.resolve_ds_config(engine_cfg, optim_cfg, data_cfg, world)
     engine, optimizer, _, groups = dse.initialize(task, ds_config, optim_cfg, total_steps=10_000, world=world)
+    return SimpleNamespace(engine=engine, optimizer=optimizer, groups=groups, model=model, world=world,
+                           tokenizer=tokenizer, ds_config=ds_config)
+
+
+def _measure(spec: dict) -> dict:
+    """One configuration, in this process: build, warm up, time `steps` steps, count FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from violet_ds.engine import deepspeed_engine as dse
+    from violet_ds.engine.evaluator import to_device
+    from violet_ds.engine.logging import memory_mb
+
+    if spec.get("search"):
+        return _search_max_batch(spec)
+    built = _build(spec)
+    engine, optimizer, groups, model, world, tokenizer, ds_config = (
+        built.engine, built.optimizer, built.groups, built.model, built.world, built.tokenizer, built.ds_config)
     batch = to_device(_synthetic_batch(spec["batch_size"], spec["frames"], spec["image_size"], spec["text_len"],
                                        tokenizer), world.device)
 
@@ -80,8 +94,6 @@ def _measure(spec: dict) -> dict:
         if world.device.type == "cuda":
             torch.cuda.synchronize()
 
-    if spec.get("search"):
-        return _search_max_batch(spec, engine, world, tokenizer, sync)
 
     for _ in range(spec["warmup"]):
         step()
@@ -95,6 +107,7 @@ def _measure(spec: dict) -> dict:
         sync()
         times.append(time.perf_counter() - started)
     peak = memory_mb(world.device)
+    profile = _profile_step(step, world.device) if spec.get("profile") else None
     timed_attention = model.video_backbone.cfg.attention if hasattr(model, "video_backbone") else None
     if spec.get("count_flops", True):
         # FlopCounterMode cannot see inside FlexAttention: count with SDPA (same FLOPs, dense windows)
@@ -120,33 +133,66 @@ def _measure(spec: dict) -> dict:
         "peak_memory_mb": peak, "gflops_per_step": flops / 1e9,
         "achieved_tflops": flops / median / 1e12, "steps": spec["steps"],
         "offload": spec.get("offload", False), "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,
-        "attention": timed_attention,
+        "attention": timed_attention, "profile": profile,
         "loss": float(loss.detach().float()),
     }
 
 
-def _search_max_batch(spec: dict, engine, world, tokenizer, sync) -> dict:
-    """Largest micro-batch whose step fits, with one engine: doubling from spec["batch_size"], then bisection."""
+def _profile_step(step, device: torch.device, top: int = 15) -> dict:
+    """One step under torch.profiler: the top ops by device (or CPU) self time, and host-sync counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ranked = sorted(events, key=lambda e: getattr(e, attribute, 0.0), reverse=True)[:top]
+    syncs = {e.key: e.count for e in events
+             if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense", "aten::item")}
+    return {"top_ops_ms": [(e.key, round(getattr(e, attribute, 0.0) / 1000, 2), e.count) for e in ranked],
+            "host_syncs": syncs}
+
+
+def _search_max_batch(spec: dict) -> dict:
+    """Largest micro-batch whose step fits: doubling from spec["batch_size"], then bisection. An
+    out-of-memory error inside backward leaves ZeRO's reduction state half done, so the engine is rebuilt
+    after every failed try."""
+    import gc
+
     from violet_ds.engine.evaluator import to_device
 
+    state = {"built": _build(spec)}
+
     def fits(batch_size: int):
+        built = state["built"]
         batch = None
         try:
             batch = to_device(_synthetic_batch(batch_size, spec["frames"], spec["image_size"], spec["text_len"],
-                                               tokenizer), world.device)
+                                               built.tokenizer), built.world.device)
             torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
-            loss = engine(batch)["loss"]
-            engine.backward(loss)
-            engine.step()
-            sync()
+            loss = built.engine(batch)["loss"]
+            built.engine.backward(loss)
+            built.engine.step()
+            torch.cuda.synchronize()
             return {"step_s": time.perf_counter() - started,
                     "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
         except torch.cuda.OutOfMemoryError:
+            batch = None
+            destroy = getattr(built.engine, "destroy", None)
+            if destroy is not None:
+                destroy()
+            state["built"] = built = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            state["built"] = _build(spec)
             return None
         finally:
             del batch
-            engine.zero_grad()
             torch.cuda.empty_cache()
 
     low, high, best = 0, None, None

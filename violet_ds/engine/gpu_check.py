@@ -12,6 +12,7 @@ written to JSON after every section so a run cut short still leaves what it meas
   importable) and activation checkpointing off / on / on + CPU offload: step time, samples/s, TFLOP/s, MFU,
   peak memory;
 - max_batch: the largest micro-batch that fits, with and without checkpointing (doubling, then bisection);
+- profile: the top ops of one violet-v2 step by device time and its host syncs (where MFU goes);
 - loader: the real Dataset + DataLoader at the training frame size with worker processes and pinned memory
   (clips/s), next to the training step's samples/s.
 
@@ -197,7 +198,7 @@ def _plan(mode: str, apex: bool, tokenizer: Optional[str]) -> dict:
         steps = [
             ("violet-tiny bf16", {"model": "violet-tiny", "batch_size": 32, "precision": "bf16", "checkpointing": False}),
             ("violet-v2 bf16 torch-fused-AdamW", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
-                                                  "checkpointing": False, "optimizer": "adamw"}),
+                                                  "checkpointing": False, "optimizer": "adamw", "profile": True}),
             ("violet-v2 bf16 ckpt", {"model": "violet-v2", "batch_size": 16, "precision": "bf16", "checkpointing": True}),
             ("violet-v2 bf16 ckpt+offload", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
                                              "checkpointing": True, "offload": True}),
@@ -223,7 +224,7 @@ def _plan(mode: str, apex: bool, tokenizer: Optional[str]) -> dict:
             "tokenizer": tokenizer, "warmup": 1, "steps": 2, "ds_config": "ds_configs/cpu_test.json",
             "model": "violet-tiny", "batch_size": 2}
     steps = [
-        ("violet-tiny fp32", {"precision": "fp32", "checkpointing": False}),
+        ("violet-tiny fp32", {"precision": "fp32", "checkpointing": False, "profile": True}),
         ("violet-tiny bf16 ckpt+offload", {"precision": "bf16", "checkpointing": True, "offload": True}),
     ]
     return {"base": base, "steps": steps,
@@ -250,6 +251,11 @@ def _format_table(results: dict) -> str:
         lines.append(f"{name:<34} {row['batch_size']:>5} {row['optimizer'][:16]:>16} {1000 * row['step_s_median']:>8.1f} "
                      f"{row['samples_per_s']:>10.2f} {row['achieved_tflops']:>8.2f} {mfu:>6} "
                      f"{row['peak_memory_mb']:>8.0f} {row['loss']:>7.3f}")
+    for name, row in results.get("steps", {}).items():
+        if row.get("profile"):
+            lines += ["", f"profile of one '{name}' step: top ops by self time (ms, calls); host syncs "
+                      f"{row['profile']['host_syncs']}"]
+            lines += [f"  {op[:60]:<60} {ms:>9.2f} {calls:>6}" for op, ms, calls in row["profile"]["top_ops_ms"]]
     attention = results.get("attention", {})
     if attention:
         lines += ["", "attention (violet fwd+bwd, kernels the profiler saw; Video Swin fwd+bwd time)"]
