@@ -20,7 +20,7 @@ from ..config import RunConfig
 from . import deepspeed_engine as dse
 from .distributed import World
 from .evaluator import evaluate, to_device
-from .logging import RunLogger, memory_mb, progress_bar
+from .logging import RunLogger, TrainProgress, memory_mb
 
 
 @dataclass
@@ -199,7 +199,10 @@ class Trainer:
         resumed = self.state.step > 0
         self.logger.truncate_metrics(self.state.step)
         stop = _StopSignal(self.run.save_on_sigterm)
-        bar = progress_bar(self.total_steps, self.state.step, self.world, self.run.progress)
+        log_every = max(1, self.run.log_every)
+        # a tqdm bar on terminals only; step lines (>= one per 5% of the run) everywhere else
+        bar = TrainProgress(self.total_steps, self.state.step, self.world, self.logger, enabled=self.run.progress,
+                            log_every=log_every)
         # with max_steps the step count alone ends the run: after a resume on another world size the
         # steps per epoch differ, and an epoch bound computed from them would stop the run early
         epochs = math.ceil(self.total_steps / self.steps_per_epoch) if self.run.max_steps is None else math.inf
@@ -210,8 +213,6 @@ class Trainer:
         step_started = time.time()
         last_saved_step = self.state.step if resumed else -1
         step_lr = self._current_lr()
-        log_every = max(1, self.run.log_every)
-        text_every = log_every * max(1, round(self.total_steps / 20 / log_every))
         try:
             while self.state.step < self.total_steps and self.state.epoch < epochs:
                 loader = self.make_loader(self.state.epoch, self.state.micro_in_epoch * self.batch_size)
@@ -243,8 +244,9 @@ class Trainer:
                         continue
                     self.state.step += 1
                     window_steps += 1
-                    bar.update(1)
-                    if self.state.step % log_every == 0 or self.state.step == self.total_steps:
+                    bar.update()
+                    if (self.state.step % log_every == 0 or bar.line_due(self.state.step)
+                            or self.state.step == self.total_steps):
                         # one host sync and one collective per logged window, not per step
                         step_time = (time.time() - step_started) / window_steps
                         step_started, window_steps = time.time(), 0
@@ -269,13 +271,7 @@ class Trainer:
                             record["indices"] = window_indices
                         self.logger.record(record)
                         window_indices = []
-                        bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4f}", lr=f"{step_lr:.2e}")
-                        if not self.run.progress and (self.state.step % text_every == 0
-                                                      or self.state.step == self.total_steps):
-                            # no progress bar (batch jobs, --run.progress false): about 20 lines per run
-                            self.logger.info(f"step {self.state.step}/{self.total_steps} loss "
-                                             f"{terms.get('loss', float('nan')):.4f} lr {step_lr:.2e} "
-                                             f"{step_time:.3f} s/step")
+                        bar.report(self.state.step, terms.get("loss", float("nan")), step_lr, record["samples_per_s"])
                     if self.run.image_every and self.state.step % self.run.image_every == 0:
                         self._images(batch)
                     end_of_epoch = self.state.micro_in_epoch >= self.micro_per_epoch
