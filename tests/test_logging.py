@@ -35,7 +35,9 @@ def demo(tmp_path_factory):
 def test_pretraining_with_stderr_in_a_file_writes_step_lines_and_no_bar(demo, tmp_path):
     """The issue's done-check: stderr to a file, `run.progress` left on, 40 steps logged every 10."""
     config = tiny_config(demo, tmp_path, "filelog", run__max_steps=40, run__log_every=10, run__progress=True,
-                         run__save_every=0, run__image_every=20)
+                         run__save_every=0, run__image_every=20,
+                         engine__ds_overrides={"csv_monitor": {"enabled": True, "output_path": str(tmp_path / "csv"),
+                                                               "job_name": "filelog"}})
     stderr_path = tmp_path / "stderr.txt"
     with open(stderr_path, "w") as stderr:
         result = subprocess.run(cli_command(write_config(config, tmp_path / "c.yaml")), env=cli_env(),
@@ -55,6 +57,26 @@ def test_pretraining_with_stderr_in_a_file_writes_step_lines_and_no_bar(demo, tm
     assert "max_steps: 40" in config_text
     tags = set(events.Tags()["images"])
     assert {f"images/mvm_pixel/{panel}" for panel in ("input", "masked_input", "target", "reconstruction")} <= tags
+
+    # DeepSpeed's monitor blocks (csv here, wandb the same way) get our loss terms next to DeepSpeed's lr,
+    # on DeepSpeed's x axis (samples): 4 samples per step, logged every 10 steps
+    csv_dir = tmp_path / "csv" / "filelog"
+    assert (csv_dir / "Train_Samples_lr.csv").is_file()
+    rows = (csv_dir / "train_loss_mvm.csv").read_text().splitlines()
+    assert [int(row.split(",")[0]) for row in rows[1:]][:2] == [8, 16] and len(rows) - 1 == 20
+
+
+def test_wandb_offline_through_deepspeed_monitor(demo, tmp_path):
+    """wandb needs no code of ours: the ds_config's `wandb` block (here through engine.ds_overrides)."""
+    pytest.importorskip("wandb")
+    config = tiny_config(demo, tmp_path, "wandb", run__max_steps=4, run__save_every=0,
+                         engine__ds_overrides={"wandb": {"enabled": True, "project": "violet_ds_test"}})
+    env = {**cli_env(), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    result = subprocess.run(cli_command(write_config(config, tmp_path / "c.yaml")), env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
 
 
 def test_line_interval_is_at_most_five_percent_and_prefers_log_windows():

@@ -82,6 +82,7 @@ class RunLogger:
         self._handlers: list[logging.Handler] = []
         self.console_filter = _HideStepLines()
         self.writer = None
+        self.monitor = None
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if not world.is_main:
             # other ranks: their warnings and errors on their own stderr, marked with the rank
@@ -134,13 +135,25 @@ class RunLogger:
         # TensorBoard renders markdown: four leading spaces keep YAML as a verbatim block
         self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
 
-    def scalars(self, step: int, values: Mapping[str, Any], prefix: str = "") -> None:
+    def attach_monitor(self, monitor: Any) -> None:
+        """Also send scalars to DeepSpeed's monitors (`wandb`, `csv_monitor`, `comet` blocks of the
+        ds_config) when one is enabled: they then get every loss term, not only DeepSpeed's lr."""
+        if self.world.is_main and getattr(monitor, "enabled", False):
+            self.monitor = monitor
+
+    def scalars(self, step: int, values: Mapping[str, Any], prefix: str = "", samples: Optional[int] = None) -> None:
+        """TensorBoard scalars at `step`; DeepSpeed's monitors get them at `samples` (their x axis, as
+        DeepSpeed's own Train/Samples/* events), or at `step` when not given."""
         if self.writer is None:
             return
+        events = []
         for key, value in values.items():
             number = _as_float(value)
             if number is not None and math.isfinite(number):
                 self.writer.add_scalar(f"{prefix}{key}", number, step)
+                events.append((f"{prefix}{key}", number, step if samples is None else samples))
+        if self.monitor is not None and events:
+            self.monitor.write_events(events)
 
     def images(self, step: int, images: Mapping[str, torch.Tensor], prefix: str = "images/") -> None:
         if self.writer is None:

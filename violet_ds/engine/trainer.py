@@ -116,6 +116,8 @@ class Trainer:
         self.resolved_config = resolved_config
         self.val_loaders = val_loaders
         self.state = TrainState()
+        # wandb / csv through the ds_config's monitor blocks get the same scalars as TensorBoard
+        logger.attach_monitor(getattr(engine, "monitor", None))
 
     # ------------------------------------------------------------------ checkpoints
     def client_state(self) -> dict:
@@ -172,7 +174,7 @@ class Trainer:
             return {}
         metrics = evaluate(self.task, loaders, self.world, max_batches=self.run.val_max_batches,
                            progress=self.run.progress)
-        self.logger.scalars(self.state.step, metrics, prefix="val/")
+        self.logger.scalars(self.state.step, metrics, prefix="val/", samples=self.state.samples_seen)
         self.logger.record({"step": self.state.step, "split": "val", **metrics})
         self.logger.info(f"step {self.state.step} validation: "
                          + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
@@ -266,7 +268,8 @@ class Trainer:
                             "samples_seen": self.state.samples_seen,
                         }
                         self.logger.scalars(self.state.step, {k: v for k, v in record.items()
-                                                              if k not in ("step", "epoch")}, prefix="train/")
+                                                              if k not in ("step", "epoch")}, prefix="train/",
+                                           samples=self.state.samples_seen)
                         if self.run.log_sample_indices:
                             record["indices"] = window_indices
                         self.logger.record(record)
