@@ -88,8 +88,8 @@ class DataConfig:
     """pin batches in page-locked memory for faster host-to-GPU copies (ignored on CPU)"""
     prefetch_factor: int = 2
     """batches each DataLoader worker prepares ahead"""
-    jpeg_decoder: Literal["auto", "simplejpeg", "pillow", "torchvision"] = "auto"
-    """JPEG decoder of the frames (auto: the first of simplejpeg, torchvision, pillow that imports)"""
+    jpeg_decoder: Literal["auto", "simplejpeg", "pillow"] = "auto"
+    """JPEG decoder of the frames (auto: simplejpeg if it imports, else pillow)"""
     max_bad_fraction: float = 0.0
     """fraction of undecodable samples tolerated (skipped, counted, reported) before the run stops"""
     eval_clips: int = 1

@@ -194,7 +194,7 @@ def extract_targets(
         store_dtype: float16 or float32 for regression targets (token ids are always int16).
         limit: only the first N rows (smoke runs).
         overwrite: delete an existing store made with other settings instead of refusing.
-        decoder: JPEG decoder (auto, simplejpeg, torchvision, pillow).
+        decoder: JPEG decoder (auto, simplejpeg, pillow).
         frame_column: first frame column (default: detected; 1 official layout, 2 VIOLETv2's).
         threads: torch CPU threads (default: torch's own choice).
     """
