@@ -168,3 +168,27 @@ def test_images_reject_wrong_shape(tmp_path):
             logger.images(0, {"x": torch.zeros(2, 3, 4, 4)})
     finally:
         logger.close()
+
+
+def test_line_progress_for_data_commands():
+    import io
+
+    from violet_ds.engine.logging import LineProgress, progress
+
+    stream = io.StringIO()
+    items = list(LineProgress(range(100), desc="extracting", unit="file", stream=stream))
+    assert items == list(range(100))
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and len(lines) == 20
+    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d extracting: 5/100 file \(5%\) [\d.]+ file/s elapsed \S+ ETA \S+$",
+                    lines[0])
+    assert "100/100 file (100%)" in lines[-1]
+    # with-statement use (update / close), resumed from `initial`, a total that is not a multiple of 20
+    stream = io.StringIO()
+    with LineProgress(total=30, initial=10, desc="extract hog", unit="clip", stream=stream) as bar:
+        for _ in range(20):
+            bar.update()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 20 and lines[-1].split(": ", 1)[1].startswith("30/30 clip")
+    # not a terminal (pytest captures stderr): lines, not a bar
+    assert isinstance(progress(range(3), desc="x"), LineProgress)

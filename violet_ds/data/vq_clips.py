@@ -428,7 +428,7 @@ def extract_vq(tsv: str, encoder: str, output: str, size: int = 128, batch_frame
         limit: only the first N videos (smoke runs).
         threads: torch CPU threads (default: torch's own choice).
     """
-    from tqdm import tqdm
+    from violet_ds.engine.logging import progress as tqdm  # a bar on terminals, lines in log files
 
     from violet_ds.data.frames import VideoTransform, decode_frames
     from violet_ds.targets.base import read_state_dict
