@@ -66,17 +66,22 @@ def test_pretraining_with_stderr_in_a_file_writes_step_lines_and_no_bar(demo, tm
     assert [int(row.split(",")[0]) for row in rows[1:]][:2] == [8, 16] and len(rows) - 1 == 20
 
 
+@pytest.mark.slow  # wandb's service takes a minute to start and stop on 2 cores
 def test_wandb_offline_through_deepspeed_monitor(demo, tmp_path):
-    """wandb needs no code of ours: the ds_config's `wandb` block (here through engine.ds_overrides)."""
+    """wandb is switched on by the ds_config's `wandb` block (here through engine.ds_overrides)."""
     pytest.importorskip("wandb")
-    config = tiny_config(demo, tmp_path, "wandb", run__max_steps=4, run__save_every=0,
+    config = tiny_config(demo, tmp_path, "wb", run__max_steps=4, run__save_every=0,
                          engine__ds_overrides={"wandb": {"enabled": True, "project": "violet_ds_test"}})
     env = {**cli_env(), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
     result = subprocess.run(cli_command(write_config(config, tmp_path / "c.yaml")), env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert len(runs) == 1
+    # our loss terms next to DeepSpeed's lr in the run's record, and the run was finished (by RunLogger.close)
+    record = b"".join(path.read_bytes() for path in runs[0].glob("run-*.wandb"))
+    assert b"train/loss_mlm" in record and b"Train/Samples/lr" in record
+    assert "finishing run" in (runs[0] / "logs" / "debug.log").read_text()
 
 
 def test_line_interval_is_at_most_five_percent_and_prefers_log_windows():

@@ -193,6 +193,12 @@ class RunLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.monitor is not None and getattr(self.monitor, "wandb_monitor", None) is not None:
+            # DeepSpeed starts the wandb run but never finishes it; unfinished offline runs lack their summary
+            import wandb
+
+            wandb.finish()
+        self.monitor = None
         for handler in self._handlers:
             self.log.removeHandler(handler)
             handler.close()
