@@ -13,6 +13,7 @@ configuration and exit. Unknown keys and wrong types are errors that name the ke
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 import sys
 from typing import Callable, Optional
@@ -156,7 +157,9 @@ def run_command(name: str, argv: list[str]):
     parser = build_parser(name, func)
     cfg = parser.parse_args(argv)
     cfg.pop("config", None)
-    resolved_config_yaml = parser.dump(cfg, skip_none=False)
+    # keep None values (e.g. `max_steps: null`): skip_unset=False since jsonargparse 4.49, skip_none before
+    dump_keep_none = "skip_unset" if "skip_unset" in inspect.signature(parser.dump).parameters else "skip_none"
+    resolved_config_yaml = parser.dump(cfg, **{dump_keep_none: False})
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     kwargs = dict(vars(instantiate(cfg)))
     kwargs.pop("config", None)
