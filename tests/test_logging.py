@@ -123,13 +123,16 @@ def test_bar_on_terminal_only_and_log_txt_keeps_step_lines(tmp_path, capsys):
 
 
 def test_log_level_and_dated_timestamps(tmp_path):
+    before = logging.getLogger("DeepSpeed").level
     logger = RunLogger(tmp_path, World(), level="warning")
     try:
+        assert logging.getLogger("DeepSpeed").level == logging.WARNING
         logger.info("quiet info")
         logger.warning("loud warning")
         logging.getLogger("violet_ds.data.datasets").warning("module warning")
     finally:
         logger.close()
+    assert logging.getLogger("DeepSpeed").level == before   # restored
     lines = (tmp_path / "log.txt").read_text().splitlines()
     assert not any("quiet info" in line for line in lines)
     assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d WARNING loud warning$", lines[0])

@@ -218,7 +218,7 @@ class RunConfig:
     """tqdm progress bars when stderr is a terminal; elsewhere (log files, SLURM) plain step lines
     (step, loss, lr, samples/s, ETA) are logged about every 5% of the run either way"""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    """level of log.txt and of the console log"""
+    """level of log.txt and of the console log (DeepSpeed's logger follows, never below info)"""
     val_max_batches: Optional[int] = None
     """cap on validation batches per evaluation (None = the whole validation set)"""
     log_sample_indices: bool = False

@@ -79,6 +79,9 @@ class RunLogger:
         self.log = logging.getLogger(LOGGER_NAME)
         self.log.setLevel(LEVELS[level])
         self.log.propagate = False
+        # DeepSpeed's own console chatter follows the level too (its debug output stays off)
+        self._deepspeed_level = logging.getLogger("DeepSpeed").level
+        logging.getLogger("DeepSpeed").setLevel(max(LEVELS[level], logging.INFO))
         self._handlers: list[logging.Handler] = []
         self.console_filter = _HideStepLines()
         self.writer = None
@@ -203,6 +206,7 @@ class RunLogger:
             self.log.removeHandler(handler)
             handler.close()
         self._handlers = []
+        logging.getLogger("DeepSpeed").setLevel(self._deepspeed_level)
 
 
 def progress_bar(total: int, initial: int, world: World, enabled: bool, desc: str = "train"):
