@@ -101,3 +101,20 @@ def test_extract_frames_help(capsys):
     out = _help(capsys, "extract-frames")
     assert "frames per video" in out and "rows per TSV shard" in out
     assert _options_without_help(out) == []
+
+
+def test_resolved_config_is_dumped_without_deprecated_calls(tmp_path, capsys):
+    """run_command records the resolved YAML (None values kept) through jsonargparse's current API."""
+    import warnings
+
+    from violet_ds import cli
+
+    tsv = tmp_path / "a.tsv"
+    tsv.write_text("v1\tframe\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert cli.run_command("build-index", ["--tsv", str(tsv)]) == 0
+    assert "force: false" in cli.resolved_config_yaml and f"tsv: {tsv}" in cli.resolved_config_yaml
+    from violet_ds.data.tsv import lineidx_path
+
+    assert lineidx_path(tsv).is_file()

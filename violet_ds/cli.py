@@ -13,7 +13,6 @@ configuration and exit. Unknown keys and wrong types are errors that name the ke
 from __future__ import annotations
 
 import importlib
-import inspect
 import re
 import sys
 from typing import Callable, Optional
@@ -158,8 +157,10 @@ def run_command(name: str, argv: list[str]):
     cfg = parser.parse_args(argv)
     cfg.pop("config", None)
     # keep None values (e.g. `max_steps: null`): skip_unset=False since jsonargparse 4.49, skip_none before
-    dump_keep_none = "skip_unset" if "skip_unset" in inspect.signature(parser.dump).parameters else "skip_none"
-    resolved_config_yaml = parser.dump(cfg, **{dump_keep_none: False})
+    try:
+        resolved_config_yaml = parser.dump(cfg, skip_unset=False)
+    except (TypeError, ValueError):  # "Unexpected keyword parameters" of older versions
+        resolved_config_yaml = parser.dump(cfg, skip_none=False)
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     kwargs = dict(vars(instantiate(cfg)))
     kwargs.pop("config", None)
