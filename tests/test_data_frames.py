@@ -47,7 +47,7 @@ def test_decode_inputs_and_png_fallback():
     assert torch.equal(png.permute(1, 2, 0), torch.from_numpy(image))
 
 
-@pytest.mark.parametrize("decoder", ["auto", "simplejpeg", "pillow", "torchvision"])
+@pytest.mark.parametrize("decoder", ["auto", "simplejpeg", "pillow"])
 def test_undecodable_frames_raise(decoder):
     if decoder != "auto" and decoder not in available_decoders():
         pytest.skip(f"{decoder} not installed")

@@ -152,9 +152,14 @@ def test_all_objectives_weighted_sum_backward_and_attended_masking(tokenizer):
     out["loss"].backward()
     assert task.heads["mvm"].proj.weight.grad is not None and task.heads["score"][1].weight.grad is not None
     images = task.visualize(_batch(tokenizer))
-    image = images["mvm_pixel"]
-    # rows: target, masked input, reconstruction pasted into the holes, raw reconstruction; frames side by side
-    assert image.shape == (3, 4 * 64, 2 * 64) and 0 <= image.min() and image.max() <= 1
+    # labelled panels, frames side by side
+    panels = ("input", "masked_input", "target", "reconstruction", "reconstruction_in_holes")
+    assert set(images) == {f"mvm_pixel/{panel}" for panel in panels}
+    for image in images.values():
+        assert image.shape == (3, 64, 2 * 64) and 0 <= image.min() and image.max() <= 1
+    # pixel MVM regresses the frames themselves; the masked input differs from them in the masked patches
+    assert torch.equal(images["mvm_pixel/target"], images["mvm_pixel/input"])
+    assert not torch.equal(images["mvm_pixel/masked_input"], images["mvm_pixel/input"])
 
 
 def test_config_errors_name_the_key(tokenizer):

@@ -62,10 +62,25 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def version_text() -> str:
+    """`violet-ds --version`: our version and those of the libraries a bug report needs (no imports)."""
+    from importlib import metadata
+
+    from violet_ds import __version__
+
+    parts = []
+    for package in ("torch", "deepspeed", "transformers"):
+        try:
+            parts.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{package} not installed")
+    return f"violet-ds {__version__} (python {sys.version.split()[0]}, {', '.join(parts)})"
+
+
 def _overview() -> str:
     width = max(map(len, COMMANDS)) + 2
-    lines = ["usage: violet-ds <command> [--config FILE.yaml] [--key value ...] [--print_config]", "",
-             "commands:"]
+    lines = ["usage: violet-ds <command> [--config FILE.yaml] [--key value ...] [--print_config]",
+             "       violet-ds --version", "", "commands:"]
     lines += [f"  {name:<{width}}{help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `violet-ds <command> --help` for the options of one command."]
     return "\n".join(lines)
@@ -75,6 +90,9 @@ def resolve(argv: list[str]) -> tuple[str, list[str]]:
     """Split argv into (command name, remaining args); raise SystemExit with help on bad input."""
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_overview())
+        raise SystemExit(0)
+    if argv[0] in ("--version", "-V"):
+        print(version_text())
         raise SystemExit(0)
     name, rest = argv[0], argv[1:]
     groups = {key.split()[0] for key in COMMANDS if " " in key}
@@ -106,9 +124,22 @@ def load_command(name: str) -> Callable:
 resolved_config_yaml: Optional[str] = None
 
 
+def _read_field_docstrings() -> None:
+    """Make --help show the docstring under each dataclass field (config.py) as that option's help."""
+    try:
+        from jsonargparse import set_parsing_settings
+
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    except ImportError:  # jsonargparse < 4.35
+        from jsonargparse import set_docstring_parse_options
+
+        set_docstring_parse_options(attribute_docstrings=True)
+
+
 def build_parser(name: str, func: Callable):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    _read_field_docstrings()
     parser = ArgumentParser(
         prog=f"violet-ds {name}",
         description=(func.__doc__ or COMMANDS[name][1]).strip(),
@@ -126,7 +157,11 @@ def run_command(name: str, argv: list[str]):
     parser = build_parser(name, func)
     cfg = parser.parse_args(argv)
     cfg.pop("config", None)
-    resolved_config_yaml = parser.dump(cfg, skip_none=False)
+    # keep None values (e.g. `max_steps: null`): skip_unset=False since jsonargparse 4.49, skip_none before
+    try:
+        resolved_config_yaml = parser.dump(cfg, skip_unset=False)
+    except (TypeError, ValueError):  # "Unexpected keyword parameters" of older versions
+        resolved_config_yaml = parser.dump(cfg, skip_none=False)
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     kwargs = dict(vars(instantiate(cfg)))
     kwargs.pop("config", None)

@@ -109,7 +109,7 @@ def bench_data(tsv: Optional[str] = None, num_frames: int = 5, size: int = 224, 
         batch_size: clips per batch.
         workers: DataLoader worker processes.
         batches: timed batches per decoder (after two warm-up batches).
-        decoders: decoders to compare (default: every installed one of simplejpeg, torchvision, pillow).
+        decoders: decoders to compare (default: every installed one of simplejpeg, pillow).
         train: training transforms (random temporal offset + random crop) instead of eval ones.
         synthetic_rows: rows (videos of 8 frames) of the synthetic TSV when no --tsv is given.
         video: also time frame extraction from this video file, seeking vs decoding straight through.

@@ -4,9 +4,10 @@ Videos stay uint8 `(T, 3, H, W)` from decoding until `normalize`, which runs on 
 uint8 batches are 4x smaller to pin and copy than float ones.
 
 JPEG decoders (`violet-ds bench data` measures them): `simplejpeg` (libjpeg-turbo, wheels for every
-major platform, and it can decode straight to a reduced DCT scale when the target is much smaller),
-`torchvision` (`torchvision.io.decode_jpeg`, also libjpeg-turbo), `pillow`. `auto` picks the first
-one that imports, in that order; PNG frames (and anything a JPEG decoder rejects) fall back to Pillow.
+major platform, and it can decode straight to a reduced DCT scale when the target is much smaller)
+and `pillow`. `auto` picks the first one that imports, in that order; PNG frames (and anything a JPEG
+decoder rejects) fall back to Pillow. (`torchvision.io.decode_jpeg`, once a third choice, is
+deprecated since torchvision 0.29 in favour of TorchCodec; simplejpeg is the same libjpeg-turbo.)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DECODERS = ("simplejpeg", "torchvision", "pillow")
+DECODERS = ("simplejpeg", "pillow")
 
 
 class FrameDecodeError(ValueError):
@@ -58,20 +59,12 @@ def _decode_simplejpeg(raw: bytes, min_height: int = 0, min_width: int = 0) -> n
     return simplejpeg.decode_jpeg(raw, colorspace="RGB", min_height=min_height, min_width=min_width)
 
 
-def _decode_torchvision(raw: bytes) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_jpeg as tv_decode
-
-    return tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
-
-
 def available_decoders() -> list[str]:
     names = []
     for name in DECODERS:
         try:
             if name == "simplejpeg":
                 import simplejpeg  # noqa: F401
-            elif name == "torchvision":
-                from torchvision.io import decode_jpeg  # noqa: F401
             else:
                 import PIL  # noqa: F401
         except ImportError:
@@ -93,7 +86,9 @@ def resolve_decoder(name: str = "auto") -> str:
             _AUTO = found[0]
         return _AUTO
     if name not in DECODERS:
-        raise ValueError(f"unknown JPEG decoder {name!r}; choose from auto, {', '.join(DECODERS)}")
+        extra = " (torchvision.io.decode_jpeg is deprecated; simplejpeg is the same libjpeg-turbo)" \
+            if name == "torchvision" else ""
+        raise ValueError(f"unknown JPEG decoder {name!r}; choose from auto, {', '.join(DECODERS)}{extra}")
     return name
 
 
@@ -108,10 +103,8 @@ def decode_jpeg(data: Union[bytes, str], decoder: str = "auto", min_size: int = 
     try:
         if not is_jpeg or name == "pillow":
             array = _decode_pillow(raw)
-        elif name == "simplejpeg":
-            array = _decode_simplejpeg(raw, min_size, min_size)
         else:
-            return _decode_torchvision(raw)
+            array = _decode_simplejpeg(raw, min_size, min_size)
     except FrameDecodeError:
         raise
     except Exception as err:  # every decoder raises its own types for corrupt data

@@ -424,11 +424,11 @@ def extract_vq(tsv: str, encoder: str, output: str, size: int = 128, batch_frame
         size: square frame side in pixels before encoding (multiple of 8: 128 -> 16x16 tokens).
         batch_frames: frames per encoder call.
         frame_column: first frame column (default: detected).
-        decoder: JPEG decoder (auto, simplejpeg, torchvision, pillow).
+        decoder: JPEG decoder (auto, simplejpeg, pillow).
         limit: only the first N videos (smoke runs).
         threads: torch CPU threads (default: torch's own choice).
     """
-    from tqdm import tqdm
+    from violet_ds.engine.logging import progress as tqdm  # a bar on terminals, lines in log files
 
     from violet_ds.data.frames import VideoTransform, decode_frames
     from violet_ds.targets.base import read_state_dict

@@ -7,6 +7,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import torch
 
 from .distributed import World
+from .logging import stderr_is_terminal
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -89,7 +90,7 @@ def evaluate(task: torch.nn.Module, loaders: Mapping[str, Any], world: World, *,
             for position, (name, loader) in enumerate(loaders.items()):
                 outputs = []
                 total = len(loader) if max_batches is None else min(len(loader), max_batches)
-                bar = tqdm(total=total, desc=f"eval {name}", disable=not (progress and world.is_main),
+                bar = tqdm(total=total, desc=f"eval {name}", disable=not (progress and world.is_main and stderr_is_terminal()),
                            leave=False, dynamic_ncols=True)
                 for number, batch in enumerate(loader):
                     if max_batches is not None and number >= max_batches:

@@ -1,15 +1,23 @@
-"""Run-directory logging: TensorBoard scalars/images, `metrics.jsonl`, `log.txt`, tqdm progress.
+"""Run-directory logging: TensorBoard scalars/images/text, `metrics.jsonl`, `log.txt`, training progress.
 
 Only rank 0 writes files; other ranks get a logger whose writers are no-ops, so callers never branch
-on the rank.
+on the rank. Warnings of the other ranks (their `violet_ds.*` loggers: skipped bad samples, ...) still
+reach their stderr, prefixed with the rank.
+
+Progress: a tqdm bar only when stderr is a terminal (and `run.progress`); on every other stderr (log
+files, SLURM, the DeepSpeed launcher's pipes) plain step lines with loss, lr, samples/s and ETA at
+least every 5% of the run, so a log file never fills with carriage-return records. `log.txt` gets the
+step lines in both cases.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -18,6 +26,35 @@ import torch
 from .distributed import World
 
 LOGGER_NAME = "violet_ds"
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+# step lines per run at least (one per 5%)
+STEP_LINES = 20
+
+
+def stderr_is_terminal() -> bool:
+    """True when stderr is an interactive terminal (progress bars belong there and nowhere else)."""
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+def log_format(world: World) -> logging.Formatter:
+    """`2026-11-27 09:49:49 INFO message`; `[rank r]` after the time when several ranks run."""
+    rank = f"[rank {world.rank}] " if world.distributed else ""
+    return logging.Formatter(f"%(asctime)s {rank}%(levelname)s %(message)s", DATE_FORMAT)
+
+
+class _HideStepLines(logging.Filter):
+    """Drops step lines from the console while a progress bar shows the same numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.active = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.active and getattr(record, "step_line", False))
 
 
 def _as_float(value: Any) -> Optional[float]:
@@ -33,26 +70,44 @@ def _as_float(value: Any) -> Optional[float]:
 class RunLogger:
     """TensorBoard + metrics.jsonl + log.txt of one run directory (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, world: World, *, purge_step: Optional[int] = None):
+    def __init__(self, run_dir: Path, world: World, *, purge_step: Optional[int] = None, level: str = "info",
+                 config_text: Optional[str] = None):
+        if level not in LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
         self.run_dir = Path(run_dir)
         self.world = world
         self.log = logging.getLogger(LOGGER_NAME)
-        self.log.setLevel(logging.INFO)
+        self.log.setLevel(LEVELS[level])
         self.log.propagate = False
+        # DeepSpeed's own console chatter follows the level too (its debug output stays off)
+        self._deepspeed_level = logging.getLogger("DeepSpeed").level
+        logging.getLogger("DeepSpeed").setLevel(max(LEVELS[level], logging.INFO))
         self._handlers: list[logging.Handler] = []
+        self.console_filter = _HideStepLines()
         self.writer = None
+        self.monitor = None
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if not world.is_main:
+            # other ranks: their warnings and errors on their own stderr, marked with the rank
+            console = logging.StreamHandler(sys.stderr)
+            console.setLevel(max(logging.WARNING, LEVELS[level]))
+            console.setFormatter(log_format(world))
+            self.log.addHandler(console)
+            self._handlers.append(console)
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for handler in (logging.FileHandler(self.run_dir / "log.txt"), logging.StreamHandler(sys.stderr)):
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        console = logging.StreamHandler(sys.stderr)
+        console.addFilter(self.console_filter)
+        for handler in (logging.FileHandler(self.run_dir / "log.txt"), console):
+            handler.setFormatter(log_format(world))
             self.log.addHandler(handler)
             self._handlers.append(handler)
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events past the resumed step that an interrupted run had already written
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
+        if config_text:
+            self.text("config", config_text, step=(purge_step - 1) if purge_step else 0)
 
     @property
     def tensorboard_dir(self) -> Path:
@@ -62,17 +117,46 @@ class RunLogger:
         if self.world.is_main:
             self.log.info(message)
 
-    def warning(self, message: str) -> None:
-        if self.world.is_main:
+    def warning(self, message: str, all_ranks: bool = False) -> None:
+        """A warning from rank 0, or (`all_ranks`: a rank-local problem) from every rank that calls it."""
+        if self.world.is_main or all_ranks:
             self.log.warning(message)
 
-    def scalars(self, step: int, values: Mapping[str, Any], prefix: str = "") -> None:
+    def debug(self, message: str) -> None:
+        if self.world.is_main:
+            self.log.debug(message)
+
+    def step_line(self, message: str) -> None:
+        """A training progress line: always in log.txt, on the console unless a progress bar shows it."""
+        if self.world.is_main:
+            self.log.info(message, extra={"step_line": True})
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        """Preformatted text (e.g. the resolved config) in TensorBoard's Text tab."""
         if self.writer is None:
             return
+        # TensorBoard renders markdown: four leading spaces keep YAML as a verbatim block
+        self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
+
+    def attach_monitor(self, monitor: Any) -> None:
+        """Also send scalars to DeepSpeed's monitors (`wandb`, `csv_monitor`, `comet` blocks of the
+        ds_config) when one is enabled: they then get every loss term, not only DeepSpeed's lr."""
+        if self.world.is_main and getattr(monitor, "enabled", False):
+            self.monitor = monitor
+
+    def scalars(self, step: int, values: Mapping[str, Any], prefix: str = "", samples: Optional[int] = None) -> None:
+        """TensorBoard scalars at `step`; DeepSpeed's monitors get them at `samples` (their x axis, as
+        DeepSpeed's own Train/Samples/* events), or at `step` when not given."""
+        if self.writer is None:
+            return
+        events = []
         for key, value in values.items():
             number = _as_float(value)
             if number is not None and math.isfinite(number):
                 self.writer.add_scalar(f"{prefix}{key}", number, step)
+                events.append((f"{prefix}{key}", number, step if samples is None else samples))
+        if self.monitor is not None and events:
+            self.monitor.write_events(events)
 
     def images(self, step: int, images: Mapping[str, torch.Tensor], prefix: str = "images/") -> None:
         if self.writer is None:
@@ -112,18 +196,93 @@ class RunLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.monitor is not None and getattr(self.monitor, "wandb_monitor", None) is not None:
+            # DeepSpeed starts the wandb run but never finishes it; unfinished offline runs lack their summary
+            import wandb
+
+            wandb.finish()
+        self.monitor = None
         for handler in self._handlers:
             self.log.removeHandler(handler)
             handler.close()
         self._handlers = []
+        logging.getLogger("DeepSpeed").setLevel(self._deepspeed_level)
 
 
 def progress_bar(total: int, initial: int, world: World, enabled: bool, desc: str = "train"):
-    """tqdm on rank 0 (a disabled bar elsewhere)."""
+    """tqdm on rank 0 when stderr is a terminal (a disabled bar elsewhere)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and world.is_main),
-                dynamic_ncols=True, leave=True)
+    return tqdm(total=total, initial=initial, desc=desc,
+                disable=not (enabled and world.is_main and stderr_is_terminal()), dynamic_ncols=True, leave=True)
+
+
+def format_duration(seconds: float) -> str:
+    """`1:02:03`, or `3d 4:05:06` past a day; `?` when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    days, rest = divmod(int(round(seconds)), 86400)
+    text = str(datetime.timedelta(seconds=rest))
+    return f"{days}d {text}" if days else text
+
+
+def line_interval(total: int, log_every: int, lines: int = STEP_LINES) -> int:
+    """Optimizer steps between step lines: at least `lines` lines per run, on log windows when they allow."""
+    budget = max(1, total // lines)
+    return log_every * (budget // log_every) if log_every <= budget else budget
+
+
+class TrainProgress:
+    """Progress of the training loop on rank 0.
+
+    On a terminal with `enabled`: a tqdm bar (loss and lr in its postfix) and step lines into log.txt
+    only. Otherwise: step lines on stderr and in log.txt, every `interval` steps (at least one per 5%
+    of the run) and at the last step. The loop asks `line_due(step)` to aggregate its loss window at
+    those steps too, then calls `report`.
+    """
+
+    def __init__(self, total: int, initial: int, world: World, logger: "RunLogger", *, enabled: bool = True,
+                 log_every: int = 1, terminal: Optional[bool] = None, desc: str = "train"):
+        self.total, self.initial, self.world, self.logger = total, initial, world, logger
+        self.terminal = stderr_is_terminal() if terminal is None else terminal
+        self.interval = line_interval(total, max(1, log_every))
+        self.started = time.time()
+        self.bar = None
+        if enabled and self.terminal and world.is_main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+        logger.console_filter.active = self.bar is not None
+
+    def line_due(self, step: int) -> bool:
+        return step % self.interval == 0 or step == self.total
+
+    def update(self, count: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def eta_s(self, step: int) -> float:
+        done = step - self.initial
+        if done <= 0:
+            return math.nan
+        return (time.time() - self.started) / done * (self.total - step)
+
+    def report(self, step: int, loss: float, lr: float, samples_per_s: float) -> None:
+        """The numbers of the window that ended at `step`; a step line when one is due."""
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if not self.line_due(step):
+            return
+        elapsed = time.time() - self.started
+        self.logger.step_line(
+            f"step {step}/{self.total} ({100.0 * step / max(1, self.total):.0f}%) loss {loss:.4f} lr {lr:.2e} "
+            f"{samples_per_s:.1f} samples/s elapsed {format_duration(elapsed)} ETA {format_duration(self.eta_s(step))}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.logger.console_filter.active = False
 
 
 def memory_mb(device: torch.device) -> float:
@@ -135,3 +294,87 @@ def memory_mb(device: torch.device) -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+class LineProgress:
+    """tqdm's interface for non-terminals: a dated plain line at least every 5% of `total` (and at the
+    end) instead of carriage-return redraws; every `min_interval_s` seconds when the total is unknown."""
+
+    def __init__(self, iterable=None, *, total: Optional[int] = None, desc: str = "", unit: str = "it",
+                 initial: int = 0, min_interval_s: float = 60.0, stream=None):
+        self.iterable = iterable
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.initial, self.min_interval_s = initial, min_interval_s
+        self.stream = stream
+        self.started = self._last_time = time.time()
+        self._every = max(1, total // STEP_LINES) if total else 0
+        self._last_line = initial
+        self._postfix = ""
+        self._closed = False
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def __len__(self) -> int:
+        return self.total if self.total is not None else len(self.iterable)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def set_postfix(self, **values: Any) -> None:
+        self._postfix = " " + " ".join(f"{key}={value}" for key, value in values.items()) if values else ""
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def _line(self) -> None:
+        elapsed = time.time() - self.started
+        done = self.n - self.initial
+        rate = done / elapsed if elapsed > 0 else 0.0
+        if self.total:
+            eta = (self.total - self.n) / rate if rate > 0 else math.nan
+            where = f"{self.n}/{self.total} {self.unit} ({100.0 * self.n / self.total:.0f}%)"
+            tail = f" ETA {format_duration(eta)}"
+        else:
+            where, tail = f"{self.n} {self.unit}", ""
+        stamp = time.strftime(DATE_FORMAT)
+        print(f"{stamp} {self.desc}: {where} {rate:.1f} {self.unit}/s elapsed {format_duration(elapsed)}{tail}"
+              f"{self._postfix}", file=self.stream or sys.stderr, flush=True)
+        self._last_line, self._last_time = self.n, time.time()
+
+    def update(self, count: int = 1) -> None:
+        self.n += count
+        if self._every:
+            if self.n // self._every > self._last_line // self._every or self.n == self.total:
+                self._line()
+        elif time.time() - self._last_time >= self.min_interval_s:
+            self._line()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.n != self._last_line:
+            self._line()
+
+
+def progress(iterable=None, *, total: Optional[int] = None, desc: str = "", unit: str = "it", initial: int = 0,
+             leave: bool = True, enabled: bool = True):
+    """A tqdm bar when stderr is a terminal, `LineProgress` lines otherwise (a drop-in for `tqdm(...)`)."""
+    if enabled and stderr_is_terminal():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave, dynamic_ncols=True)
+    if not enabled:
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, disable=True)
+    return LineProgress(iterable, total=total, desc=desc, unit=unit, initial=initial)

@@ -307,7 +307,7 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     if resuming:
         marker = json.loads((run_dir / "checkpoints" / resume_tag / dse.COMPLETE_MARKER).read_text())
         purge_step = int(marker.get("step") or 0) + 1
-    logger = RunLogger(run_dir, world, purge_step=purge_step)
+    logger = RunLogger(run_dir, world, purge_step=purge_step, level=run.log_level, config_text=config_text)
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_text)
     if engine.deterministic:
@@ -450,7 +450,7 @@ def evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: Opti
     world = setup_world(engine)
     seed_everything(engine.seed)
     run_dir = Path(run.output_dir) / run.name
-    logger = RunLogger(run_dir, world)
+    logger = RunLogger(run_dir, world, level=run.log_level)
     tokenizer = Tokenizer(data.tokenizer)
     task_module = create_task(task.name, build_model(model, tokenizer), task, tokenizer)
     if run.init_from:

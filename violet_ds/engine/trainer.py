@@ -20,7 +20,7 @@ from ..config import RunConfig
 from . import deepspeed_engine as dse
 from .distributed import World
 from .evaluator import evaluate, to_device
-from .logging import RunLogger, memory_mb, progress_bar
+from .logging import RunLogger, TrainProgress, memory_mb
 
 
 @dataclass
@@ -116,6 +116,8 @@ class Trainer:
         self.resolved_config = resolved_config
         self.val_loaders = val_loaders
         self.state = TrainState()
+        # wandb / csv through the ds_config's monitor blocks get the same scalars as TensorBoard
+        logger.attach_monitor(getattr(engine, "monitor", None))
 
     # ------------------------------------------------------------------ checkpoints
     def client_state(self) -> dict:
@@ -172,7 +174,7 @@ class Trainer:
             return {}
         metrics = evaluate(self.task, loaders, self.world, max_batches=self.run.val_max_batches,
                            progress=self.run.progress)
-        self.logger.scalars(self.state.step, metrics, prefix="val/")
+        self.logger.scalars(self.state.step, metrics, prefix="val/", samples=self.state.samples_seen)
         self.logger.record({"step": self.state.step, "split": "val", **metrics})
         self.logger.info(f"step {self.state.step} validation: "
                          + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
@@ -199,7 +201,10 @@ class Trainer:
         resumed = self.state.step > 0
         self.logger.truncate_metrics(self.state.step)
         stop = _StopSignal(self.run.save_on_sigterm)
-        bar = progress_bar(self.total_steps, self.state.step, self.world, self.run.progress)
+        log_every = max(1, self.run.log_every)
+        # a tqdm bar on terminals only; step lines (>= one per 5% of the run) everywhere else
+        bar = TrainProgress(self.total_steps, self.state.step, self.world, self.logger, enabled=self.run.progress,
+                            log_every=log_every)
         # with max_steps the step count alone ends the run: after a resume on another world size the
         # steps per epoch differ, and an epoch bound computed from them would stop the run early
         epochs = math.ceil(self.total_steps / self.steps_per_epoch) if self.run.max_steps is None else math.inf
@@ -210,8 +215,6 @@ class Trainer:
         step_started = time.time()
         last_saved_step = self.state.step if resumed else -1
         step_lr = self._current_lr()
-        log_every = max(1, self.run.log_every)
-        text_every = log_every * max(1, round(self.total_steps / 20 / log_every))
         try:
             while self.state.step < self.total_steps and self.state.epoch < epochs:
                 loader = self.make_loader(self.state.epoch, self.state.micro_in_epoch * self.batch_size)
@@ -243,8 +246,9 @@ class Trainer:
                         continue
                     self.state.step += 1
                     window_steps += 1
-                    bar.update(1)
-                    if self.state.step % log_every == 0 or self.state.step == self.total_steps:
+                    bar.update()
+                    if (self.state.step % log_every == 0 or bar.line_due(self.state.step)
+                            or self.state.step == self.total_steps):
                         # one host sync and one collective per logged window, not per step
                         step_time = (time.time() - step_started) / window_steps
                         step_started, window_steps = time.time(), 0
@@ -264,18 +268,13 @@ class Trainer:
                             "samples_seen": self.state.samples_seen,
                         }
                         self.logger.scalars(self.state.step, {k: v for k, v in record.items()
-                                                              if k not in ("step", "epoch")}, prefix="train/")
+                                                              if k not in ("step", "epoch")}, prefix="train/",
+                                           samples=self.state.samples_seen)
                         if self.run.log_sample_indices:
                             record["indices"] = window_indices
                         self.logger.record(record)
                         window_indices = []
-                        bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4f}", lr=f"{step_lr:.2e}")
-                        if not self.run.progress and (self.state.step % text_every == 0
-                                                      or self.state.step == self.total_steps):
-                            # no progress bar (batch jobs, --run.progress false): about 20 lines per run
-                            self.logger.info(f"step {self.state.step}/{self.total_steps} loss "
-                                             f"{terms.get('loss', float('nan')):.4f} lr {step_lr:.2e} "
-                                             f"{step_time:.3f} s/step")
+                        bar.report(self.state.step, terms.get("loss", float("nan")), step_lr, record["samples_per_s"])
                     if self.run.image_every and self.state.step % self.run.image_every == 0:
                         self._images(batch)
                     end_of_epoch = self.state.micro_in_epoch >= self.micro_per_epoch

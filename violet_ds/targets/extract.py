@@ -194,11 +194,11 @@ def extract_targets(
         store_dtype: float16 or float32 for regression targets (token ids are always int16).
         limit: only the first N rows (smoke runs).
         overwrite: delete an existing store made with other settings instead of refusing.
-        decoder: JPEG decoder (auto, simplejpeg, torchvision, pillow).
+        decoder: JPEG decoder (auto, simplejpeg, pillow).
         frame_column: first frame column (default: detected; 1 official layout, 2 VIOLETv2's).
         threads: torch CPU threads (default: torch's own choice).
     """
-    from tqdm import tqdm
+    from violet_ds.engine.logging import progress as tqdm  # a bar on terminals, lines in log files
 
     from violet_ds.data.frames import normalize
     from violet_ds.data.tsv import TSVFile

@@ -342,7 +342,10 @@ class PretrainTask(nn.Module):
 
     @torch.no_grad()
     def visualize(self, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-        """First clip of the batch: original / masked input / reconstruction rows, per MVM target."""
+        """First clip of the batch as labelled panels per MVM target, frames side by side:
+        `mvm_<target>/input`, `/masked_input`, and for dense targets `/target` (what MVM regresses: the
+        frames for pixel, a gray min-max view otherwise), `/reconstruction` (the prediction everywhere)
+        and `/reconstruction_in_holes` (the prediction pasted into the masked patches of the input)."""
         if not self.weights["mvm"]:
             return {}
         video = self._video(batch)[:1]
@@ -356,8 +359,9 @@ class PretrainTask(nn.Module):
         images = {}
         for entry in self.targets:
             spec = entry.target.spec
+            images[f"mvm_{entry.name}/input"] = _frames_strip(original)
+            images[f"mvm_{entry.name}/masked_input"] = _frames_strip(masked)
             if spec.kind != "dense":
-                images[f"mvm_{entry.name}"] = _frames_strip(torch.cat([original, masked], dim=2))
                 continue
             pred = preds[entry.name][0].float()
             if entry.name == "pixel" and spec.channels == 3:
@@ -368,8 +372,9 @@ class PretrainTask(nn.Module):
             # the reconstruction pasted into the masked holes, next to the raw prediction
             pixel_mask = token_mask[0].repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2)[:, None]
             filled = torch.where(pixel_mask, recon, masked)
-            rows = torch.cat([target_image, masked, filled, recon], dim=2)  # (T, 3, 4H, W)
-            images[f"mvm_{entry.name}"] = _frames_strip(rows)
+            images[f"mvm_{entry.name}/target"] = _frames_strip(target_image)
+            images[f"mvm_{entry.name}/reconstruction"] = _frames_strip(recon)
+            images[f"mvm_{entry.name}/reconstruction_in_holes"] = _frames_strip(filled)
         return images
 
     # ------------------------------------------------------------------ data
