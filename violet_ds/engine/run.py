@@ -20,7 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig, TaskConfig
+from . import checkpoint as ckpt
 from . import deepspeed_engine as dse
+from . import preflight
 from .distributed import World, in_slurm_step, init_distributed
 from .logging import RunLogger
 
@@ -269,6 +271,26 @@ def eval_loaders(datasets: Mapping[str, Dataset], data: DataConfig, world: World
 
 
 # ----------------------------------------------------------------------------------------- commands
+def _claim_run_dir(run_dir: Path, run: RunConfig, command: str, world: World):
+    """Rank 0 locks the run directory (refusing a live one) and refuses to silently replace checkpoints."""
+    if not world.is_main:
+        return None
+    import atexit
+
+    from .rundir import RunLock, check_fresh_run
+
+    lock = RunLock(run_dir, command=f"violet-ds {command} (run {run.name})",
+                   warn=lambda message: print(f"warning: {message}", flush=True)).acquire()
+    atexit.register(lock.release)
+    try:
+        if not run.resume:
+            check_fresh_run(run_dir, run.overwrite, warn=lambda message: print(f"warning: {message}", flush=True))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def _summary_line(key: str, value: Any) -> str:
     return f"  {key:<18}{value}"
 
@@ -291,11 +313,18 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     resume_tag = dse.resolve_resume_tag(run_dir / "checkpoints", run.resume) if run.resume else None
     resuming = resume_tag is not None
     world = setup_world(engine)
+    lock = _claim_run_dir(run_dir, run, command, world)
     purge_step = None
     if resuming:
         marker = json.loads((run_dir / "checkpoints" / resume_tag / dse.COMPLETE_MARKER).read_text())
         purge_step = int(marker.get("step") or 0) + 1
     logger = RunLogger(run_dir, world, purge_step=purge_step)
+    if resuming:
+        # before any heavy work: an inexact resume is an error (or, when allowed, a warning per difference)
+        ckpt.check_resume(run_dir / "checkpoints", resume_tag, config_text, world.world_size,
+                          run.allow_inexact_resume, logger.warning)
+    if run.preflight:
+        preflight.preflight_paths(data, run, model, run_dir, resuming=resuming)
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_text)
     if engine.deterministic:
@@ -311,6 +340,7 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     seed_everything(engine.seed + 1 + world.rank)
 
     datasets = build_split(task_module, data, tokenizer, "train", task.name)
+    preflight.check_split_sizes("train", datasets, data.train)
     train_stores = prepare_sidecars(datasets, data, "train")
     if train_stores:
         logger.info("MVM targets from sidecars (live teacher for batches not fully covered): " +
@@ -335,11 +365,17 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
                        stores=train_stores)
 
     val_cache: Dict[str, DataLoader] = {}
+    val_sets: Dict[str, Dataset] = {}
+    if data.val and run.preflight:
+        # built now, so that a missing or empty val split fails before training, not at the first evaluation
+        with preflight.preserved_rng():
+            val_sets = build_split(task_module, data, tokenizer, "val", task.name)
+        preflight.check_split_sizes("val", val_sets, data.val)
 
     def make_val_loaders() -> Dict[str, DataLoader]:
         if not val_cache and data.val:
-            val_cache.update(eval_loaders(build_split(task_module, data, tokenizer, "val", task.name), data,
-                                          world, engine.seed))
+            val_cache.update(eval_loaders(val_sets or build_split(task_module, data, tokenizer, "val", task.name),
+                                          data, world, engine.seed))
         return val_cache
 
     ds_config = dse.resolve_ds_config(engine, optim, data, world)
@@ -372,12 +408,15 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
         result = trainer.fit(resume=run.resume)
     finally:
         logger.close()
+        if lock is not None:
+            lock.release()
     summary = {
         "command": command, "run_dir": str(run_dir), "steps": result.steps, "epochs": result.epochs_done,
         "first_loss": result.first_loss, "last_loss": result.last_loss, "skipped_steps": result.skipped_steps,
         "preempted": result.preempted, "checkpoint": str(run_dir / "checkpoints" / result.last_checkpoint)
         if result.last_checkpoint else None, "tensorboard": str(run_dir / "tensorboard"),
         "val": result.val_metrics, "wall_s": round(time.time() - started, 1),
+        "divergence": trainer.divergence.report(), "bad_samples": preflight.bad_sample_totals(datasets, world),
     }
     if world.is_main:
         losses = result.losses
