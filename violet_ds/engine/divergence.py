@@ -139,12 +139,24 @@ class DivergenceWatch:
         self.mode = getattr(run, "on_divergence", "stop")
         self.max_rollbacks = int(getattr(run, "max_rollbacks", 3))
         self.rollbacks: List[dict] = []
+        # fault injection for tests and drills: VIOLET_DS_INJECT_NONFINITE="5,6" treats the loss of those
+        # optimizer steps as non-finite (each step number once), exercising the stop/rollback paths
+        import os
+
+        spec = os.environ.get("VIOLET_DS_INJECT_NONFINITE", "")
+        self._inject = {int(part) for part in spec.split(",") if part.strip()}
 
     # ---- per step (no host sync)
     def observe(self, loss: torch.Tensor) -> None:
+        step = self.trainer.state.step + 1
+        if step in self._inject:
+            self._injected = step
+            loss = torch.full_like(loss.detach(), float("nan"))
         self.guard.observe(loss)
 
     def end_step(self, step: int) -> None:
+        if getattr(self, "_injected", None) == step:
+            self._inject.discard(step)
         self.guard.end_step(step)
 
     # ---- at the logging window / before a save
@@ -204,8 +216,8 @@ class DivergenceWatch:
             else:
                 (checkpoint_dir / ckpt.LATEST_FILE).unlink(missing_ok=True)
         ckpt._barrier(trainer.world)
-        where = (f"last good checkpoint: {checkpoint_dir / good_tag} (now `latest`)" if good_tag
-                 else "no good checkpoint was saved before it")
+        where = (f"Last good checkpoint: {checkpoint_dir / good_tag} (now `latest`)" if good_tag
+                 else "No good checkpoint was saved before it")
         marked = f"; marked diverged (never resumed by `auto`): {', '.join(suspect)}" if suspect else ""
         if self.mode == "rollback" and good_tag is not None and len(self.rollbacks) < self.max_rollbacks:
             self._rollback(good_tag, first_bad, marked)

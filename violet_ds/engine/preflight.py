@@ -45,7 +45,10 @@ def spot_check_tsv(path: Path, rows: int = SAMPLED_ROWS, seed: int = 0) -> int:
             raise PreflightError(f"{path}: the TSV has no rows")
         picks = {0, count - 1} | set(random.Random(seed).sample(range(count), min(rows, count)))
         for row in sorted(picks):
-            tsv.read_bytes(row)
+            if tsv.read_bytes(row).endswith(b"\r"):
+                raise PreflightError(f"{path}: row {row} ends with a carriage return: the TSV has Windows (CRLF) "
+                                     "line endings; convert it (`sed -i 's/\\r$//' FILE.tsv`) and rebuild its "
+                                     "index (`violet-ds build-index --force`)")
     except TSVError as error:
         raise PreflightError(f"{error} [validate the whole file with `violet-ds validate-tsv {path}`]") from None
     finally:
