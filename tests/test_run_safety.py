@@ -358,3 +358,28 @@ def test_guard_streak_logic():
     verdict = guard.check()
     assert verdict.diverged and verdict.first_bad_step == 5
     assert last_good_step([1, 2, 3, 4], 5) == 3 and last_good_step([4], 5) is None
+
+
+# ----------------------------------------------------------------------------------------- extract-frames
+def test_extract_frames_cleans_temporaries_and_skips_unusable_names(demo, tmp_path):
+    from violet_ds.data.extract import ExtractOptions, list_inputs, run_extraction
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    source = sorted((demo / "videos").glob("*.mp4"))
+    shutil.copy(source[0], videos / "good.mp4")
+    shutil.copy(source[1], videos / "bad\tname.mp4")
+    shutil.copy(source[2], videos / "bad\nline.mp4")
+    out = tmp_path / "out"
+    out.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = [out / f"frames_000.tsv.tmp{gone.pid}", out / f"frames_000.lineidx.tmp{gone.pid}"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    report = run_extraction(list_inputs(str(videos), {".mp4"}), out, "frames", ExtractOptions(num_frames=2,
+                            short_side=32), workers=1, progress=False)
+    assert not any(path.exists() for path in stale)
+    assert report.written == 1 and set(report.failed) == {"bad\tname", "bad\nline"}
+    failures = json.loads((out / "frames_failed.json").read_text())
+    assert failures["bad\tname"]["path"].endswith("bad\tname.mp4") and "tab or newline" in failures["bad\tname"]["error"]
