@@ -92,7 +92,7 @@ def report_failure(error: BaseException, rank: int, world: int, stream=None) -> 
 
     if errors.is_user_error(error) and not errors.debug_enabled():
         # the message names the file/key and what to do; the traceback only with --debug
-        stream.write(f"{prefix} FAILED: {errors.message_of(error)}\n")
+        stream.write(f"{prefix} FAILED: {type(error).__name__}: {errors.message_of(error)}\n")
         stream.flush()
         return
     lines = "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip("\n")
