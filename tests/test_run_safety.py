@@ -383,3 +383,29 @@ def test_extract_frames_cleans_temporaries_and_skips_unusable_names(demo, tmp_pa
     assert report.written == 1 and set(report.failed) == {"bad\tname", "bad\nline"}
     failures = json.loads((out / "frames_failed.json").read_text())
     assert failures["bad\tname"]["path"].endswith("bad\tname.mp4") and "tab or newline" in failures["bad\tname"]["error"]
+
+
+def test_bad_samples_are_counted_over_dataloader_workers(demo, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from violet_ds.data.datasets import PretrainDataset, collate
+    from violet_ds.data.tokenizer import Tokenizer
+    from violet_ds.engine.distributed import World
+    from violet_ds.engine.preflight import bad_sample_totals
+
+    tsv = _tsv_copy(demo, tmp_path)
+    lines = tsv.read_bytes().split(b"\n")
+    # same length, so the .lineidx stays valid: one frame of rows 0 and 1 is no longer base64
+    for row in (0, 1):
+        columns = lines[row].split(b"\t")
+        columns[-1] = b"!" * len(columns[-1])
+        lines[row] = b"\t".join(columns)
+    tsv.write_bytes(b"\n".join(lines))
+    dataset = PretrainDataset(str(tsv), str(demo / "txt_pretrain.json"), "train", Tokenizer(str(demo / "tokenizer")),
+                              num_frames=2, size=32, max_text_len=8, max_bad_fraction=0.5)
+    for _ in DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate):
+        pass
+    totals = bad_sample_totals({"train": dataset}, World())
+    # row 0 skips rows 0 and 1, row 1 (in the other worker) skips row 1: every skip counts
+    assert totals["bad"] == 3 and totals["seen"] == len(dataset) + 3
+    assert dataset.bad_samples == [], "the counts came from the workers, not this process"
