@@ -408,3 +408,16 @@ def test_bad_samples_are_counted_over_dataloader_workers(demo, tmp_path):
     # every skip counts (a bad sample skipped to the next one, which may be bad too, counts twice)
     assert totals["bad"] >= 1 and totals["seen"] == len(dataset) + totals["bad"]
     assert dataset.bad_samples == [], "the counts came from the workers, not this process"
+
+
+def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
+    from violet_ds.engine.rundir import LOCK_FILE, RunDirError, RunLock
+
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-that-died", "pid": 1, "slurm_job": "77",
+                                                  "slurm_restart": "0"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    with pytest.raises(RunDirError, match="SLURM job 77"):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    RunLock(tmp_path, warn=lambda message: None).acquire().release()

@@ -488,6 +488,7 @@ def evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: Opti
     if world.device.type == "cuda" and engine.precision in ("bf16", "auto"):
         task_module.to(torch.bfloat16)
     datasets = build_split(task_module, data, tokenizer, split, task.name)
+    preflight.check_split_sizes(split, datasets, getattr(data, split))
     loaders = eval_loaders(datasets, data, world, engine.seed, split)
     metrics = run_evaluation(task_module, loaders, world, max_batches=run.val_max_batches, progress=run.progress)
     if world.is_main:

@@ -5,8 +5,9 @@ O_EXCL before anything is written to the directory and removes it when the comma
 thread touches it every `HEARTBEAT_S` seconds. An existing lock is stale (and taken over, with a
 warning) when its process is gone: on the same host, when the pid is not running or runs another
 process (start time differs); on another host, when its heartbeat is older than `STALE_AFTER_S`
-(a node that died cannot remove its lock). Otherwise the second run is refused at once, naming the
-live one.
+(a node that died cannot remove its lock), or when it was taken by an earlier run of the same SLURM
+job (a requeue: same job id, another restart count). Otherwise the second run is refused at once,
+naming the live one.
 """
 
 from __future__ import annotations
@@ -61,10 +62,14 @@ class RunLock:
     def _info(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
                 "command": self.command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "slurm_job": os.environ.get("SLURM_JOB_ID")}
+                "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0")}
 
     def _stale_reason(self, info: dict) -> Optional[str]:
         age = time.time() - self.path.stat().st_mtime
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and info.get("slurm_job") == job and info.get("slurm_restart") != os.environ.get("SLURM_RESTART_COUNT", "0"):
+            # SLURM requeues a job (same id, next restart count) only after its previous run ended
+            return f"it belongs to an earlier run of SLURM job {job} (requeued)"
         if info.get("host") == socket.gethostname():
             pid = int(info.get("pid") or -1)
             if pid == os.getpid():
