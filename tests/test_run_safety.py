@@ -421,3 +421,24 @@ def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
         RunLock(tmp_path).acquire()
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     RunLock(tmp_path, warn=lambda message: None).acquire().release()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
+def test_nonfinite_loss_on_one_rank_rolls_back_every_rank(demo, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = write_config(tiny_config(demo, tmp_path, "two", run__max_steps=8, run__save_every=2, run__log_every=2,
+                                      run__on_divergence="rollback", run__max_bad_steps=2), tmp_path / "two.yaml")
+    command = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "--module", "violet_ds.cli", "pretrain", "--config", str(config)]
+    result = subprocess.run(command, env={**cli_env(), "VIOLET_DS_INJECT_NONFINITE": "5,6@1"}, cwd=str(REPO),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    rollbacks = [r for r in records if r.get("event") == "rollback"]
+    # only rank 1 saw the non-finite loss; rank 0 (which writes metrics) rolled back with it
+    assert len(rollbacks) == 1 and rollbacks[0]["from_step"] == 6 and rollbacks[0]["to_step"] == 2, rollbacks
+    assert [r["step"] for r in records if "loss" in r][-1] == 8

@@ -140,11 +140,13 @@ class DivergenceWatch:
         self.max_rollbacks = int(getattr(run, "max_rollbacks", 3))
         self.rollbacks: List[dict] = []
         # fault injection for tests and drills: VIOLET_DS_INJECT_NONFINITE="5,6" treats the loss of those
-        # optimizer steps as non-finite (each step number once), exercising the stop/rollback paths
+        # optimizer steps as non-finite (each step number once), exercising the stop/rollback paths;
+        # "5,6@1" does so on rank 1 only (the other ranks must still stop or roll back with it)
         import os
 
-        spec = os.environ.get("VIOLET_DS_INJECT_NONFINITE", "")
-        self._inject = {int(part) for part in spec.split(",") if part.strip()}
+        spec, _, rank = os.environ.get("VIOLET_DS_INJECT_NONFINITE", "").partition("@")
+        here = not rank.strip() or int(rank) == trainer.world.rank
+        self._inject = {int(part) for part in spec.split(",") if part.strip()} if here else set()
 
     # ---- per step (no host sync)
     def observe(self, loss: torch.Tensor) -> None:
