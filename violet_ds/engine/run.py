@@ -408,8 +408,6 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
         result = trainer.fit(resume=run.resume)
     finally:
         logger.close()
-        if lock is not None:
-            lock.release()
     summary = {
         "command": command, "run_dir": str(run_dir), "steps": result.steps, "epochs": result.epochs_done,
         "first_loss": result.first_loss, "last_loss": result.last_loss, "skipped_steps": result.skipped_steps,
@@ -433,6 +431,8 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
         lines.append(_summary_line("tensorboard", f"tensorboard --logdir {run_dir / 'tensorboard'}"))
         print("\n".join(lines), flush=True)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if lock is not None:
+        lock.release()
     return summary
 
 
