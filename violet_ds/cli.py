@@ -169,11 +169,33 @@ def run_command(name: str, argv: list[str]):
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    # from the console (argv None) user errors print one line; a Python caller gets the exception
+    from_console = argv is None
     argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    if "--debug" in argv:
+        import os
+
+        from violet_ds.errors import DEBUG_ENV
+
+        argv = [arg for arg in argv if arg != "--debug"]
+        os.environ[DEBUG_ENV] = "1"
     name, rest = resolve(argv)
-    result = run_command(name, rest)
+    result = _run_reporting_user_errors(name, rest) if from_console else run_command(name, rest)
     if isinstance(result, int) and not isinstance(result, bool):
         raise SystemExit(result)
+
+
+def _run_reporting_user_errors(name: str, rest: list[str]):
+    """User errors (violet_ds.errors) end the command with their one-line message and exit code 1."""
+    from violet_ds import errors
+
+    try:
+        return run_command(name, rest)
+    except Exception as error:  # noqa: BLE001 - sorted into user errors and the rest right here
+        if not errors.is_user_error(error):
+            raise
+        errors.report(error, f"violet-ds {name}")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

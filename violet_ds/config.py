@@ -229,3 +229,19 @@ class RunConfig:
     """record the dataset indices of every optimizer step in metrics.jsonl (resume audits)"""
     save_on_sigterm: bool = True
     """on SIGTERM (SLURM preemption) finish the current step, save a checkpoint and exit cleanly"""
+    max_bad_steps: int = 3
+    """consecutive optimizer steps with a non-finite loss (on any rank) after which the run counts as diverged
+    (checked at each logging window and before each save; 0 disables the guard)"""
+    on_divergence: Literal["stop", "rollback"] = "stop"
+    """stop: end the run naming the last good checkpoint; rollback: reload it, skip the data window that
+    diverged and continue (at most max_rollbacks times)"""
+    max_rollbacks: int = 3
+    """rollbacks allowed with on_divergence=rollback before the run stops as diverged"""
+    overwrite: bool = False
+    """start a fresh run (no resume) in a run directory that already holds checkpoints: deletes them"""
+    allow_inexact_resume: bool = False
+    """resume although the checkpoint's RNG files are missing or its model/data/batch settings differ from
+    this run's (each difference is logged as a warning); the continuation is then not exact"""
+    preflight: bool = True
+    """before step 1 check that the run directory is writable, every configured split is present and
+    non-empty, training TSV indexes are sound and init weights are readable"""

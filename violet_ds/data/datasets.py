@@ -114,6 +114,40 @@ class ClipReader:
 
 # ---------------------------------------------------------------- base class
 
+class SharedCounts:
+    """(bad, seen) sample counters in shared memory, so that forked DataLoader workers add to the parent's.
+
+    A copy made by pickling (spawned workers) starts a private count instead; nothing fails.
+    """
+
+    def __init__(self):
+        import multiprocessing
+
+        try:
+            self.values = multiprocessing.Array("q", 2)
+        except (OSError, ImportError):  # no shared memory (some sandboxes): counts stay per process
+            self.values = None
+        self.local = [0, 0]
+
+    def add(self, bad: int, seen: int) -> None:
+        if self.values is None:
+            self.local[0] += bad
+            self.local[1] += seen
+            return
+        with self.values.get_lock():
+            self.values[0] += bad
+            self.values[1] += seen
+
+    def get(self) -> tuple[int, int]:
+        if self.values is None:
+            return self.local[0], self.local[1]
+        with self.values.get_lock():
+            return int(self.values[0]), int(self.values[1])
+
+    def __getstate__(self):
+        return {"values": None, "local": [0, 0]}
+
+
 class VideoTextDataset(Dataset):
     """Common machinery: frame source, clip reader, tokenizer, bad-sample policy."""
 
@@ -131,6 +165,7 @@ class VideoTextDataset(Dataset):
         self.bad_samples: list[tuple[int, str, str]] = []
         self.missing_videos: list[str] = []
         self.samples_seen = 0
+        self.shared_counts = SharedCounts()
 
     # ---- annotation / TSV consistency
     def _keep_present(self, records: list, annotation_path: Union[str, Path], split: str) -> list:
@@ -168,6 +203,7 @@ class VideoTextDataset(Dataset):
         for attempt in range(length):
             current = (index + attempt) % length
             self.samples_seen += 1
+            self.shared_counts.add(0, 1)
             try:
                 sample = self.load(current)
             except (TSVError, FrameDecodeError, MissingVideoError) as err:
@@ -176,6 +212,7 @@ class VideoTextDataset(Dataset):
                 if self.max_bad_fraction == 0.0:
                     raise type(err)(message) from err
                 self.bad_samples.append((current, video, str(err)))
+                self.shared_counts.add(1, 0)
                 fraction = len(self.bad_samples) / self.samples_seen
                 logger.warning("skipping bad %s [%d bad of %d seen]", message, len(self.bad_samples), self.samples_seen)
                 if self.samples_seen >= MIN_SEEN_FOR_LIMIT and fraction > self.max_bad_fraction:
@@ -194,6 +231,11 @@ class VideoTextDataset(Dataset):
 
     def video_of(self, index: int) -> str:
         return self.records[index].video
+
+    def bad_sample_counts(self) -> tuple[int, int]:
+        """(bad, seen) samples of this process and its DataLoader workers together."""
+        counts = getattr(self, "shared_counts", None)
+        return counts.get() if counts is not None else (len(self.bad_samples), self.samples_seen)
 
     def bad_sample_report(self) -> dict[str, Any]:
         return {"seen": self.samples_seen, "bad": len(self.bad_samples),

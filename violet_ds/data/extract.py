@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import multiprocessing
+import os
 import re
 import sys
 import time
@@ -70,8 +71,9 @@ def list_inputs(spec: str, extensions: set[str]) -> list[tuple[str, Path]]:
         raise FileNotFoundError(f"no such folder, file, list or glob: {spec}")
     seen: dict[str, Path] = {}
     for key, item in pairs:
-        if "\t" in key or "\n" in key:
-            raise ValueError(f"{item}: id {key!r} contains a tab or newline")
+        if "\t" in key or "\n" in key or "\r" in key:
+            # not representable in a TSV row: run_extraction reports it in the failures file and skips it
+            continue
         if key in seen:
             raise ValueError(f"duplicate id {key!r}: {seen[key]} and {item} (ids are file names without extension)")
         seen[key] = item
@@ -282,6 +284,27 @@ def existing_shards(out_dir: Path, prefix: str) -> list[Path]:
     return sorted(p for p in out_dir.glob(f"{prefix}_*.tsv") if pattern.match(p.name))
 
 
+def remove_stale_temporaries(out_dir: Path, prefix: str) -> list[Path]:
+    """Delete `{prefix}_*.tmpPID` files (shards and indexes being written) whose process is gone."""
+    removed = []
+    for path in sorted(out_dir.glob(f"{prefix}_*.tmp*")):
+        match = re.search(r"\.tmp(\d+)$", path.name)
+        if not match or not path.is_file():
+            continue
+        pid = int(match.group(1))
+        alive = True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            pass
+        if not alive or pid == os.getpid():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def run_extraction(inputs: Sequence[tuple[str, Path]], out_dir: Path, prefix: str, options: ExtractOptions,
                    shard_size: int = 1000, workers: int = 2, progress: bool = True,
                    with_keys: bool = False) -> ExtractReport:
@@ -289,6 +312,14 @@ def run_extraction(inputs: Sequence[tuple[str, Path]], out_dir: Path, prefix: st
     out_dir.mkdir(parents=True, exist_ok=True)
     report = ExtractReport()
     started = time.perf_counter()
+    removed = remove_stale_temporaries(out_dir, prefix)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) left by an interrupted run: "
+              f"{', '.join(p.name for p in removed[:5])}{' ...' if len(removed) > 5 else ''}", file=sys.stderr)
+    unusable = [(key, path) for key, path in inputs if "\t" in key or "\n" in key or "\r" in key]
+    for key, path in unusable:
+        report.failed[key] = "the file name contains a tab or newline, which a TSV row cannot hold: rename the file"
+    inputs = [(key, path) for key, path in inputs if (key, path) not in unusable]
     done: set[str] = set()
     shards = existing_shards(out_dir, prefix)
     for shard in shards:
@@ -340,7 +371,8 @@ def run_extraction(inputs: Sequence[tuple[str, Path]], out_dir: Path, prefix: st
             pool.join()
     failed_path = out_dir / f"{prefix}_failed.json"
     if report.failed:
-        failed_path.write_text(json.dumps({k: {"path": str(dict(todo)[k]), "error": e}
+        paths = {**dict(unusable), **dict(todo)}
+        failed_path.write_text(json.dumps({k: {"path": str(paths[k]), "error": e}
                                            for k, e in sorted(report.failed.items())}, indent=1))
     elif failed_path.exists():
         failed_path.unlink()

@@ -43,7 +43,11 @@ def _to_bytes(data: Union[bytes, bytearray, memoryview, str]) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as err:
-        raise FrameDecodeError(f"frame is neither an image nor valid base64 ({err})") from err
+        hint = ""
+        if data.rstrip(b"\n").endswith(b"\r"):
+            hint = ("; it ends with a carriage return: the TSV has Windows (CRLF) line endings - convert it "
+                    "(`sed -i 's/\\r$//' FILE.tsv`) and rebuild its index (`violet-ds build-index --force`)")
+        raise FrameDecodeError(f"frame is neither an image nor valid base64 ({err}){hint}") from err
 
 
 def _decode_pillow(raw: bytes) -> np.ndarray:

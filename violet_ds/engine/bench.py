@@ -85,10 +85,23 @@ def _measure(spec: dict) -> dict:
     batch = to_device(_synthetic_batch(spec["batch_size"], spec["frames"], spec["image_size"], spec["text_len"],
                                        tokenizer), world.device)
 
+    from violet_ds.engine.divergence import DivergenceGuard
+
+    guard = DivergenceGuard(3, world) if spec.get("guard") else None
+    done = [0]
+
     def step() -> None:
         loss = engine(batch)["loss"]
+        if guard is not None:
+            guard.observe(loss)
         engine.backward(loss)
         engine.step()
+        if guard is not None:
+            # what the trainer does: flag per step, one check per logging window (10 steps)
+            done[0] += 1
+            guard.end_step(done[0])
+            if done[0] % 10 == 0:
+                guard.check()
 
     def sync() -> None:
         if world.device.type == "cuda":
@@ -121,6 +134,20 @@ def _measure(spec: dict) -> dict:
         flops = counter.get_total_flops()
     else:
         loss, flops = engine(batch)["loss"], 0
+    guard_us = None
+    if guard is not None:
+        # the guard's own work per step, isolated from the (noisy) step time: observe + end_step, and a
+        # check every 10 steps, on a loss tensor of the run's device
+        probe = loss.detach()
+        sync()
+        started = time.perf_counter()
+        for number in range(1, 2001):
+            guard.observe(probe)
+            guard.end_step(number)
+            if number % 10 == 0:
+                guard.check()
+        sync()
+        guard_us = (time.perf_counter() - started) / 2000 * 1e6
     times.sort()
     median = times[len(times) // 2]
     return {
@@ -135,6 +162,7 @@ def _measure(spec: dict) -> dict:
         "offload": spec.get("offload", False), "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,
         "attention": timed_attention, "profile": profile,
         "loss": float(loss.detach().float()),
+        "divergence_guard": bool(spec.get("guard")), "guard_us_per_step": guard_us,
     }
 
 
@@ -231,12 +259,13 @@ def _child(spec: dict, queue) -> None:
 
 
 def _table(rows: List[dict]) -> str:
-    header = (f"{'model':<12} {'batch':>5} {'frames':>6} {'size':>5} {'ckpt':>5} {'prec':>5} {'params M':>9} "
+    header = (f"{'model':<12} {'batch':>5} {'frames':>6} {'size':>5} {'ckpt':>5} {'guard':>5} {'prec':>5} {'params M':>9} "
               f"{'step s':>8} {'samples/s':>10} {'peak MB':>9} {'GFLOP/step':>11} {'TFLOP/s':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['model']:<12} {r['batch_size']:>5} {r['frames']:>6} {r['image_size']:>5} "
-                     f"{'on' if r['checkpointing'] else 'off':>5} {r['precision']:>5} {r['params_m']:>9.2f} "
+                     f"{'on' if r['checkpointing'] else 'off':>5} {'on' if r.get('divergence_guard') else 'off':>5} "
+                     f"{r['precision']:>5} {r['params_m']:>9.2f} "
                      f"{r['step_s_median']:>8.3f} {r['samples_per_s']:>10.2f} {r['peak_memory_mb']:>9.0f} "
                      f"{r['gflops_per_step']:>11.1f} {r['achieved_tflops']:>8.3f}")
     return "\n".join(lines)
@@ -244,7 +273,7 @@ def _table(rows: List[dict]) -> str:
 
 def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames: int = 4, image_size: int = 224,
                 text_len: int = 32, checkpointing: List[bool] = [False, True], steps: int = 3, warmup: int = 1,
-                precision: str = "bf16", ds_config: str = "auto",
+                precision: str = "bf16", ds_config: str = "auto", divergence_guard: List[bool] = [False],
                 tokenizer: Optional[str] = None, strategies: List[str] = ["rm", "bm"], threads: int = 2,
                 output: str = "runs/bench/bench_train.json") -> None:
     """Benchmark one pretraining step (VTM + MLM + MVM-pixel, forward + backward + ZeRO-2 step) per model,
@@ -260,6 +289,8 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
         steps: timed steps (the median is reported).
         warmup: untimed steps first.
         precision: bf16, fp16 or fp32.
+        divergence_guard: divergence-guard settings to compare (the trainer's per-step non-finite check;
+            with it on, `guard_us_per_step` is the guard's own cost per step, timed in isolation).
         ds_config: DeepSpeed JSON (its "auto" fields are filled); auto = zero2_bf16.json on CUDA,
             cpu_test.json (small buckets) on CPU.
         tokenizer: BERT-style vocabulary folder (default: the packaged BERT-uncased vocabulary).
@@ -273,11 +304,11 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
     context = multiprocessing.get_context("spawn")
     rows = []
     for model in models:
-        for flag in checkpointing:
+        for flag, guarded in [(flag, guarded) for flag in checkpointing for guarded in divergence_guard]:
             spec = {"model": model, "batch_size": batch_size, "frames": frames, "image_size": image_size,
                     "text_len": text_len, "checkpointing": flag, "steps": steps, "warmup": warmup,
                     "precision": precision, "ds_config": ds_config, "tokenizer": tokenizer,
-                    "strategies": strategies, "threads": threads}
+                    "strategies": strategies, "threads": threads, "guard": guarded}
             queue = context.Queue()
             process = context.Process(target=_child, args=(spec, queue))
             # each child is a fresh single-rank job: no launcher variables from the parent
@@ -290,8 +321,9 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
             if status != "ok":
                 raise RuntimeError(f"bench train {model} (checkpointing={flag}) failed: {result}")
             rows.append(result)
-            print(f"  {model} checkpointing={'on' if flag else 'off'}: {result['step_s_median']:.3f} s/step, "
-                  f"{result['peak_memory_mb']:.0f} MB", flush=True)
+            print(f"  {model} checkpointing={'on' if flag else 'off'} guard={'on' if guarded else 'off'}: "
+                  f"{result['step_s_median']:.3f} s/step, {result['peak_memory_mb']:.0f} MB"
+                  + (f", guard {result['guard_us_per_step']:.1f} us/step" if guarded else ""), flush=True)
     print(_table(rows), flush=True)
     from violet_ds.bench_meta import bench_meta
 

@@ -1,5 +1,5 @@
 """DeepSpeed plumbing: the resolved ds_config, optimizer + parameter groups, LR schedule, initialize,
-and checkpoints that are complete before they are ever called `latest`.
+and (re-exported from engine/checkpoint.py) the checkpoint functions.
 """
 
 from __future__ import annotations
@@ -8,21 +8,15 @@ import copy
 import inspect
 import json
 import math
-import os
-import random
-import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..config import DataConfig, EngineConfig, OptimConfig
 from .distributed import World
 
-COMPLETE_MARKER = "violet_ds_complete.json"
-LATEST_FILE = "latest"
 AUTO = "auto"
 
 
@@ -275,118 +269,9 @@ def grad_norm(engine) -> Optional[float]:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-# ----------------------------------------------------------------------------------------- RNG
-def rng_state() -> dict:
-    """Every RNG the training step draws from, in a form `torch.load(weights_only=True)` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
-                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ----------------------------------------------------------------------------------------- checkpoints
-def checkpoint_tag(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def _barrier(world: World) -> None:
-    if world.distributed and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def save_checkpoint(engine, checkpoint_dir: Path, tag: str, client_state: dict, world: World,
-                    keep_last: int = 0) -> Path:
-    """Save on every rank; mark the tag complete and point `latest` at it only once all ranks are done.
-
-    `latest` is replaced atomically (write + rename), so a save interrupted at any point leaves the
-    previous `latest` in place.
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    tag_dir = checkpoint_dir / tag
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), tag_dir / f"rng_rank{world.rank:05d}.pt")
-    _barrier(world)
-    if world.is_main:
-        marker = {"tag": tag, "step": client_state.get("step"), "world_size": world.world_size}
-        (tag_dir / COMPLETE_MARKER).write_text(json.dumps(marker))
-        tmp = checkpoint_dir / f".{LATEST_FILE}.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, checkpoint_dir / LATEST_FILE)
-        if keep_last > 0:
-            prune_checkpoints(checkpoint_dir, keep_last, protect=tag)
-    _barrier(world)
-    return tag_dir
-
-
-def complete_tags(checkpoint_dir: Path) -> list[str]:
-    """Tags with a completion marker, oldest first (by recorded step)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    found = []
-    for marker in checkpoint_dir.glob(f"*/{COMPLETE_MARKER}"):
-        info = json.loads(marker.read_text())
-        found.append((info.get("step") or 0, marker.parent.name))
-    return [tag for _, tag in sorted(found)]
-
-
-def prune_checkpoints(checkpoint_dir: Path, keep_last: int, protect: str) -> None:
-    tags = complete_tags(checkpoint_dir)
-    for tag in tags[:-keep_last] if keep_last else []:
-        if tag != protect:
-            shutil.rmtree(Path(checkpoint_dir) / tag, ignore_errors=True)
-
-
-def resolve_resume_tag(checkpoint_dir: Path, resume: str) -> Optional[str]:
-    """`auto` -> latest or None (fresh start); `latest` -> latest or error; else the named tag (checked)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    latest = checkpoint_dir / LATEST_FILE
-    if resume in ("auto", "latest"):
-        if latest.is_file():
-            tag = latest.read_text().strip()
-        elif resume == "auto":
-            return None
-        else:
-            raise FileNotFoundError(f"--run.resume latest: no {latest} (no completed checkpoint in this run)")
-    else:
-        tag = resume
-    if not (checkpoint_dir / tag).is_dir():
-        known = ", ".join(complete_tags(checkpoint_dir)) or "none"
-        raise FileNotFoundError(f"checkpoint {checkpoint_dir / tag} does not exist (complete tags: {known})")
-    if not (checkpoint_dir / tag / COMPLETE_MARKER).is_file():
-        raise RuntimeError(f"checkpoint {checkpoint_dir / tag} is incomplete (its save was interrupted); "
-                           f"resume from an earlier tag: {', '.join(complete_tags(checkpoint_dir)) or 'none'}")
-    return tag
-
-
-def load_checkpoint(engine, checkpoint_dir: Path, tag: str, world: World) -> dict:
-    """Load module, optimizer, scheduler and this rank's RNG; return the client state. Errors, never warns."""
-    info = json.loads((Path(checkpoint_dir) / tag / COMPLETE_MARKER).read_text())
-    if info.get("world_size", world.world_size) != world.world_size:
-        raise RuntimeError(
-            f"checkpoint {tag} was written by {info['world_size']} ranks, this run has {world.world_size}; "
-            "convert it with `violet-ds universal-checkpoint` to change the number of ranks")
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_module_strict=True,
-                                                load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(checkpoint_dir) / tag}")
-    rng_file = Path(checkpoint_dir) / tag / f"rng_rank{world.rank:05d}.pt"
-    if rng_file.is_file():
-        client_state = dict(client_state or {})
-        client_state["rng"] = torch.load(rng_file, weights_only=True)
-    return client_state or {}
+# checkpoint state has one owner, violet_ds.engine.checkpoint; these names stay importable from here
+from .checkpoint import (  # noqa: E402,F401
+    COMPLETE_MARKER, LATEST_FILE, checkpoint_tag, complete_tags, load_checkpoint, prune_checkpoints,
+    resolve_resume_tag, rng_state, save_checkpoint, set_rng_state,
+)

@@ -12,27 +12,15 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .deepspeed_engine import COMPLETE_MARKER, LATEST_FILE
+from . import checkpoint as ckpt
+from .checkpoint import COMPLETE_MARKER, LATEST_FILE  # noqa: F401
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def locate_checkpoint(path: str | Path, tag: Optional[str] = None) -> Tuple[Path, str]:
     """(checkpoints dir, tag) from a run dir, a checkpoints dir or a tag dir (+ optional tag)."""
-    path = Path(path)
-    if (path / MODEL_STATES).is_file():
-        if tag is not None and tag != path.name:
-            raise ValueError(f"{path} is the checkpoint {path.name!r}, but tag {tag!r} was asked for")
-        return path.parent, path.name
-    for checkpoint_dir in (path, path / "checkpoints"):
-        if tag is not None and (checkpoint_dir / tag / MODEL_STATES).is_file():
-            return checkpoint_dir, tag
-        if tag is None and (checkpoint_dir / LATEST_FILE).is_file():
-            latest = (checkpoint_dir / LATEST_FILE).read_text().strip()
-            return checkpoint_dir, latest
-    raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint found (expected a run dir, its checkpoints/ dir "
-                            f"with a `latest` file, or a tag dir holding {MODEL_STATES})"
-                            + (f"; tag {tag!r} not found" if tag else ""))
+    return ckpt.locate(path, tag)
 
 
 def deepspeed_fp32_state_dict(path: str | Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
@@ -42,6 +30,8 @@ def deepspeed_fp32_state_dict(path: str | Path, tag: Optional[str] = None) -> Di
     checkpoint_dir, tag = locate_checkpoint(path, tag)
     if not (checkpoint_dir / tag / COMPLETE_MARKER).is_file():
         raise RuntimeError(f"checkpoint {checkpoint_dir / tag} is incomplete (its save was interrupted)")
+    # zero_to_fp32 unpickles without limits: every file is checked first
+    ckpt.check_tag_dir(checkpoint_dir / tag)
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     return {key: value.detach().float().contiguous() if value.is_floating_point() else value.contiguous()
             for key, value in state.items()}

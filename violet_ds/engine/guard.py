@@ -88,6 +88,13 @@ def report_failure(error: BaseException, rank: int, world: int, stream=None) -> 
     """Print the failing rank's traceback, every line prefixed so interleaved logs stay readable."""
     stream = stream or sys.stderr
     prefix = f"[violet-ds rank {rank}/{world} on {socket.gethostname()} pid {os.getpid()}]"
+    from violet_ds import errors
+
+    if errors.is_user_error(error) and not errors.debug_enabled():
+        # the message names the file/key and what to do; the traceback only with --debug
+        stream.write(f"{prefix} FAILED: {type(error).__name__}: {errors.message_of(error)}\n")
+        stream.flush()
+        return
     lines = "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip("\n")
     body = "\n".join(f"{prefix} {line}" for line in lines.splitlines())
     stream.write(f"{prefix} FAILED: {type(error).__name__}: {error}\n{body}\n")

@@ -20,7 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig, TaskConfig
+from . import checkpoint as ckpt
 from . import deepspeed_engine as dse
+from . import preflight
 from .distributed import World, in_slurm_step, init_distributed
 from .logging import RunLogger
 
@@ -281,6 +283,26 @@ def eval_loaders(datasets: Mapping[str, Dataset], data: DataConfig, world: World
 
 
 # ----------------------------------------------------------------------------------------- commands
+def _claim_run_dir(run_dir: Path, run: RunConfig, command: str, world: World):
+    """Rank 0 locks the run directory (refusing a live one) and refuses to silently replace checkpoints."""
+    if not world.is_main:
+        return None
+    import atexit
+
+    from .rundir import RunLock, check_fresh_run
+
+    lock = RunLock(run_dir, command=f"violet-ds {command} (run {run.name})",
+                   warn=lambda message: print(f"warning: {message}", flush=True)).acquire()
+    atexit.register(lock.release)
+    try:
+        if not run.resume:
+            check_fresh_run(run_dir, run.overwrite, warn=lambda message: print(f"warning: {message}", flush=True))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def _summary_line(key: str, value: Any) -> str:
     return f"  {key:<18}{value}"
 
@@ -303,11 +325,18 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     resume_tag = dse.resolve_resume_tag(run_dir / "checkpoints", run.resume) if run.resume else None
     resuming = resume_tag is not None
     world = setup_world(engine)
+    lock = _claim_run_dir(run_dir, run, command, world)
     purge_step = None
     if resuming:
         marker = json.loads((run_dir / "checkpoints" / resume_tag / dse.COMPLETE_MARKER).read_text())
         purge_step = int(marker.get("step") or 0) + 1
     logger = RunLogger(run_dir, world, purge_step=purge_step, level=run.log_level, config_text=config_text)
+    if resuming:
+        # before any heavy work: an inexact resume is an error (or, when allowed, a warning per difference)
+        ckpt.check_resume(run_dir / "checkpoints", resume_tag, config_text, world.world_size,
+                          run.allow_inexact_resume, logger.warning)
+    if run.preflight:
+        preflight.preflight_paths(data, run, model, run_dir, resuming=resuming)
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_text)
     if engine.deterministic:
@@ -323,6 +352,7 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     seed_everything(engine.seed + 1 + world.rank)
 
     datasets = build_split(task_module, data, tokenizer, "train", task.name)
+    preflight.check_split_sizes("train", datasets, data.train)
     train_stores = prepare_sidecars(datasets, data, "train")
     if train_stores:
         logger.info("MVM targets from sidecars (live teacher for batches not fully covered): " +
@@ -347,11 +377,17 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
                        stores=train_stores)
 
     val_cache: Dict[str, DataLoader] = {}
+    val_sets: Dict[str, Dataset] = {}
+    if data.val and run.preflight:
+        # built now, so that a missing or empty val split fails before training, not at the first evaluation
+        with preflight.preserved_rng():
+            val_sets = build_split(task_module, data, tokenizer, "val", task.name)
+        preflight.check_split_sizes("val", val_sets, data.val)
 
     def make_val_loaders() -> Dict[str, DataLoader]:
         if not val_cache and data.val:
-            val_cache.update(eval_loaders(build_split(task_module, data, tokenizer, "val", task.name), data,
-                                          world, engine.seed))
+            val_cache.update(eval_loaders(val_sets or build_split(task_module, data, tokenizer, "val", task.name),
+                                          data, world, engine.seed))
         return val_cache
 
     ds_config = dse.resolve_ds_config(engine, optim, data, world)
@@ -390,6 +426,7 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
         "preempted": result.preempted, "checkpoint": str(run_dir / "checkpoints" / result.last_checkpoint)
         if result.last_checkpoint else None, "tensorboard": str(run_dir / "tensorboard"),
         "val": result.val_metrics, "wall_s": round(time.time() - started, 1),
+        "divergence": trainer.divergence.report(), "bad_samples": preflight.bad_sample_totals(datasets, world),
     }
     if world.is_main:
         losses = result.losses
@@ -406,6 +443,8 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
         lines.append(_summary_line("tensorboard", f"tensorboard --logdir {run_dir / 'tensorboard'}"))
         print("\n".join(lines), flush=True)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if lock is not None:
+        lock.release()
     return summary
 
 
@@ -461,6 +500,7 @@ def evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: Opti
     if world.device.type == "cuda" and engine.precision in ("bf16", "auto"):
         task_module.to(torch.bfloat16)
     datasets = build_split(task_module, data, tokenizer, split, task.name)
+    preflight.check_split_sizes(split, datasets, getattr(data, split))
     loaders = eval_loaders(datasets, data, world, engine.seed, split)
     metrics = run_evaluation(task_module, loaders, world, max_batches=run.val_max_batches, progress=run.progress)
     if world.is_main:

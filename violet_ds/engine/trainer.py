@@ -17,7 +17,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 
 from ..config import RunConfig
+from . import checkpoint as ckpt
 from . import deepspeed_engine as dse
+from .divergence import DivergenceWatch
 from .distributed import World
 from .evaluator import evaluate, to_device
 from .logging import RunLogger, TrainProgress, memory_mb
@@ -118,26 +120,30 @@ class Trainer:
         self.state = TrainState()
         # wandb / csv through the ds_config's monitor blocks get the same scalars as TensorBoard
         logger.attach_monitor(getattr(engine, "monitor", None))
+        self.divergence = DivergenceWatch(self)
 
     # ------------------------------------------------------------------ checkpoints
     def client_state(self) -> dict:
-        return {**self.state.as_dict(), "world_size": self.world.world_size, "config": self.resolved_config,
-                "skipped_steps": int(self.engine.skipped_steps), "format": "violet_ds/1"}
+        return ckpt.client_state(self.state.as_dict(), self.world.world_size, self.resolved_config,
+                                 self.engine.skipped_steps)
 
-    def save(self) -> str:
-        tag = dse.checkpoint_tag(self.state.step)
-        dse.save_checkpoint(self.engine, self.checkpoint_dir, tag, self.client_state(), self.world,
-                            keep_last=self.run.keep_last)
+    def save(self) -> Optional[str]:
+        if not self.divergence.allow_save():
+            # never a checkpoint of non-finite (or diverging) weights
+            return None
+        tag = ckpt.checkpoint_tag(self.state.step)
+        ckpt.save_checkpoint(self.engine, self.checkpoint_dir, tag, self.client_state(), self.world,
+                             keep_last=self.run.keep_last)
         self.logger.info(f"saved checkpoint {self.checkpoint_dir / tag}")
         return tag
 
     def resume(self, resume: str) -> Optional[dict]:
         """Load the checkpoint `resume` names; returns the RNG states to install (or None: fresh start)."""
-        tag = dse.resolve_resume_tag(self.checkpoint_dir, resume)
+        tag = ckpt.resolve_resume_tag(self.checkpoint_dir, resume)
         if tag is None:
             self.logger.info(f"--run.resume {resume}: no checkpoint in {self.checkpoint_dir}, starting fresh")
             return None
-        client = dse.load_checkpoint(self.engine, self.checkpoint_dir, tag, self.world)
+        client = ckpt.load_checkpoint(self.engine, self.checkpoint_dir, tag, self.world)
         missing = [key for key in ("step", "epoch", "micro_in_epoch") if key not in client]
         if missing:
             raise RuntimeError(f"checkpoint {tag} has no {missing} in its client state (not a violet_ds run)")
@@ -220,7 +226,7 @@ class Trainer:
                 loader = self.make_loader(self.state.epoch, self.state.micro_in_epoch * self.batch_size)
                 if rng is not None:
                     # after building the loader: nothing between here and the next step may draw randomness
-                    dse.set_rng_state(rng)
+                    ckpt.set_rng_state(rng)
                     rng = None
                 for batch in loader:
                     if self.state.micro_in_epoch >= self.micro_per_epoch or self.state.step >= self.total_steps:
@@ -230,6 +236,7 @@ class Trainer:
                         window_indices.extend(int(i) for i in batch["index"].tolist())
                     outputs = self.engine(batch)
                     loss = outputs["loss"]
+                    self.divergence.observe(loss)
                     self.engine.backward(loss)
                     boundary = self.engine.is_gradient_accumulation_boundary()
                     if boundary:
@@ -245,6 +252,7 @@ class Trainer:
                     if not boundary:
                         continue
                     self.state.step += 1
+                    self.divergence.end_step(self.state.step)
                     window_steps += 1
                     bar.update()
                     if (self.state.step % log_every == 0 or bar.line_due(self.state.step)
@@ -275,6 +283,8 @@ class Trainer:
                         self.logger.record(record)
                         window_indices = []
                         bar.report(self.state.step, terms.get("loss", float("nan")), step_lr, record["samples_per_s"])
+                        if self.divergence.check_window():
+                            continue  # rolled back to the last good checkpoint; the data cursor moves on
                     if self.run.image_every and self.state.step % self.run.image_every == 0:
                         self._images(batch)
                     end_of_epoch = self.state.micro_in_epoch >= self.micro_per_epoch
@@ -289,7 +299,7 @@ class Trainer:
                             summary.val_metrics = self._validate()
                     epoch_save = end_of_epoch and not self.run.save_every
                     if periodic or epoch_save or stopping or self.state.step >= self.total_steps:
-                        summary.last_checkpoint = self.save()
+                        summary.last_checkpoint = self.save() or summary.last_checkpoint
                         last_saved_step = self.state.step
                     if stopping:
                         summary.preempted = True
@@ -303,7 +313,7 @@ class Trainer:
                     self.state.epoch += 1
                     self.state.micro_in_epoch = 0
             if last_saved_step != self.state.step:
-                summary.last_checkpoint = self.save()
+                summary.last_checkpoint = self.save() or summary.last_checkpoint
             return summary
         finally:
             stop.restore()

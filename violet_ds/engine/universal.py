@@ -33,33 +33,25 @@ from typing import Optional
 import torch
 import yaml
 
-# the engine's checkpoint layout (violet_ds.engine.deepspeed_engine)
-COMPLETE_MARKER = "violet_ds_complete.json"
-LATEST_FILE = "latest"
-MODEL_STATES = "mp_rank_00_model_states.pt"
-UNIVERSAL_SUFFIX = "-universal"
+from . import checkpoint as ckpt
+from .checkpoint import COMPLETE_MARKER, LATEST_FILE, MODEL_STATES, UNIVERSAL_SUFFIX  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------- helpers
 def _read_marker(tag_dir: Path) -> dict:
-    marker = tag_dir / COMPLETE_MARKER
-    if not marker.is_file():
-        raise RuntimeError(f"{tag_dir} has no {COMPLETE_MARKER}: the checkpoint is incomplete (its save was "
-                           "interrupted) or not written by violet_ds")
-    try:
-        return json.loads(marker.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{marker}: not valid JSON ({error})") from None
+    return ckpt.read_marker(tag_dir)
 
 
 def resolve_tag(checkpoint_dir: Path, tag: str) -> str:
     """`latest` -> the tag the `latest` file names; anything else must be an existing tag folder."""
     checkpoint_dir = Path(checkpoint_dir)
     if tag == "latest":
-        latest = checkpoint_dir / LATEST_FILE
-        if not latest.is_file():
-            raise FileNotFoundError(f"{latest} does not exist: no completed checkpoint in {checkpoint_dir}")
-        tag = latest.read_text().strip()
+        tag = ckpt.read_latest(checkpoint_dir)
+        if tag is None:
+            raise FileNotFoundError(f"{checkpoint_dir / LATEST_FILE} does not exist: no completed checkpoint in "
+                                    f"{checkpoint_dir}")
+    else:
+        ckpt.check_tag_name(checkpoint_dir, tag, "--tag")
     if not (checkpoint_dir / tag).is_dir():
         known = sorted(p.parent.name for p in checkpoint_dir.glob(f"*/{COMPLETE_MARKER}"))
         raise FileNotFoundError(f"checkpoint {checkpoint_dir / tag} does not exist (complete tags: "
@@ -67,9 +59,7 @@ def resolve_tag(checkpoint_dir: Path, tag: str) -> str:
     return tag
 
 
-def is_universal(tag_dir: Path) -> bool:
-    marker = Path(tag_dir) / COMPLETE_MARKER
-    return marker.is_file() and bool(json.loads(marker.read_text()).get("universal"))
+is_universal = ckpt.is_universal
 
 
 def configure_load(ds_config: dict, checkpoint_dir: Path, resume: Optional[str]) -> dict:
@@ -83,10 +73,9 @@ def configure_load(ds_config: dict, checkpoint_dir: Path, resume: Optional[str])
         return ds_config
     checkpoint_dir = Path(checkpoint_dir)
     if resume in ("auto", "latest"):
-        latest = checkpoint_dir / LATEST_FILE
-        if not latest.is_file():
+        tag = ckpt.read_latest(checkpoint_dir)
+        if tag is None:
             return ds_config
-        tag = latest.read_text().strip()
     else:
         tag = resume
     if not is_universal(checkpoint_dir / tag):
@@ -174,7 +163,9 @@ def universal_checkpoint(run_dir: str, tag: str = "latest", world_size: Optional
     states_file = source / MODEL_STATES
     if not states_file.is_file():
         raise FileNotFoundError(f"{states_file} is missing: not a DeepSpeed ZeRO-1/2 checkpoint")
-    states = torch.load(states_file, map_location="cpu", weights_only=True)
+    # ds_to_universal unpickles without limits: every file of the tag is checked first
+    ckpt.check_tag_dir(source)
+    states = ckpt.safe_load(states_file)
     missing = [key for key in ("step", "epoch", "micro_in_epoch", "world_size") if key not in states]
     if missing:
         raise KeyError(f"{states_file}: client state lacks {missing} (not written by the violet_ds trainer)")
@@ -199,7 +190,7 @@ def universal_checkpoint(run_dir: str, tag: str = "latest", world_size: Optional
     _run_ds_to_universal(source, staging, workers)
 
     # the data cursor for the new ranks; the global position itself does not change
-    converted = torch.load(staging / MODEL_STATES, map_location="cpu", weights_only=True)
+    converted = ckpt.safe_load(staging / MODEL_STATES)
     converted["micro_in_epoch"] = new_micro
     converted["world_size"] = target_world
     converted["samples_in_epoch"] = micro_in_epoch * source_batch * source_world
@@ -215,9 +206,7 @@ def universal_checkpoint(run_dir: str, tag: str = "latest", world_size: Optional
     }))
     os.replace(staging, output)
     if set_latest:
-        tmp = checkpoint_dir / f".{LATEST_FILE}.tmp"
-        tmp.write_text(output.name)
-        os.replace(tmp, checkpoint_dir / LATEST_FILE)
+        ckpt.write_latest(checkpoint_dir, output.name)
     params = len([p for p in (output / "zero").iterdir() if p.is_dir()]) if (output / "zero").is_dir() else 0
     lines = [
         "violet-ds universal-checkpoint done",

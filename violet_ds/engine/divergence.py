@@ -1,0 +1,253 @@
+"""Divergence guard: a run whose loss went non-finite stops (or rolls back) instead of training on.
+
+Cost model: per micro-batch one `isfinite` and one `logical_or` on a device scalar (no host sync);
+per optimizer step the step's flag is appended to a list. The flags of the steps since the last check
+are combined over ranks (one MAX all-reduce) and read by the host only at a check: at the end of each
+logging window (where the trainer syncs anyway), before every checkpoint and at the end of the run.
+
+Which checkpoint is good: the loss of step k is computed with the weights after step k-1, so a
+non-finite loss first seen at step b makes the weights of steps >= b-1 suspect. A checkpoint of step
+s <= b-2 is the last good one; later ones get a divergence note (`violet_ds_diverged.json`), which
+keeps them out of `latest` and `--run.resume auto`. A checkpoint is never written while the current
+streak of bad steps is non-zero or when any weight is non-finite.
+
+`run.on_divergence: rollback` reloads the last good checkpoint (weights, optimizer, schedule; the data
+cursor is kept, so the window of samples that led to the divergence is skipped) and continues, at most
+`run.max_rollbacks` times, each logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .distributed import World
+
+
+class DivergenceError(RuntimeError):
+    """The loss stayed non-finite for `run.max_bad_steps` consecutive steps."""
+
+
+@dataclass
+class Verdict:
+    """What a check found: `diverged` when the streak reached the limit (then `first_bad_step` is its start)."""
+
+    diverged: bool = False
+    bad_steps: int = 0
+    """non-finite steps among those checked"""
+    streak: int = 0
+    """consecutive non-finite steps ending at the last checked step"""
+    first_bad_step: Optional[int] = None
+    """first step of the current streak (None without one)"""
+
+
+class DivergenceGuard:
+    def __init__(self, max_bad_steps: int, world: World):
+        self.max_bad_steps = int(max_bad_steps)
+        self.world = world
+        self.enabled = self.max_bad_steps > 0
+        self._micro_bad: Optional[torch.Tensor] = None
+        self._flags: List[torch.Tensor] = []
+        self._first_step = 0
+        # streak carried over from earlier checks (host side)
+        self.streak = 0
+        self.streak_start: Optional[int] = None
+        self.total_bad = 0
+
+    def observe(self, loss: torch.Tensor) -> None:
+        """After each micro-batch's forward: remember (on the device) whether its loss was finite."""
+        if not self.enabled:
+            return
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._micro_bad = bad if self._micro_bad is None else self._micro_bad | bad
+
+    def end_step(self, step: int) -> None:
+        """After the optimizer step `step` (1-based): close its flag."""
+        if not self.enabled:
+            return
+        if not self._flags:
+            self._first_step = step
+        flag = self._micro_bad if self._micro_bad is not None else torch.zeros((), dtype=torch.bool)
+        self._flags.append(flag)
+        self._micro_bad = None
+
+    def check(self) -> Verdict:
+        """Combine the pending step flags over ranks (one collective, one host sync) and update the streak."""
+        if not self.enabled or not self._flags:
+            return Verdict(streak=self.streak, first_bad_step=self.streak_start)
+        flags = torch.stack([f.to(self.world.device) for f in self._flags]).to(torch.float32)
+        if self.world.distributed:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        values = flags.cpu().tolist()
+        first = self._first_step
+        self._flags = []
+        bad_here = 0
+        diverged_at: Optional[int] = None
+        for offset, value in enumerate(values):
+            if value > 0:
+                bad_here += 1
+                if self.streak == 0:
+                    self.streak_start = first + offset
+                self.streak += 1
+                if diverged_at is None and self.streak >= self.max_bad_steps:
+                    diverged_at = self.streak_start
+            else:
+                self.streak, self.streak_start = 0, None
+        self.total_bad += bad_here
+        if diverged_at is not None:
+            return Verdict(diverged=True, bad_steps=bad_here, streak=self.streak, first_bad_step=diverged_at)
+        return Verdict(bad_steps=bad_here, streak=self.streak, first_bad_step=self.streak_start)
+
+    def reset(self) -> None:
+        """After a rollback: the pending flags and the streak belong to the abandoned weights."""
+        self._flags, self._micro_bad = [], None
+        self.streak, self.streak_start = 0, None
+
+
+def weights_finite(module: torch.nn.Module, world: World) -> bool:
+    """Every parameter of `module` finite on every rank (one reduction per parameter, one host sync)."""
+    checks = [torch.isfinite(p.detach()).all() for p in module.parameters() if p.numel()]
+    ok = torch.stack(checks).all().to(torch.float32).reshape(1) if checks else torch.ones(1)
+    if world.distributed:
+        ok = ok.to(world.device)
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item() > 0)
+
+
+def last_good_step(saved_steps: List[int], first_bad_step: int) -> Optional[int]:
+    """The newest saved step whose weights produced a finite loss (see the module docstring)."""
+    good = [s for s in saved_steps if s <= first_bad_step - 2]
+    return max(good) if good else None
+
+
+class DivergenceWatch:
+    """The trainer's side of the guard: observe, check at the logging window, gate saves, stop or roll back.
+
+    The trainer calls `observe(loss)` per micro-batch, `end_step(step)` per optimizer step,
+    `check_window()` where it logs (True: a rollback happened, skip the rest of this step), and asks
+    `allow_save()` before every checkpoint and `saved(step)` after it.
+    """
+
+    def __init__(self, trainer: Any):
+        run = trainer.run
+        self.trainer = trainer
+        self.guard = DivergenceGuard(getattr(run, "max_bad_steps", 3), trainer.world)
+        self.mode = getattr(run, "on_divergence", "stop")
+        self.max_rollbacks = int(getattr(run, "max_rollbacks", 3))
+        self.rollbacks: List[dict] = []
+        # fault injection for tests and drills: VIOLET_DS_INJECT_NONFINITE="5,6" treats the loss of those
+        # optimizer steps as non-finite (each step number once), exercising the stop/rollback paths;
+        # "5,6@1" does so on rank 1 only (the other ranks must still stop or roll back with it)
+        import os
+
+        spec, _, rank = os.environ.get("VIOLET_DS_INJECT_NONFINITE", "").partition("@")
+        here = not rank.strip() or int(rank) == trainer.world.rank
+        self._inject = {int(part) for part in spec.split(",") if part.strip()} if here else set()
+
+    # ---- per step (no host sync)
+    def observe(self, loss: torch.Tensor) -> None:
+        step = self.trainer.state.step + 1
+        if step in self._inject:
+            self._injected = step
+            loss = torch.full_like(loss.detach(), float("nan"))
+        self.guard.observe(loss)
+
+    def end_step(self, step: int) -> None:
+        if getattr(self, "_injected", None) == step:
+            self._inject.discard(step)
+        self.guard.end_step(step)
+
+    # ---- at the logging window / before a save
+    def check_window(self) -> bool:
+        verdict = self.guard.check()
+        if verdict.bad_steps:
+            self.trainer.logger.warning(f"step {self.trainer.state.step}: {verdict.bad_steps} step(s) with a "
+                                        f"non-finite loss since the last check ({verdict.streak} in a row now, "
+                                        f"run.max_bad_steps={self.guard.max_bad_steps})")
+        if not verdict.diverged:
+            return False
+        return self._diverged(verdict.first_bad_step or self.trainer.state.step)
+
+    def allow_save(self) -> bool:
+        """False (with a warning) while the loss is non-finite or any weight is; may stop or roll back."""
+        if not self.guard.enabled:
+            return True
+        if self.check_window():
+            return False
+        step = self.trainer.state.step
+        if self.guard.streak > 0:
+            self.trainer.logger.warning(f"not saving step {step}: the last {self.guard.streak} step(s) had a "
+                                        "non-finite loss")
+            return False
+        if not weights_finite(self.trainer.engine.module, self.trainer.world):
+            self.trainer.logger.warning(f"not saving step {step}: some weights are not finite")
+            return False
+        return True
+
+    def report(self) -> dict:
+        return {"bad_steps": self.guard.total_bad, "rollbacks": self.rollbacks,
+                "max_bad_steps": self.guard.max_bad_steps, "on_divergence": self.mode}
+
+    # ---- divergence
+    def _saved_steps(self) -> dict:
+        checkpoint_dir = Path(self.trainer.checkpoint_dir)
+        steps = {}
+        for tag in ckpt.complete_tags(checkpoint_dir):
+            try:
+                marker = ckpt.read_marker(checkpoint_dir / tag)
+            except ckpt.CheckpointError:
+                continue
+            steps[int(marker.get("step") or 0)] = tag
+        return steps
+
+    def _diverged(self, first_bad: int) -> bool:
+        trainer = self.trainer
+        checkpoint_dir = Path(trainer.checkpoint_dir)
+        saved = self._saved_steps()
+        good_step = last_good_step(sorted(saved), first_bad)
+        good_tag = saved.get(good_step) if good_step is not None else None
+        suspect = [tag for step, tag in sorted(saved.items()) if step >= first_bad - 1]
+        if trainer.world.is_main:
+            ckpt.mark_diverged(checkpoint_dir, suspect, first_bad)
+            if good_tag is not None:
+                ckpt.write_latest(checkpoint_dir, good_tag)
+            else:
+                (checkpoint_dir / ckpt.LATEST_FILE).unlink(missing_ok=True)
+        ckpt._barrier(trainer.world)
+        where = (f"Last good checkpoint: {checkpoint_dir / good_tag} (now `latest`)" if good_tag
+                 else "No good checkpoint was saved before it")
+        marked = f"; marked diverged (never resumed by `auto`): {', '.join(suspect)}" if suspect else ""
+        if self.mode == "rollback" and good_tag is not None and len(self.rollbacks) < self.max_rollbacks:
+            self._rollback(good_tag, first_bad, marked)
+            return True
+        limit = (f"; {len(self.rollbacks)} rollback(s) (run.max_rollbacks={self.max_rollbacks}) did not help"
+                 if self.mode == "rollback" else "")
+        message = (f"the run diverged: the loss was non-finite on {self.guard.max_bad_steps} consecutive steps "
+                   f"from step {first_bad} (run.max_bad_steps={self.guard.max_bad_steps}){limit}. {where}{marked}. "
+                   f"Resume it with --run.resume {good_tag or '<tag>'} and a lower optim.lr (or more warm-up), "
+                   "or set run.on_divergence rollback")
+        trainer.logger.record({"step": trainer.state.step, "event": "diverged", "first_bad_step": first_bad,
+                               "last_good_checkpoint": good_tag})
+        trainer.logger.flush()
+        raise DivergenceError(message)
+
+    def _rollback(self, good_tag: str, first_bad: int, marked: str) -> None:
+        trainer = self.trainer
+        from_step = trainer.state.step
+        client = ckpt.load_checkpoint(trainer.engine, trainer.checkpoint_dir, good_tag, trainer.world)
+        # weights, optimizer and schedule go back; the data cursor does not: the samples between the
+        # checkpoint and now (which led to the divergence) are skipped
+        trainer.state.step = int(client["step"])
+        self.guard.reset()
+        event = {"from_step": from_step, "to_step": trainer.state.step, "tag": good_tag, "first_bad_step": first_bad,
+                 "epoch": trainer.state.epoch, "micro_in_epoch": trainer.state.micro_in_epoch}
+        self.rollbacks.append(event)
+        trainer.logger.warning(f"rollback {len(self.rollbacks)}/{self.max_rollbacks}: non-finite loss from step "
+                               f"{first_bad}; reloaded {good_tag} (step {trainer.state.step}) and skip the data "
+                               f"seen since (cursor stays at epoch {trainer.state.epoch}, micro-batch "
+                               f"{trainer.state.micro_in_epoch}){marked}")
+        trainer.logger.record({"step": trainer.state.step, "event": "rollback", **event})
