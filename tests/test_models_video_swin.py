@@ -70,15 +70,20 @@ def _reference_window_attention(block, x, window, shift):
     return out[:, :t, :h, :w]
 
 
-@pytest.mark.parametrize("grid", [(3, 5, 7), (2, 4, 4)])
-def test_stage_matches_per_window_reference(grid):
-    """SDPA + bias-as-mask + folded shifted-window mask == the loop formulation, incl. padding/clipping."""
+def _seeded_stage(grid):
+    """A 2-block stage (regular + shifted windows) with a strong random bias, and an input on `grid`."""
     torch.manual_seed(0)
     stage = SwinStage(dim=16, depth=2, num_heads=2, window=(2, 3, 3), mlp_ratio=2.0, qkv_bias=True,
                       drop=0.0, attn_drop=0.0, drop_path=[0.0, 0.0], downsample=False).eval()
     for block in stage.blocks:
         torch.nn.init.normal_(block.attn.relative_position_bias_table, std=0.5)
-    x = torch.randn(2, *grid, 16)
+    return stage, torch.randn(2, *grid, 16)
+
+
+@pytest.mark.parametrize("grid", [(3, 5, 7), (2, 4, 4)])
+def test_stage_matches_per_window_reference(grid):
+    """SDPA + bias-as-mask + folded shifted-window mask == the loop formulation, incl. padding/clipping."""
+    stage, x = _seeded_stage(grid)
     with torch.no_grad():
         ours = stage(x)
         ref = x
@@ -208,12 +213,7 @@ def test_flex_attention_matches_sdpa_forward_cpu(grid):
 
     FlexAttention has no CPU backward, so the CPU check is the forward; the CUDA test below (run by
     tools/gpu_check.sh) checks gradients too."""
-    torch.manual_seed(0)
-    stage = SwinStage(dim=16, depth=2, num_heads=2, window=(2, 3, 3), mlp_ratio=2.0, qkv_bias=True,
-                      drop=0.0, attn_drop=0.0, drop_path=[0.0, 0.0], downsample=False).eval()
-    for block in stage.blocks:
-        torch.nn.init.normal_(block.attn.relative_position_bias_table, std=0.5)
-    x = torch.randn(2, *grid, 16)
+    stage, x = _seeded_stage(grid)
     outputs = {}
     with torch.no_grad():
         for kind in ("sdpa", "flex"):
