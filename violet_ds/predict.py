@@ -29,6 +29,7 @@ run goes on; the exit code is 1 only when no video could be read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -445,8 +446,10 @@ def predict(model: str, videos: str, question: Optional[str] = None, options: Op
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     vocab = _read_vocab(answer_vocab) if answer_vocab else None
-    predictor = Predictor.load(model, tokenizer=tokenizer, tag=tag, device=device, num_frames=num_frames,
-                               image_size=image_size, stored_frames=stored_frames, answer_vocab=vocab)
+    # stdout carries the JSON lines only: what loading prints (DeepSpeed's checkpoint consolidation) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        predictor = Predictor.load(model, tokenizer=tokenizer, tag=tag, device=device, num_frames=num_frames,
+                                   image_size=image_size, stored_frames=stored_frames, answer_vocab=vocab)
     inputs = [path for _, path in list_inputs(videos, VIDEO_EXTENSIONS)]
     out = open(output, "w") if output else sys.stdout
     failures = 0
