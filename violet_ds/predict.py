@@ -166,6 +166,7 @@ class Predictor:
             self._scorer = scorer.eval()
         self.task_token = task_token
         self._captioner = None
+        self.pair_batch = 16  # (video, text) pairs per cross-modal forward in retrieval
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -365,10 +366,18 @@ class Predictor:
         cache.save()
         if not encoded:
             return []
-        scores = torch.cat([self.match(tokens.to(self.device), [query]) for _, tokens in encoded])
+        # the query against `pair_batch` cached videos per cross-modal forward
+        scores = torch.cat([self.match(torch.cat([tokens for _, tokens in encoded[start:stop]]).to(self.device),
+                                       [query] * (stop - start))
+                            for start, stop in _chunks(len(encoded), self.pair_batch)])
         order = scores.argsort(descending=True).tolist()
         return [{"rank": rank + 1, "video": str(encoded[i][0]), "id": encoded[i][0].stem,
                  "score": round(float(scores[i]), 6)} for rank, i in enumerate(order)]
+
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
 
 
 def _fingerprint(source: Path, stamp: Path, clip: Dict[str, Any], stored_frames: Optional[int]) -> str:
