@@ -188,3 +188,34 @@ def test_official_lavender_listing_loads_with_nothing_unused(state_dict_listings
     own = task.state_dict()
     assert sorted(set(converted) - set(own)) == [] and sorted(set(own) - set(converted)) == []
     assert tuple(own["heads.task_embedding.weight"].shape) == tuple(listing["tensors"]["emb_task"])
+
+
+def test_lavender_run_keeps_the_frozen_task_table_in_checkpoints(demo, tmp_path):
+    """DeepSpeed saves and consolidates the frozen table; the run rebuilds strictly and exports as a directory."""
+    from engine_support import run_cli, tiny_config, write_config
+
+    from violet_ds.cli import main
+    from violet_ds.pretrained import from_pretrained, load_run
+
+    config = tiny_config(demo, tmp_path, "lav", run__max_steps=2, run__save_every=0, run__log_sample_indices=False)
+    config["task"].update(head_style="mlm", loss_weights={"vtm": 1.0, "mlm": 1.0, "mvm": 0.0})
+    run_cli(write_config(config, tmp_path / "lav.yaml"))
+    task = load_run(tmp_path / "lav")[0]
+    torch.manual_seed(7)  # the run's engine.seed: the same initial table
+    fresh = _task_plain(demo, head_style="mlm", loss_weights={"vtm": 1.0, "mlm": 1.0, "mvm": 0.0})
+    table = task.heads["task_embedding"].weight
+    assert not table.requires_grad
+    assert torch.allclose(table, fresh.heads["task_embedding"].weight, rtol=1e-2, atol=1e-3)  # bf16 copy
+    main(["export", "--checkpoint", str(tmp_path / "lav"), "--format", "dir", "--output", str(tmp_path / "out")])
+    assert torch.equal(from_pretrained(tmp_path / "out").heads["task_embedding"].weight, table)
+
+
+def _task_plain(demo, **cfg):
+    from violet_ds.config import ModelConfig, TaskConfig
+    from violet_ds.data.tokenizer import Tokenizer
+    from violet_ds.engine.run import build_model
+    from violet_ds.tasks import create_task
+
+    tokenizer = Tokenizer(demo / "tokenizer")
+    model = build_model(ModelConfig(name="violet-tiny", overrides=dict(TINY)), tokenizer)
+    return create_task("pretrain", model, TaskConfig(**cfg), tokenizer)
