@@ -219,3 +219,24 @@ def _task_plain(demo, **cfg):
     tokenizer = Tokenizer(demo / "tokenizer")
     model = build_model(ModelConfig(name="violet-tiny", overrides=dict(TINY)), tokenizer)
     return create_task("pretrain", model, TaskConfig(**cfg), tokenizer)
+
+
+@pytest.mark.parametrize("head_style", ["head", "mlm"])
+def test_multitask_round_trip_and_predictor(demo, tmp_path, head_style):
+    """A multitask model directory names no data file (answer words and labels inlined) and predicts."""
+    from violet_ds.predict import Predictor
+    from violet_ds.pretrained import from_pretrained, save_pretrained
+
+    tasks = [{"task": "qa_oe", "key": "qa", "train": [0], "options": {"answer_vocab": str(demo / "txt_qaoe.json")}},
+             {"task": "qa_mc", "key": "mc", "train": [1]},
+             {"task": "action_cls", "key": "act", "train": [2], "options": {"labels": str(demo / "txt_action.json")}}]
+    task = _task(demo, "multitask", head_style=head_style, options={"tasks": tasks})
+    out = save_pretrained(task, tmp_path / "multi", clip={"num_frames": 2, "image_size": 64, "max_text_len": 16})
+    assert str(demo) not in (out / "config.json").read_text()
+    loaded = from_pretrained(out)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in task.state_dict().items())
+    predictor = Predictor.load(out)
+    assert predictor.answer_vocab == task.subtasks["qa"].vocab
+    tokens = predictor.encode(_clip(1))
+    assert predictor.open_ended(tokens, "what colour", top_k=2)[0]["answer"] in task.subtasks["qa"].vocab
+    assert predictor.multiple_choice(tokens, ["left", "right"])["answer"] in (0, 1)

@@ -198,13 +198,14 @@ class Predictor:
             from violet_ds.data.tokenizer import Tokenizer
 
             tok = Tokenizer(tokenizer)
-        vocab = answer_vocab if answer_vocab is not None else getattr(task, "vocab", None)
+        heads, task_vocab = task_heads(task)
+        vocab = answer_vocab if answer_vocab is not None else task_vocab
         clip.update({k: v for k, v in (("num_frames", num_frames), ("image_size", image_size),
                                        ("max_text_len", max_text_len)) if v is not None})
         missing = [k for k in OFFICIAL_CLIP if k not in clip]
         if missing:
             raise ValueError(f"{source}: clip settings {missing} are not recorded; pass them (--num_frames, ...)")
-        return cls(task.model, task.heads, tok, head_style=task.cfg.head_style, stored_frames=stored_frames,
+        return cls(task.model, heads, tok, head_style=task.cfg.head_style, stored_frames=stored_frames,
                    answer_vocab=vocab, task_token=bool(getattr(task.cfg, "task_token", False)), device=device,
                    fingerprint=_fingerprint(path, stamp, clip, stored_frames), **clip)
 
@@ -373,6 +374,22 @@ class Predictor:
         order = scores.argsort(descending=True).tolist()
         return [{"rank": rank + 1, "video": str(encoded[i][0]), "id": encoded[i][0].stem,
                  "score": round(float(scores[i]), 6)} for rank, i in enumerate(order)]
+
+
+def task_heads(task: nn.Module) -> Tuple[nn.ModuleDict, Optional[List[str]]]:
+    """(heads under their standard names, answer vocabulary) of a task; a multitask model's sub-task heads
+    (`<key>_<head>`) are taken back to their names, the first sub-task holding a name winning."""
+    subtasks = getattr(task, "subtasks", None)
+    if not subtasks:
+        return task.heads, getattr(task, "vocab", None)
+    heads, vocab = nn.ModuleDict(), None
+    for sub in subtasks.values():
+        for name, head in sub.heads.items():
+            if name not in heads:
+                heads[name] = head
+        if vocab is None and getattr(sub, "vocab", None) is not None:
+            vocab = list(sub.vocab)
+    return heads, vocab
 
 
 def _chunks(total: int, size: int):

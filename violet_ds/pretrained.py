@@ -90,33 +90,38 @@ def _restore_tuples(config: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+# task options that may name a file; the built task holds the list read from it (option -> attribute)
+_FILE_OPTIONS = {"answer_vocab": "vocab", "labels": "labels"}
+
+
+def _inline_options(options: Dict[str, Any], task: Optional[nn.Module]) -> Dict[str, Any]:
+    """Options with file-backed lists (answer vocabulary, class labels) replaced by the lists themselves."""
+    out = dict(options or {})
+    for option, attribute in _FILE_OPTIONS.items():
+        value = getattr(task, attribute, None) if task is not None else None
+        if isinstance(out.get(option), str):
+            if value is None:
+                raise ValueError(f"task option {option}={out[option]!r} names a file the task did not read")
+            out[option] = list(value)
+    return out
+
+
 def task_config(task: nn.Module) -> Dict[str, Any]:
-    """The task's TaskConfig as JSON, with file-backed answer vocabularies inlined."""
+    """The task's TaskConfig as JSON, with file-backed answer vocabularies and labels inlined (a model
+    directory names no file of the machine that wrote it)."""
     cfg = getattr(task, "cfg", None)
     if cfg is None or not dataclasses.is_dataclass(cfg):
         raise TypeError(f"{type(task).__name__} has no dataclass `cfg` (a TaskConfig)")
     config = dataclasses.asdict(cfg)
-    options = dict(config.get("options") or {})
-    vocab = getattr(task, "vocab", None)
-    if "answer_vocab" in options and vocab is not None:
-        options["answer_vocab"] = list(vocab)
-    elif isinstance(options.get("answer_vocab"), str):
-        from violet_ds.tasks.qa_oe import load_answer_vocab
-
-        options["answer_vocab"] = load_answer_vocab(options["answer_vocab"])
-    # multitask: each sub-task's options may name an answer vocabulary file too
-    if isinstance(options.get("tasks"), list):
-        from violet_ds.tasks.qa_oe import load_answer_vocab
-
-        specs = []
-        for spec in options["tasks"]:
-            spec = dict(spec)
-            sub = dict(spec.get("options") or {})
-            if isinstance(sub.get("answer_vocab"), str):
-                sub["answer_vocab"] = load_answer_vocab(sub["answer_vocab"])
-            spec["options"] = sub
-            specs.append(spec)
-        options["tasks"] = specs
+    options = _inline_options(config.get("options") or {}, getattr(task, "inner", task))
+    subtasks = getattr(task, "subtasks", None)
+    if isinstance(options.get("tasks"), list) and subtasks:
+        # multitask: each sub-task's options, inlined from the sub-task built for that entry
+        built = list(subtasks.values())
+        options["tasks"] = [{**spec, "options": _inline_options(spec.get("options") or {}, sub)}
+                            for spec, sub in zip(options["tasks"], built)]
+    if isinstance(options.get("task_options"), dict) and hasattr(task, "inner"):
+        options["task_options"] = _inline_options(options["task_options"], task.inner)  # zero_shot
     config["options"] = options
     return _jsonable(config)
 
