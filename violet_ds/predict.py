@@ -215,10 +215,22 @@ class Predictor:
         from violet_ds.data.tokenizer import Tokenizer, find_packaged_bert
         from violet_ds.models.checkpoint_io import is_official_state_dict, load_official_checkpoint, read_state_dict
 
-        if not is_official_state_dict(read_state_dict(path)):
-            raise ValueError(f"{path}: not an official VIOLET-family checkpoint; a violet_ds weight file carries "
-                             "no configuration: use a run directory or `violet-ds export --format dir`")
-        module, report = load_official_checkpoint(path)
+        not_official = ValueError(f"{path}: not an official VIOLET-family checkpoint; a violet_ds weight file "
+                                  "carries no configuration: use a run directory or `violet-ds export --format dir`")
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:  # keys only, no tensor read
+                keys = list(handle.keys())
+            if not is_official_state_dict(dict.fromkeys(keys)):
+                raise not_official
+        try:
+            module, _ = load_official_checkpoint(path)
+        except KeyError as error:
+            # one read of the (large) file: its keys are checked only when the conversion fails
+            if not is_official_state_dict(read_state_dict(path)):
+                raise not_official from error
+            raise
         tokenizer_dir = tokenizer or find_packaged_bert()
         if tokenizer_dir is None:
             raise FileNotFoundError("official checkpoints use BERT-base-uncased's vocabulary: pass --tokenizer DIR "
