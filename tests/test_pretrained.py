@@ -240,3 +240,15 @@ def test_multitask_round_trip_and_predictor(demo, tmp_path, head_style):
     tokens = predictor.encode(_clip(1))
     assert predictor.open_ended(tokens, "what colour", top_k=2)[0]["answer"] in task.subtasks["qa"].vocab
     assert predictor.multiple_choice(tokens, ["left", "right"])["answer"] in (0, 1)
+
+
+def test_inference_load_builds_no_mvm_teacher(demo, tmp_path):
+    from violet_ds.pretrained import from_pretrained, save_pretrained
+
+    task = _task(demo, loss_weights={"vtm": 1.0, "mlm": 1.0, "mvm": 1.0}, mvm_targets={"pixel": 1.0, "hog": 1.0})
+    out = save_pretrained(task, tmp_path / "m", clip={"num_frames": 2})
+    full = from_pretrained(out)
+    assert full.targets is not None and {"mvm", "mvm_hog"} <= set(full.heads)
+    light = from_pretrained(out, mvm=False)
+    assert light.targets is None and not any(name.startswith("mvm") for name in light.heads)
+    assert all(torch.equal(v, full.state_dict()[k]) for k, v in light.state_dict().items())

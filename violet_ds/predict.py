@@ -179,12 +179,12 @@ class Predictor:
 
         path = Path(source)
         if is_model_dir(path):
-            task = from_pretrained(path)
+            task = from_pretrained(path, mvm=False)  # no MVM teacher is built for inference
             clip = dict(getattr(task, "clip", {}) or {})
             tok = task.tokenizer
             stamp = path / WEIGHTS_FILE
         elif path.is_dir():
-            task, _, data_cfg, tok = load_run(path, tag)
+            task, _, data_cfg, tok = load_run(path, tag, mvm=False)
             clip = {"num_frames": data_cfg.num_frames, "image_size": data_cfg.image_size,
                     "max_text_len": data_cfg.max_text_len}
             stamp = Path(task.source_checkpoint)

@@ -247,18 +247,40 @@ def read_config(directory: str | Path) -> Dict[str, Any]:
     return config
 
 
-def from_pretrained(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def _build_config(task_cfg, mvm: bool):
+    """The TaskConfig to build: without `mvm`, a pretraining task leaves out its MVM objective (no
+    teachers, no MVM heads; inference never needs them) unless MVM is all it trains."""
+    weights = dict(task_cfg.loss_weights or {})
+    if mvm or task_cfg.name != "pretrain" or not float(weights.get("mvm", 0.0)):
+        return task_cfg
+    if not any(float(w) for name, w in weights.items() if name != "mvm"):
+        return task_cfg
+    return dataclasses.replace(task_cfg, loss_weights={**weights, "mvm": 0.0})
+
+
+def _load(task: nn.Module, state: Dict[str, torch.Tensor], source: str, mvm: bool) -> None:
+    """Strict load; without `mvm` the file's MVM head weights are left out (the task was built without them)."""
+    from violet_ds.models.checkpoint_io import load_strict
+
+    own = task.state_dict()
+    if not mvm:
+        state = {k: v for k, v in state.items() if k in own or not k.startswith("heads.mvm")}
+    state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
+    load_strict(task, state, source=source)
+
+
+def from_pretrained(directory: str | Path, device: str | torch.device = "cpu", mvm: bool = True) -> nn.Module:
     """Rebuild the task module saved by `save_pretrained` and load its weights strictly; eval mode.
 
     The returned module holds `.model` (backbone), `.heads`, `.tokenizer`, `.cfg` (TaskConfig) and
-    `.clip` (the recorded clip settings).
+    `.clip` (the recorded clip settings). `mvm=False` builds a pretraining task without its MVM
+    objective (no teacher is built or read; the MVM heads' weights are skipped), for inference.
     """
     from safetensors.torch import load_file
 
     from violet_ds.config import TaskConfig
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.models import create_model
-    from violet_ds.models.checkpoint_io import load_strict
     from violet_ds.tasks import create_task
 
     directory = Path(directory)
@@ -268,12 +290,9 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu") -
     tokenizer = Tokenizer(directory)
     model = create_model(config["model"]["name"], **_restore_tuples(config["model"]["config"]))
     model.tie_mlm_head = bool(config["model"].get("tie_mlm_head", False))
-    task_cfg = TaskConfig(**_known_fields(TaskConfig, config["task"]))
+    task_cfg = _build_config(TaskConfig(**_known_fields(TaskConfig, config["task"])), mvm)
     task = create_task(task_cfg.name, model, task_cfg, tokenizer)
-    state = load_file(str(directory / WEIGHTS_FILE))
-    own = task.state_dict()
-    state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
-    load_strict(task, state, source=str(directory / WEIGHTS_FILE))
+    _load(task, load_file(str(directory / WEIGHTS_FILE)), str(directory / WEIGHTS_FILE), mvm)
     task.clip = dict(config.get("clip") or {})
     return task.to(device).eval()
 
@@ -298,16 +317,16 @@ def read_run_config(run_dir: str | Path):
     return model, data, task
 
 
-def load_run(run_dir: str | Path, tag: Optional[str] = None):
+def load_run(run_dir: str | Path, tag: Optional[str] = None, mvm: bool = True):
     """(task module with the checkpoint's consolidated fp32 weights, ModelConfig, DataConfig, tokenizer).
 
     The task is rebuilt from the run's config.yaml exactly as training built it; the weights are
-    loaded strictly (a key the task lacks, or lacks in the file, is an error naming it).
+    loaded strictly (a key the task lacks, or lacks in the file, is an error naming it). `mvm=False`
+    as in `from_pretrained`.
     """
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.engine.export import deepspeed_fp32_state_dict, locate_checkpoint
     from violet_ds.engine.run import build_model
-    from violet_ds.models.checkpoint_io import load_strict
     from violet_ds.tasks import create_task
 
     checkpoint_dir, tag = locate_checkpoint(run_dir, tag)
@@ -316,9 +335,9 @@ def load_run(run_dir: str | Path, tag: Optional[str] = None):
     # the weights come from the checkpoint: do not read the initial ones again
     model_cfg = dataclasses.replace(model_cfg, weights=None, pretrained_swin=None)
     tokenizer = Tokenizer(data_cfg.tokenizer)
+    task_cfg = _build_config(task_cfg, mvm)
     task = create_task(task_cfg.name, build_model(model_cfg, tokenizer), task_cfg, tokenizer)
-    state = deepspeed_fp32_state_dict(checkpoint_dir, tag)
-    load_strict(task, state, source=f"{checkpoint_dir / tag}")
+    _load(task, deepspeed_fp32_state_dict(checkpoint_dir, tag), str(checkpoint_dir / tag), mvm)
     task.source_checkpoint = str(checkpoint_dir / tag)
     return task, model_cfg, data_cfg, tokenizer
 
