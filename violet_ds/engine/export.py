@@ -79,7 +79,8 @@ def _model_name_of(checkpoint_dir: Path, tag: str) -> Optional[str]:
 
 
 def export(checkpoint: str, output: Optional[str] = None, tag: Optional[str] = None,
-           dtype: str = "fp32", backbone_only: bool = False, format: Literal["safetensors", "dir"] = "safetensors") -> None:
+           dtype: str = "fp32", backbone_only: bool = False,
+           format: Literal["safetensors", "dir"] = "safetensors") -> None:
     """Export a DeepSpeed training checkpoint to one safetensors file of consolidated weights, or to a
     model directory (`--format dir`: config.json, model.safetensors, tokenizer files, README model card).
 

@@ -249,7 +249,8 @@ class DownstreamTask(nn.Module):
         if self.task_token and self.head_style != "mlm":
             raise ValueError(f"task {cfg.name!r}: task.task_token is LAVENDER's (head_style mlm)")
         if self.head_style == "mlm":
-            self.heads["task_embedding"] = task_embedding_head(model, self.task_token and self.task_token_name is not None)
+            trainable = self.task_token and self.task_token_name is not None
+            self.heads["task_embedding"] = task_embedding_head(model, trainable)
         self.last_predictions: List[Dict[str, Any]] = []
 
     # LAVENDER's task-token row this task uses (`TASK_TOKEN_ROWS`), None for no token
