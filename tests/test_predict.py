@@ -218,6 +218,9 @@ def test_demo_run_export_dir_predict_and_init_from(demo, msrvtt_videos, tmp_path
         assert code == 0 and lines[0]["id"] == "video7015"
         rows.append(lines[0]["scores"])
     assert rows[0] == rows[1]
+    code, lines = _predict(capsys, "--model", str(out), "--videos", str(msrvtt_videos), "--query", "a woman sings",
+                           "--cache", "none")
+    assert code == 0 and sorted(row["id"] for row in lines) == [f"video70{i}" for i in range(10, 20)]
 
 
 @pytest.mark.slow

@@ -252,3 +252,22 @@ def test_inference_load_builds_no_mvm_teacher(demo, tmp_path):
     light = from_pretrained(out, mvm=False)
     assert light.targets is None and not any(name.startswith("mvm") for name in light.heads)
     assert all(torch.equal(v, full.state_dict()[k]) for k, v in light.state_dict().items())
+
+
+def test_model_card_reads_the_run_metrics(tmp_path):
+    from violet_ds.config import DataConfig, DataSource
+    from violet_ds.pretrained import _run_card, model_card
+
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 40, "epochs": 2, "last_loss": 1.25, "val": {}}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 10, "loss": 2.0}, {"step": 20, "split": "val", "acc": 40.0},
+        {"step": 40, "split": "val", "acc": 55.5, "num_samples": 30}]) + "\n")
+    (tmp_path / "eval_test.json").write_text(json.dumps({"acc": 51.0}))
+    data = DataConfig(train=[DataSource(tsv="frames/msvd_*.tsv", annotations="txt_msvd-qa.json")])
+    card = _run_card(tmp_path, data, "runs/x/checkpoints/step40")
+    assert card["steps"] == 40 and card["metrics"]["train loss (last logged)"] == 1.25
+    assert card["metrics"]["val acc (step 40)"] == 55.5 and card["metrics"]["test acc"] == 51.0
+    text = model_card({"model": {"name": "violet-v2"}, "task": {"name": "qa_oe", "head_style": "mlm"},
+                       "heads": ["mlm"], "clip": {"num_frames": 5}, "dtype": "fp32"},
+                      {"w": torch.zeros(3)}, card)
+    assert "txt_msvd-qa.json" in text and "| val acc (step 40) | 55.5000 |" in text and "| steps | 40 |" in text
