@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("violet_ds.engine.run:finetune", "finetune on a downstream task from a checkpoint"),
     "evaluate": ("violet_ds.engine.run:evaluate", "evaluate a checkpoint on a task; writes predictions and metrics"),
     "export": ("violet_ds.engine.export:export", "DeepSpeed checkpoint -> one safetensors file of fp32 weights"),
+    "predict": ("violet_ds.predict:predict", "answer questions, rank captions, retrieve or caption your own video files"),
     "universal-checkpoint": ("violet_ds.engine.universal:universal_checkpoint", "convert a checkpoint to DeepSpeed's universal format (resume on another world size)"),
     # data
     "extract-frames": ("violet_ds.data.extract:extract_frames", "videos -> N sampled JPEG frames per video -> TSV shards"),

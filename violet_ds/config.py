@@ -108,6 +108,11 @@ class TaskConfig:
     """registered task (pretrain, vimpac_pretrain, qa_mc, qa_oe, retrieval, caption, action_cls, multitask)"""
     head_style: Literal["head", "mlm"] = "head"
     """task-specific heads (VIOLET/VIOLETv2) or answers at [MASK] through the MLM head (LAVENDER)"""
+    task_token: bool = False
+    """LAVENDER's task token (official `enable_task_token`, off in its released configs): head_style mlm
+    tasks put a learned per-task vector (`heads.task_embedding`, official `emb_task`) between video and
+    text: vtm (pretraining VTM, retrieval), mc, oe, cap. The table is always built (and loaded from
+    LAVENDER checkpoints); off, it stays frozen and unused"""
     # --- pretraining objectives
     loss_weights: Dict[str, float] = field(default_factory=lambda: {"vtm": 1.0, "mlm": 1.0, "mvm": 1.0})
     """weight of each pretraining loss in the total (vtm, mlm, mvm); 0 turns that objective off"""

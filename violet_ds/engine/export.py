@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Literal, Optional, Tuple
 
 import torch
 
@@ -44,7 +44,8 @@ def read_weights(path: str | Path, tag: Optional[str] = None) -> Dict[str, torch
     frozen teachers are dropped.
     """
     path = Path(path)
-    if path.is_dir():
+    # a model directory (`export --format dir`) holds model.safetensors; read_state_dict opens it
+    if path.is_dir() and not (path / "model.safetensors").is_file():
         return deepspeed_fp32_state_dict(path, tag)
     from violet_ds.models.checkpoint_io import convert_official_state_dict, read_state_dict
 
@@ -68,8 +69,10 @@ def _model_name_of(checkpoint_dir: Path, tag: str) -> Optional[str]:
 
 
 def export(checkpoint: str, output: Optional[str] = None, tag: Optional[str] = None,
-           dtype: str = "fp32", backbone_only: bool = False) -> None:
-    """Export a DeepSpeed training checkpoint to one safetensors file of consolidated weights.
+           dtype: str = "fp32", backbone_only: bool = False,
+           format: Literal["safetensors", "dir"] = "safetensors") -> None:
+    """Export a DeepSpeed training checkpoint to one safetensors file of consolidated weights, or to a
+    model directory (`--format dir`: config.json, model.safetensors, tokenizer files, README model card).
 
     Args:
         checkpoint: a run directory (runs/NAME), its checkpoints/ directory, or one tag directory.
@@ -77,7 +80,16 @@ def export(checkpoint: str, output: Optional[str] = None, tag: Optional[str] = N
         tag: checkpoint tag (default: the one `latest` names).
         dtype: fp32 (default), bf16 or fp16 for the floating-point tensors.
         backbone_only: keep only `model.*` keys (drop task heads).
+        format: `safetensors` (one file) or `dir` (a model directory that `violet_ds.from_pretrained`,
+            `run.init_from` and `violet-ds predict` load; default output <run dir>/export/<tag>/).
     """
+    if format == "dir":
+        if backbone_only:
+            raise ValueError("--backbone_only applies to --format safetensors (a model directory holds the task)")
+        from violet_ds.pretrained import export_dir
+
+        export_dir(checkpoint, output, tag, dtype)
+        return None
     from safetensors.torch import save_file
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

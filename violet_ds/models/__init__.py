@@ -107,6 +107,8 @@ def load_weights(model: nn.Module, path: str | Path) -> dict:
 def create_model(name: str, weights: Optional[str] = None, **overrides) -> nn.Module:
     """Build a registered model; `weights` = a violet_ds safetensors file (e.g. from `violet-ds export`)."""
     model = MODELS.create(name, **overrides)
+    # recorded for save_pretrained (a model directory names the registered model it rebuilds)
+    model.registered_name = name
     if weights:
         load_weights(model, weights)
     return model

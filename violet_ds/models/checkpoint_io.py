@@ -71,6 +71,8 @@ _DENSE_DECODER = re.compile(r"^decoder_(?P<target>[a-z0-9_]+)\.0\.(?P<param>weig
 def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
     """A state dict from `.safetensors` or a torch file (`torch.load(weights_only=True)`), unwrapped."""
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        path = path / "model.safetensors"  # a model directory (violet_ds.pretrained)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":

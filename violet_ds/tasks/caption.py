@@ -49,6 +49,8 @@ def causal_text_mask(num_video: int, text_mask: torch.Tensor, dtype: torch.dtype
 class Captioning(DownstreamTask):
     """MLM captioning with greedy / beam [MASK] decoding."""
 
+    task_token_name = "cap"
+
     option_defaults: Dict[str, Any] = {
         "mask_prob": 0.5,        # fraction of caption positions (words + closing [SEP]) masked in training
         "causal": True,          # text attends left-to-right (matches generation)
@@ -77,6 +79,12 @@ class Captioning(DownstreamTask):
     def _text_logits(self, video_tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Cross-modal pass with the caption attention mask -> text hidden states `(B, L, D)`."""
         text = self.model.embed_text(ids).to(video_tokens.dtype)
+        task_vector = self.task_vector()
+        if task_vector is not None:
+            # LAVENDER's "cap" token sits between video and text and, like the video, is visible to every
+            # text position (its own query sees only video and itself)
+            token = task_vector.to(video_tokens.dtype).view(1, 1, -1).expand(video_tokens.shape[0], 1, -1)
+            video_tokens = torch.cat([video_tokens, token], dim=1)
         hidden = torch.cat([video_tokens, text], dim=1)
         attention = causal_text_mask(video_tokens.shape[1], mask, hidden.dtype, bool(self.options["causal"]))
         return self.model.cross_encoder(hidden, attention)[:, video_tokens.shape[1]:]

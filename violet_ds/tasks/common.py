@@ -80,10 +80,43 @@ def encode_video(model: nn.Module, video: torch.Tensor) -> Tuple[torch.Tensor, t
 
 
 def fuse_pairs(model: nn.Module, video_tokens: torch.Tensor, video_mask: torch.Tensor,
-               text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-    """Cross-modal hidden states `(B, Nv+L, D)` of already-encoded videos with texts (row-aligned)."""
+               text_ids: torch.Tensor, text_mask: torch.Tensor,
+               task_vector: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-modal hidden states `(B, Nv+L, D)` of already-encoded videos with texts (row-aligned).
+
+    With `task_vector` (a row of LAVENDER's task embedding) the sequence is `[video] [task] [text]`, as
+    in LAVENDER's `enable_task_token`: the text keeps its own position ids, the token is attended
+    like a text token, and its output row is dropped so that text positions keep their indices.
+    """
     text_embeds = model.embed_text(text_ids)
-    return model.fuse(video_tokens, video_mask, text_embeds, text_mask)
+    if task_vector is None:
+        return model.fuse(video_tokens, video_mask, text_embeds, text_mask)
+    rows = text_embeds.shape[0]
+    token = task_vector.to(text_embeds.dtype).view(1, 1, -1).expand(rows, 1, -1)
+    hidden = model.fuse(video_tokens, video_mask, torch.cat([token, text_embeds], dim=1),
+                        torch.cat([text_mask.new_ones(rows, 1), text_mask], dim=1))
+    num_video = video_tokens.shape[1]
+    return torch.cat([hidden[:, :num_video], hidden[:, num_video + 1:]], dim=1)
+
+
+# LAVENDER's task-token rows (official `task_tok2id`) in its 10-row `emb_task` table
+TASK_TOKEN_ROWS = {"vtm": 0, "mc": 1, "oe": 2, "cap": 3}
+TASK_TOKEN_TABLE = 10
+
+
+def task_embedding_head(model: nn.Module, trainable: bool) -> nn.Module:
+    """LAVENDER's task-token table (`heads.task_embedding`, official `emb_task`).
+
+    MLM-style tasks always own it, so LAVENDER checkpoints load it; it is trained (and used) only with
+    `task.task_token`, otherwise frozen (like `video_order`, kept for checkpoint compatibility). Its
+    random init runs on a forked RNG so that adding it leaves every other initial weight unchanged.
+    """
+    from violet_ds.models.heads import TaskEmbedding
+
+    with torch.random.fork_rng(devices=[]):
+        head = TaskEmbedding(TASK_TOKEN_TABLE, model.hidden_size)
+    head.weight.requires_grad_(bool(trainable))
+    return head
 
 
 def pooled_of(hidden: torch.Tensor, num_video_tokens: int) -> torch.Tensor:
@@ -212,7 +245,22 @@ class DownstreamTask(nn.Module):
         self.options = parse_options(cfg.name, cfg.options, self.option_defaults)
         self.special = SpecialIds.of(tokenizer)
         self.heads = nn.ModuleDict()
+        self.task_token = bool(getattr(cfg, "task_token", False))
+        if self.task_token and self.head_style != "mlm":
+            raise ValueError(f"task {cfg.name!r}: task.task_token is LAVENDER's (head_style mlm)")
+        if self.head_style == "mlm":
+            trainable = self.task_token and self.task_token_name is not None
+            self.heads["task_embedding"] = task_embedding_head(model, trainable)
         self.last_predictions: List[Dict[str, Any]] = []
+
+    # LAVENDER's task-token row this task uses (`TASK_TOKEN_ROWS`), None for no token
+    task_token_name: Optional[str] = None
+
+    def task_vector(self) -> Optional[torch.Tensor]:
+        """This task's row of the task embedding when `task.task_token` is on, else None."""
+        if not self.task_token or self.task_token_name is None:
+            return None
+        return self.heads["task_embedding"].weight[TASK_TOKEN_ROWS[self.task_token_name]]
 
     # ---- heads
     def _mlm_head(self) -> nn.Module:
@@ -248,7 +296,7 @@ class DownstreamTask(nn.Module):
         """Row-aligned pairs -> matching logits `(N,)`: score head on pooled, or true/false log-odds at [MASK]."""
         if self.head_style == "mlm":
             ids, mask, position = append_answer_mask(text_ids, text_mask, self.special)
-            hidden = fuse_pairs(self.model, video_tokens, video_mask, ids, mask)
+            hidden = fuse_pairs(self.model, video_tokens, video_mask, ids, mask, self.task_vector())
             logits = self.heads["mlm"](gather_positions(hidden, position + video_tokens.shape[1]))
             return true_false_logits(logits, self.true_id, self.false_id)
         hidden = fuse_pairs(self.model, video_tokens, video_mask, text_ids, text_mask)
@@ -259,7 +307,7 @@ class DownstreamTask(nn.Module):
         """LAVENDER matching loss: MLM cross-entropy over the whole vocabulary at [MASK] towards the word
         "true" (matching pair) or "false". Returns (loss, true/false log-odds `(N,)`)."""
         ids, mask, position = append_answer_mask(text_ids, text_mask, self.special)
-        hidden = fuse_pairs(self.model, video_tokens, video_mask, ids, mask)
+        hidden = fuse_pairs(self.model, video_tokens, video_mask, ids, mask, self.task_vector())
         logits = self.heads["mlm"](gather_positions(hidden, position + video_tokens.shape[1])).float()
         target = torch.where(is_match.bool(), torch.full_like(is_match, self.true_id, dtype=torch.long),
                              torch.full_like(is_match, self.false_id, dtype=torch.long))

@@ -128,11 +128,12 @@ class MultiTask(nn.Module):
                 num_options=spec.get("num_options", cfg.num_options), num_classes=spec.get("num_classes", cfg.num_classes))
             sub = TASKS.create(spec["task"], model=model, cfg=sub_cfg, tokenizer=tokenizer)
             for head_name in list(sub.heads.keys()):
-                if head_name == "mlm":
-                    if "mlm" in self.heads:
-                        sub.heads["mlm"] = self.heads["mlm"]  # one answer interface for every task
+                if head_name in ("mlm", "task_embedding"):
+                    # one answer interface (and one LAVENDER task-token table) for every task
+                    if head_name in self.heads:
+                        sub.heads[head_name] = self.heads[head_name]
                     else:
-                        self.heads["mlm"] = sub.heads["mlm"]
+                        self.heads[head_name] = sub.heads[head_name]
                 else:
                     self.heads[f"{key}_{head_name}"] = sub.heads[head_name]
             subtasks[key] = sub

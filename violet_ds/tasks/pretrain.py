@@ -132,6 +132,14 @@ class PretrainTask(nn.Module):
         if self.lavender and self.weights["vtm"]:
             self.true_id = self._single_piece("true")
             self.false_id = self._single_piece("false")
+        self.task_token = bool(getattr(cfg, "task_token", False))
+        if self.task_token and not self.lavender:
+            raise ValueError("task pretrain: task.task_token is LAVENDER's (head_style mlm)")
+        if self.lavender:
+            from violet_ds.tasks.common import task_embedding_head
+
+            # LAVENDER's `emb_task`: its VTM pairs carry the "vtm" row when task_token is on (MLM never does)
+            self.heads["task_embedding"] = task_embedding_head(model, self.task_token and bool(self.weights["vtm"]))
         self.targets = None
         self.mvm_head_names: Dict[str, str] = {}
         if self.weights["mvm"]:
@@ -171,7 +179,13 @@ class PretrainTask(nn.Module):
             return normalize(video)
         return video.float()
 
-    def _fuse(self, video_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def _fuse(self, video_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+              task: Optional[str] = None) -> torch.Tensor:
+        if task is not None and self.task_token:
+            from violet_ds.tasks.common import TASK_TOKEN_ROWS, fuse_pairs
+
+            vector = self.heads["task_embedding"].weight[TASK_TOKEN_ROWS[task]]
+            return fuse_pairs(self.model, video_tokens, None, text_ids, text_mask, vector)
         return self.model.fuse(video_tokens, None, self.model.embed_text(text_ids), text_mask)
 
     def _negatives(self, batch_size: int, device) -> torch.Tensor:
@@ -200,7 +214,7 @@ class PretrainTask(nn.Module):
         pair_ids, pair_mask = text_ids[columns.flatten()], text_mask[columns.flatten()]
         if self.lavender:
             ids, mask, position = self._answer_slot(pair_ids, pair_mask)
-            hidden = self._fuse(pair_video, ids, mask)
+            hidden = self._fuse(pair_video, ids, mask, task="vtm")
             at_mask = hidden.gather(1, (position + pair_video.shape[1]).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))
             logits = self.heads["mlm"](at_mask.squeeze(1)).float()  # (B*(1+k), V)
             is_match = (torch.arange(per_video, device=device) == 0).repeat(batch_size)
@@ -229,7 +243,7 @@ class PretrainTask(nn.Module):
         video_tokens = self.model.encode_video(video.to(self._param().dtype))
         if self.lavender:
             ids, mask, position = self._answer_slot(text_ids, text_mask)
-            hidden = self._fuse(video_tokens, ids, mask)
+            hidden = self._fuse(video_tokens, ids, mask, task="vtm")
             at_mask = hidden[torch.arange(hidden.shape[0], device=hidden.device), position + video_tokens.shape[1]]
             logits = self.heads["mlm"](at_mask).float()
             pair = torch.stack([logits[:, self.true_id], logits[:, self.false_id]], dim=1)

@@ -27,6 +27,8 @@ from violet_ds.tasks.common import DownstreamTask, encode_video, gather_step_out
 class MultipleChoiceQA(DownstreamTask):
     """Multiple-choice QA over K options per video."""
 
+    task_token_name = "mc"
+
     option_defaults: Dict[str, Any] = {
         "temperature": 1.0,  # divides option logits before the cross-entropy (head style)
         # mlm style: weight of an extra cross-entropy over the K options' true/false log-odds (0 = LAVENDER's

@@ -53,6 +53,8 @@ def load_answer_vocab(source: Any, limit: int = 0) -> Optional[List[str]]:
 class OpenEndedQA(DownstreamTask):
     """Open-ended QA / fill-in-the-blank over an answer vocabulary."""
 
+    task_token_name = "oe"
+
     option_defaults: Dict[str, Any] = {
         "answer_vocab": None,       # annotation JSON with "vocab", or the list of answers
         "restrict_train_to_answers": False,  # mlm: cross-entropy over the answer words only
@@ -98,7 +100,7 @@ class OpenEndedQA(DownstreamTask):
         text_ids, text_mask = batch["text_ids"].to(device), batch["text_mask"].to(device)
         if self.head_style == "mlm":
             text_ids, text_mask, position = self._question_with_mask(text_ids, text_mask)
-        hidden = fuse_pairs(self.model, video_tokens, video_mask, text_ids, text_mask)
+        hidden = fuse_pairs(self.model, video_tokens, video_mask, text_ids, text_mask, self.task_vector())
         if self.head_style == "mlm":
             return self.heads["mlm"](gather_positions(hidden, position + video_tokens.shape[1])).float()
         return self.heads["answer"](pooled_of(hidden, video_tokens.shape[1])).float()

@@ -36,6 +36,8 @@ from violet_ds.tasks.common import (DownstreamTask, chunks, encode_video, gather
 class Retrieval(DownstreamTask):
     """Cross-encoder text-to-video retrieval."""
 
+    task_token_name = "vtm"
+
     option_defaults: Dict[str, Any] = {
         "negatives": -1,           # captions paired with each video besides its own; -1 = every other one in the batch
         "symmetric": True,         # head style with the full in-batch matrix: average video->text and text->video

@@ -73,7 +73,10 @@ class ZeroShot(nn.Module):
 
     def missing_heads(self) -> List[str]:
         """Head parameters the loaded checkpoint did not provide."""
-        return sorted(key for key in self.state_dict() if key.startswith("heads.") and key not in self.loaded_heads)
+        # an unused (frozen) LAVENDER task-token table is not needed to evaluate
+        unused = set() if getattr(self.inner, "task_token", False) else {"heads.task_embedding.weight"}
+        return sorted(key for key in self.state_dict()
+                      if key.startswith("heads.") and key not in self.loaded_heads and key not in unused)
 
     def _check_heads(self) -> None:
         missing = self.missing_heads()

@@ -1,0 +1,396 @@
+"""Model directories: `save_pretrained` / `from_pretrained` and `violet-ds export --format dir`.
+
+A model directory is self-contained (no paths back to the run or the data) and laid out as people
+who use timm, open_clip or Hugging Face models expect:
+
+```
+config.json          what to rebuild: registered model name + its full configuration, the task
+                     configuration (answer vocabularies and labels inlined), clip settings (frames, size, text length)
+model.safetensors    the task weights (`model.*` backbone, `heads.*`), fp32 unless asked otherwise
+vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json   the tokenizer
+README.md            model card: what the model is, what it was trained on, the run's metrics
+```
+
+`from_pretrained(dir)` rebuilds the task module (backbone + heads) and loads the weights strictly
+through the same key checks as every other weight file (`models.checkpoint_io.load_strict`); only
+safetensors are read. `run.init_from`, `model.weights` and `violet-ds predict` accept such a directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+FORMAT = "violet_ds-model-dir"
+FORMAT_VERSION = 1
+# clip settings a model directory records (DataConfig fields), for inference on raw videos
+CLIP_FIELDS = ("num_frames", "image_size", "max_text_len")
+# VioletConfig fields that name files of the machine that built the model; the weights replace them
+_PATH_FIELDS = ("text_config_dir", "pretrained_swin")
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """Whether `path` is a model directory written by `save_pretrained` (config.json + model.safetensors)."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------------------ config
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def model_config(model: nn.Module) -> Dict[str, Any]:
+    """The model's full configuration as `create_model` overrides (BERT sizes resolved, no file paths).
+
+    A model built from a Hugging Face BERT directory (`text_config_dir`) takes its sizes from that
+    directory's config: they are written out here, so the directory is not needed to rebuild it.
+    """
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not dataclasses.is_dataclass(cfg):
+        raise TypeError(f"{type(model).__name__} has no dataclass `cfg`; save_pretrained needs one to rebuild it")
+    config = dataclasses.asdict(cfg)
+    bert = getattr(model, "bert_config", None)
+    if bert is not None:
+        config.update(hidden_size=bert.hidden_size, num_layers=bert.num_hidden_layers,
+                      num_heads=bert.num_attention_heads, intermediate_size=bert.intermediate_size,
+                      vocab_size=bert.vocab_size, max_position_embeddings=bert.max_position_embeddings,
+                      type_vocab_size=bert.type_vocab_size, hidden_dropout=bert.hidden_dropout_prob,
+                      attention_dropout=bert.attention_probs_dropout_prob, layer_norm_eps=bert.layer_norm_eps,
+                      initializer_range=bert.initializer_range, pad_token_id=bert.pad_token_id)
+    for key in _PATH_FIELDS:
+        if key in config:
+            config[key] = None
+    return _jsonable(config)
+
+
+def _restore_tuples(config: Dict[str, Any]) -> Dict[str, Any]:
+    """JSON lists -> tuples in the nested Swin overrides (the Swin config compares and hashes them)."""
+    out = dict(config)
+    if isinstance(out.get("swin_overrides"), dict):
+        out["swin_overrides"] = {k: tuple(v) if isinstance(v, list) else v for k, v in out["swin_overrides"].items()}
+    return out
+
+
+# task options that may name a file; the built task holds the list read from it (option -> attribute)
+_FILE_OPTIONS = {"answer_vocab": "vocab", "labels": "labels"}
+
+
+def _inline_options(options: Dict[str, Any], task: Optional[nn.Module]) -> Dict[str, Any]:
+    """Options with file-backed lists (answer vocabulary, class labels) replaced by the lists themselves."""
+    out = dict(options or {})
+    for option, attribute in _FILE_OPTIONS.items():
+        value = getattr(task, attribute, None) if task is not None else None
+        if isinstance(out.get(option), str):
+            if value is None:
+                raise ValueError(f"task option {option}={out[option]!r} names a file the task did not read")
+            out[option] = list(value)
+    return out
+
+
+def task_config(task: nn.Module) -> Dict[str, Any]:
+    """The task's TaskConfig as JSON, with file-backed answer vocabularies and labels inlined (a model
+    directory names no file of the machine that wrote it)."""
+    cfg = getattr(task, "cfg", None)
+    if cfg is None or not dataclasses.is_dataclass(cfg):
+        raise TypeError(f"{type(task).__name__} has no dataclass `cfg` (a TaskConfig)")
+    config = dataclasses.asdict(cfg)
+    options = _inline_options(config.get("options") or {}, getattr(task, "inner", task))
+    subtasks = getattr(task, "subtasks", None)
+    if isinstance(options.get("tasks"), list) and subtasks:
+        # multitask: each sub-task's options, inlined from the sub-task built for that entry
+        built = list(subtasks.values())
+        options["tasks"] = [{**spec, "options": _inline_options(spec.get("options") or {}, sub)}
+                            for spec, sub in zip(options["tasks"], built)]
+    if isinstance(options.get("task_options"), dict) and hasattr(task, "inner"):
+        options["task_options"] = _inline_options(options["task_options"], task.inner)  # zero_shot
+    config["options"] = options
+    return _jsonable(config)
+
+
+def _known_fields(cls, values: Mapping[str, Any]) -> Dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+# ------------------------------------------------------------------------------------------ saving
+def save_pretrained(task: nn.Module, directory: str | Path, *, model_name: Optional[str] = None,
+                    tokenizer=None, clip: Optional[Mapping[str, Any]] = None, dtype: str = "fp32",
+                    card: Optional[Mapping[str, Any]] = None, state_dict: Optional[Dict[str, torch.Tensor]] = None
+                    ) -> Path:
+    """Write a task module (backbone `task.model` + `task.heads`) as a model directory.
+
+    Args:
+        task: a violet_ds task module (what `create_task` returns), weights as they are now.
+        directory: output folder (created; files in it are replaced).
+        model_name: registered model name (default: the name `create_model` recorded on the model).
+        tokenizer: the task's tokenizer (default `task.tokenizer`); its files are copied.
+        clip: num_frames / image_size / max_text_len the model was trained with (for inference).
+        dtype: fp32, bf16 or fp16 for the floating-point tensors.
+        card: extra facts for the model card (`trained_on`, `metrics`, `source`, `steps`, ...).
+        state_dict: weights to write instead of `task.state_dict()` (e.g. consolidated fp32 masters).
+    """
+    from safetensors.torch import save_file
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    model = task.model
+    model_name = model_name or getattr(model, "registered_name", None)
+    if not model_name:
+        raise ValueError("save_pretrained: give model_name (the model was not built by create_model)")
+    tokenizer = tokenizer if tokenizer is not None else getattr(task, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("save_pretrained: give the tokenizer (the task holds none)")
+    own = task.state_dict()
+    state = dict(state_dict) if state_dict is not None else own
+    # the same check a load will make: a directory that cannot be loaded back is never written
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"save_pretrained: weights do not match the task: missing {missing[:8]}, "
+                       f"unexpected {unexpected[:8]}")
+    tensors = {k: (v.detach().to("cpu", dtypes[dtype]) if v.is_floating_point() else v.detach().cpu()).contiguous()
+               for k, v in state.items()}
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    clip_settings = {k: int(v) for k, v in dict(clip or {}).items() if k in CLIP_FIELDS and v is not None}
+    config = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "violet_ds_version": _version(),
+        "model": {"name": model_name, "config": model_config(model),
+                  "tie_mlm_head": bool(getattr(model, "tie_mlm_head", False))},
+        "task": task_config(task),
+        "clip": clip_settings,
+        "heads": sorted(getattr(task, "heads", {}).keys()) if hasattr(task, "heads") else [],
+        "dtype": dtype,
+    }
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "violet_ds", "model_name": model_name, "dtype": dtype})
+    tmp.replace(out / WEIGHTS_FILE)
+    tokenizer.hf.save_pretrained(str(out))
+    source_dir = Path(getattr(tokenizer, "path", ""))
+    for name in ("vocab.txt", "special_tokens_map.json"):
+        # the plain WordPiece vocabulary too, for readers that do not parse tokenizer.json
+        if not (out / name).is_file() and (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, out / name)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (out / CARD_FILE).write_text(model_card(config, tensors, dict(card or {})))
+    return out
+
+
+def _version() -> str:
+    from violet_ds import __version__
+
+    return str(__version__)
+
+
+def model_card(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], card: Mapping[str, Any]) -> str:
+    """The README.md of a model directory (facts only: nothing here is guessed)."""
+    task = config["task"]
+    params = sum(int(t.numel()) for k, t in tensors.items() if t.is_floating_point())
+    lines = [f"# {card.get('title') or config['model']['name'] + ' / ' + task['name']}", "",
+             "A violet_ds model directory (config.json, model.safetensors, tokenizer files).", "",
+             "| | |", "|---|---|",
+             f"| model | `{config['model']['name']}` ({params / 1e6:.2f}M values in {len(tensors)} tensors, "
+             f"{config['dtype']}) |",
+             f"| task | `{task['name']}`, head style `{task['head_style']}` |",
+             f"| heads | {', '.join(config['heads']) or '-'} |",
+             f"| clip | {', '.join(f'{k} {v}' for k, v in config['clip'].items()) or 'not recorded'} |"]
+    for key in ("source", "steps", "epochs", "wall_s"):
+        if card.get(key) is not None:
+            lines.append(f"| {key.replace('_', ' ')} | {card[key]} |")
+    lines += ["", "## Trained on", ""]
+    trained_on = card.get("trained_on") or []
+    lines += [f"- {item}" for item in trained_on] or ["- not recorded (saved from Python without a run)"]
+    metrics = card.get("metrics") or {}
+    lines += ["", "## Metrics", ""]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        for name, value in metrics.items():
+            lines.append(f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |")
+    else:
+        lines.append("No metrics recorded for this model.")
+    lines += ["", "## Use", "", "```python", "import violet_ds", "",
+              "task = violet_ds.from_pretrained(\"PATH\")  # backbone task.model + heads task.heads, eval mode",
+              "```", "", "```bash",
+              "violet-ds predict --model PATH --videos clip.mp4 --question \"what is shown?\"",
+              "violet-ds finetune --config CONFIG.yaml --run.init_from PATH", "```", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def read_config(directory: str | Path) -> Dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    config = json.loads(path.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a violet_ds model directory config (format {config.get('format')!r})")
+    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {config['format_version']} is newer than this violet_ds "
+                         f"reads ({FORMAT_VERSION}); upgrade violet_ds")
+    return config
+
+
+def _build_config(task_cfg, mvm: bool):
+    """The TaskConfig to build: without `mvm`, a pretraining task leaves out its MVM objective (no
+    teachers, no MVM heads; inference never needs them) unless MVM is all it trains."""
+    weights = dict(task_cfg.loss_weights or {})
+    if mvm or task_cfg.name != "pretrain" or not float(weights.get("mvm", 0.0)):
+        return task_cfg
+    if not any(float(w) for name, w in weights.items() if name != "mvm"):
+        return task_cfg
+    return dataclasses.replace(task_cfg, loss_weights={**weights, "mvm": 0.0})
+
+
+def _load(task: nn.Module, state: Dict[str, torch.Tensor], source: str, mvm: bool) -> None:
+    """Strict load; without `mvm` the file's MVM head weights are left out (the task was built without them)."""
+    from violet_ds.models.checkpoint_io import load_strict
+
+    own = task.state_dict()
+    if not mvm:
+        state = {k: v for k, v in state.items() if k in own or not k.startswith("heads.mvm")}
+    state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
+    load_strict(task, state, source=source)
+
+
+def from_pretrained(directory: str | Path, device: str | torch.device = "cpu", mvm: bool = True) -> nn.Module:
+    """Rebuild the task module saved by `save_pretrained` and load its weights strictly; eval mode.
+
+    The returned module holds `.model` (backbone), `.heads`, `.tokenizer`, `.cfg` (TaskConfig) and
+    `.clip` (the recorded clip settings). `mvm=False` builds a pretraining task without its MVM
+    objective (no teacher is built or read; the MVM heads' weights are skipped), for inference.
+    """
+    from safetensors.torch import load_file
+
+    from violet_ds.config import TaskConfig
+    from violet_ds.data.tokenizer import Tokenizer
+    from violet_ds.models import create_model
+    from violet_ds.tasks import create_task
+
+    directory = Path(directory)
+    if not is_model_dir(directory):
+        raise FileNotFoundError(f"{directory}: not a model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    config = read_config(directory)
+    tokenizer = Tokenizer(directory)
+    model = create_model(config["model"]["name"], **_restore_tuples(config["model"]["config"]))
+    model.tie_mlm_head = bool(config["model"].get("tie_mlm_head", False))
+    task_cfg = _build_config(TaskConfig(**_known_fields(TaskConfig, config["task"])), mvm)
+    task = create_task(task_cfg.name, model, task_cfg, tokenizer)
+    _load(task, load_file(str(directory / WEIGHTS_FILE)), str(directory / WEIGHTS_FILE), mvm)
+    task.clip = dict(config.get("clip") or {})
+    return task.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------ runs
+def read_run_config(run_dir: str | Path):
+    """(ModelConfig, DataConfig, TaskConfig) from a run directory's resolved `config.yaml`."""
+    import yaml
+
+    from violet_ds.config import DataConfig, DataSource, ModelConfig, TaskConfig
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml (not a violet_ds run directory)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    model = ModelConfig(**_known_fields(ModelConfig, raw.get("model") or {}))
+    data_raw = dict(raw.get("data") or {})
+    for split in ("train", "val", "test"):
+        data_raw[split] = [DataSource(**_known_fields(DataSource, s)) for s in data_raw.get(split) or []]
+    data = DataConfig(**_known_fields(DataConfig, data_raw))
+    task = TaskConfig(**_known_fields(TaskConfig, raw.get("task") or {}))
+    return model, data, task
+
+
+def load_run(run_dir: str | Path, tag: Optional[str] = None, mvm: bool = True):
+    """(task module with the checkpoint's consolidated fp32 weights, ModelConfig, DataConfig, tokenizer).
+
+    The task is rebuilt from the run's config.yaml exactly as training built it; the weights are
+    loaded strictly (a key the task lacks, or lacks in the file, is an error naming it). `mvm=False`
+    as in `from_pretrained`.
+    """
+    from violet_ds.data.tokenizer import Tokenizer
+    from violet_ds.engine.export import deepspeed_fp32_state_dict, locate_checkpoint
+    from violet_ds.engine.run import build_model
+    from violet_ds.tasks import create_task
+
+    checkpoint_dir, tag = locate_checkpoint(run_dir, tag)
+    run_dir = checkpoint_dir.parent
+    model_cfg, data_cfg, task_cfg = read_run_config(run_dir)
+    # the weights come from the checkpoint: do not read the initial ones again
+    model_cfg = dataclasses.replace(model_cfg, weights=None, pretrained_swin=None)
+    tokenizer = Tokenizer(data_cfg.tokenizer)
+    task_cfg = _build_config(task_cfg, mvm)
+    task = create_task(task_cfg.name, build_model(model_cfg, tokenizer), task_cfg, tokenizer)
+    _load(task, deepspeed_fp32_state_dict(checkpoint_dir, tag), str(checkpoint_dir / tag), mvm)
+    task.source_checkpoint = str(checkpoint_dir / tag)
+    return task, model_cfg, data_cfg, tokenizer
+
+
+def _run_card(run_dir: Path, data_cfg, source: str) -> Dict[str, Any]:
+    """Model-card facts of a run: training sources, steps, last validation metrics."""
+    card: Dict[str, Any] = {"source": source}
+    card["trained_on"] = [f"`{s.annotations}` (split {s.split}, {s.kind}) with frames `{s.tsv}`"
+                          + (f", weight {s.weight}" if s.weight != 1.0 else "") for s in data_cfg.train]
+    metrics: Dict[str, Any] = {}
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        card.update(steps=summary.get("steps"), epochs=summary.get("epochs"), wall_s=summary.get("wall_s"))
+        if summary.get("last_loss") is not None:
+            metrics["train loss (last logged)"] = float(summary["last_loss"])
+        for key, value in sorted((summary.get("val") or {}).items()):
+            if isinstance(value, (int, float)):
+                metrics[f"val {key}"] = float(value)
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.is_file() and not any(k.startswith("val ") for k in metrics):
+        last_val = None
+        for line in metrics_path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if record.get("split") == "val":
+                    last_val = record
+        if last_val:
+            for key, value in sorted(last_val.items()):
+                if key not in ("split", "step") and isinstance(value, (int, float)):
+                    metrics[f"val {key} (step {last_val.get('step')})"] = float(value)
+    for path in sorted(run_dir.glob("eval_*.json")):
+        for key, value in sorted(json.loads(path.read_text()).items()):
+            if isinstance(value, (int, float)):
+                metrics[f"{path.stem[len('eval_'):]} {key}"] = float(value)
+    card["metrics"] = metrics
+    return card
+
+
+def export_dir(checkpoint: str, output: Optional[str] = None, tag: Optional[str] = None,
+               dtype: str = "fp32") -> Path:
+    """A run's checkpoint -> model directory (the body of `violet-ds export --format dir`)."""
+    from violet_ds.engine.export import locate_checkpoint
+
+    checkpoint_dir, tag = locate_checkpoint(checkpoint, tag)
+    run_dir = checkpoint_dir.parent
+    task, model_cfg, data_cfg, tokenizer = load_run(run_dir, tag)
+    out = Path(output) if output else run_dir / "export" / tag
+    clip = {k: getattr(data_cfg, k) for k in CLIP_FIELDS}
+    card = _run_card(run_dir, data_cfg, str(checkpoint_dir / tag))
+    card["title"] = f"{model_cfg.name} / {task.cfg.name} ({run_dir.name}, {tag})"
+    save_pretrained(task, out, model_name=model_cfg.name, tokenizer=tokenizer, clip=clip, dtype=dtype, card=card)
+    print(f"exported {checkpoint_dir / tag} -> {out}/ ({CONFIG_FILE}, {WEIGHTS_FILE}, tokenizer, {CARD_FILE})",
+          flush=True)
+    return out
+
+
+__all__ = ["save_pretrained", "from_pretrained", "is_model_dir", "export_dir", "load_run", "read_run_config",
+           "model_config", "task_config", "model_card", "CONFIG_FILE", "WEIGHTS_FILE"]
+
