@@ -84,6 +84,42 @@ def test_wandb_offline_through_deepspeed_monitor(demo, tmp_path):
     assert "finishing run" in (runs[0] / "logs" / "debug.log").read_text()
 
 
+def test_terminal_gets_a_bar_and_log_txt_the_step_lines(demo, tmp_path):
+    """stderr on a pseudo-terminal: a tqdm bar, other log lines printed above it, no step lines there."""
+    import os
+    import pty
+
+    config = tiny_config(demo, tmp_path, "tty", run__max_steps=6, run__log_every=1, run__progress=True,
+                         run__save_every=0)
+    master, slave = pty.openpty()
+    # a terminal of 120 columns (a fresh pty has 0, in which tqdm draws nothing)
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(cli_command(write_config(config, tmp_path / "c.yaml")), env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=600) == 0
+    console = b"".join(chunks).decode(errors="replace")
+    assert "train: 100%" in console and "6/6 [" in console
+    assert "INFO saved checkpoint" in console
+    assert " INFO step " not in console
+    log_txt = (tmp_path / "tty" / "log.txt").read_text()
+    assert [int(m.group(2)) for m in map(STEP_LINE.match, log_txt.splitlines()) if m] == [1, 2, 3, 4, 5, 6]
+
+
 def test_line_interval_is_at_most_five_percent_and_prefers_log_windows():
     assert line_interval(1050, 10) == 50    # on log windows, 21 lines
     assert line_interval(40, 10) == 2       # log windows too sparse: every 2 steps
