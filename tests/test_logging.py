@@ -39,12 +39,15 @@ def test_pretraining_with_stderr_in_a_file_writes_step_lines_and_no_bar(demo, tm
                          engine__ds_overrides={"csv_monitor": {"enabled": True, "output_path": str(tmp_path / "csv"),
                                                                "job_name": "filelog"}})
     stderr_path = tmp_path / "stderr.txt"
+    # every deprecation shown (Python hides them outside __main__ by default): the run must trigger none
+    env = {**cli_env(), "PYTHONWARNINGS": "always::DeprecationWarning,always::PendingDeprecationWarning"}
     with open(stderr_path, "w") as stderr:
-        result = subprocess.run(cli_command(write_config(config, tmp_path / "c.yaml")), env=cli_env(),
+        result = subprocess.run(cli_command(write_config(config, tmp_path / "c.yaml")), env=env,
                                 stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=600)
     text = stderr_path.read_text()
     assert result.returncode == 0, text[-4000:]
     assert "\r" not in text
+    assert "DeprecationWarning" not in text, text[:4000]
     steps = [int(match.group(2)) for match in map(STEP_LINE.match, text.splitlines()) if match]
     # one line per 5% of 40 steps (2 steps) even though metrics are logged only every 10 steps
     assert steps == list(range(2, 41, 2))
