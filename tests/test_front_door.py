@@ -118,3 +118,15 @@ def test_resolved_config_is_dumped_without_deprecated_calls(tmp_path, capsys):
     from violet_ds.data.tsv import lineidx_path
 
     assert lineidx_path(tsv).is_file()
+
+
+def test_every_command_documents_every_option(capsys):
+    from violet_ds.cli import COMMANDS
+
+    undocumented = {}
+    for name in COMMANDS:
+        code, out, _ = _run(capsys, *name.split(), "--help")
+        assert code == 0, name
+        if _options_without_help(out):
+            undocumented[name] = _options_without_help(out)
+    assert undocumented == {}

@@ -39,12 +39,15 @@ def test_pretraining_with_stderr_in_a_file_writes_step_lines_and_no_bar(demo, tm
                          engine__ds_overrides={"csv_monitor": {"enabled": True, "output_path": str(tmp_path / "csv"),
                                                                "job_name": "filelog"}})
     stderr_path = tmp_path / "stderr.txt"
+    # every deprecation shown (Python hides them outside __main__ by default): the run must trigger none
+    env = {**cli_env(), "PYTHONWARNINGS": "always::DeprecationWarning,always::PendingDeprecationWarning"}
     with open(stderr_path, "w") as stderr:
-        result = subprocess.run(cli_command(write_config(config, tmp_path / "c.yaml")), env=cli_env(),
+        result = subprocess.run(cli_command(write_config(config, tmp_path / "c.yaml")), env=env,
                                 stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=600)
     text = stderr_path.read_text()
     assert result.returncode == 0, text[-4000:]
     assert "\r" not in text
+    assert "DeprecationWarning" not in text, text[:4000]
     steps = [int(match.group(2)) for match in map(STEP_LINE.match, text.splitlines()) if match]
     # one line per 5% of 40 steps (2 steps) even though metrics are logged only every 10 steps
     assert steps == list(range(2, 41, 2))
@@ -82,6 +85,42 @@ def test_wandb_offline_through_deepspeed_monitor(demo, tmp_path):
     record = b"".join(path.read_bytes() for path in runs[0].glob("run-*.wandb"))
     assert b"train/loss_mlm" in record and b"Train/Samples/lr" in record
     assert "finishing run" in (runs[0] / "logs" / "debug.log").read_text()
+
+
+def test_terminal_gets_a_bar_and_log_txt_the_step_lines(demo, tmp_path):
+    """stderr on a pseudo-terminal: a tqdm bar, other log lines printed above it, no step lines there."""
+    import os
+    import pty
+
+    config = tiny_config(demo, tmp_path, "tty", run__max_steps=6, run__log_every=1, run__progress=True,
+                         run__save_every=0)
+    master, slave = pty.openpty()
+    # a terminal of 120 columns (a fresh pty has 0, in which tqdm draws nothing)
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(cli_command(write_config(config, tmp_path / "c.yaml")), env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=600) == 0
+    console = b"".join(chunks).decode(errors="replace")
+    assert "train: 100%" in console and "6/6 [" in console
+    assert "INFO saved checkpoint" in console
+    assert " INFO step " not in console
+    log_txt = (tmp_path / "tty" / "log.txt").read_text()
+    assert [int(m.group(2)) for m in map(STEP_LINE.match, log_txt.splitlines()) if m] == [1, 2, 3, 4, 5, 6]
 
 
 def test_line_interval_is_at_most_five_percent_and_prefers_log_windows():

@@ -46,15 +46,29 @@ def log_format(world: World) -> logging.Formatter:
     return logging.Formatter(f"%(asctime)s {rank}%(levelname)s %(message)s", DATE_FORMAT)
 
 
-class _HideStepLines(logging.Filter):
-    """Drops step lines from the console while a progress bar shows the same numbers."""
+class _Console(logging.StreamHandler):
+    """stderr; while a progress bar is active (`bar_active`) it drops step lines (the bar shows the same
+    numbers) and prints other records above the bar instead of through it."""
 
     def __init__(self):
-        super().__init__()
-        self.active = False
+        super().__init__(sys.stderr)
+        self.bar_active = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.active and getattr(record, "step_line", False))
+        if self.bar_active and getattr(record, "step_line", False):
+            return False
+        return bool(super().filter(record))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.bar_active:
+            super().emit(record)
+            return
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
 
 
 def _as_float(value: Any) -> Optional[float]:
@@ -83,7 +97,7 @@ class RunLogger:
         self._deepspeed_level = logging.getLogger("DeepSpeed").level
         logging.getLogger("DeepSpeed").setLevel(max(LEVELS[level], logging.INFO))
         self._handlers: list[logging.Handler] = []
-        self.console_filter = _HideStepLines()
+        self.console = _Console()
         self.writer = None
         self.monitor = None
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -96,9 +110,7 @@ class RunLogger:
             self._handlers.append(console)
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        console = logging.StreamHandler(sys.stderr)
-        console.addFilter(self.console_filter)
-        for handler in (logging.FileHandler(self.run_dir / "log.txt"), console):
+        for handler in (logging.FileHandler(self.run_dir / "log.txt"), self.console):
             handler.setFormatter(log_format(world))
             self.log.addHandler(handler)
             self._handlers.append(handler)
@@ -252,7 +264,7 @@ class TrainProgress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
-        logger.console_filter.active = self.bar is not None
+        logger.console.bar_active = self.bar is not None
 
     def line_due(self, step: int) -> bool:
         return step % self.interval == 0 or step == self.total
@@ -282,7 +294,7 @@ class TrainProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        self.logger.console_filter.active = False
+        self.logger.console.bar_active = False
 
 
 def memory_mb(device: torch.device) -> float:

@@ -476,7 +476,11 @@ def evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: Opti
              run: RunConfig, split: str = "val") -> None:
     """Evaluate weights (`run.init_from`: run dir, checkpoint, export or official file; or `model.weights`)
     on `data.<split>`; writes runs/<run.name>/eval_<split>.json (metrics) and prints them. Takes the same
-    YAML as training (the `optim` section is accepted and unused)."""
+    YAML as training (the `optim` section is accepted and unused).
+
+    Args:
+        split: which data sources to evaluate on: train, val or test.
+    """
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.tasks import create_task
 
