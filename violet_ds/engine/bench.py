@@ -52,7 +52,7 @@ def _build(spec: dict) -> SimpleNamespace:
     seed_everything(0)
     tokenizer = load_tokenizer(spec["tokenizer"])
     model_cfg = ModelConfig(name=spec["model"], grad_checkpointing=spec["checkpointing"],
-                            offload_video_activations=spec.get("offload", False),
+                            offload_video_activations=spec.get("offload", False), compile=spec.get("compile", False),
                             overrides={"vocab_size": max(tokenizer.vocab_size, 8), "max_frames": max(spec["frames"], 4)})
     model = build_model(model_cfg, tokenizer)
     if spec.get("attention") and hasattr(model, "video_backbone"):
@@ -163,6 +163,7 @@ def _measure(spec: dict) -> dict:
         "attention": timed_attention, "profile": profile,
         "loss": float(loss.detach().float()),
         "divergence_guard": bool(spec.get("guard")), "guard_us_per_step": guard_us,
+        "compile": bool(spec.get("compile")),
     }
 
 
@@ -259,12 +260,13 @@ def _child(spec: dict, queue) -> None:
 
 
 def _table(rows: List[dict]) -> str:
-    header = (f"{'model':<12} {'batch':>5} {'frames':>6} {'size':>5} {'ckpt':>5} {'guard':>5} {'prec':>5} {'params M':>9} "
+    header = (f"{'model':<12} {'batch':>5} {'frames':>6} {'size':>5} {'ckpt':>5} {'guard':>5} {'comp':>5} {'prec':>5} {'params M':>9} "
               f"{'step s':>8} {'samples/s':>10} {'peak MB':>9} {'GFLOP/step':>11} {'TFLOP/s':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['model']:<12} {r['batch_size']:>5} {r['frames']:>6} {r['image_size']:>5} "
                      f"{'on' if r['checkpointing'] else 'off':>5} {'on' if r.get('divergence_guard') else 'off':>5} "
+                     f"{'on' if r.get('compile') else 'off':>5} "
                      f"{r['precision']:>5} {r['params_m']:>9.2f} "
                      f"{r['step_s_median']:>8.3f} {r['samples_per_s']:>10.2f} {r['peak_memory_mb']:>9.0f} "
                      f"{r['gflops_per_step']:>11.1f} {r['achieved_tflops']:>8.3f}")
@@ -274,6 +276,7 @@ def _table(rows: List[dict]) -> str:
 def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames: int = 4, image_size: int = 224,
                 text_len: int = 32, checkpointing: List[bool] = [False, True], steps: int = 3, warmup: int = 1,
                 precision: str = "bf16", ds_config: str = "auto", divergence_guard: List[bool] = [False],
+                compile: List[bool] = [False],
                 tokenizer: Optional[str] = None, strategies: List[str] = ["rm", "bm"], threads: int = 2,
                 output: str = "runs/bench/bench_train.json") -> None:
     """Benchmark one pretraining step (VTM + MLM + MVM-pixel, forward + backward + ZeRO-2 step) per model,
@@ -289,6 +292,7 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
         steps: timed steps (the median is reported).
         warmup: untimed steps first.
         precision: bf16, fp16 or fp32.
+        compile: `model.compile` settings to compare (regional torch.compile; warm-up steps absorb the compile).
         divergence_guard: divergence-guard settings to compare (the trainer's per-step non-finite check;
             with it on, `guard_us_per_step` is the guard's own cost per step, timed in isolation).
         ds_config: DeepSpeed JSON (its "auto" fields are filled); auto = zero2_bf16.json on CUDA,
@@ -304,11 +308,11 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
     context = multiprocessing.get_context("spawn")
     rows = []
     for model in models:
-        for flag, guarded in [(flag, guarded) for flag in checkpointing for guarded in divergence_guard]:
+        for flag, guarded, compiled in [(f, g, c) for f in checkpointing for g in divergence_guard for c in compile]:
             spec = {"model": model, "batch_size": batch_size, "frames": frames, "image_size": image_size,
                     "text_len": text_len, "checkpointing": flag, "steps": steps, "warmup": warmup,
                     "precision": precision, "ds_config": ds_config, "tokenizer": tokenizer,
-                    "strategies": strategies, "threads": threads, "guard": guarded}
+                    "strategies": strategies, "threads": threads, "guard": guarded, "compile": compiled}
             queue = context.Queue()
             process = context.Process(target=_child, args=(spec, queue))
             # each child is a fresh single-rank job: no launcher variables from the parent
@@ -321,7 +325,8 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
             if status != "ok":
                 raise RuntimeError(f"bench train {model} (checkpointing={flag}) failed: {result}")
             rows.append(result)
-            print(f"  {model} checkpointing={'on' if flag else 'off'} guard={'on' if guarded else 'off'}: "
+            print(f"  {model} checkpointing={'on' if flag else 'off'} guard={'on' if guarded else 'off'} "
+                  f"compile={'on' if compiled else 'off'}: "
                   f"{result['step_s_median']:.3f} s/step, {result['peak_memory_mb']:.0f} MB"
                   + (f", guard {result['guard_us_per_step']:.1f} us/step" if guarded else ""), flush=True)
     print(_table(rows), flush=True)

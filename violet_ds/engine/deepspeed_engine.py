@@ -8,6 +8,7 @@ import copy
 import inspect
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
