@@ -188,13 +188,22 @@ def test_warnings_of_other_ranks_reach_their_stderr_with_the_rank(tmp_path, caps
         logger.warning("same on every rank: rank 0 only")
         logger.warning("bad sample on this rank", all_ranks=True)
         logging.getLogger("violet_ds.data.datasets").warning("skipping bad clip 17")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("a library complains on this rank", UserWarning)
     finally:
         logger.close()
     err = capsys.readouterr().err
     assert "rank 0 talks" not in err and "rank 0 only" not in err
     assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[rank 3\] WARNING bad sample on this rank", err)
     assert "[rank 3] WARNING skipping bad clip 17" in err
+    assert re.search(r"\[rank 3\] WARNING \S+test_logging.py:\d+: UserWarning: a library complains on this rank", err)
     assert not (tmp_path / "rank3").exists()   # other ranks write no files
+    import warnings
+
+    assert warnings.showwarning.__module__ != "logging"   # capture ends with the logger
 
 
 def test_config_text_in_tensorboard(tmp_path):

@@ -90,8 +90,9 @@ def evaluate(task: torch.nn.Module, loaders: Mapping[str, Any], world: World, *,
             for position, (name, loader) in enumerate(loaders.items()):
                 outputs = []
                 total = len(loader) if max_batches is None else min(len(loader), max_batches)
-                bar = tqdm(total=total, desc=f"eval {name}", disable=not (progress and world.is_main and stderr_is_terminal()),
-                           leave=False, dynamic_ncols=True)
+                # a bar on terminals only: carriage-return redraws do not belong in log files
+                bar = tqdm(total=total, desc=f"eval {name}", leave=False, dynamic_ncols=True,
+                           disable=not (progress and world.is_main and stderr_is_terminal()))
                 for number, batch in enumerate(loader):
                     if max_batches is not None and number >= max_batches:
                         break

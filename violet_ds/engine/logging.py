@@ -101,6 +101,7 @@ class RunLogger:
         self.writer = None
         self.monitor = None
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._captured_warnings = False
         if not world.is_main:
             # other ranks: their warnings and errors on their own stderr, marked with the rank
             console = logging.StreamHandler(sys.stderr)
@@ -108,18 +109,32 @@ class RunLogger:
             console.setFormatter(log_format(world))
             self.log.addHandler(console)
             self._handlers.append(console)
+            self._capture_python_warnings()
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for handler in (logging.FileHandler(self.run_dir / "log.txt"), self.console):
             handler.setFormatter(log_format(world))
             self.log.addHandler(handler)
             self._handlers.append(handler)
+        self._capture_python_warnings()
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events past the resumed step that an interrupted run had already written
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
         if config_text:
             self.text("config", config_text, step=(purge_step - 1) if purge_step else 0)
+
+    def _capture_python_warnings(self) -> None:
+        """With several ranks, Python warnings (`warnings.warn`) go through the same handlers, so that
+        each one names its rank (and rank 0's also land in log.txt)."""
+        if not self.world.distributed:
+            return
+        logging.captureWarnings(True)
+        self._captured_warnings = True
+        py_warnings = logging.getLogger("py.warnings")
+        py_warnings.propagate = False
+        for handler in self._handlers:
+            py_warnings.addHandler(handler)
 
     @property
     def tensorboard_dir(self) -> Path:
@@ -214,8 +229,12 @@ class RunLogger:
 
             wandb.finish()
         self.monitor = None
+        if self._captured_warnings:
+            logging.captureWarnings(False)
+            self._captured_warnings = False
         for handler in self._handlers:
             self.log.removeHandler(handler)
+            logging.getLogger("py.warnings").removeHandler(handler)
             handler.close()
         self._handlers = []
         logging.getLogger("DeepSpeed").setLevel(self._deepspeed_level)
