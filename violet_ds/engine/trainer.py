@@ -21,6 +21,7 @@ from . import deepspeed_engine as dse
 from .distributed import World
 from .evaluator import evaluate, to_device
 from .logging import RunLogger, memory_mb, progress_bar
+from .stall import StallDetector
 
 
 @dataclass
@@ -116,6 +117,8 @@ class Trainer:
         self.resolved_config = resolved_config
         self.val_loaders = val_loaders
         self.state = TrainState()
+        # warns once when a loss sits at its chance value (ln #candidates) with a vanishing gradient
+        self.stall = StallDetector.for_task(self.task, self.logger.warning)
 
     # ------------------------------------------------------------------ checkpoints
     def client_state(self) -> dict:
@@ -268,6 +271,7 @@ class Trainer:
                         if self.run.log_sample_indices:
                             record["indices"] = window_indices
                         self.logger.record(record)
+                        self.stall.update(self.state.step, terms, record["grad_norm"])
                         window_indices = []
                         bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4f}", lr=f"{step_lr:.2e}")
                         if not self.run.progress and (self.state.step % text_every == 0

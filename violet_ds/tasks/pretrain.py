@@ -174,6 +174,14 @@ class PretrainTask(nn.Module):
     def _fuse(self, video_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         return self.model.fuse(video_tokens, None, self.model.embed_text(text_ids), text_mask)
 
+    def chance_losses(self) -> Dict[str, float]:
+        """VTM loss of a collapsed matcher (all 1 + vtm_negatives candidates scored alike), for the stall detector."""
+        from violet_ds.tasks.common import chance_loss
+
+        if not self.weights["vtm"]:
+            return {}
+        return {"loss_vtm": chance_loss(self.cfg.vtm_negatives + 1, true_false=self.lavender)}
+
     def _negatives(self, batch_size: int, device) -> torch.Tensor:
         """`(B, k)` indices of other texts in the batch, k = min(B, negatives + 1) - 1, distinct per row."""
         count = min(batch_size, self.cfg.vtm_negatives + 1) - 1
