@@ -104,9 +104,9 @@ def probe(task, batch) -> dict:
 
 
 class VideoProbe(torch.nn.Module):
-    """Answer text as a class, predicted from the mean video token only (no text): a motion probe."""
+    """Answer text as a class, predicted from the video tokens only (no text): a motion probe."""
 
-    def __init__(self, task, train_set, frozen: bool):
+    def __init__(self, task, train_set, frozen: bool, pool: str = "mean", frames: int = 4, size: int = 64):
         super().__init__()
         self.model = task.model
         self.heads = torch.nn.ModuleDict()
@@ -118,7 +118,10 @@ class VideoProbe(torch.nn.Module):
         self.sep_id = task.tokenizer.sep_id
         records = train_set.records if hasattr(train_set, "records") else None
         self.records = records
-        self.classifier = torch.nn.Linear(self.model.hidden_size, 8)
+        self.pool = pool
+        t, h, w = self.model.video_token_grid(frames, size, size)
+        width = self.model.hidden_size * (1 if pool == "mean" else t * (1 + h * w))
+        self.classifier = torch.nn.Linear(width, 8)
 
     def label(self, batch) -> torch.Tensor:
         ids = batch["option_ids"][torch.arange(len(batch["answer"])), batch["answer"]]
@@ -134,7 +137,8 @@ class VideoProbe(torch.nn.Module):
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             tokens, _ = encode_video(self.model, batch["video"])
-        return self.classifier(tokens.float().mean(dim=1))
+        features = tokens.float().mean(dim=1) if self.pool == "mean" else tokens.float().flatten(1)
+        return self.classifier(features)
 
     def forward(self, batch):
         logits = self.logits(batch)
@@ -166,6 +170,8 @@ def main() -> None:
                         help="instead of the task: classify the answer text from the video alone (mean video "
                              "token -> linear), with the backbone frozen or trained: is the motion visible at all?")
     parser.add_argument("--test", action="store_true", help="also evaluate the test split at the end")
+    parser.add_argument("--probe_pool", choices=["mean", "flat"], default="mean",
+                        help="video probe features: the mean video token, or all video tokens concatenated")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
@@ -189,7 +195,8 @@ def main() -> None:
     train_set = next(iter(build_split(task, data, tokenizer, "train", cfg["task"]["name"]).values()))
     eval_set = next(iter(build_split(task, data, tokenizer, args.eval_split, cfg["task"]["name"]).values()))
     if args.video_probe:
-        task = VideoProbe(task, train_set, args.video_probe == "frozen").to(args.device)
+        task = VideoProbe(task, train_set, args.video_probe == "frozen", args.probe_pool,
+                          data.num_frames, data.image_size).to(args.device)
     decay = [p for n, p in task.named_parameters() if p.requires_grad and p.dim() > 1]
     no_decay = [p for n, p in task.named_parameters() if p.requires_grad and p.dim() <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": optim_cfg.weight_decay},
