@@ -21,14 +21,14 @@ import math
 from typing import Callable, Dict, Mapping, Optional
 
 ADVICE = (
-    "the candidates' scores have collapsed to one constant, so the loss is flat and the gradient vanishes. "
-    "Likely cause: the signal that separates the candidates (video x text interaction) was too weak when "
-    "training started and the head learned to ignore the pair. Options: check that the answer is visible "
-    "in the inputs at this data.num_frames / data.image_size (motion needs >= 2 frames and objects that "
-    "span a video token); start the task's score head from zero (a fresh head) rather than an inherited "
-    "one; use a lower optim.lr or a longer optim.warmup_ratio; for multiple choice keep the listwise loss "
-    "(task.options.mlm_listwise for head_style mlm); more training data or steps only help once the loss "
-    "leaves chance.")
+    "the candidates' scores have collapsed to one constant (the pooled output no longer depends on the "
+    "candidate), so the loss is flat and the gradient vanishes; more steps will not help. Likely cause: "
+    "what separates the candidates did not reach the pooled output early enough, e.g. motion of small "
+    "objects at a coarse token grid (64 px = 2x2 tokens). Options: check that the answer is visible at "
+    "this data.num_frames / data.image_size (tools/diagnose_mc.py --video_probe finetune --probe_pool "
+    "mean|flat trains a video-only classifier); a larger data.image_size; a pretraining whose text names "
+    "what the task asks about; for head_style mlm keep task.options.mlm_listwise. Changing the option "
+    "temperature or the learning rate alone did not leave chance in the demo measurements.")
 
 
 def chance_of(task) -> Dict[str, float]:
