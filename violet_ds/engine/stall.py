@@ -22,7 +22,7 @@ from typing import Callable, Dict, Mapping, Optional
 
 ADVICE = (
     "the candidates' scores have collapsed to one constant (the pooled output no longer depends on the "
-    "candidate), so the loss is flat and the gradient vanishes; more steps will not help. Likely cause: "
+    "candidate), so the loss is flat and the gradient vanishes (a run can still leave it late, rarely). Likely cause: "
     "what separates the candidates did not reach the pooled output early enough, e.g. motion of small "
     "objects at a coarse token grid (64 px = 2x2 tokens). Options: check that the answer is visible at "
     "this data.num_frames / data.image_size (tools/diagnose_mc.py --video_probe finetune --probe_pool "
