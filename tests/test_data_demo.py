@@ -80,3 +80,17 @@ def test_bench_data_runs_every_decoder(tmp_path):
     assert set(results["decoders"]) == set(available_decoders())
     assert results["meta"]["commit"] and results["meta"]["time_utc"]
     assert all(r["loader_clips_per_s"] > 0 and r["decode_frames_per_s"] > 0 for r in results["decoders"].values())
+
+
+def test_demo_motion_captions_name_only_the_motion(tmp_path):
+    from violet_ds.data.demo import DemoVideo, build_annotations
+
+    videos = [DemoVideo("demo0000", "red", "circle", "small", "left", "train"),
+              DemoVideo("demo0001", "blue", "square", "big", "still", "train")]
+    plain = build_annotations(videos, [], seed=0)["txt_pretrain.json"]["train"]
+    files = build_annotations(videos, [], seed=0, motion_captions=2)["txt_pretrain.json"]["train"]
+    assert files["demo0000"][:3] == plain["demo0000"]
+    assert files["demo0000"][3:] == ["something moves left", "an object moving left"]
+    assert files["demo0001"][3:] == ["something stays still", "an object staying still"]
+    for caption in files["demo0000"][3:] + files["demo0001"][3:]:
+        assert not {"red", "blue", "circle", "square", "small", "big"} & set(caption.split())

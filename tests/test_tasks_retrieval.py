@@ -181,6 +181,28 @@ def test_training_loss_in_batch_contrast(tmp_path):
     assert lavender.heads["mlm"].bias.grad.abs().sum() > 0
 
 
+def test_symmetric_terms_are_summed_as_in_the_official_code(tmp_path):
+    tokenizer_dir = make_tokenizer_dir(tmp_path)
+    texts_task, tokenizer = build_task(tokenizer_dir, "head")
+    texts, videos = TextSet(tokenizer), VideoSet()
+    picks = [2, 3, 5, 6]  # four different videos: the full in-batch matrix, both directions
+    batch = {"video": videos.videos[[CAPTION_VIDEO[i] for i in picks]],
+             "text_ids": torch.stack([texts[i]["text_ids"] for i in picks]),
+             "text_mask": torch.stack([texts[i]["text_mask"] for i in picks]),
+             "video_id": [f"v{CAPTION_VIDEO[i]}" for i in picks]}
+    losses = {}
+    for reduction in ("sum", "mean"):
+        torch.manual_seed(0)
+        task, _ = build_task(tokenizer_dir, "head", symmetric_reduction=reduction)
+        torch.nn.init.normal_(task.heads["score"][3].weight, std=0.5)  # scores that differ by pair
+        task.eval()
+        losses[reduction] = task(batch)["loss"]
+    assert texts_task.options["symmetric_reduction"] == "sum"
+    assert torch.allclose(losses["sum"], 2 * losses["mean"])
+    with pytest.raises(ValueError, match="symmetric_reduction"):
+        build_task(tokenizer_dir, "head", symmetric_reduction="max")
+
+
 def test_multi_clip_dataset_offsets_and_averaging(tmp_path):
     """Multi-clip testing: evenly offset clips, encoder outputs averaged over clips."""
     from violet_ds.tasks.common import encode_video

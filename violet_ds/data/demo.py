@@ -147,6 +147,13 @@ def describe(item: DemoVideo, variant: int = 0) -> str:
     return templates[variant % len(templates)]
 
 
+def describe_motion(item: DemoVideo, variant: int = 0) -> str:
+    """A caption of the motion alone (no colour, shape or size): only the clip's motion can match it."""
+    if item.motion == "still":
+        return ("something stays still", "an object staying still")[variant % 2]
+    return (f"something moves {item.motion}", f"an object moving {item.motion}")[variant % 2]
+
+
 def describe_image(item: DemoVideo, variant: int = 0) -> str:
     noun = f"{item.size} {item.color} {item.shape}"
     return (f"a {noun}", f"a picture of a {noun}", f"an image showing a {noun}")[variant % 3]
@@ -169,13 +176,18 @@ def make_items(count: int, seed: int, prefix: str) -> list[DemoVideo]:
     return items
 
 
-def build_annotations(videos: list[DemoVideo], images: list[DemoVideo], seed: int) -> dict[str, dict]:
-    """Every annotation file of the demo as {file name: JSON object}."""
+def build_annotations(videos: list[DemoVideo], images: list[DemoVideo], seed: int,
+                      motion_captions: int = 0) -> dict[str, dict]:
+    """Every annotation file of the demo as {file name: JSON object}.
+
+    `motion_captions` adds that many motion-only captions per video to `txt_pretrain.json`.
+    """
     rng = np.random.default_rng([seed, 7])
     splits = ("train", "val", "test")
     by_split = {s: [v for v in videos if v.split == s] for s in splits}
     files: dict[str, dict] = {}
-    files["txt_pretrain.json"] = {s: {v.video: [describe(v, 0), describe(v, 1), describe(v, 2)] for v in by_split[s]}
+    files["txt_pretrain.json"] = {s: {v.video: [describe(v, 0), describe(v, 1), describe(v, 2)]
+                                          + [describe_motion(v, k) for k in range(motion_captions)] for v in by_split[s]}
                                   for s in ("train", "val")}
     image_split = {s: [i for i in images if i.split == s] for s in splits}
     files["txt_image.json"] = {s: {i.video: [describe_image(i, 0), describe_image(i, 1)] for i in image_split[s]}
@@ -331,7 +343,7 @@ def train_tokenizer(texts: list[str], folder: Path, vocab_size: int = 384) -> No
 
 def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: int = 100, num_frames: int = 8,
                    render_frames: int = 16, size: int = 64, seed: int = 0, workers: int = 2,
-                   vocab_size: int = 384, force: bool = False) -> int:
+                   vocab_size: int = 384, motion_captions: int = 0, force: bool = False) -> int:
     """Generate the synthetic demo dataset (videos, frame TSVs, annotations in every official format,
     WordPiece tokenizer); the layout is documented in violet_ds/data/demo.py.
 
@@ -345,6 +357,8 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
         seed: everything is a function of it.
         workers: processes for rendering and extraction.
         vocab_size: WordPiece vocabulary size cap (special + character tokens + whole words by frequency).
+        motion_captions: motion-only captions per video added to the pretraining captions ("something
+            moves left"): video-text matching and MLM can then only be solved from the motion.
         force: delete an existing output folder first.
     """
     from violet_ds.data.extract import ExtractOptions, list_inputs, run_extraction
@@ -382,7 +396,7 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
     failed = {**video_report.failed, **image_report.failed}
     if failed:
         raise RuntimeError(f"demo extraction failed for {sorted(failed)[:5]}: {next(iter(failed.values()))}")
-    files = build_annotations(videos, images, seed)
+    files = build_annotations(videos, images, seed, motion_captions)
     for name, content in files.items():
         (root / name).write_text(json.dumps(content, indent=1))
     train_tokenizer(all_texts(files), root / "tokenizer", vocab_size)
@@ -392,7 +406,8 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
             if tokenizer.token_id(word) < 0:
                 raise RuntimeError(f"demo answer {word!r} is not a single word piece of the demo vocabulary")
     meta = {"arguments": {"num_videos": num_videos, "num_images": num_images, "num_frames": num_frames,
-                          "render_frames": render_frames, "size": side, "seed": seed, "vocab_size": vocab_size},
+                          "render_frames": render_frames, "size": side, "seed": seed, "vocab_size": vocab_size,
+                          "motion_captions": motion_captions},
             "videos": {s: sum(v.split == s for v in videos) for s in ("train", "val", "test")},
             "video_shards": [Path(p).name for p in video_report.shards],
             "image_shards": [Path(p).name for p in image_report.shards],

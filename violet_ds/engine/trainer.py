@@ -23,6 +23,7 @@ from .divergence import DivergenceWatch
 from .distributed import World
 from .evaluator import evaluate, to_device
 from .logging import RunLogger, TrainProgress, memory_mb
+from .stall import StallDetector
 
 
 @dataclass
@@ -121,6 +122,8 @@ class Trainer:
         # wandb / csv through the ds_config's monitor blocks get the same scalars as TensorBoard
         logger.attach_monitor(getattr(engine, "monitor", None))
         self.divergence = DivergenceWatch(self)
+        # warns once when a loss sits at its chance value (ln #candidates) with a vanishing gradient
+        self.stall = StallDetector.for_task(self.task, self.logger.warning)
 
     # ------------------------------------------------------------------ checkpoints
     def client_state(self) -> dict:
@@ -281,6 +284,7 @@ class Trainer:
                         if self.run.log_sample_indices:
                             record["indices"] = window_indices
                         self.logger.record(record)
+                        self.stall.update(self.state.step, terms, record["grad_norm"])
                         window_indices = []
                         bar.report(self.state.step, terms.get("loss", float("nan")), step_lr, record["samples_per_s"])
                         if self.divergence.check_window():

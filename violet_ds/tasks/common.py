@@ -217,6 +217,23 @@ def cross_entropy_or_zero(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
 
 
+def chance_loss(num_candidates: int, true_false: bool = False) -> float:
+    """Loss of a collapsed scorer that gives all `num_candidates` candidates (one correct) the same score.
+
+    Softmax over the candidates: ln K. True/false at [MASK] (LAVENDER): the best constant answer says
+    "true" with probability 1/K, so the loss is the binary entropy of 1/K (0.500 for K = 5).
+    """
+    import math
+
+    k = max(int(num_candidates), 1)
+    if k == 1:
+        return 0.0
+    if not true_false:
+        return math.log(k)
+    p = 1.0 / k
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
 def chunks(total: int, size: int) -> Iterable[Tuple[int, int]]:
     for start in range(0, total, size):
         yield start, min(start + size, total)

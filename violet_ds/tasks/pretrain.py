@@ -188,6 +188,14 @@ class PretrainTask(nn.Module):
             return fuse_pairs(self.model, video_tokens, None, text_ids, text_mask, vector)
         return self.model.fuse(video_tokens, None, self.model.embed_text(text_ids), text_mask)
 
+    def chance_losses(self) -> Dict[str, float]:
+        """VTM loss of a collapsed matcher (all 1 + vtm_negatives candidates scored alike), for the stall detector."""
+        from violet_ds.tasks.common import chance_loss
+
+        if not self.weights["vtm"]:
+            return {}
+        return {"loss_vtm": chance_loss(self.cfg.vtm_negatives + 1, true_false=self.lavender)}
+
     def _negatives(self, batch_size: int, device) -> torch.Tensor:
         """`(B, k)` indices of other texts in the batch, k = min(B, negatives + 1) - 1, distinct per row."""
         count = min(batch_size, self.cfg.vtm_negatives + 1) - 1

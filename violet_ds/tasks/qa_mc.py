@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from violet_ds.metrics import accuracy
 from violet_ds.registry import TASKS
-from violet_ds.tasks.common import DownstreamTask, encode_video, gather_step_outputs, repeat_rows
+from violet_ds.tasks.common import DownstreamTask, chance_loss, encode_video, gather_step_outputs, repeat_rows
 
 
 @TASKS.register("qa_mc")
@@ -40,6 +40,13 @@ class MultipleChoiceQA(DownstreamTask):
     def __init__(self, model, cfg, tokenizer):
         super().__init__(model, cfg, tokenizer)
         self._add_match_head()
+
+    def chance_losses(self) -> Dict[str, float]:
+        """Training loss of scores collapsed to one constant (the trainer's stall detector watches it)."""
+        k = int(self.cfg.num_options)
+        if self.head_style == "mlm":
+            return {"loss": chance_loss(k, true_false=True) + self.options["mlm_listwise"] * chance_loss(k)}
+        return {"loss": chance_loss(k)}
 
     def option_logits(self, batch: Dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, K) option scores and, for the MLM style in training, the MLM loss."""

@@ -4,7 +4,8 @@ Training: in-batch contrast over cross-encoder scores. Every video of the batch 
 own caption and with the other captions of the batch (all of them, or `negatives` sampled ones); a
 caption of the same video elsewhere in the batch is not a negative (masked out).
 - head_style "head": `heads.score` on the pooled output, logits / temperature, cross-entropy towards
-  the own caption (video->text, plus text->video when the full in-batch matrix is scored);
+  the own caption (video->text, plus text->video when the full in-batch matrix is scored; the two terms
+  are summed as in the official code, `task.options.symmetric_reduction: mean` averages them);
 - head_style "mlm": LAVENDER's true/false at [MASK] (MLM cross-entropy over the vocabulary towards
   "true" for the own caption, "false" otherwise); the score is the log-odds of the softmax over
   {true, false}.
@@ -40,7 +41,10 @@ class Retrieval(DownstreamTask):
 
     option_defaults: Dict[str, Any] = {
         "negatives": -1,           # captions paired with each video besides its own; -1 = every other one in the batch
-        "symmetric": True,         # head style with the full in-batch matrix: average video->text and text->video
+        "symmetric": True,         # head style with the full in-batch matrix: video->text and text->video terms
+        # how the two terms combine: "sum" (the official VIOLET/LAVENDER code) or "mean" (half the gradient,
+        # which matters only where clipping or plain SGD sees the scale; AdamW normalises it away otherwise)
+        "symmetric_reduction": "sum",
         "temperature": None,       # None = task.vtm_temperature (0.05, as in pretraining VTM)
         "pair_batch": 256,         # text-video pairs per cross-modal forward at evaluation
         "ties": "pessimistic",     # tie rule of the ranks (see violet_ds.metrics.ranks_of_targets)
@@ -52,6 +56,9 @@ class Retrieval(DownstreamTask):
         self._add_match_head()
         temperature = self.options["temperature"]
         self.temperature = float(cfg.vtm_temperature if temperature is None else temperature)
+        if self.options["symmetric_reduction"] not in ("sum", "mean"):
+            raise ValueError(f"retrieval: task.options.symmetric_reduction must be 'sum' or 'mean', "
+                             f"got {self.options['symmetric_reduction']!r}")
         self.last_scores: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------------------ training
@@ -103,7 +110,9 @@ class Retrieval(DownstreamTask):
                 # undo the rotation: matrix[v, t] = logits[v, (t - v) mod B]
                 column = (torch.arange(batch_size, device=device)[None, :] - torch.arange(batch_size, device=device)[:, None]) % batch_size
                 matrix = logits.gather(1, column)
-                loss = 0.5 * (loss + F.cross_entropy(matrix.t(), torch.arange(batch_size, device=device)))
+                loss = loss + F.cross_entropy(matrix.t(), torch.arange(batch_size, device=device))
+                if self.options["symmetric_reduction"] == "mean":
+                    loss = 0.5 * loss
         acc = (logits.argmax(dim=1) == 0).float().mean()
         return {"loss": loss, "in_batch_acc": acc.detach()}
 

@@ -1,0 +1,64 @@
+"""Issue 13's done-check: the demo motion-QA recipe, finetuned from the README's main job (runs/demo), learns
+a held-out motion task (tests/heldout_motion.py) for every seed with 4 frames, and stays near chance
+with 1 frame (the answer needs motion). Slow: three seeds x two frame counts of the real
+`violet-ds finetune` + `violet-ds evaluate` on CPU. Needs `bash tools/demo.sh` to have run first.
+
+    python -m pytest -m slow tests/test_motion_learning.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine_support import REPO, cli_env
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from heldout_motion import make_heldout_motion  # noqa: E402
+
+RECIPE = REPO / "launch" / "configs" / "demo_qa_mc.yaml"
+DEMO_RUN = REPO / "runs" / "demo" / "checkpoints"
+
+
+def finetune_and_test(tmp_path: Path, data: Path, seed: int, frames: int) -> float:
+    config = yaml.safe_load(RECIPE.read_text())
+    for split in ("train", "val", "test"):
+        config["data"][split] = [{"tsv": str(data / "video_*.tsv"), "annotations": str(data / "txt_qamc.json"),
+                                  "split": split}]
+    config["data"]["tokenizer"] = str(REPO / config["data"]["tokenizer"])
+    config["data"]["num_frames"] = frames
+    config["engine"]["ds_config"] = str(REPO / config["engine"]["ds_config"])
+    config["engine"]["seed"] = seed
+    config["run"].update(name=f"heldout_f{frames}_s{seed}", output_dir=str(tmp_path), init_from=str(DEMO_RUN),
+                         progress=False)
+    path = tmp_path / f"f{frames}_s{seed}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / config["run"]["name"]
+    for command in (["finetune", "--config", str(path)],
+                    ["evaluate", "--config", str(path), "--run.init_from", str(run_dir / "checkpoints"),
+                     "--split", "test"]):
+        result = subprocess.run([sys.executable, "-m", "violet_ds.cli", *command], env=cli_env(), cwd=str(REPO),
+                                capture_output=True, text=True, timeout=3600)
+        assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((run_dir / "eval_test.json").read_text())["acc"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="issue 13 is open: from runs/demo the demo motion-QA recipe stays at chance on the "
+                          "held-out generator (19.3% test after 780 steps, session 3)", strict=False)
+@pytest.mark.skipif(not DEMO_RUN.is_dir(), reason="needs the demo pretraining run (bash tools/demo.sh)")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_demo_recipe_learns_heldout_motion(tmp_path, seed):
+    data = tmp_path / "heldout"
+    make_heldout_motion(str(data), num_videos=900, seed=100 + seed)
+    four = finetune_and_test(tmp_path, data, seed, frames=4)
+    one = finetune_and_test(tmp_path, data, seed, frames=1)
+    assert four >= 90.0, f"seed {seed}: {four:.1f}% test with 4 frames (1 frame: {one:.1f}%)"
+    assert one <= 40.0, f"seed {seed}: {one:.1f}% test with 1 frame: the task leaks the answer without motion"

@@ -1,0 +1,96 @@
+"""Warn when a matching-style loss sits at chance with a vanishing gradient: a collapsed run.
+
+A loss that picks one of K candidates (multiple-choice options, retrieval in-batch texts, VTM
+negatives, action classes) starts at ln(K) when every candidate scores the same. A healthy run leaves
+that value; a collapsed one stays on it while its gradient norm decays towards zero, because the
+scores have become one constant that no longer depends on the video-text pair (the loss is then flat
+in every direction and the optimiser has nothing left to follow). To a user it looks like bad luck;
+this module names it.
+
+Tasks declare their chance values with an optional method `chance_losses() -> {term: value}` (the
+term names of their `forward` outputs, e.g. `{"loss": ln 5}` for 5-way multiple choice); the
+trainer feeds every logged window to `StallDetector.update` and the detector logs one warning per
+run when, for `window` consecutive steps, every logged value of a term is within `tolerance` of its
+chance value and the gradient norm has fallen below `grad_drop` of the largest one seen (or below
+`grad_floor`). Tasks without `chance_losses` are never checked.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Mapping, Optional
+
+ADVICE = (
+    "the candidates' scores have collapsed to one constant (the pooled output no longer depends on the "
+    "candidate), so the loss is flat and the gradient vanishes (a run can still leave it late, rarely). Likely cause: "
+    "what separates the candidates did not reach the pooled output early enough, e.g. motion of small "
+    "objects at a coarse token grid (64 px = 2x2 tokens). Options: check that the answer is visible at "
+    "this data.num_frames / data.image_size (tools/diagnose_mc.py --video_probe finetune --probe_pool "
+    "mean|flat trains a video-only classifier); a larger data.image_size; a pretraining whose text names "
+    "what the task asks about; for head_style mlm keep task.options.mlm_listwise. Changing the option "
+    "temperature or the learning rate alone did not leave chance in the demo measurements.")
+
+
+def chance_of(task) -> Dict[str, float]:
+    """The task's `{term: chance loss}` (empty when it declares none)."""
+    method = getattr(task, "chance_losses", None)
+    if method is None:
+        return {}
+    values = method() if callable(method) else method
+    return {str(k): float(v) for k, v in dict(values or {}).items() if v and math.isfinite(float(v))}
+
+
+class StallDetector:
+    """Feed it `(step, {term: mean over the logged window}, grad_norm)`; it warns once when a term stalls."""
+
+    def __init__(self, chance: Mapping[str, float], warn: Callable[[str], None], *, window: int = 200,
+                 tolerance: float = 0.01, grad_drop: float = 0.1, grad_floor: float = 1e-3):
+        self.chance = dict(chance)
+        self.warn = warn
+        self.window = max(1, int(window))
+        # absolute nats plus a small share of the chance value (ln 1000 and ln 2 alike)
+        self.tolerance = float(tolerance)
+        self.grad_drop = float(grad_drop)
+        self.grad_floor = float(grad_floor)
+        self.since: Dict[str, Optional[int]] = {term: None for term in self.chance}
+        self.peak_grad = 0.0
+        self.warned = False
+        self.message: Optional[str] = None
+
+    @classmethod
+    def for_task(cls, task, warn: Callable[[str], None], **kwargs) -> "StallDetector":
+        return cls(chance_of(task), warn, **kwargs)
+
+    def _at_chance(self, value: float, chance: float) -> bool:
+        return math.isfinite(value) and abs(value - chance) <= self.tolerance + 0.005 * chance
+
+    def update(self, step: int, terms: Mapping[str, float], grad_norm: Optional[float]) -> Optional[str]:
+        """Returns the warning the first time a stall is seen (after logging it), else None."""
+        if self.warned or not self.chance:
+            return None
+        grad_known = grad_norm is not None and math.isfinite(grad_norm)
+        if grad_known:
+            self.peak_grad = max(self.peak_grad, float(grad_norm))
+        for term, chance in self.chance.items():
+            value = terms.get(term)
+            if value is None or not self._at_chance(float(value), chance):
+                self.since[term] = None
+                continue
+            if self.since[term] is None:
+                self.since[term] = step
+            if step - self.since[term] < self.window:
+                continue
+            vanished = grad_known and (grad_norm <= self.grad_floor or grad_norm <= self.grad_drop * self.peak_grad)
+            if not vanished:
+                continue
+            candidates = math.exp(chance)
+            as_ln = f" = ln {round(candidates)}" if abs(candidates - round(candidates)) < 1e-6 else ""
+            self.message = (
+                f"training stalled: `{term}` has stayed at {float(value):.4f}, its chance value "
+                f"{chance:.4f}{as_ln} (every candidate scored alike), for {step - self.since[term]} steps "
+                f"(since step {self.since[term]}) while the gradient norm fell to {grad_norm:.2e} "
+                f"(peak {self.peak_grad:.2e}): {ADVICE}")
+            self.warned = True
+            self.warn(self.message)
+            return self.message
+        return None
