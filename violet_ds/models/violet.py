@@ -356,8 +356,14 @@ class VioletModel(nn.Module):
         self.video_grid = (tg, hg, wg)
         return tokens.reshape(b, tg * (1 + hg * wg), -1)
 
-    def embed_text(self, text_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """BERT word + position + type embeddings, LayerNorm, dropout: `(B, L)` ids -> `(B, L, D)`."""
+    def embed_text(self, text_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                   word_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """BERT word + position + type embeddings, LayerNorm, dropout: `(B, L)` ids -> `(B, L, D)`.
+
+        `word_embeds` = `word_embeddings(text_ids)` looked up beforehand (a caller that embeds the same
+        ids in several passes looks them up once, so the vocabulary-sized gradient is built once)."""
+        if word_embeds is not None:
+            return self.text_embeddings(token_type_ids=token_type_ids, inputs_embeds=word_embeds)
         return self.text_embeddings(input_ids=text_ids, token_type_ids=token_type_ids)
 
     def _additive_mask(self, video_mask: Optional[torch.Tensor], video_tokens: torch.Tensor,
