@@ -48,7 +48,7 @@ def test_build_model_applies_compile_and_attention_choice():
     model = build_model(ModelConfig(name="violet-tiny", compile=True, video_attention="flex"))
     assert model.video_backbone.cfg.attention == "flex"
     assert model.video_backbone.layers[0].blocks[0]._compiled_call_impl is not None
-    with pytest.raises(ValueError, match="auto, sdpa or flex"):
+    with pytest.raises(ValueError, match="auto, sdpa, flex or explicit"):
         build_model(ModelConfig(name="violet-tiny", video_attention="flash"))
 
 

@@ -223,14 +223,42 @@ def test_flex_attention_matches_sdpa_forward_cpu(grid):
     torch.testing.assert_close(outputs["flex"], outputs["sdpa"], rtol=1e-5, atol=1e-5)
 
 
-def test_attention_choice_is_validated_and_auto_is_sdpa_on_cpu():
+def test_attention_choice_is_validated_and_auto_is_explicit_on_cpu():
     model = build_video_swin("tiny", embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=(2, 3, 3))
     attn = model.layers[0].blocks[0].attn
     assert attn.attention == "auto" and not attn.uses_flex(torch.device("cpu"))
+    assert attn.uses_explicit(torch.device("cpu")) and not attn.uses_explicit(torch.device("meta"))
     model.set_attention("flex")
     assert all(b.attn.attention == "flex" for stage in model.layers for b in stage.blocks)
-    with pytest.raises(ValueError, match="auto, sdpa or flex"):
+    model.set_attention("sdpa")
+    assert not attn.uses_explicit(torch.device("cpu"))
+    with pytest.raises(ValueError, match="auto, sdpa, flex or explicit"):
         model.set_attention("flash")
+
+
+@pytest.mark.parametrize("grid", [(3, 5, 7), (2, 6, 6)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_explicit_attention_matches_sdpa_forward_backward(grid, batch):
+    """The explicit CPU path (baddbmm with the bias as input, softmax, bmm) == the SDPA path: output,
+    input gradient and every parameter gradient (the relative-position tables included), regular and
+    shifted windows, batch 1 (the mask is baddbmm's input as is) and 2 (expanded over the batch)."""
+    stage, x = _seeded_stage(grid)
+    stage.train()
+    x = x[:batch]
+    results = {}
+    for kind in ("sdpa", "explicit"):
+        for block in stage.blocks:
+            block.attn.attention = kind
+        stage.zero_grad()
+        inp = x.clone().requires_grad_()
+        out = stage(inp)
+        out.square().mean().backward()
+        results[kind] = (out.detach(), inp.grad, {n: p.grad.clone() for n, p in stage.named_parameters()})
+    torch.testing.assert_close(results["explicit"][0], results["sdpa"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["explicit"][1], results["sdpa"][1], rtol=1e-5, atol=1e-5)
+    for name, grad in results["sdpa"][2].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(results["explicit"][2][name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _flex_available(), reason="needs CUDA and FlexAttention")

@@ -293,3 +293,34 @@ def test_list_models_command(capsys):
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in printed] == ["violet-tiny", "vimpac-small"]
     assert "video_swin" in printed[0] and "cross" in printed[0]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cpu_cross_attention_matches_sdpa_with_dropout(batch):
+    """The cross-modal layers' CPU attention (baddbmm + softmax + dropout + bmm) == transformers' SDPA
+    function: forward and backward, in training mode with attention dropout (same draws from the same
+    seed), with padded keys; the model uses it by default."""
+    from violet_ds.models.violet import CROSS_ATTENTION
+
+    torch.manual_seed(0)
+    model = create_model("violet-tiny", max_frames=4, vocab_size=100)
+    assert model.bert_config._attn_implementation == CROSS_ATTENTION
+    encoder = model.cross_encoder.train()
+    hidden = torch.randn(batch, 40, model.hidden_size)
+    mask = torch.zeros(batch, 1, 1, 40)
+    mask[-1, ..., 30:] = torch.finfo(torch.float32).min
+    results = {}
+    for impl in ("sdpa", CROSS_ATTENTION):
+        model.bert_config._attn_implementation = impl
+        encoder.zero_grad()
+        inp = hidden.clone().requires_grad_()
+        torch.manual_seed(3)
+        out = encoder(inp, mask)
+        out.square().mean().backward()
+        results[impl] = (out.detach(), inp.grad, {n: p.grad.clone() for n, p in encoder.named_parameters()})
+    model.bert_config._attn_implementation = CROSS_ATTENTION
+    ours, ref = results[CROSS_ATTENTION], results["sdpa"]
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], ref[1], rtol=1e-5, atol=1e-5)
+    for name, grad in ref[2].items():
+        torch.testing.assert_close(ours[2][name], grad, rtol=1e-5, atol=1e-5, msg=name)

@@ -171,3 +171,29 @@ def test_config_errors_name_the_key(tokenizer):
         _task(tokenizer, loss_weights={"mvm": 1.0}, mvm_strategies=["rm", "random"])
     with pytest.raises(KeyError, match="nonexistent"):
         _task(tokenizer, loss_weights={"mvm": 1.0}, mvm_targets={"nonexistent": 1.0})
+
+
+def test_shared_word_lookup_equals_one_lookup_per_pass(tokenizer, monkeypatch):
+    """VTM and MVM embed the same ids: the task looks the words up once for both. Same losses (with
+    dropout, same seed) and gradients as a lookup per pass."""
+    torch.manual_seed(0)
+    model = create_model("violet-tiny", vocab_size=64, max_frames=4)
+    task = create_task("pretrain", model, TaskConfig(name="pretrain", loss_weights={"vtm": 1.0, "mlm": 1.0, "mvm": 1.0},
+                                                     vtm_negatives=1), tokenizer).train()
+    results = []
+    for shared in (True, False):
+        if not shared:
+            vtm, mvm = task.vtm, task.mvm
+            monkeypatch.setattr(task, "vtm", lambda *args, words=None: vtm(*args))
+            monkeypatch.setattr(task, "mvm", lambda *args, words=None: mvm(*args))
+        task.zero_grad()
+        torch.manual_seed(5)
+        out = task(_batch(tokenizer))
+        out["loss"].backward()
+        results.append((out, {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}))
+    (ours, our_grads), (ref, ref_grads) = results
+    for key in ("loss", "loss_vtm", "loss_mlm", "loss_mvm"):
+        torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0)
+    assert our_grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)

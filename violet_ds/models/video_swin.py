@@ -49,7 +49,9 @@ class VideoSwinConfig:
     in_chans: int = 3
     # window attention kernel: "sdpa" (bias + shift mask as a float attn_mask: the memory-efficient
     # kernel on CUDA), "flex" (FlexAttention: bias as score_mod, shift mask as a block mask; compiled on
-    # CUDA; forward-only on CPU), or "auto" (= sdpa: flex measured no faster on an H200, see gpu_check)
+    # CUDA; forward-only on CPU), "explicit" (baddbmm with the bias as its input, softmax, bmm: what the
+    # CPU runs, where SDPA falls back to its math kernel for a mask that needs a gradient), or "auto"
+    # (= explicit on CPU, sdpa elsewhere: flex measured no faster on an H200, see gpu_check)
     attention: str = "auto"
 
     @property
@@ -125,6 +127,28 @@ def shifted_window_mask(grid: Size3, window: Size3, shift: Size3, device: torch.
     diff = region_windows[:, None, :] - region_windows[:, :, None]
     # a large finite value instead of -inf keeps half-precision softmax free of NaN
     return torch.zeros(diff.shape, device=device).masked_fill_(diff != 0, -100.0)
+
+
+def explicit_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                              dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v written out, for q, k, v (B, G, N, d) and mask (1, G, N, N).
+
+    Equal to `scaled_dot_product_attention(q, k, v, attn_mask=mask)` (to float rounding) in fewer passes
+    than SDPA's math kernel (the CPU's choice when the mask needs a gradient): the scale and the mask
+    ride on one `baddbmm` (the mask is its input), and no masking-safe softmax bookkeeping is done
+    (the masks here are finite). Its backward sums the mask's gradient over B, as SDPA's does.
+    """
+    b, g, n, d = q.shape
+    scale = d ** -0.5
+    if b == 1:
+        base = mask.reshape(g, n, n)
+    else:
+        base = mask.expand(b, g, n, n).reshape(b * g, n, n)
+    scores = torch.baddbmm(base, q.reshape(b * g, n, d), k.reshape(b * g, n, d).transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.bmm(probs, v.reshape(b * g, n, d)).view(b, g, n, d)
 
 
 def flex_attention_supported(device: torch.device) -> bool:
@@ -247,13 +271,19 @@ class WindowAttention3D(nn.Module):
         """(heads, N, N) bias for an (effective) window."""
         index = self._index_for(window)
         n = index.shape[0]
-        # contiguous: SDPA's memory-efficient CUDA kernel needs a unit-stride mask (else it falls back to math)
-        return self.relative_position_bias_table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+        # gathered from the (heads, table) transpose, so the result is (heads, N, N) and contiguous (SDPA's
+        # memory-efficient CUDA kernel needs a unit-stride mask); index_select's backward is an index_add,
+        # several times cheaper on CPU than the sorted index_put of `table[index]`
+        table = self.relative_position_bias_table.t().contiguous()
+        return table.index_select(1, index.reshape(-1)).view(-1, n, n)
 
     def uses_flex(self, device: torch.device) -> bool:
         # "auto" is SDPA: on an H200, FlexAttention (compiled) measured no faster than SDPA's memory-efficient
         # kernel for Video Swin's 196-token windows (tools/gpu_check.sh, attention section)
         return self.attention == "flex" and (device.type == "cuda" or not torch.is_grad_enabled())
+
+    def uses_explicit(self, device: torch.device) -> bool:
+        return self.attention == "explicit" or (self.attention == "auto" and device.type == "cpu")
 
     def forward(self, windows: torch.Tensor, window: Size3, shift: Optional["ShiftGeometry"]) -> torch.Tensor:
         # windows: (B * nW, N, C) ordered batch-major, as window_partition returns them
@@ -275,8 +305,11 @@ class WindowAttention3D(nn.Module):
                 mask = bias.unsqueeze(0)
             else:
                 mask = (bias.unsqueeze(0) + shift.mask.to(q.dtype).unsqueeze(1)).reshape(1, -1, n, n)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                 dropout_p=self.attn_drop if self.training else 0.0)
+            dropout_p = self.attn_drop if self.training else 0.0
+            if self.uses_explicit(q.device):
+                out = explicit_window_attention(q, k, v, mask, dropout_p)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         out = out.reshape(bw, heads, n, -1).transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(out))
 
@@ -437,9 +470,9 @@ class VideoSwinTransformer3D(nn.Module):
             nn.init.zeros_(module.bias)
 
     def set_attention(self, kind: str) -> None:
-        """Window-attention kernel for every block: "auto", "sdpa" or "flex" (see VideoSwinConfig)."""
-        if kind not in ("auto", "sdpa", "flex"):
-            raise ValueError(f"attention must be auto, sdpa or flex, got {kind!r}")
+        """Window-attention kernel for every block: "auto", "sdpa", "flex" or "explicit" (see VideoSwinConfig)."""
+        if kind not in ("auto", "sdpa", "flex", "explicit"):
+            raise ValueError(f"attention must be auto, sdpa, flex or explicit, got {kind!r}")
         self.cfg.attention = kind
         for module in self.modules():
             if isinstance(module, WindowAttention3D):
@@ -589,6 +622,7 @@ def count_parameters(module: nn.Module) -> int:
 __all__ = [
     "VideoSwinConfig", "VideoSwinTransformer3D", "build_video_swin", "inflate_2d_swin_state_dict",
     "load_video_swin_weights", "window_partition", "window_reverse", "relative_position_index",
-    "shifted_window_mask", "shifted_window_regions", "flex_attention_supported", "SWIN_VARIANTS",
+    "shifted_window_mask", "shifted_window_regions", "flex_attention_supported", "explicit_window_attention",
+    "SWIN_VARIANTS",
     "count_parameters",
 ]

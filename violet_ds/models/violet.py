@@ -71,6 +71,52 @@ class VioletOutput:
     grid: Tuple[int, int, int]      # (T, h, w) of the video tokens
 
 
+# the cross-modal layers' attention: SDPA, except on CPU, where SDPA runs its math kernel here (dropout
+# and an additive mask rule out the CPU flash kernel) and an explicit softmax(q k^T * scale + mask) v does
+# the same work in fewer passes (see `cross_attention`)
+CROSS_ATTENTION = "violet_sdpa_or_explicit"
+
+
+def cross_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                    **kwargs):
+    """Attention function of the cross-modal BERT layers (a transformers attention interface).
+
+    On CUDA (and whenever an option this path does not implement is asked for) it is transformers'
+    SDPA function. On CPU: `baddbmm` with the additive mask as its input and the scale as alpha, softmax,
+    dropout, `bmm`; equal to SDPA's math kernel to float rounding, with the same dropout draws (one
+    `bernoulli_` of the probabilities' shape), minus the scaling of q and k and the masking-safe softmax
+    passes. Returns `(B, N, heads, d)` and no weights, as the SDPA function does.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (query.device.type != "cpu" or kwargs.get("output_attentions") or kwargs.get("is_causal")
+            or kwargs.get("position_bias") is not None or key.shape[1] != query.shape[1]):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    b, heads, n, d = query.shape
+    m = key.shape[2]
+    scale = d ** -0.5 if scaling is None else scaling
+    q = query.reshape(b * heads, n, d)
+    k_t = key.reshape(b * heads, m, d).transpose(1, 2)
+    if attention_mask is None:
+        scores = torch.bmm(q, k_t).mul_(scale)
+    else:
+        base = attention_mask.to(query.dtype).expand(b, heads, n, m).reshape(b * heads, n, m)
+        scores = torch.baddbmm(base, q, k_t, alpha=scale)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout > 0.0:
+        probs = nn.functional.dropout(probs, p=dropout)
+    out = torch.bmm(probs, value.reshape(b * heads, m, d))
+    return out.view(b, heads, n, d).transpose(1, 2).contiguous(), None
+
+
+def _register_cross_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(CROSS_ATTENTION, cross_attention)
+
+
 def _bert_config(cfg: VioletConfig):
     from transformers import BertConfig
 
@@ -84,7 +130,8 @@ def _bert_config(cfg: VioletConfig):
             hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
             layer_norm_eps=cfg.layer_norm_eps, initializer_range=cfg.initializer_range,
             pad_token_id=cfg.pad_token_id)
-    bert_cfg._attn_implementation = "sdpa"
+    _register_cross_attention()
+    bert_cfg._attn_implementation = CROSS_ATTENTION
     return bert_cfg
 
 
@@ -309,8 +356,14 @@ class VioletModel(nn.Module):
         self.video_grid = (tg, hg, wg)
         return tokens.reshape(b, tg * (1 + hg * wg), -1)
 
-    def embed_text(self, text_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """BERT word + position + type embeddings, LayerNorm, dropout: `(B, L)` ids -> `(B, L, D)`."""
+    def embed_text(self, text_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                   word_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """BERT word + position + type embeddings, LayerNorm, dropout: `(B, L)` ids -> `(B, L, D)`.
+
+        `word_embeds` = `word_embeddings(text_ids)` looked up beforehand (a caller that embeds the same
+        ids in several passes looks them up once, so the vocabulary-sized gradient is built once)."""
+        if word_embeds is not None:
+            return self.text_embeddings(token_type_ids=token_type_ids, inputs_embeds=word_embeds)
         return self.text_embeddings(input_ids=text_ids, token_type_ids=token_type_ids)
 
     def _additive_mask(self, video_mask: Optional[torch.Tensor], video_tokens: torch.Tensor,

@@ -180,13 +180,13 @@ class PretrainTask(nn.Module):
         return video.float()
 
     def _fuse(self, video_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
-              task: Optional[str] = None) -> torch.Tensor:
+              task: Optional[str] = None, words: Optional[torch.Tensor] = None) -> torch.Tensor:
         if task is not None and self.task_token:
             from violet_ds.tasks.common import TASK_TOKEN_ROWS, fuse_pairs
 
             vector = self.heads["task_embedding"].weight[TASK_TOKEN_ROWS[task]]
             return fuse_pairs(self.model, video_tokens, None, text_ids, text_mask, vector)
-        return self.model.fuse(video_tokens, None, self.model.embed_text(text_ids), text_mask)
+        return self.model.fuse(video_tokens, None, self.model.embed_text(text_ids, word_embeds=words), text_mask)
 
     def chance_losses(self) -> Dict[str, float]:
         """VTM loss of a collapsed matcher (all 1 + vtm_negatives candidates scored alike), for the stall detector."""
@@ -211,9 +211,10 @@ class PretrainTask(nn.Module):
         return append_answer_mask(text_ids, text_mask, special)
 
     # ------------------------------------------------------------------ objectives
-    def vtm(self, video_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(loss, accuracy) of matching each video against its text and in-batch negative texts."""
+    def vtm(self, video_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+            words: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(loss, accuracy) of matching each video against its text and in-batch negative texts
+        (`words`: the word embeddings of `text_ids`, looked up by the caller; VIOLET only)."""
         batch_size, device = video_tokens.shape[0], video_tokens.device
         negatives = self._negatives(batch_size, device)
         columns = torch.cat([torch.arange(batch_size, device=device)[:, None], negatives], dim=1)  # (B, 1+k)
@@ -232,7 +233,8 @@ class PretrainTask(nn.Module):
             odds = (logits[:, self.true_id] - logits[:, self.false_id]).view(batch_size, per_video)
             accuracy = (odds.argmax(dim=1) == 0).float().mean()
             return loss, accuracy
-        hidden = self._fuse(pair_video, pair_ids, pair_mask)
+        pair_words = None if words is None else words.index_select(0, columns.flatten())
+        hidden = self._fuse(pair_video, pair_ids, pair_mask, words=pair_words)
         scores = self.heads["score"](hidden[:, pair_video.shape[1]]).float().view(batch_size, per_video)
         logits = scores / self.cfg.vtm_temperature
         loss = F.cross_entropy(logits, torch.zeros(batch_size, dtype=torch.long, device=device))
@@ -291,22 +293,23 @@ class PretrainTask(nn.Module):
                                           attention=attention, device=video.device)
         return apply_video_mask(video, token_mask), token_mask, grid
 
-    def mvm_predictions(self, masked_video: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
-                        ) -> Dict[str, torch.Tensor]:
+    def mvm_predictions(self, masked_video: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                        words: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Each target's head output from the cross-modal hidden states at the video patch tokens."""
         video_tokens = self.model.encode_video(masked_video.to(self._param().dtype))
         frames, h, w = self.model.video_grid
-        hidden = self._fuse(video_tokens, text_ids, text_mask)[:, : video_tokens.shape[1]]
+        hidden = self._fuse(video_tokens, text_ids, text_mask, words=words)[:, : video_tokens.shape[1]]
         patches = hidden.reshape(hidden.shape[0], frames, 1 + h * w, -1)[:, :, 1:]
         patches = patches.reshape(hidden.shape[0], frames, h, w, -1)
         return {name: self.heads[head](patches) for name, head in self.mvm_head_names.items()}
 
     def mvm(self, video: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
-            batch: Mapping[str, Any]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, Any]]:
+            batch: Mapping[str, Any], words: Optional[torch.Tensor] = None
+            ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, Any]]:
         """(weighted loss, per-target losses, extras for visualisation)."""
         masked_video, token_mask, _ = self.mask_video(video, text_ids, text_mask)
         targets = self.targets.compute(video, batch)
-        preds = self.mvm_predictions(masked_video, text_ids, text_mask)
+        preds = self.mvm_predictions(masked_video, text_ids, text_mask, words=words)
         total, parts = self.targets.loss(preds, targets, token_mask)
         extras = {"masked_video": masked_video, "token_mask": token_mask, "preds": preds, "targets": targets}
         return total, parts, extras
@@ -321,10 +324,15 @@ class PretrainTask(nn.Module):
         total = None
         extras: Dict[str, Any] = {}
         video_tokens = None
+        words = None
+        if self.weights["vtm"] and self.weights["mvm"] and not self.lavender:
+            # VTM's texts are rows of text_ids and MVM's are text_ids: one word-table lookup serves both,
+            # so the (vocabulary x hidden) gradient of the table is built once for them, not per pass
+            words = self.model.word_embeddings(text_ids)
         if self.weights["vtm"] or self.weights["mlm"]:
             video_tokens = self.model.encode_video(video.to(self._param().dtype))
         if self.weights["vtm"]:
-            loss, accuracy = self.vtm(video_tokens, text_ids, text_mask)
+            loss, accuracy = self.vtm(video_tokens, text_ids, text_mask, words=words)
             out["loss_vtm"], out["acc_vtm"] = loss, accuracy.detach()
             total = loss * self.weights["vtm"]
         if self.weights["mlm"]:
@@ -332,7 +340,7 @@ class PretrainTask(nn.Module):
             out["loss_mlm"], out["acc_mlm"] = loss, accuracy.detach()
             total = loss * self.weights["mlm"] if total is None else total + loss * self.weights["mlm"]
         if self.weights["mvm"]:
-            loss, parts, extras = self.mvm(video, text_ids, text_mask, batch)
+            loss, parts, extras = self.mvm(video, text_ids, text_mask, batch, words=words)
             out["loss_mvm"] = loss
             if len(parts) > 1:
                 out.update({f"loss_mvm_{name}": part.detach() for name, part in parts.items()})
