@@ -33,7 +33,7 @@ class ModelConfig:
     compile: bool = False
     """torch.compile every transformer block in place (regional compilation; first steps pay the compile time)"""
     video_attention: str = "auto"
-    """Video Swin window-attention kernel: auto (= sdpa), sdpa, or flex (FlexAttention; CUDA for training)"""
+    """Video Swin window-attention kernel: auto (explicit on CPU, sdpa on CUDA), sdpa, explicit, or flex (FlexAttention; CUDA for training)"""
     overrides: Dict[str, Any] = field(default_factory=dict)
     """extra keyword arguments for create_model (e.g. drop_path, max_frames)"""
 
