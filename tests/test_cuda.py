@@ -35,8 +35,8 @@ def test_violet_tiny_bf16_autocast_matches_fp32():
 def test_engine_step_on_cuda(precision, ds_config, optimizer, monkeypatch):
     """A ZeRO-2 pretraining step through the real engine, in a fresh process on the CUDA accelerator
     (conftest pins DeepSpeed to the CPU one): finite loss, the optimizer asked for."""
-    from violet_ds.engine.bench import _measure
-    from violet_ds.engine.gpu_check import _in_child
+    from violet_ds.commands.bench import _measure
+    from violet_ds.commands.gpu_check import _in_child
 
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
     row = _in_child(_measure, {"model": "violet-tiny", "batch_size": 2, "frames": 2, "image_size": 64, "text_len": 16,

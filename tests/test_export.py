@@ -24,7 +24,7 @@ def test_export_then_create_model_and_init_from(trained_run, tmp_path):
     from violet_ds.config import TaskConfig
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.engine.export import deepspeed_fp32_state_dict
-    from violet_ds.engine.run import load_init_weights
+    from violet_ds.commands.run import load_init_weights
     from violet_ds.models import create_model
     from violet_ds.tasks import create_task
 

@@ -10,7 +10,7 @@ import torch
 
 from violet_ds.data.tokenizer import find_packaged_bert
 from violet_ds.engine.deepspeed_engine import _deepspeed_friendly_arch_list
-from violet_ds.engine.gpu_check import bench_gpu, peak_tflops_for
+from violet_ds.commands.gpu_check import bench_gpu, peak_tflops_for
 
 
 def test_peak_lookup():

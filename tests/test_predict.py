@@ -17,7 +17,7 @@ def _demo_task(demo: Path, name: str = "pretrain", **cfg):
     """The demo recipe's model and task (violet-tiny, demo tokenizer), seeded weights."""
     from violet_ds.config import ModelConfig, TaskConfig
     from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.engine.run import build_model
+    from violet_ds.commands.run import build_model
     from violet_ds.tasks import create_task
 
     torch.manual_seed(0)
@@ -194,7 +194,7 @@ def test_demo_run_export_dir_predict_and_init_from(demo, msrvtt_videos, tmp_path
     from engine_support import run_cli, tiny_config, write_config
 
     from violet_ds.cli import main
-    from violet_ds.engine.run import load_init_weights
+    from violet_ds.commands.run import load_init_weights
     from violet_ds.pretrained import from_pretrained, load_run
 
     config = write_config(tiny_config(demo, tmp_path, "exp", run__max_steps=2, run__save_every=0,

@@ -20,7 +20,7 @@ def demo(tmp_path_factory):
 def _task(demo, name="pretrain", seed=0, **cfg):
     from violet_ds.config import ModelConfig, TaskConfig
     from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.engine.run import build_model
+    from violet_ds.commands.run import build_model
     from violet_ds.tasks import create_task
 
     torch.manual_seed(seed)
@@ -74,7 +74,7 @@ def test_round_trip_mlm_task_with_inline_vocab_and_task_token(demo, tmp_path):
 
 
 def test_model_dir_as_init_from_and_model_weights(demo, tmp_path):
-    from violet_ds.engine.run import load_init_weights
+    from violet_ds.commands.run import load_init_weights
     from violet_ds.models import create_model
     from violet_ds.pretrained import save_pretrained
 
@@ -155,7 +155,7 @@ def test_lavender_pretraining_uses_vtm_token(demo):
 
 def test_lavender_checkpoint_task_embedding_is_loaded(demo, tmp_path):
     """A LAVENDER-layout checkpoint's `emb_task` lands in heads.task_embedding (nothing reported unused)."""
-    from violet_ds.engine.run import load_init_weights
+    from violet_ds.commands.run import load_init_weights
     from violet_ds.models.checkpoint_io import to_official_state_dict
 
     weights = {"vtm": 1.0, "mlm": 1.0, "mvm": 0.0}
@@ -213,7 +213,7 @@ def test_lavender_run_keeps_the_frozen_task_table_in_checkpoints(demo, tmp_path)
 def _task_plain(demo, **cfg):
     from violet_ds.config import ModelConfig, TaskConfig
     from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.engine.run import build_model
+    from violet_ds.commands.run import build_model
     from violet_ds.tasks import create_task
 
     tokenizer = Tokenizer(demo / "tokenizer")

@@ -45,7 +45,7 @@ def test_training_clips_read_like_extraction(demo, pixel_sidecar):
     from violet_ds.data.datasets import PretrainDataset
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.data.tsv import TSVFile
-    from violet_ds.engine.run import prepare_sidecars
+    from violet_ds.commands.run import prepare_sidecars
     from violet_ds.targets.extract import read_clip
 
     data = DataConfig(train=[_video_source(demo, targets=str(pixel_sidecar))], num_frames=FRAMES, image_size=SIZE)
@@ -70,7 +70,7 @@ def test_training_clips_read_like_extraction(demo, pixel_sidecar):
 
 
 def test_duplicate_target_is_refused(demo, pixel_sidecar, tmp_path):
-    from violet_ds.engine.run import prepare_sidecars
+    from violet_ds.commands.run import prepare_sidecars
 
     copy = tmp_path / "pixel_again"
     shutil.copytree(pixel_sidecar, copy)

@@ -60,7 +60,7 @@ def test_task_trains_and_evaluates(demo, case, head_style):
     from violet_ds.data.datasets import collate
     from violet_ds.engine.distributed import World
     from violet_ds.engine.evaluator import evaluate
-    from violet_ds.engine.run import build_split
+    from violet_ds.commands.run import build_split
 
     annotation, options = CASES[case]
     options = {k: v.format(demo=demo) if isinstance(v, str) else v for k, v in options.items()}
@@ -91,7 +91,7 @@ def test_mc_mlm_listwise_adds_option_cross_entropy(demo):
     import torch.nn.functional as F
 
     from violet_ds.data.datasets import collate
-    from violet_ds.engine.run import build_split
+    from violet_ds.commands.run import build_split
 
     losses = {}
     for weight in (0.0, 1.0):

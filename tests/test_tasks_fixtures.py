@@ -40,7 +40,7 @@ def one_step(task_name: str, head_style: str, annotation: Path, tsv: Path, bert_
              **task_fields):
     from violet_ds.data.datasets import collate
     from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.engine.run import build_split
+    from violet_ds.commands.run import build_split
     from violet_ds.models import create_model
     from violet_ds.tasks import create_task
 
@@ -73,7 +73,7 @@ def one_step(task_name: str, head_style: str, annotation: Path, tsv: Path, bert_
 @pytest.mark.parametrize("head_style", ["head", "mlm"])
 def test_msrvtt_retrieval_fixture(official_dir, bert_dir, tmp_path, head_style):
     from violet_ds.engine.distributed import World
-    from violet_ds.engine.run import build_split, eval_loaders
+    from violet_ds.commands.run import build_split, eval_loaders
 
     rows = fixture_rows(official_dir)
     annotation = tmp_path / "txt_msrvtt-retrieval.json"

@@ -41,7 +41,7 @@ def load_config(path: str, sets: list[str]) -> dict:
 def build(cfg: dict):
     from violet_ds.config import DataConfig, DataSource, ModelConfig, OptimConfig, TaskConfig
     from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.engine.run import build_model, build_split
+    from violet_ds.commands.run import build_model, build_split
     from violet_ds.tasks import create_task
 
     data_cfg = dict(cfg["data"])
@@ -178,7 +178,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from violet_ds.engine.run import build_split, load_init_weights, seed_everything
+    from violet_ds.commands.run import build_split, load_init_weights, seed_everything
 
     cfg = load_config(args.config, args.set)
     seed_everything(args.seed)

@@ -20,9 +20,9 @@ from typing import Callable, Optional
 # name -> ("module:function", one-line help). Two-word names ("bench data") form groups.
 COMMANDS: dict[str, tuple[str, str]] = {
     # training
-    "pretrain": ("violet_ds.engine.run:pretrain", "pretrain a model (VIOLET / VIOLETv2 / LAVENDER / VIMPAC) with DeepSpeed"),
-    "finetune": ("violet_ds.engine.run:finetune", "finetune on a downstream task from a checkpoint"),
-    "evaluate": ("violet_ds.engine.run:evaluate", "evaluate a checkpoint on a task; writes predictions and metrics"),
+    "pretrain": ("violet_ds.commands.run:pretrain", "pretrain a model (VIOLET / VIOLETv2 / LAVENDER / VIMPAC) with DeepSpeed"),
+    "finetune": ("violet_ds.commands.run:finetune", "finetune on a downstream task from a checkpoint"),
+    "evaluate": ("violet_ds.commands.run:evaluate", "evaluate a checkpoint on a task; writes predictions and metrics"),
     "export": ("violet_ds.engine.export:export", "DeepSpeed checkpoint -> one safetensors file of fp32 weights"),
     "predict": ("violet_ds.predict:predict", "answer questions, rank captions, retrieve or caption your own video files"),
     "universal-checkpoint": ("violet_ds.engine.universal:universal_checkpoint", "convert a checkpoint to DeepSpeed's universal format (resume on another world size)"),
@@ -40,8 +40,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "list-models": ("violet_ds.models:print_models", "list registered models with their parameter counts"),
     # benchmarks
     "bench data": ("violet_ds.data.bench:bench_data", "data-loader throughput (clips/s) per JPEG decoder"),
-    "bench train": ("violet_ds.engine.bench:bench_train", "forward+backward+step time, samples/s, peak memory, FLOPs"),
-    "bench gpu": ("violet_ds.engine.gpu_check:bench_gpu", "one-shot check of every CUDA path (CPU mode for CI): one table"),
+    "bench train": ("violet_ds.commands.bench:bench_train", "forward+backward+step time, samples/s, peak memory, FLOPs"),
+    "bench gpu": ("violet_ds.commands.gpu_check:bench_gpu", "one-shot check of every CUDA path (CPU mode for CI): one table"),
     "bench targets": ("violet_ds.targets.bench:bench_targets", "time per clip of each MVM teacher"),
 }
 

@@ -322,7 +322,7 @@ def load_run(run_dir: str | Path, tag: Optional[str] = None, mvm: bool = True):
     """
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.engine.export import deepspeed_fp32_state_dict, locate_checkpoint
-    from violet_ds.engine.run import build_model
+    from violet_ds.commands.run import build_model
     from violet_ds.tasks import create_task
 
     checkpoint_dir, tag = locate_checkpoint(run_dir, tag)

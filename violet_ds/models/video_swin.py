@@ -151,18 +151,6 @@ def explicit_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.bmm(probs, v.reshape(b * g, n, d)).view(b, g, n, d)
 
 
-def flex_attention_supported(device: torch.device) -> bool:
-    """FlexAttention with backward needs a CUDA device and Triton (it is compiled there)."""
-    if device.type != "cuda":
-        return False
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _flex_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
                            index: torch.Tensor, regions: Optional[torch.Tensor], heads: int) -> torch.Tensor:
     """Window attention through FlexAttention.
@@ -278,8 +266,9 @@ class WindowAttention3D(nn.Module):
         return table.index_select(1, index.reshape(-1)).view(-1, n, n)
 
     def uses_flex(self, device: torch.device) -> bool:
-        # "auto" is SDPA: on an H200, FlexAttention (compiled) measured no faster than SDPA's memory-efficient
-        # kernel for Video Swin's 196-token windows (tools/gpu_check.sh, attention section)
+        # only when asked: on an H200 the compiled FlexAttention was 4% faster than SDPA's memory-efficient
+        # kernel on the backbone alone, the full step is unmeasured (tools/gpu_check.sh). FlexAttention has
+        # no CPU backward, so CPU training falls back to the default path
         return self.attention == "flex" and (device.type == "cuda" or not torch.is_grad_enabled())
 
     def uses_explicit(self, device: torch.device) -> bool:
@@ -622,7 +611,7 @@ def count_parameters(module: nn.Module) -> int:
 __all__ = [
     "VideoSwinConfig", "VideoSwinTransformer3D", "build_video_swin", "inflate_2d_swin_state_dict",
     "load_video_swin_weights", "window_partition", "window_reverse", "relative_position_index",
-    "shifted_window_mask", "shifted_window_regions", "flex_attention_supported", "explicit_window_attention",
+    "shifted_window_mask", "shifted_window_regions", "explicit_window_attention",
     "SWIN_VARIANTS",
     "count_parameters",
 ]

@@ -215,7 +215,7 @@ class MultiTask(nn.Module):
         return banned
 
     def build_datasets(self, data_cfg, tokenizer, split: str) -> Dict[str, Any]:
-        from violet_ds.engine.run import build_split
+        from violet_ds.commands.run import build_split
 
         built: Dict[str, Any] = {}
         banned = self.excluded_videos(data_cfg) if split == "train" else set()

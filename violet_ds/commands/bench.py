@@ -43,7 +43,7 @@ def _build(spec: dict) -> SimpleNamespace:
     from violet_ds.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, TaskConfig
     from violet_ds.data.tokenizer import load_tokenizer
     from violet_ds.engine import deepspeed_engine as dse
-    from violet_ds.engine.run import build_model, seed_everything, setup_world
+    from violet_ds.commands.run import build_model, seed_everything, setup_world
     from violet_ds.tasks import create_task
 
     torch.set_num_threads(spec["threads"])

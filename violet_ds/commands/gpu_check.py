@@ -169,7 +169,7 @@ def _attention(spec: dict) -> dict:
 
 def _max_batch(spec: dict) -> dict:
     """Largest micro-batch whose training step fits (one engine, doubling then bisection; see bench.py)."""
-    from violet_ds.engine.bench import _measure
+    from violet_ds.commands.bench import _measure
 
     return _measure({**spec, "search": True, "batch_size": spec["start"], "steps": 1, "warmup": 0})
 
@@ -347,7 +347,7 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
             print(f"max batch {name}: {results['max_batch'][name]}", flush=True)
             save()
     if "steps" in sections:
-        from violet_ds.engine.bench import _measure
+        from violet_ds.commands.bench import _measure
 
         results["steps"] = {}
         for name, extra in plan["steps"]:

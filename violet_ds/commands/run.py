@@ -20,11 +20,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig, TaskConfig
-from . import checkpoint as ckpt
-from . import deepspeed_engine as dse
-from . import preflight
-from .distributed import World, in_slurm_step, init_distributed
-from .logging import RunLogger
+from ..engine import checkpoint as ckpt
+from ..engine import deepspeed_engine as dse
+from ..engine import preflight
+from ..engine.distributed import World, in_slurm_step, init_distributed
+from ..engine.logging import RunLogger
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -98,7 +98,7 @@ def load_init_weights(task: torch.nn.Module, path: str, logger: Optional[RunLogg
     Keys are matched by name (`model.*`, `heads.*`); heads absent from the file (a new downstream
     head) are reported, never silently assumed; keys of the file the task lacks are reported too.
     """
-    from .export import read_weights
+    from ..engine.export import read_weights
 
     state = read_weights(path)
     own = task.state_dict()
@@ -250,7 +250,7 @@ def _loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, world:
             drop_last: bool, stores: Optional[Mapping[str, Any]] = None) -> DataLoader:
     from violet_ds.data.datasets import collate
 
-    from .guard import ignore_preemption_signals
+    from ..engine.guard import ignore_preemption_signals
 
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -289,7 +289,7 @@ def _claim_run_dir(run_dir: Path, run: RunConfig, command: str, world: World):
         return None
     import atexit
 
-    from .rundir import RunLock, check_fresh_run
+    from ..engine.rundir import RunLock, check_fresh_run
 
     lock = RunLock(run_dir, command=f"violet-ds {command} (run {run.name})",
                    warn=lambda message: print(f"warning: {message}", flush=True)).acquire()
@@ -399,7 +399,7 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
         for teacher_owner in [getattr(task_module, "targets", None)]:
             if teacher_owner is not None and hasattr(teacher_owner, "to"):
                 teacher_owner.to(world.device, dse.precision_of(ds_config))
-    from .universal import configure_load
+    from ..engine.universal import configure_load
 
     # a universal checkpoint (another world size) needs DeepSpeed's load_universal for this one load
     init_config = configure_load(ds_config, run_dir / "checkpoints", run.resume)
@@ -410,7 +410,7 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
                 f"{len(groups)} groups, {len(train_set)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, "
                 f"world {world.world_size}, precision {dse.precision_of(ds_config)}, ZeRO stage "
                 f"{ds_config['zero_optimization']['stage']}, optimizer {type(optimizer.optimizer if hasattr(optimizer, 'optimizer') else optimizer).__name__}")
-    from .trainer import Trainer
+    from ..engine.trainer import Trainer
 
     trainer = Trainer(engine=ds_engine, scheduler=scheduler, make_loader=make_loader, micro_per_epoch=micro_per_epoch,
                       world=world, run=run, run_dir=run_dir, logger=logger, batch_size=data.batch_size,
@@ -456,7 +456,7 @@ def pretrain(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: Opti
     Writes runs/<run.name>/: config.yaml, ds_config.json, tensorboard/, checkpoints/, metrics.jsonl,
     log.txt. `--run.resume auto` continues an interrupted run exactly.
     """
-    from .guard import run_guarded
+    from ..engine.guard import run_guarded
 
     run_guarded(train, model, data, task, optim, engine, run, command="pretrain")
 
@@ -467,7 +467,7 @@ def finetune(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: Opti
     checkpoint) or `model.weights`; evaluates on data.val during training and writes the same run dir."""
     if not run.init_from and not model.weights and not run.resume:
         print("warning: finetuning from random weights (set run.init_from or model.weights)", flush=True)
-    from .guard import run_guarded
+    from ..engine.guard import run_guarded
 
     run_guarded(train, model, data, task, optim, engine, run, command="finetune")
 
@@ -484,7 +484,7 @@ def evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: Opti
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.tasks import create_task
 
-    from .evaluator import evaluate as run_evaluation
+    from ..engine.evaluator import evaluate as run_evaluation
 
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
