@@ -189,7 +189,7 @@ def test_missing_rng_optimizer_or_model_file(finished, tmp_path):
 
 # ----------------------------------------------------------------------------------------- run directory
 def test_run_lock_refuses_a_live_run_and_takes_over_a_stale_one(tmp_path):
-    from violet_ds.commands.rundir import LOCK_FILE, RunDirError, RunLock, STALE_AFTER_S, _process_start
+    from violet_ds.engine.rundir import LOCK_FILE, RunDirError, RunLock, STALE_AFTER_S, _process_start
 
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -413,7 +413,7 @@ def test_bad_samples_are_counted_over_dataloader_workers(demo, tmp_path):
 
 
 def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
-    from violet_ds.commands.rundir import LOCK_FILE, RunDirError, RunLock
+    from violet_ds.engine.rundir import LOCK_FILE, RunDirError, RunLock
 
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-that-died", "pid": 1, "slurm_job": "77",
                                                   "slurm_restart": "0"}))
