@@ -107,8 +107,9 @@ PY
         violet_ds_log "preempted: $(tr '\n' ';' <"$VIOLET_DS_PREEMPT_MARKER")"
         rm -f "$VIOLET_DS_PREEMPT_MARKER"
         if [ "${VIOLET_DS_NO_REQUEUE:-0}" != 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+            # log first: slurmctld may end this batch shell as soon as the requeue is accepted
+            violet_ds_log "requeueing job $SLURM_JOB_ID: it resumes from the last checkpoint in $run_dir/checkpoints"
             if scontrol requeue "$SLURM_JOB_ID"; then
-                violet_ds_log "requeued job $SLURM_JOB_ID: it resumes from the last checkpoint in $run_dir/checkpoints"
                 return 0
             fi
             violet_ds_log "scontrol requeue failed (was the job submitted with --no-requeue?)"

@@ -170,7 +170,7 @@ def test_sigterm_checkpoints_requeues_and_resumes(slurm, demo_work):
     assert saved, log[-6000:]
     stopped_at = int(saved.group(1))
     assert 0 < stopped_at < max_steps, log[-6000:]
-    assert f"requeued job {job}" in log, log[-6000:]
+    assert f"requeueing job {job}" in log, log[-6000:]
     assert re.search(rf"resumed from .*step{stopped_at:08d}: step {stopped_at}\b", log), log[-6000:]
     assert f"steps             {max_steps}/{max_steps}" in log, log[-6000:]
     steps = [r["step"] for r in _records(run_dir) if "loss" in r]
