@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from violet_ds.data.tokenizer import find_packaged_bert
-from violet_ds.engine.deepspeed_engine import _deepspeed_friendly_arch_list
+from violet_ds.engine.optim import _deepspeed_friendly_arch_list
 from violet_ds.commands.gpu_check import bench_gpu, peak_tflops_for
 
 

@@ -105,7 +105,7 @@ def test_resume_latest_without_checkpoint_is_an_error(demo, tmp_path):
 
 def test_interrupted_save_is_never_latest(demo, reference, tmp_path):
     """A tag dir without the completion marker (a save killed mid-way) is refused by name."""
-    from violet_ds.engine.deepspeed_engine import resolve_resume_tag
+    from violet_ds.engine.checkpoint import resolve_resume_tag
 
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "step00000002").mkdir(parents=True)

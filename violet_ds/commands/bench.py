@@ -42,8 +42,9 @@ def _build(spec: dict) -> SimpleNamespace:
     """Model + pretraining task + DeepSpeed engine of one configuration, in this process."""
     from violet_ds.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, TaskConfig
     from violet_ds.data.tokenizer import load_tokenizer
-    from violet_ds.engine import deepspeed_engine as dse
     from violet_ds.commands.run import build_model, seed_everything, setup_world
+    from violet_ds.engine import deepspeed_engine as dse
+    from violet_ds.engine.ds_config import resolve_ds_config
     from violet_ds.tasks import create_task
 
     torch.set_num_threads(spec["threads"])
@@ -63,7 +64,7 @@ def _build(spec: dict) -> SimpleNamespace:
         task.to(world.device)
     data_cfg = DataConfig(batch_size=spec["batch_size"])
     optim_cfg = OptimConfig(warmup_steps=0, schedule="constant", optimizer=spec.get("optimizer", "auto"))
-    ds_config = dse.resolve_ds_config(engine_cfg, optim_cfg, data_cfg, world)
+    ds_config = resolve_ds_config(engine_cfg, optim_cfg, data_cfg, world)
     engine, optimizer, _, groups = dse.initialize(task, ds_config, optim_cfg, total_steps=10_000, world=world)
     return SimpleNamespace(engine=engine, optimizer=optimizer, groups=groups, model=model, world=world,
                            tokenizer=tokenizer, ds_config=ds_config)
@@ -73,7 +74,7 @@ def _measure(spec: dict) -> dict:
     """One configuration, in this process: build, warm up, time `steps` steps, count FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from violet_ds.engine import deepspeed_engine as dse
+    from violet_ds.engine.ds_config import precision_of
     from violet_ds.engine.evaluator import to_device
     from violet_ds.engine.logging import memory_mb
 
@@ -153,7 +154,7 @@ def _measure(spec: dict) -> dict:
     return {
         "model": spec["model"], "batch_size": spec["batch_size"], "frames": spec["frames"],
         "image_size": spec["image_size"], "text_len": spec["text_len"], "checkpointing": spec["checkpointing"],
-        "precision": dse.precision_of(ds_config), "device": str(world.device),
+        "precision": precision_of(ds_config), "device": str(world.device),
         "device_name": torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else "cpu",
         "threads": spec["threads"], "params_m": sum(g["num_params"] for g in groups) / 1e6,
         "step_s_median": median, "step_s_min": times[0], "samples_per_s": spec["batch_size"] / median,

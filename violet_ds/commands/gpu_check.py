@@ -382,7 +382,7 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
 def _build_fused_adam(spec: dict) -> dict:
     from deepspeed.ops.op_builder import FusedAdamBuilder
 
-    from violet_ds.engine.deepspeed_engine import _deepspeed_friendly_arch_list
+    from violet_ds.engine.optim import _deepspeed_friendly_arch_list
 
     _deepspeed_friendly_arch_list()
     FusedAdamBuilder().load()

@@ -23,6 +23,7 @@ from ..config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConf
 from ..engine import checkpoint as ckpt
 from ..engine import deepspeed_engine as dse
 from ..engine import preflight
+from ..engine.ds_config import precision_of, resolve_ds_config
 from ..engine.distributed import World, in_slurm_step, init_distributed
 from ..engine.logging import RunLogger
 
@@ -322,13 +323,13 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     config_text = resolved_config_text(model=model, data=data, task=task, optim=optim, engine=engine, run=run)
     run_dir = Path(run.output_dir) / run.name
     # before any heavy work: a resume that cannot happen is an error now, not after model building
-    resume_tag = dse.resolve_resume_tag(run_dir / "checkpoints", run.resume) if run.resume else None
+    resume_tag = ckpt.resolve_resume_tag(run_dir / "checkpoints", run.resume) if run.resume else None
     resuming = resume_tag is not None
     world = setup_world(engine)
     lock = _claim_run_dir(run_dir, run, command, world)
     purge_step = None
     if resuming:
-        marker = json.loads((run_dir / "checkpoints" / resume_tag / dse.COMPLETE_MARKER).read_text())
+        marker = json.loads((run_dir / "checkpoints" / resume_tag / ckpt.COMPLETE_MARKER).read_text())
         purge_step = int(marker.get("step") or 0) + 1
     logger = RunLogger(run_dir, world, purge_step=purge_step, level=run.log_level, config_text=config_text)
     if resuming:
@@ -390,7 +391,7 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
                                           data, world, engine.seed))
         return val_cache
 
-    ds_config = dse.resolve_ds_config(engine, optim, data, world)
+    ds_config = resolve_ds_config(engine, optim, data, world)
     if world.is_main:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     frozen = task_module.frozen_modules() if hasattr(task_module, "frozen_modules") else []
@@ -398,7 +399,7 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
         task_module.to(world.device)
         for teacher_owner in [getattr(task_module, "targets", None)]:
             if teacher_owner is not None and hasattr(teacher_owner, "to"):
-                teacher_owner.to(world.device, dse.precision_of(ds_config))
+                teacher_owner.to(world.device, precision_of(ds_config))
     from ..engine.universal import configure_load
 
     # a universal checkpoint (another world size) needs DeepSpeed's load_universal for this one load
@@ -408,7 +409,7 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     trainable = sum(g["num_params"] for g in groups)
     logger.info(f"{command}: model {model.name}, task {task.name}, {trainable / 1e6:.2f}M trainable parameters in "
                 f"{len(groups)} groups, {len(train_set)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-                f"world {world.world_size}, precision {dse.precision_of(ds_config)}, ZeRO stage "
+                f"world {world.world_size}, precision {precision_of(ds_config)}, ZeRO stage "
                 f"{ds_config['zero_optimization']['stage']}, optimizer {type(optimizer.optimizer if hasattr(optimizer, 'optimizer') else optimizer).__name__}")
     from ..engine.trainer import Trainer
 

@@ -1,0 +1,104 @@
+"""The resolved DeepSpeed config of a run: the JSON file named by `engine.ds_config`, `engine.ds_overrides`
+applied, every "auto" field filled from the run config, and the settings whose DeepSpeed defaults bite
+(gradient clipping, bf16 overflow checks, ZeRO-2 overlap) written explicitly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config import DataConfig, EngineConfig, OptimConfig
+from .distributed import World
+
+AUTO = "auto"
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def find_ds_config(path: str) -> Path:
+    """A ds_config path as given, else relative to the repository's `ds_configs/` folder."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    packaged = Path(__file__).resolve().parents[2] / "ds_configs" / candidate.name
+    if packaged.is_file():
+        return packaged
+    raise FileNotFoundError(f"DeepSpeed config {path!r} not found (also looked for {packaged})")
+
+
+def _fill(section: dict, key: str, value: Any, where: str) -> None:
+    """Set an "auto" (or missing) field; an explicit value that disagrees with the run config is an error."""
+    current = section.get(key, AUTO)
+    if current == AUTO or current is None:
+        section[key] = value
+    elif current != value:
+        raise ValueError(f"ds_config {where}{key}={current!r} contradicts the run config ({value!r}); "
+                         f"set it to \"auto\" or change the run config")
+
+
+def resolve_ds_config(engine: EngineConfig, optim: OptimConfig, data: DataConfig, world: World) -> dict:
+    """Load `engine.ds_config`, apply `engine.ds_overrides`, fill every "auto" field from the run config."""
+    path = find_ds_config(engine.ds_config)
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    cfg = _merge(cfg, engine.ds_overrides)
+    if "optimizer" in cfg or "scheduler" in cfg:
+        raise ValueError(f"{path}: remove the 'optimizer'/'scheduler' blocks; violet_ds builds both from "
+                         "the `optim` section of the run config")
+    _fill(cfg, "train_micro_batch_size_per_gpu", data.batch_size, "")
+    _fill(cfg, "gradient_accumulation_steps", engine.grad_accum, "")
+    _fill(cfg, "train_batch_size", data.batch_size * engine.grad_accum * world.world_size, "")
+    # DeepSpeed's default clip is 1.0 whatever the user meant: always write ours
+    _fill(cfg, "gradient_clipping", float(optim.grad_clip), "")
+    precision = engine.precision
+    if precision == "auto":
+        if cfg.get("bf16", {}).get("enabled") in (True, AUTO):
+            precision = "bf16"
+        elif cfg.get("fp16", {}).get("enabled") in (True, AUTO):
+            precision = "fp16"
+        else:
+            precision = "fp32"
+    cfg.setdefault("bf16", {})
+    cfg.setdefault("fp16", {})
+    cfg["bf16"]["enabled"] = precision == "bf16"
+    cfg["fp16"]["enabled"] = precision == "fp16"
+    if precision == "bf16":
+        # DeepSpeed >= 0.19.3 skips bf16 steps with inf/nan gradients silently; keep it explicit
+        cfg["bf16"].setdefault("check_grad_overflow", True)
+    zero = cfg.setdefault("zero_optimization", {})
+    if engine.zero_stage is not None:
+        zero["stage"] = engine.zero_stage
+    zero.setdefault("stage", 2)
+    if zero["stage"] == 2:
+        # ZeRO-2 only overlaps the gradient reduction with backward when asked to
+        zero.setdefault("overlap_comm", True)
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    cfg.setdefault("steps_per_print", 2**31 - 1)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def precision_of(ds_config: dict) -> str:
+    if ds_config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds_config.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def optimizer_offloaded(ds_config: dict) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)

@@ -1,0 +1,133 @@
+"""The optimizer DeepSpeed is handed: AdamW parameter groups, the optimizer implementation and the LR schedule."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from typing import Dict, Iterable
+
+import torch
+from torch import nn
+
+from ..config import OptimConfig
+
+
+def _is_no_decay(name: str, param: nn.Parameter) -> bool:
+    # biases and LayerNorm/BatchNorm scales are the rank-1 tensors; decaying them only hurts
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def parameter_groups(module: nn.Module, optim: OptimConfig,
+                     frozen: Iterable[nn.Module] = ()) -> list[dict]:
+    """AdamW groups: {decay, no decay} x {video encoder (lr x video_lr_mult), rest}.
+
+    Parameters that do not require grad (and anything inside `frozen` teacher modules) are left out.
+    """
+    frozen_ids = {id(p) for teacher in frozen for p in teacher.parameters()}
+    groups: Dict[tuple, dict] = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad or id(param) in frozen_ids:
+            continue
+        no_decay = optim.no_decay_bias_norm and _is_no_decay(name, param)
+        video = any(name.startswith(prefix) for prefix in optim.video_param_prefixes)
+        key = (video, no_decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [], "names": [],
+                "weight_decay": 0.0 if no_decay else optim.weight_decay,
+                "lr": optim.lr * (optim.video_lr_mult if video else 1.0),
+            }
+        groups[key]["params"].append(param)
+        groups[key]["names"].append(name)
+    if not groups:
+        raise ValueError("the task has no trainable parameters")
+    out = []
+    for (video, no_decay), group in sorted(groups.items()):
+        group["group_name"] = f"{'video' if video else 'main'}_{'no_decay' if no_decay else 'decay'}"
+        names = group.pop("names")
+        group["num_params"] = sum(p.numel() for p in group["params"])
+        group["first_names"] = names[:3]
+        out.append(group)
+    return out
+
+
+def build_optimizer(groups: list[dict], optim: OptimConfig, device: torch.device,
+                    offloaded: bool = False) -> torch.optim.Optimizer:
+    """The client optimizer handed to DeepSpeed (see OptimConfig.optimizer)."""
+    kind = optim.optimizer
+    if kind == "auto":
+        # torch's fused AdamW (one multi-tensor CUDA kernel, no JIT build) on GPU and CPU alike;
+        # DeepSpeed's FusedAdam needs an nvcc build at first use (see tools/gpu_check.sh for both timed)
+        kind = "deepspeed_cpu_adam" if offloaded else "adamw"
+    if kind.startswith("deepspeed_"):
+        _deepspeed_friendly_arch_list()
+    clean = [{k: v for k, v in g.items() if k in ("params", "weight_decay", "lr")} for g in groups]
+    common = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    if kind == "adamw":
+        fused_ok = "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(clean, **common, **({"fused": True} if fused_ok else {}))
+    if kind == "deepspeed_fused_adam":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(clean, adam_w_mode=True, **common)
+    if kind == "deepspeed_cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(clean, adamw_mode=True, **common)
+    if kind == "apex_fused_adam":
+        try:
+            from apex.optimizers import FusedAdam as ApexFusedAdam
+        except ImportError:
+            raise ImportError("optim.optimizer=apex_fused_adam needs NVIDIA apex built from source "
+                              "(github.com/NVIDIA/apex); PyPI's 'apex' is an unrelated package") from None
+        return ApexFusedAdam(clean, adam_w_mode=True, **common)
+    raise ValueError(f"unknown optimizer {kind!r}")
+
+
+def _deepspeed_friendly_arch_list() -> None:
+    """DeepSpeed's JIT op builder parses TORCH_CUDA_ARCH_LIST as plain "major.minor" numbers; CUDA images
+    often set arch-specific entries such as "9.0a", which it cannot parse (ValueError '0a'). Its ops need
+    no arch-specific instructions, so drop the suffix."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return
+    entries = [e for e in value.replace(" ", ";").split(";") if e]
+    fixed = []
+    for entry in entries:
+        ptx = entry.endswith("+PTX")
+        number = entry[:-4] if ptx else entry
+        number = number.rstrip("abcdefghijklmnopqrstuvwxyz")
+        number = number + "+PTX" if ptx else number
+        if number not in fixed:
+            fixed.append(number)
+    if fixed != entries:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(fixed)
+
+
+class WarmupDecay:
+    """LR multiplier: linear warm-up to 1, then linear/cosine decay to `min_ratio` at `total` steps.
+
+    A class (not a lambda) so that LambdaLR's state_dict can carry it into checkpoints.
+    """
+
+    def __init__(self, total: int, warmup: int, schedule: str = "linear", min_ratio: float = 0.0):
+        self.total, self.warmup, self.schedule, self.min_ratio = max(1, total), max(0, warmup), schedule, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if self.schedule == "cosine":
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            shape = 1.0 - progress
+        return self.min_ratio + (1.0 - self.min_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupDecay(total_steps, warmup, optim.schedule, optim.min_lr_ratio))
