@@ -10,22 +10,17 @@ Tolerance: 1% relative per step (measured: < 0.15%).
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from violet_ds.engine.distributed import free_port
+
 from engine_support import REPO, cli_env, make_small_demo, run_cli, tiny_config, train_records, write_config
 
 TOLERANCE = 0.01
 STEPS = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.distributed
@@ -40,7 +35,7 @@ def test_two_ranks_zero2_bf16_match_one_rank_with_double_accumulation(tmp_path):
     config["run"]["name"] = "one_rank"
     one = write_config(config, tmp_path / "one.yaml")
 
-    command = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    command = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "--module", "violet_ds.cli", "pretrain", "--config", str(two)]
     result = subprocess.run(command, env=cli_env(), cwd=str(REPO), capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

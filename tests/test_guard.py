@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from violet_ds.engine.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,16 +43,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(tmp_path: Path, mode: str, timeout_s: int = 20) -> tuple[list[subprocess.Popen], float]:
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -163,15 +158,11 @@ def test_dataloader_workers_survive_a_step_wide_sigterm(tmp_path, mode):
 
 
 def test_single_rank_process_group_reraises_and_leaves_the_group(monkeypatch):
-    import socket as socket_module
-
     import torch
 
     from violet_ds.engine.guard import rank_guard
 
-    with socket_module.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     if torch.distributed.is_initialized():
         pytest.skip("a process group is already initialised in this test process")
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Dataset
 
 from violet_ds.config import TaskConfig
+from violet_ds.engine.distributed import free_port
 
 WORDS = ["red", "green", "blue", "circle", "square", "moves", "left", "right", "true", "false", "a", "the"]
 NUM_VIDEOS = 7
@@ -100,12 +100,6 @@ def _sharded_worker(rank: int, world: int, port: int, tokenizer_dir: str, out_di
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_sharded_evaluation_matches_single_process(tmp_path):
     """Both head styles: 2 gloo processes give the same score matrix and metrics as one process."""
     from violet_ds.engine.distributed import World
@@ -115,7 +109,7 @@ def test_sharded_evaluation_matches_single_process(tmp_path):
     env_backup = dict(os.environ)
     try:
         os.environ["OMP_NUM_THREADS"] = "1"
-        mp.spawn(_sharded_worker, args=(2, _free_port(), str(tokenizer_dir), str(tmp_path)), nprocs=2, join=True)
+        mp.spawn(_sharded_worker, args=(2, free_port(), str(tokenizer_dir), str(tmp_path)), nprocs=2, join=True)
     finally:
         os.environ.clear()
         os.environ.update(env_backup)

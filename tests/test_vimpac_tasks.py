@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from violet_ds.engine.distributed import free_port
 from violet_ds.registry import MODELS, TASKS
 from violet_ds.tasks.vimpac import VimpacActionTask, VimpacPretrainTask, gather_with_local_grad, symmetric_infonce
 
@@ -56,12 +56,6 @@ def test_infonce_matches_hand_computation():
     assert gathered is a and offset == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_main(rank, world, port, a, b, counts, results):
     import torch.distributed as dist
 
@@ -84,7 +78,7 @@ def test_infonce_all_gathers_negatives_across_two_ranks():
     counts = [3, 2]  # uneven: the last batch of an epoch
     manager = mp.Manager()
     results = manager.dict()
-    mp.start_processes(_rank_main, args=(2, _free_port(), a, b, counts, results), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_main, args=(2, free_port(), a, b, counts, results), nprocs=2, start_method="spawn")
     # per-row losses of the global batch, averaged over each rank's rows
     full = [_hand_infonce_rows(a, b, 0.2, rows) for rows in ([0, 1, 2], [3, 4])]
     for rank in range(2):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import functools
 import os
 import signal
 import socket
@@ -154,17 +153,6 @@ def ignore_preemption_signals(worker_id: int = 0) -> None:
         number = getattr(signal, name, None)
         if number is not None:
             signal.signal(number, signal.SIG_IGN)
-
-
-def guarded(func: Callable[..., T]) -> Callable[..., T]:
-    """Decorator form of `rank_guard` for a command function."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        with rank_guard():
-            return func(*args, **kwargs)
-
-    return wrapper
 
 
 def run_guarded(func: Callable[..., T], *args, **kwargs) -> Optional[T]:
