@@ -161,7 +161,7 @@ def test_grad_checkpointing_same_loss_grads_lower_peak_memory():
     ids, mask = _text(2, 8, 6)
     results, peaks = {}, {}
     for mode in ("plain", "checkpoint", "checkpoint+offload"):
-        model.set_grad_checkpointing(video=mode != "plain", cross=mode != "plain", offload_video=mode.endswith("offload"))
+        model.set_grad_checkpointing(mode != "plain", offload=mode.endswith("offload"))
         tracker = mem_tracker.MemTracker()
         tracker.track_external(model)
         with tracker:
@@ -242,12 +242,12 @@ def test_parameter_counts_match_official(name, listing, state_dict_listings, cap
 def test_offload_hooks_move_activations_not_parameters():
     """The offload hooks copy every saved activation (here CPU->CPU, `include_cpu`) and no parameter,
     and backward through the copies gives the same gradients."""
-    from violet_ds.models.violet import OffloadSavedActivations
+    from violet_ds.models.video_swin import OffloadSavedActivations
 
     torch.manual_seed(0)
     model = create_model("violet-tiny", vocab_size=1000, drop_path=0.1).train()
-    model.set_grad_checkpointing(video=True, cross=False)
     swin = model.video_backbone
+    swin.set_grad_checkpointing(True)
     video = torch.randn(2, 4, 3, 64, 64).transpose(1, 2)
     param_storages = {p.untyped_storage().data_ptr() for p in swin.parameters()}
     saved = {"activations": 0, "parameters": 0}

@@ -7,7 +7,7 @@ Modes (each runs in its own process, so peak memory belongs to that mode alone):
 - `checkpoint`: every Video Swin block and cross-modal layer recomputed in backward
   (`torch.utils.checkpoint`, `use_reentrant=False`);
 - `checkpoint+offload`: as `checkpoint`, plus the video encoder's saved activations kept in (pinned) CPU
-  memory (`set_grad_checkpointing(offload_video=True)`: saved-tensor hooks that leave parameters alone);
+  memory (`set_grad_checkpointing(offload=True)`: saved-tensor hooks that leave parameters alone);
 - `checkpoint+save_on_cpu`: the same with torch's stock `torch.autograd.graph.save_on_cpu` (copies
   the weights saved by each layer out and back too);
 - `fairscale_offload`: the official recipe for comparison: fairscale `checkpoint_wrapper(offload_to_cpu=True)`
@@ -77,15 +77,15 @@ class _RssSampler:
 
 def _apply_mode(model, mode: str) -> None:
     if mode == "plain":
-        model.set_grad_checkpointing(video=False, cross=False)
+        model.set_grad_checkpointing(False)
     elif mode == "checkpoint":
-        model.set_grad_checkpointing(video=True, cross=True)
+        model.set_grad_checkpointing(True)
     elif mode == "checkpoint+offload":
-        model.set_grad_checkpointing(video=True, cross=True, offload_video=True)
+        model.set_grad_checkpointing(True, offload=True)
     elif mode == "checkpoint+save_on_cpu":
         import torch
 
-        model.set_grad_checkpointing(video=True, cross=True)
+        model.set_grad_checkpointing(True)
         contexts = []
 
         def enter(module, args):
@@ -100,7 +100,8 @@ def _apply_mode(model, mode: str) -> None:
     elif mode == "fairscale_offload":
         from fairscale.nn.checkpoint import checkpoint_wrapper
 
-        model.set_grad_checkpointing(video=False, cross=True)
+        model.set_grad_checkpointing(True)
+        model.video_backbone.set_grad_checkpointing(False)
         for stage in model.video_backbone.layers:
             for index, block in enumerate(stage.blocks):
                 stage.blocks[index] = checkpoint_wrapper(block, offload_to_cpu=True)

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import random
-import socket
 import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
@@ -24,22 +23,16 @@ from ..engine import checkpoint as ckpt
 from ..engine import deepspeed_engine as dse
 from ..engine import preflight
 from ..engine.ds_config import precision_of, resolve_ds_config
-from ..engine.distributed import World, in_slurm_step, init_distributed
+from ..engine.distributed import World, free_port, in_slurm_step, init_distributed
 from ..engine.logging import RunLogger
 
 
 # ----------------------------------------------------------------------------------------- setup
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def setup_world(engine: EngineConfig) -> World:
     """init_distributed; a single process still gets a (1-rank) process group, which DeepSpeed needs."""
     if "WORLD_SIZE" not in os.environ and not in_slurm_step():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -72,14 +65,12 @@ def build_model(model_cfg: ModelConfig, tokenizer=None):
         overrides.setdefault("text_config_dir", model_cfg.text_config_dir)
     if model_cfg.pretrained_swin:
         overrides.setdefault("pretrained_swin", model_cfg.pretrained_swin)
+    if model_cfg.grad_checkpointing or model_cfg.offload_video_activations:
+        overrides.update(grad_checkpointing=model_cfg.grad_checkpointing,
+                         offload_activations=model_cfg.offload_video_activations)
     model = create_model(model_cfg.name, weights=model_cfg.weights, **overrides)
     # tasks read this when building their MLM head
     model.tie_mlm_head = model_cfg.tie_mlm_head
-    if model_cfg.grad_checkpointing or model_cfg.offload_video_activations:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise ValueError(f"model {model_cfg.name!r} does not support grad_checkpointing")
-        model.set_grad_checkpointing(video=model_cfg.grad_checkpointing, cross=model_cfg.grad_checkpointing,
-                                     offload_video=model_cfg.offload_video_activations)
     if model_cfg.video_attention != "auto":
         backbone = getattr(model, "video_backbone", None)
         if backbone is None or not hasattr(backbone, "set_attention"):

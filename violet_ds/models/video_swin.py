@@ -15,6 +15,7 @@ one zero frame at the end, so there is no temporal downsampling (output frame t 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
@@ -53,6 +54,10 @@ class VideoSwinConfig:
     # CPU runs, where SDPA falls back to its math kernel for a mask that needs a gradient), or "auto"
     # (= explicit on CPU, sdpa elsewhere: flex measured no faster on an H200, see gpu_check)
     attention: str = "auto"
+    # activation checkpointing of every block (`set_grad_checkpointing`)
+    grad_checkpointing: bool = False
+    # keep what the encoder saves for backward in CPU memory (`set_grad_checkpointing(offload=True)`)
+    offload_activations: bool = False
 
     @property
     def num_features(self) -> int:
@@ -416,6 +421,40 @@ class SwinStage(nn.Module):
         return x
 
 
+class OffloadSavedActivations(torch.autograd.graph.saved_tensors_hooks):
+    """Keep the tensors a module saves for backward in CPU memory (pinned on CUDA) until backward needs them.
+
+    Like `torch.autograd.graph.save_on_cpu`, except that tensors sharing storage with the module's own
+    parameters (weights saved by linear/conv, or views of them) stay where they are: they are resident
+    anyway, so copying them out and back would only cost transfer time. With non-reentrant activation
+    checkpointing, the only saved tensors left are the checkpointed blocks' inputs (and those of the
+    non-checkpointed glue ops), so this moves exactly what checkpointing keeps alive off the accelerator.
+    Tensors already on the CPU are left alone unless `include_cpu` (used by tests to exercise the path).
+    """
+
+    def __init__(self, module: nn.Module, include_cpu: bool = False):
+        param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        self.offloaded_bytes = 0
+
+        def pack(tensor: torch.Tensor):
+            if ((tensor.device.type == "cpu" and not include_cpu) or tensor.is_sparse
+                    or tensor.untyped_storage().data_ptr() in param_storages):
+                return tensor
+            pin = tensor.device.type == "cuda"
+            packed = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=pin)
+            packed.copy_(tensor)
+            self.offloaded_bytes += packed.numel() * packed.element_size()
+            return (tensor.device, pin, packed)
+
+        def unpack(packed):
+            if isinstance(packed, tuple):
+                device, pin, tensor = packed
+                return tensor.to(device, non_blocking=pin)
+            return packed
+
+        super().__init__(pack, unpack)
+
+
 class VideoSwinTransformer3D(nn.Module):
     """Video Swin backbone: `(B, C, T, H, W)` float video -> `(B, T', H/stride, W/stride, num_features)`."""
 
@@ -447,6 +486,7 @@ class VideoSwinTransformer3D(nn.Module):
         self.num_features = cfg.num_features
         self.norm = nn.LayerNorm(self.num_features)
         self.apply(self._init_weights)
+        self.set_grad_checkpointing(cfg.grad_checkpointing, offload=cfg.offload_activations)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -467,9 +507,19 @@ class VideoSwinTransformer3D(nn.Module):
             if isinstance(module, WindowAttention3D):
                 module.attention = kind
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
+    def set_grad_checkpointing(self, enable: bool = True, offload: bool = False) -> None:
+        """Per-block activation checkpointing (`use_reentrant=False`).
+
+        `offload` also moves what the encoder saves for backward (the checkpointed block inputs, or all
+        activations without checkpointing) to pinned CPU memory with `OffloadSavedActivations` (torch's
+        saved-tensor hooks, as `save_on_cpu`, minus the parameters). It was chosen over fairscale's
+        `checkpoint_wrapper(offload_to_cpu=True)` (the official code's): same gradients, composes with
+        non-reentrant checkpointing, no reentrant autograd function, no extra dependency;
+        `tools/measure_violet_step.py` compares the two.
+        """
         for stage in self.layers:
             stage.grad_checkpointing = enable
+        self.offload = offload
 
     def output_grid(self, t: int, h: int, w: int) -> Size3:
         """Token grid `(T', h', w')` produced for an input of `t` frames at `h` x `w` pixels."""
@@ -485,10 +535,12 @@ class VideoSwinTransformer3D(nn.Module):
         return t_out, h_out, w_out
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        x = self.pos_drop(self.patch_embed(video))
-        for stage in self.layers:
-            x = stage(x)
-        return self.norm(x)
+        offload = self.offload and torch.is_grad_enabled()
+        with OffloadSavedActivations(self) if offload else contextlib.nullcontext():
+            x = self.pos_drop(self.patch_embed(video))
+            for stage in self.layers:
+                x = stage(x)
+            return self.norm(x)
 
 
 def build_video_swin(variant: str = "small", **overrides) -> VideoSwinTransformer3D:

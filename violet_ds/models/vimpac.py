@@ -40,6 +40,11 @@ VQ_MASK_ID = 8196
 VQ_VOCAB_ROWS = 8197
 
 
+def _refuse_offload(offload: bool) -> None:
+    if offload:
+        raise ValueError("VIMPAC does not offload activations; unset model.offload_video_activations")
+
+
 @dataclass
 class VimpacConfig:
     """Hyperparameters of one VIMPAC transformer (defaults = VIMPAC-Small at 5 x 16 x 16 tokens)."""
@@ -63,9 +68,13 @@ class VimpacConfig:
     init_std: float = 0.02
     # mask attention to [PAD] keys (short videos); costs the fused SDPA kernel only when PAD occurs
     mask_pad_attention: bool = True
+    # activation checkpointing of every layer (`set_grad_checkpointing`)
     grad_checkpointing: bool = False
+    # CPU offload of saved activations: VIOLET's video encoder only; here an error when set
+    offload_activations: bool = False
 
     def __post_init__(self) -> None:
+        _refuse_offload(self.offload_activations)
         if self.num_heads < 2 or self.num_heads % 2:
             raise ValueError(f"num_heads must be even (height and width attention each take half), got {self.num_heads}")
         for name in ("hidden_size", "num_layers", "head_dim", "mlp_size", "frames", "height", "width"):
@@ -341,17 +350,9 @@ class VimpacModel(nn.Module):
         """The token embedding, for the tied token-prediction head."""
         return self.backbone.embeddings.token
 
-    def set_grad_checkpointing(self, enable: bool = True, *, video: Optional[bool] = None,
-                               cross: Optional[bool] = None, offload_video: bool = False) -> None:
-        """Recompute each layer in backward (``torch.utils.checkpoint``, non-reentrant).
-
-        ``video``/``cross`` are the engine's VIOLET-style switches (`model.grad_checkpointing`); VIMPAC
-        has one stack, checkpointed when either is set. Activation offloading is VIOLET-only.
-        """
-        if offload_video:
-            raise ValueError("VIMPAC does not offload activations; unset model.offload_video_activations")
-        if video is not None or cross is not None:
-            enable = bool(video) or bool(cross)
+    def set_grad_checkpointing(self, enable: bool = True, offload: bool = False) -> None:
+        """Recompute each layer in backward (``torch.utils.checkpoint``, non-reentrant); ``offload`` is refused."""
+        _refuse_offload(offload)
         self.backbone.grad_checkpointing = enable
 
     def forward(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> VimpacOutput:

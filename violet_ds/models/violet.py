@@ -12,7 +12,6 @@ can supply the configuration and weights of the text embeddings and the cross en
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +57,10 @@ class VioletConfig:
     pad_token_id: int = 0
     text_config_dir: Optional[str] = None
     pretrained_swin: Optional[str] = None
+    # activation checkpointing of every video-encoder and cross-modal block (`set_grad_checkpointing`)
+    grad_checkpointing: bool = False
+    # keep what the video encoder saves for backward in CPU memory (`set_grad_checkpointing(offload=True)`)
+    offload_activations: bool = False
 
 
 @dataclass
@@ -135,40 +138,6 @@ def _bert_config(cfg: VioletConfig):
     return bert_cfg
 
 
-class OffloadSavedActivations(torch.autograd.graph.saved_tensors_hooks):
-    """Keep the tensors a module saves for backward in CPU memory (pinned on CUDA) until backward needs them.
-
-    Like `torch.autograd.graph.save_on_cpu`, except that tensors sharing storage with the module's own
-    parameters (weights saved by linear/conv, or views of them) stay where they are: they are resident
-    anyway, so copying them out and back would only cost transfer time. With non-reentrant activation
-    checkpointing, the only saved tensors left are the checkpointed blocks' inputs (and those of the
-    non-checkpointed glue ops), so this moves exactly what checkpointing keeps alive off the accelerator.
-    Tensors already on the CPU are left alone unless `include_cpu` (used by tests to exercise the path).
-    """
-
-    def __init__(self, module: nn.Module, include_cpu: bool = False):
-        param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
-        self.offloaded_bytes = 0
-
-        def pack(tensor: torch.Tensor):
-            if ((tensor.device.type == "cpu" and not include_cpu) or tensor.is_sparse
-                    or tensor.untyped_storage().data_ptr() in param_storages):
-                return tensor
-            pin = tensor.device.type == "cuda"
-            packed = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=pin)
-            packed.copy_(tensor)
-            self.offloaded_bytes += packed.numel() * packed.element_size()
-            return (tensor.device, pin, packed)
-
-        def unpack(packed):
-            if isinstance(packed, tuple):
-                device, pin, tensor = packed
-                return tensor.to(device, non_blocking=pin)
-            return packed
-
-        super().__init__(pack, unpack)
-
-
 def check_state_dict(state: dict, own: dict, where: str) -> None:
     """Raise, naming every key, unless `state` has exactly the keys of `own` with the same shapes."""
     missing = sorted(set(own) - set(state))
@@ -239,13 +208,13 @@ class VioletModel(nn.Module):
             nn.init.normal_(self.video_proj.weight, std=bert_cfg.initializer_range)
             nn.init.zeros_(self.video_proj.bias)
 
-        self.offload_video = False
         self.video_grid: Optional[Tuple[int, int, int]] = None
         if cfg.text_config_dir:
             self.load_text_weights(cfg.text_config_dir)
         if cfg.pretrained_swin:
             report = load_video_swin_weights(self.video_backbone, cfg.pretrained_swin)
             log.info("video backbone from %s (unexpected keys: %s)", cfg.pretrained_swin, report["unexpected"])
+        self.set_grad_checkpointing(cfg.grad_checkpointing, offload=cfg.offload_activations)
 
     # ------------------------------------------------------------------ construction helpers
     def _init_bert_weights(self) -> None:
@@ -314,19 +283,15 @@ class VioletModel(nn.Module):
         """Token grid `(T, h/32, w/32)` of a clip of `t` frames at `h` x `w` pixels."""
         return self.video_backbone.output_grid(t, h, w)
 
-    def set_grad_checkpointing(self, video: bool = True, cross: bool = True, offload_video: bool = False) -> None:
-        """Per-block activation checkpointing (`use_reentrant=False`) of the video / cross-modal parts.
+    def set_grad_checkpointing(self, enable: bool = True, offload: bool = False) -> None:
+        """Per-block activation checkpointing (`use_reentrant=False`) of the video encoder and the cross encoder.
 
-        `offload_video` also moves what the video encoder saves for backward (the checkpointed block
-        inputs, or all activations without checkpointing) to pinned CPU memory with
-        `OffloadSavedActivations` (torch's saved-tensor hooks, as `save_on_cpu`, minus the parameters).
-        It was chosen over fairscale's `checkpoint_wrapper(offload_to_cpu=True)` (the official code's):
-        same gradients, composes with non-reentrant checkpointing, no reentrant autograd function, no
-        extra dependency; `tools/measure_violet_step.py` compares the two.
+        `offload`: the video encoder keeps what it saves for backward in CPU memory (see
+        `VideoSwinTransformer3D.set_grad_checkpointing`). One part alone: call the method of
+        `video_backbone`, or set `cross_encoder.grad_checkpointing`.
         """
-        self.video_backbone.set_grad_checkpointing(video)
-        self.cross_encoder.grad_checkpointing = cross
-        self.offload_video = offload_video
+        self.video_backbone.set_grad_checkpointing(enable, offload=offload)
+        self.cross_encoder.grad_checkpointing = enable
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """Normalised float video `(B, T, 3, H, W)` -> video tokens `(B, T*(1+h*w), D)`; sets `video_grid`."""
@@ -338,10 +303,7 @@ class VioletModel(nn.Module):
             raise ValueError(f"frame size {h}x{w} is not a multiple of the video patch stride {stride}")
         if t > self.cfg.max_frames:
             raise ValueError(f"{t} frames > max_frames={self.cfg.max_frames} of this model")
-        offload = self.offload_video and torch.is_grad_enabled()
-        context = OffloadSavedActivations(self.video_backbone) if offload else contextlib.nullcontext()
-        with context:
-            features = self.video_backbone(video.transpose(1, 2))  # (B, T, h, w, C)
+        features = self.video_backbone(video.transpose(1, 2))  # (B, T, h, w, C)
         _, tg, hg, wg, _ = features.shape
         if 1 + hg * wg > self.video_spatial_pos.shape[2]:
             raise ValueError(f"{hg}x{wg} video tokens per frame exceed the spatial position table "
