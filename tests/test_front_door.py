@@ -104,7 +104,7 @@ def test_extract_frames_help(capsys):
 
 
 def test_resolved_config_is_dumped_without_deprecated_calls(tmp_path, capsys):
-    """run_command records the resolved YAML (None values kept) through jsonargparse's current API."""
+    """parse_command resolves the YAML (None values kept) through jsonargparse's current API."""
     import warnings
 
     from violet_ds import cli
@@ -113,8 +113,9 @@ def test_resolved_config_is_dumped_without_deprecated_calls(tmp_path, capsys):
     tsv.write_text("v1\tframe\n")
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
-        assert cli.run_command("build-index", ["--tsv", str(tsv)]) == 0
-    assert "force: false" in cli.resolved_config_yaml and f"tsv: {tsv}" in cli.resolved_config_yaml
+        command = cli.parse_command("build-index", ["--tsv", str(tsv)])
+        assert command() == 0
+    assert "force: false" in command.resolved_yaml and f"tsv: {tsv}" in command.resolved_yaml
     from violet_ds.data.tsv import lineidx_path
 
     assert lineidx_path(tsv).is_file()

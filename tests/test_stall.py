@@ -97,7 +97,7 @@ def run_trainer(tmp_path: Path, collapsed: bool, steps: int = 120) -> tuple[list
                     image_every=0, progress=False, keep_last=1)
     logger = RunLogger(tmp_path / "stall", World())
     warnings: list[str] = []
-    trainer = Trainer(engine=engine, scheduler=None, make_loader=lambda epoch, consumed: batches[consumed // 8:],
+    trainer = Trainer(engine=engine, scheduler=None, make_loader=lambda cursor: batches[cursor.micro_in_epoch:],
                       micro_per_epoch=steps, world=World(), run=run, run_dir=tmp_path / "stall", logger=logger,
                       batch_size=8, grad_accum=1, total_steps=steps)
     assert trainer.stall.chance == {"loss": pytest.approx(math.log(K))}

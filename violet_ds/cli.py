@@ -7,15 +7,19 @@ never pays for importing DeepSpeed.
 
 Every command accepts `--config FILE.yaml` (repeatable; later files and later flags override earlier
 ones), dotted overrides such as `--optim.lr 1e-4`, and `--print_config` to show the resolved
-configuration and exit. Unknown keys and wrong types are errors that name the key.
+configuration and exit. Unknown keys and wrong types are errors that name the key. A command with a
+`resolved_config` parameter is handed that resolved configuration as YAML (to record in its run
+directory); the parameter is not an option.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 import sys
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 # name -> ("module:function", one-line help). Two-word names ("bench data") form groups.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -121,8 +125,20 @@ def load_command(name: str) -> Callable:
     return getattr(importlib.import_module(module_name), func_name)
 
 
-# The resolved configuration of the running command as YAML, for run directories to record.
-resolved_config_yaml: Optional[str] = None
+# the parameter through which a command receives its resolved configuration (YAML), never an option
+RESOLVED_CONFIG = "resolved_config"
+
+
+@dataclass
+class Invocation:
+    """A parsed command line, ready to run: the command function, its arguments, the resolved YAML."""
+
+    func: Callable
+    kwargs: dict[str, Any]
+    resolved_yaml: str
+
+    def __call__(self):
+        return self.func(**self.kwargs)
 
 
 def _read_field_docstrings() -> None:
@@ -147,26 +163,32 @@ def build_parser(name: str, func: Callable):
         exit_on_error=True,
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s); later ones override earlier")
-    parser.add_function_arguments(func, fail_untyped=True)
+    parser.add_function_arguments(func, fail_untyped=True, skip={RESOLVED_CONFIG})
     return parser
 
 
-def run_command(name: str, argv: list[str]):
-    """Parse argv for command `name` and call it; returns the function's result."""
-    global resolved_config_yaml
+def parse_command(name: str, argv: list[str]) -> Invocation:
+    """Parse argv for command `name`: the function with its arguments and the resolved configuration."""
     func = load_command(name)
     parser = build_parser(name, func)
     cfg = parser.parse_args(argv)
     cfg.pop("config", None)
     # keep None values (e.g. `max_steps: null`): skip_unset=False since jsonargparse 4.49, skip_none before
     try:
-        resolved_config_yaml = parser.dump(cfg, skip_unset=False)
+        resolved_yaml = parser.dump(cfg, skip_unset=False)
     except (TypeError, ValueError):  # "Unexpected keyword parameters" of older versions
-        resolved_config_yaml = parser.dump(cfg, skip_none=False)
+        resolved_yaml = parser.dump(cfg, skip_none=False)
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     kwargs = dict(vars(instantiate(cfg)))
     kwargs.pop("config", None)
-    return func(**kwargs)
+    if RESOLVED_CONFIG in inspect.signature(func).parameters:
+        kwargs[RESOLVED_CONFIG] = resolved_yaml
+    return Invocation(func, kwargs, resolved_yaml)
+
+
+def run_command(name: str, argv: list[str]):
+    """Parse argv for command `name` and call it; returns the function's result."""
+    return parse_command(name, argv)()
 
 
 def main(argv: Optional[list[str]] = None) -> None:

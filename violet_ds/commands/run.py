@@ -12,19 +12,21 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig, TaskConfig
+from ..data.sampler import SampleCursor
 from ..engine import checkpoint as ckpt
 from ..engine import deepspeed_engine as dse
 from ..engine import preflight
 from ..engine.ds_config import precision_of, resolve_ds_config
 from ..engine.distributed import World, free_port, in_slurm_step, init_distributed
 from ..engine.logging import RunLogger
+from ..engine.trainer import Trainer, TrainSummary, steps_per_epoch
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -43,18 +45,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolved_config_text(**sections: Any) -> str:
-    """The YAML the CLI resolved, or a dump of the dataclasses when called from Python."""
-    from violet_ds import cli
-
-    if cli.resolved_config_yaml:
-        return cli.resolved_config_yaml
-    import yaml
-
-    return yaml.safe_dump({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-                           for k, v in sections.items()}, sort_keys=False)
 
 
 def build_model(model_cfg: ModelConfig, tokenizer=None):
@@ -300,48 +290,115 @@ def _summary_line(key: str, value: Any) -> str:
 
 
 def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimConfig, engine: EngineConfig,
-          run: RunConfig, command: str = "pretrain") -> Dict[str, Any]:
-    """Shared body of pretrain and finetune; returns the summary dict (also printed by rank 0)."""
-    from violet_ds.data.sampler import ResumableDistributedSampler
-    from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.tasks import create_task
+          run: RunConfig, command: str = "pretrain", resolved_config: Optional[str] = None) -> Dict[str, Any]:
+    """Shared body of pretrain and finetune; returns the summary dict (also printed by rank 0).
 
+    `resolved_config` is the YAML the run records as config.yaml (the CLI's; from Python, the sections dumped).
+    """
     started = time.time()
+    _check_train_config(command, data, engine)
+    config_text = resolved_config or _dump_config(model=model, data=data, task=task, optim=optim, engine=engine,
+                                                  run=run)
+    run_dir = Path(run.output_dir) / run.name
+    # before any heavy work: a resume that cannot happen is an error now, not after model building
+    resume_tag = ckpt.resolve_resume_tag(run_dir / "checkpoints", run.resume) if run.resume else None
+    world = setup_world(engine)
+    lock = _claim_run_dir(run_dir, run, command, world)
+    logger = _open_run(run_dir, run, model, data, world, resume_tag, config_text)
+    if engine.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    task_module, tokenizer = _build_task(model, task, data, engine, run, world, logger, resuming=resume_tag is not None)
+    train_data = _train_data(task_module, tokenizer, data, task, engine, run, world, logger)
+    total_steps = run.max_steps if run.max_steps is not None else run.epochs * train_data.steps_per_epoch
+    ds_config = resolve_ds_config(engine, optim, data, world)
+    if world.is_main:
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    ds_engine, optimizer, scheduler, groups = _build_engine(task_module, ds_config, optim, run, world, run_dir,
+                                                            total_steps)
+    logger.info(_run_line(command, model, task, world, train_data, total_steps, groups, ds_config, optimizer))
+    trainer = Trainer(engine=ds_engine, scheduler=scheduler, make_loader=train_data.make_loader,
+                      micro_per_epoch=train_data.micro_per_epoch, world=world, run=run, run_dir=run_dir,
+                      logger=logger, batch_size=data.batch_size, grad_accum=engine.grad_accum,
+                      total_steps=total_steps, resolved_config=config_text, val_loaders=train_data.val_loaders)
+    try:
+        result = trainer.fit(resume=run.resume)
+    finally:
+        logger.close()
+    summary = _summary(command, run_dir, result, trainer, train_data, world, started)
+    if world.is_main:
+        _report(command, run_dir, result, summary, total_steps)
+    if lock is not None:
+        lock.release()
+    return summary
+
+
+def _check_train_config(command: str, data: DataConfig, engine: EngineConfig) -> None:
     if not data.train:
         raise ValueError(f"{command}: data.train is empty (give at least one {{tsv, annotations}} source)")
     if data.batch_size < 1 or engine.grad_accum < 1:
         raise ValueError(f"data.batch_size ({data.batch_size}) and engine.grad_accum ({engine.grad_accum}) must be >= 1")
-    config_text = resolved_config_text(model=model, data=data, task=task, optim=optim, engine=engine, run=run)
-    run_dir = Path(run.output_dir) / run.name
-    # before any heavy work: a resume that cannot happen is an error now, not after model building
-    resume_tag = ckpt.resolve_resume_tag(run_dir / "checkpoints", run.resume) if run.resume else None
-    resuming = resume_tag is not None
-    world = setup_world(engine)
-    lock = _claim_run_dir(run_dir, run, command, world)
+
+
+def _dump_config(**sections: Any) -> str:
+    """The run's configuration as YAML when no resolved YAML was handed in (a run started from Python)."""
+    import yaml
+
+    return yaml.safe_dump({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                           for k, v in sections.items()}, sort_keys=False)
+
+
+def _open_run(run_dir: Path, run: RunConfig, model: ModelConfig, data: DataConfig, world: World,
+              resume_tag: Optional[str], config_text: str) -> RunLogger:
+    """The run's logger; the resume and path checks, before any heavy work; config.yaml."""
     purge_step = None
-    if resuming:
+    if resume_tag is not None:
         marker = json.loads((run_dir / "checkpoints" / resume_tag / ckpt.COMPLETE_MARKER).read_text())
         purge_step = int(marker.get("step") or 0) + 1
     logger = RunLogger(run_dir, world, purge_step=purge_step, level=run.log_level, config_text=config_text)
-    if resuming:
-        # before any heavy work: an inexact resume is an error (or, when allowed, a warning per difference)
+    if resume_tag is not None:
+        # an inexact resume is an error (or, when allowed, a warning per difference)
         ckpt.check_resume(run_dir / "checkpoints", resume_tag, config_text, world.world_size,
                           run.allow_inexact_resume, logger.warning)
     if run.preflight:
-        preflight.preflight_paths(data, run, model, run_dir, resuming=resuming)
+        preflight.preflight_paths(data, run, model, run_dir, resuming=resume_tag is not None)
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_text)
-    if engine.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    return logger
 
-    # identical initial weights on every rank, then per-rank streams for masking and dropout
+
+def _build_task(model: ModelConfig, task: TaskConfig, data: DataConfig, engine: EngineConfig, run: RunConfig,
+                world: World, logger: RunLogger, resuming: bool):
+    """(task module, tokenizer): identical initial weights on every rank, then per-rank random streams."""
+    from violet_ds.data.tokenizer import Tokenizer
+    from violet_ds.tasks import create_task
+
     seed_everything(engine.seed)
     tokenizer = Tokenizer(data.tokenizer)
     backbone = build_model(model, tokenizer)
     task_module = create_task(task.name, backbone, task, tokenizer)
     if run.init_from and not resuming:
         load_init_weights(task_module, run.init_from, logger)
+    # streams for masking and dropout differ per rank
     seed_everything(engine.seed + 1 + world.rank)
+    return task_module, tokenizer
+
+
+@dataclasses.dataclass
+class _TrainData:
+    """What the trainer reads: a resumable loader per epoch, validation loaders on demand."""
+
+    datasets: Dict[str, Dataset]
+    samples: int
+    micro_per_epoch: int
+    """micro-batches per rank and epoch"""
+    steps_per_epoch: int
+    make_loader: Callable[[SampleCursor], DataLoader]
+    val_loaders: Optional[Callable[[], Dict[str, DataLoader]]]
+
+
+def _train_data(task_module, tokenizer, data: DataConfig, task: TaskConfig, engine: EngineConfig, run: RunConfig,
+                world: World, logger: RunLogger) -> _TrainData:
+    from violet_ds.data.sampler import ResumableDistributedSampler
 
     datasets = build_split(task_module, data, tokenizer, "train", task.name)
     preflight.check_split_sizes("train", datasets, data.train)
@@ -354,94 +411,100 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     sampler = ResumableDistributedSampler(len(train_set), world.rank, world.world_size, engine.seed, shuffle=True,
                                           drop_last=True)
     micro_per_epoch = len(sampler) // data.batch_size
-    steps_per_epoch = micro_per_epoch // engine.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training samples are less than one optimizer step "
-                         f"(batch {data.batch_size} x grad_accum {engine.grad_accum} x {world.world_size} ranks)")
-    total_steps = run.max_steps if run.max_steps is not None else run.epochs * steps_per_epoch
 
-    def make_loader(epoch: int, consumed_local: int) -> DataLoader:
-        sampler.set_epoch(epoch)
-        # the sampler's cursor counts samples of all ranks together
-        sampler.set_cursor(consumed_local * world.world_size)
-        train_set.epoch = epoch
-        return _loader(train_set, sampler, data, data.batch_size, world, engine.seed * 7919 + epoch, drop_last=True,
-                       stores=train_stores)
+    def make_loader(cursor: SampleCursor) -> DataLoader:
+        sampler.seek(cursor, data.batch_size)
+        train_set.epoch = cursor.epoch
+        return _loader(train_set, sampler, data, data.batch_size, world, engine.seed * 7919 + cursor.epoch,
+                       drop_last=True, stores=train_stores)
 
-    val_cache: Dict[str, DataLoader] = {}
+    return _TrainData(datasets=datasets, samples=len(train_set), micro_per_epoch=micro_per_epoch,
+                      steps_per_epoch=steps_per_epoch(micro_per_epoch, engine.grad_accum), make_loader=make_loader,
+                      val_loaders=_val_loaders(task_module, tokenizer, data, task, engine, run, world))
+
+
+def _val_loaders(task_module, tokenizer, data: DataConfig, task: TaskConfig, engine: EngineConfig, run: RunConfig,
+                 world: World) -> Optional[Callable[[], Dict[str, DataLoader]]]:
+    """The validation loaders, built at the first evaluation (None without data.val)."""
+    if not data.val:
+        return None
     val_sets: Dict[str, Dataset] = {}
-    if data.val and run.preflight:
+    if run.preflight:
         # built now, so that a missing or empty val split fails before training, not at the first evaluation
         with preflight.preserved_rng():
             val_sets = build_split(task_module, data, tokenizer, "val", task.name)
         preflight.check_split_sizes("val", val_sets, data.val)
+    cache: Dict[str, DataLoader] = {}
 
     def make_val_loaders() -> Dict[str, DataLoader]:
-        if not val_cache and data.val:
-            val_cache.update(eval_loaders(val_sets or build_split(task_module, data, tokenizer, "val", task.name),
-                                          data, world, engine.seed))
-        return val_cache
+        if not cache:
+            cache.update(eval_loaders(val_sets or build_split(task_module, data, tokenizer, "val", task.name),
+                                      data, world, engine.seed))
+        return cache
 
-    ds_config = resolve_ds_config(engine, optim, data, world)
-    if world.is_main:
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    return make_val_loaders
+
+
+def _build_engine(task_module, ds_config: dict, optim: OptimConfig, run: RunConfig, world: World, run_dir: Path,
+                  total_steps: int):
+    """deepspeed.initialize of the task on its device: (engine, optimizer, scheduler, parameter groups)."""
+    from ..engine.universal import configure_load
+
     frozen = task_module.frozen_modules() if hasattr(task_module, "frozen_modules") else []
     if world.device.type == "cuda":
         task_module.to(world.device)
         for teacher_owner in [getattr(task_module, "targets", None)]:
             if teacher_owner is not None and hasattr(teacher_owner, "to"):
                 teacher_owner.to(world.device, precision_of(ds_config))
-    from ..engine.universal import configure_load
-
     # a universal checkpoint (another world size) needs DeepSpeed's load_universal for this one load
     init_config = configure_load(ds_config, run_dir / "checkpoints", run.resume)
-    ds_engine, optimizer, scheduler, groups = dse.initialize(task_module, init_config, optim, total_steps, world,
-                                                             frozen)
-    trainable = sum(g["num_params"] for g in groups)
-    logger.info(f"{command}: model {model.name}, task {task.name}, {trainable / 1e6:.2f}M trainable parameters in "
-                f"{len(groups)} groups, {len(train_set)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-                f"world {world.world_size}, precision {precision_of(ds_config)}, ZeRO stage "
-                f"{ds_config['zero_optimization']['stage']}, optimizer {type(optimizer.optimizer if hasattr(optimizer, 'optimizer') else optimizer).__name__}")
-    from ..engine.trainer import Trainer
+    return dse.initialize(task_module, init_config, optim, total_steps, world, frozen)
 
-    trainer = Trainer(engine=ds_engine, scheduler=scheduler, make_loader=make_loader, micro_per_epoch=micro_per_epoch,
-                      world=world, run=run, run_dir=run_dir, logger=logger, batch_size=data.batch_size,
-                      grad_accum=engine.grad_accum, total_steps=total_steps, resolved_config=config_text,
-                      val_loaders=make_val_loaders if data.val else None)
-    try:
-        result = trainer.fit(resume=run.resume)
-    finally:
-        logger.close()
-    summary = {
+
+def _run_line(command: str, model: ModelConfig, task: TaskConfig, world: World, train_data: _TrainData,
+              total_steps: int, groups: list, ds_config: dict, optimizer) -> str:
+    trainable = sum(g["num_params"] for g in groups)
+    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    return (f"{command}: model {model.name}, task {task.name}, {trainable / 1e6:.2f}M trainable parameters in "
+            f"{len(groups)} groups, {train_data.samples} samples, {train_data.steps_per_epoch} steps/epoch, "
+            f"{total_steps} steps, world {world.world_size}, precision {precision_of(ds_config)}, ZeRO stage "
+            f"{ds_config['zero_optimization']['stage']}, optimizer {type(inner).__name__}")
+
+
+def _summary(command: str, run_dir: Path, result: TrainSummary, trainer: Trainer, train_data: _TrainData,
+             world: World, started: float) -> Dict[str, Any]:
+    return {
         "command": command, "run_dir": str(run_dir), "steps": result.steps, "epochs": result.epochs_done,
         "first_loss": result.first_loss, "last_loss": result.last_loss, "skipped_steps": result.skipped_steps,
         "preempted": result.preempted, "checkpoint": str(run_dir / "checkpoints" / result.last_checkpoint)
         if result.last_checkpoint else None, "tensorboard": str(run_dir / "tensorboard"),
         "val": result.val_metrics, "wall_s": round(time.time() - started, 1),
-        "divergence": trainer.divergence.report(), "bad_samples": preflight.bad_sample_totals(datasets, world),
+        "divergence": trainer.divergence.report(),
+        "bad_samples": preflight.bad_sample_totals(train_data.datasets, world),
     }
-    if world.is_main:
-        losses = result.losses
-        curve = ", ".join(f"{value:.3f}" for value in losses[:: max(1, len(losses) // 10)]) if losses else "-"
-        lines = [f"violet-ds {command} finished" + (" (stopped by a signal, resumable)" if result.preempted else ""),
-                 _summary_line("run dir", run_dir), _summary_line("steps", f"{result.steps}/{total_steps}"),
-                 _summary_line("loss", f"{result.first_loss} -> {result.last_loss}" if losses else "-"),
-                 _summary_line("loss curve", curve),
-                 _summary_line("skipped steps", result.skipped_steps),
-                 _summary_line("checkpoint", summary["checkpoint"]),
-                 _summary_line("wall time", f"{summary['wall_s']} s")]
-        if result.val_metrics:
-            lines.append(_summary_line("validation", ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.val_metrics.items()))))
-        lines.append(_summary_line("tensorboard", f"tensorboard --logdir {run_dir / 'tensorboard'}"))
-        print("\n".join(lines), flush=True)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    if lock is not None:
-        lock.release()
-    return summary
+
+
+def _report(command: str, run_dir: Path, result: TrainSummary, summary: Dict[str, Any], total_steps: int) -> None:
+    """Rank 0: the end-of-run summary on stdout and in summary.json."""
+    losses = result.losses
+    curve = ", ".join(f"{value:.3f}" for value in losses[:: max(1, len(losses) // 10)]) if losses else "-"
+    lines = [f"violet-ds {command} finished" + (" (stopped by a signal, resumable)" if result.preempted else ""),
+             _summary_line("run dir", run_dir), _summary_line("steps", f"{result.steps}/{total_steps}"),
+             _summary_line("loss", f"{result.first_loss} -> {result.last_loss}" if losses else "-"),
+             _summary_line("loss curve", curve),
+             _summary_line("skipped steps", result.skipped_steps),
+             _summary_line("checkpoint", summary["checkpoint"]),
+             _summary_line("wall time", f"{summary['wall_s']} s")]
+    if result.val_metrics:
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.val_metrics.items()))
+        lines.append(_summary_line("validation", metrics))
+    lines.append(_summary_line("tensorboard", f"tensorboard --logdir {run_dir / 'tensorboard'}"))
+    print("\n".join(lines), flush=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 def pretrain(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimConfig, engine: EngineConfig,
-             run: RunConfig) -> None:
+             run: RunConfig, resolved_config: Optional[str] = None) -> None:
     """Pretrain a model (VIOLET / VIOLETv2 / LAVENDER / VIMPAC) with DeepSpeed ZeRO-2.
 
     Recipes are in launch/configs/ (pretrain_demo.yaml runs the tiny model on the demo data on CPU).
@@ -450,18 +513,18 @@ def pretrain(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: Opti
     """
     from ..engine.guard import run_guarded
 
-    run_guarded(train, model, data, task, optim, engine, run, command="pretrain")
+    run_guarded(train, model, data, task, optim, engine, run, command="pretrain", resolved_config=resolved_config)
 
 
 def finetune(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimConfig, engine: EngineConfig,
-             run: RunConfig) -> None:
+             run: RunConfig, resolved_config: Optional[str] = None) -> None:
     """Finetune on a downstream task, starting from `run.init_from` (a pretraining run, export or official
     checkpoint) or `model.weights`; evaluates on data.val during training and writes the same run dir."""
     if not run.init_from and not model.weights and not run.resume:
         print("warning: finetuning from random weights (set run.init_from or model.weights)", flush=True)
     from ..engine.guard import run_guarded
 
-    run_guarded(train, model, data, task, optim, engine, run, command="finetune")
+    run_guarded(train, model, data, task, optim, engine, run, command="finetune", resolved_config=resolved_config)
 
 
 def evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimConfig, engine: EngineConfig,
@@ -473,6 +536,13 @@ def evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: Opti
     Args:
         split: which data sources to evaluate on: train, val or test.
     """
+    from ..engine.guard import run_guarded
+
+    run_guarded(_evaluate, model, data, task, engine, run, split)
+
+
+def _evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, engine: EngineConfig, run: RunConfig,
+              split: str) -> None:
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.tasks import create_task
 

@@ -7,16 +7,51 @@ current ranks, so a run saved on 8 ranks resumes on 4 without skipping or repeat
 (provided ranks consume in lockstep, as a data-parallel loop does).
 
 The trainer owns the cursor: DataLoader workers prefetch ahead of what the model consumed, so the
-loop calls `set_cursor(samples consumed globally)` (or `advance`) before saving `state_dict()`.
+sampler's own position is not the run's. The run's position is a `SampleCursor`: the trainer advances
+it per micro-batch, checkpoints store it, and `seek(cursor, batch_size)` starts a loader's sampler there.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch.utils.data import Sampler
+
+
+@dataclass
+class SampleCursor:
+    """Where a training run stands in its data: all that exact resume needs to restart the data stream."""
+
+    epoch: int = 0
+    micro_in_epoch: int = 0
+    """micro-batches of `epoch` already consumed by each rank"""
+    samples_seen: int = 0
+    """samples consumed by all ranks together, all epochs"""
+
+    def advance(self, batch_size: int, world_size: int) -> None:
+        """One micro-batch consumed on every rank."""
+        self.micro_in_epoch += 1
+        self.samples_seen += batch_size * world_size
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.micro_in_epoch = 0
+
+    def samples_in_epoch(self, batch_size: int, world_size: int) -> int:
+        """Samples of the epoch's global order consumed by all ranks together (the sampler's cursor)."""
+        return self.micro_in_epoch * batch_size * world_size
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch, "samples_seen": self.samples_seen}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "SampleCursor":
+        # runs saved before samples_seen was recorded start counting from 0
+        return cls(epoch=int(state["epoch"]), micro_in_epoch=int(state["micro_in_epoch"]),
+                   samples_seen=int(state.get("samples_seen", 0)))
 
 
 class ResumableDistributedSampler(Sampler[int]):
@@ -77,6 +112,11 @@ class ResumableDistributedSampler(Sampler[int]):
 
     def advance(self, samples: int) -> None:
         self.set_cursor(min(self.total, self.cursor + samples))
+
+    def seek(self, cursor: SampleCursor, batch_size: int) -> None:
+        """Start where a run's cursor stands, for micro-batches of `batch_size` on each of this sampler's ranks."""
+        self.set_epoch(cursor.epoch)
+        self.set_cursor(cursor.samples_in_epoch(batch_size, self.world))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,

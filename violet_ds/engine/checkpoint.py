@@ -1,5 +1,6 @@
 """The one owner of checkpoint state: save, load, resolve a tag, prune, RNG streams, the completion
-marker, the client state, the resume checks, and reading every checkpoint file without running code.
+marker, the client state (step + the run's `SampleCursor`), the resume checks, and reading every
+checkpoint file without running code.
 
 Layout of a run's `checkpoints/` directory (DeepSpeed's files plus ours):
 
@@ -33,6 +34,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..data.sampler import SampleCursor
 from .distributed import World
 
 COMPLETE_MARKER = "violet_ds_complete.json"
@@ -156,10 +158,18 @@ def checkpoint_tag(step: int) -> str:
     return f"step{step:08d}"
 
 
-def client_state(train_state: dict, world_size: int, config: str, skipped_steps: int) -> dict:
+def client_state(step: int, cursor: SampleCursor, world_size: int, config: str, skipped_steps: int) -> dict:
     """What the trainer stores next to DeepSpeed's state: where training stands + the resolved config."""
-    return {**train_state, "world_size": world_size, "config": config, "skipped_steps": int(skipped_steps),
-            "format": CLIENT_FORMAT}
+    return {"step": step, **cursor.state_dict(), "world_size": world_size, "config": config,
+            "skipped_steps": int(skipped_steps), "format": CLIENT_FORMAT}
+
+
+def train_position(client: dict, tag: str) -> Tuple[int, SampleCursor]:
+    """(optimizer step, data cursor) recorded in a loaded checkpoint's client state."""
+    missing = [key for key in ("step", "epoch", "micro_in_epoch") if key not in client]
+    if missing:
+        raise RuntimeError(f"checkpoint {tag} has no {missing} in its client state (not a violet_ds run)")
+    return int(client["step"]), SampleCursor.from_state_dict(client)
 
 
 def check_tag_name(checkpoint_dir: Path, tag: str, source: str) -> str:

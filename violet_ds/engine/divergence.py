@@ -244,10 +244,10 @@ class DivergenceWatch:
         trainer.state.step = int(client["step"])
         self.guard.reset()
         event = {"from_step": from_step, "to_step": trainer.state.step, "tag": good_tag, "first_bad_step": first_bad,
-                 "epoch": trainer.state.epoch, "micro_in_epoch": trainer.state.micro_in_epoch}
+                 "epoch": trainer.state.cursor.epoch, "micro_in_epoch": trainer.state.cursor.micro_in_epoch}
         self.rollbacks.append(event)
         trainer.logger.warning(f"rollback {len(self.rollbacks)}/{self.max_rollbacks}: non-finite loss from step "
                                f"{first_bad}; reloaded {good_tag} (step {trainer.state.step}) and skip the data "
-                               f"seen since (cursor stays at epoch {trainer.state.epoch}, micro-batch "
-                               f"{trainer.state.micro_in_epoch}){marked}")
+                               f"seen since (cursor stays at epoch {trainer.state.cursor.epoch}, micro-batch "
+                               f"{trainer.state.cursor.micro_in_epoch}){marked}")
         trainer.logger.record({"step": trainer.state.step, "event": "rollback", **event})

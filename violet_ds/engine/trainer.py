@@ -2,7 +2,8 @@
 
 DeepSpeed does the accumulation: `engine.backward` + `engine.step` on every micro-batch, the optimizer
 actually steps on accumulation boundaries. The loop owns what DeepSpeed does not: the data cursor,
-RNG states, logging, validation, checkpoint cadence and preemption.
+RNG states, logging, validation, checkpoint cadence and preemption. `Trainer.fit` reads as the list
+of what happens per micro-batch and per optimizer step; each step it names does one thing.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import torch
 
 from ..config import RunConfig
+from ..data.sampler import SampleCursor
 from . import checkpoint as ckpt
 from . import deepspeed_engine as dse
 from .divergence import DivergenceWatch
@@ -26,21 +28,24 @@ from .logging import RunLogger, TrainProgress, memory_mb
 from .stall import StallDetector
 
 
+def steps_per_epoch(micro_per_epoch: int, grad_accum: int) -> int:
+    """Optimizer steps in an epoch of `micro_per_epoch` micro-batches per rank (whole accumulation windows)."""
+    steps = micro_per_epoch // grad_accum
+    if steps == 0:
+        raise ValueError(f"an epoch has {micro_per_epoch} micro-batches per rank, fewer than engine.grad_accum="
+                         f"{grad_accum}: less than one optimizer step; use more data, a smaller data.batch_size "
+                         "or fewer ranks")
+    return steps
+
+
 @dataclass
 class TrainState:
     """Where training stands; the part of a checkpoint's client state that the loop owns."""
 
     step: int = 0
     """optimizer steps done (skipped ones included)"""
-    epoch: int = 0
-    micro_in_epoch: int = 0
-    """micro-batches of `epoch` already consumed by this rank"""
-    samples_seen: int = 0
-    """samples consumed by all ranks together"""
-
-    def as_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
-                "samples_seen": self.samples_seen}
+    cursor: SampleCursor = field(default_factory=SampleCursor)
+    """where the run is in its data"""
 
 
 @dataclass
@@ -55,6 +60,26 @@ class TrainSummary:
     last_checkpoint: Optional[str] = None
     val_metrics: Dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
+
+
+@dataclass
+class _LogWindow:
+    """What the loop gathers between two logged steps: a window costs one host sync and one collective."""
+
+    started: float = field(default_factory=time.time)
+    steps: int = 0
+    micro_batches: int = 0
+    sums: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """per scalar output of the task, its sum over the window's micro-batches (on the device)"""
+    indices: List[int] = field(default_factory=list)
+    """sample indices of the window (with run.log_sample_indices)"""
+
+    def add(self, outputs: Mapping[str, Any]) -> None:
+        for key, value in outputs.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.detach().float().reshape(())
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.micro_batches += 1
 
 
 class _StopSignal:
@@ -89,12 +114,12 @@ class _StopSignal:
 class Trainer:
     """Runs `engine` (a DeepSpeed engine wrapping a task) over a resumable loader.
 
-    `make_loader(epoch, consumed)` must return an iterable over this rank's micro-batches of `epoch`
-    starting after `consumed` samples (the resumable sampler's cursor), with the same order a fresh
-    epoch would have had.
+    `make_loader(cursor)` must return an iterable over this rank's micro-batches of `cursor.epoch`
+    starting after the samples the `SampleCursor` says were consumed (the resumable sampler's `seek`),
+    with the same order a fresh epoch would have had.
     """
 
-    def __init__(self, *, engine, scheduler, make_loader: Callable[[int, int], Any], micro_per_epoch: int,
+    def __init__(self, *, engine, scheduler, make_loader: Callable[[SampleCursor], Any], micro_per_epoch: int,
                  world: World, run: RunConfig, run_dir: Path, logger: RunLogger, batch_size: int,
                  grad_accum: int, total_steps: int, resolved_config: str = "",
                  val_loaders: Optional[Callable[[], Mapping[str, Any]]] = None):
@@ -109,25 +134,29 @@ class Trainer:
         self.logger = logger
         self.batch_size = batch_size
         self.grad_accum = grad_accum
+        self.steps_per_epoch = steps_per_epoch(micro_per_epoch, grad_accum)
         # whole accumulation windows only, so that every optimizer step sees grad_accum micro-batches
-        self.micro_per_epoch = (micro_per_epoch // grad_accum) * grad_accum
-        if self.micro_per_epoch == 0:
-            raise ValueError(f"an epoch has {micro_per_epoch} micro-batches per rank, fewer than "
-                             f"engine.grad_accum={grad_accum}: use more data or a smaller batch")
-        self.steps_per_epoch = self.micro_per_epoch // grad_accum
+        self.micro_per_epoch = self.steps_per_epoch * grad_accum
         self.total_steps = total_steps
         self.resolved_config = resolved_config
         self.val_loaders = val_loaders
+        self.log_every = max(1, run.log_every)
         self.state = TrainState()
         # wandb / csv through the ds_config's monitor blocks get the same scalars as TensorBoard
         logger.attach_monitor(getattr(engine, "monitor", None))
         self.divergence = DivergenceWatch(self)
         # warns once when a loss sits at its chance value (ln #candidates) with a vanishing gradient
         self.stall = StallDetector.for_task(self.task, self.logger.warning)
+        # what one `fit` carries from step to step
+        self._bar: Optional[TrainProgress] = None
+        self._window = _LogWindow()
+        self._step_lr = 0.0
+        self._pending_rng: Optional[dict] = None
+        self._last_saved_step = -1
 
     # ------------------------------------------------------------------ checkpoints
     def client_state(self) -> dict:
-        return ckpt.client_state(self.state.as_dict(), self.world.world_size, self.resolved_config,
+        return ckpt.client_state(self.state.step, self.state.cursor, self.world.world_size, self.resolved_config,
                                  self.engine.skipped_steps)
 
     def save(self) -> Optional[str]:
@@ -147,15 +176,184 @@ class Trainer:
             self.logger.info(f"--run.resume {resume}: no checkpoint in {self.checkpoint_dir}, starting fresh")
             return None
         client = ckpt.load_checkpoint(self.engine, self.checkpoint_dir, tag, self.world)
-        missing = [key for key in ("step", "epoch", "micro_in_epoch") if key not in client]
-        if missing:
-            raise RuntimeError(f"checkpoint {tag} has no {missing} in its client state (not a violet_ds run)")
-        self.state = TrainState(step=int(client["step"]), epoch=int(client["epoch"]),
-                                micro_in_epoch=int(client["micro_in_epoch"]),
-                                samples_seen=int(client.get("samples_seen", 0)))
-        self.logger.info(f"resumed from {self.checkpoint_dir / tag}: step {self.state.step}, epoch "
-                         f"{self.state.epoch}, {self.state.micro_in_epoch} micro-batches into the epoch")
+        step, cursor = ckpt.train_position(client, tag)
+        self.state = TrainState(step=step, cursor=cursor)
+        self.logger.info(f"resumed from {self.checkpoint_dir / tag}: step {step}, epoch {cursor.epoch}, "
+                         f"{cursor.micro_in_epoch} micro-batches into the epoch")
         return client.get("rng")
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: Optional[str] = None) -> TrainSummary:
+        started = time.time()
+        summary = TrainSummary()
+        self._pending_rng = self.resume(resume) if resume else None
+        self._last_saved_step = self.state.step if self.state.step > 0 else -1
+        self.logger.truncate_metrics(self.state.step)
+        stop = _StopSignal(self.run.save_on_sigterm)
+        # a tqdm bar on terminals only; step lines (>= one per 5% of the run) everywhere else
+        self._bar = TrainProgress(self.total_steps, self.state.step, self.world, self.logger,
+                                  enabled=self.run.progress, log_every=self.log_every)
+        self._window = _LogWindow()
+        self._step_lr = self._current_lr()
+        try:
+            while self._more_to_train():
+                if self._train_epoch(stop, summary):
+                    return summary
+            self._save_if_unsaved(summary)
+            return summary
+        finally:
+            stop.restore()
+            self._finish(summary, started)
+
+    def _more_to_train(self) -> bool:
+        # with max_steps the step count alone ends the run: after a resume on another world size the
+        # steps per epoch differ, and an epoch bound computed from them would stop the run early
+        epochs = math.ceil(self.total_steps / self.steps_per_epoch) if self.run.max_steps is None else math.inf
+        return self.state.step < self.total_steps and self.state.cursor.epoch < epochs
+
+    def _train_epoch(self, stop: _StopSignal, summary: TrainSummary) -> bool:
+        """The rest of the current epoch; True when a stop signal ended the run (after saving)."""
+        for batch in self._next_batches():
+            if not self._train_micro_batch(batch):
+                continue  # inside an accumulation window
+            if self._log_step(summary):
+                continue  # rolled back to the last good checkpoint; the data cursor moves on
+            self._maybe_log_images(batch)
+            end_of_epoch = self.state.cursor.micro_in_epoch >= self.micro_per_epoch
+            self._maybe_evaluate(summary)
+            stopping = self._any_rank(stop.received is not None)
+            if end_of_epoch:
+                self._end_epoch(summary)
+            self._maybe_save(summary, end_of_epoch, stopping)
+            if stopping:
+                self._report_stop(stop, summary)
+                return True
+            if end_of_epoch:
+                return False
+        # a loader that ran dry before a full epoch still ends the epoch
+        if self.state.cursor.micro_in_epoch != 0:
+            self.state.cursor.next_epoch()
+        return False
+
+    # ------------------------------------------------------------------ the named steps
+    def _next_batches(self) -> Iterator[Any]:
+        """This rank's next micro-batches of the epoch, on the device, until the epoch or the run is done."""
+        loader = self.make_loader(self.state.cursor)
+        if self._pending_rng is not None:
+            # after building the loader: nothing between here and the next step may draw randomness
+            ckpt.set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        for batch in loader:
+            if self.state.cursor.micro_in_epoch >= self.micro_per_epoch or self.state.step >= self.total_steps:
+                return
+            yield to_device(batch, self.world.device)
+
+    def _train_micro_batch(self, batch: Any) -> bool:
+        """Forward, backward and DeepSpeed step of one micro-batch; True when it completed an optimizer step."""
+        if self.run.log_sample_indices and isinstance(batch, Mapping) and "index" in batch:
+            self._window.indices.extend(int(i) for i in batch["index"].tolist())
+        outputs = self.engine(batch)
+        loss = outputs["loss"]
+        self.divergence.observe(loss)
+        self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            # the LR this optimizer step uses: engine.step advances the schedule
+            self._step_lr = self._current_lr()
+        self.engine.step()
+        self._window.add(outputs)
+        self.state.cursor.advance(self.batch_size, self.world.world_size)
+        if not boundary:
+            return False
+        self.state.step += 1
+        self.divergence.end_step(self.state.step)
+        self._window.steps += 1
+        self._bar.update()
+        return True
+
+    def _log_step(self, summary: TrainSummary) -> bool:
+        """Close the log window when it is due; True when the divergence guard rolled the run back."""
+        step = self.state.step
+        if not (step % self.log_every == 0 or self._bar.line_due(step) or step == self.total_steps):
+            return False
+        window, self._window = self._window, _LogWindow()
+        terms = self._window_means(window)
+        summary.losses.append(terms.get("loss", float("nan")))
+        if not math.isfinite(terms.get("loss", 0.0)):
+            self.logger.warning(f"step {step}: non-finite loss {terms.get('loss')}")
+        step_time = (self._window.started - window.started) / window.steps
+        record = {
+            "step": step, "epoch": self.state.cursor.epoch, **terms, "lr": self._step_lr,
+            "grad_norm": dse.grad_norm(self.engine), "loss_scale": dse.loss_scale(self.engine),
+            "skipped_steps": int(self.engine.skipped_steps),
+            "samples_per_s": self.batch_size * self.grad_accum * self.world.world_size / max(step_time, 1e-9),
+            "step_time_s": step_time, "memory_mb": memory_mb(self.world.device),
+            "samples_seen": self.state.cursor.samples_seen,
+        }
+        self.logger.scalars(step, {k: v for k, v in record.items() if k not in ("step", "epoch")}, prefix="train/",
+                            samples=self.state.cursor.samples_seen)
+        if self.run.log_sample_indices:
+            record["indices"] = window.indices
+        self.logger.record(record)
+        self.stall.update(step, terms, record["grad_norm"])
+        self._bar.report(step, terms.get("loss", float("nan")), self._step_lr, record["samples_per_s"])
+        return self.divergence.check_window()
+
+    def _window_means(self, window: _LogWindow) -> Dict[str, float]:
+        """Each scalar output averaged over the window's micro-batches and over ranks."""
+        keys = sorted(window.sums)
+        means = self._reduce_mean(torch.stack([window.sums[k] for k in keys]) / window.micro_batches)
+        return {k: float(v) for k, v in zip(keys, means.tolist())}
+
+    def _maybe_log_images(self, batch: Mapping[str, Any]) -> None:
+        if not self.run.image_every or self.state.step % self.run.image_every:
+            return
+        visualize = getattr(self.task, "visualize", None)
+        if visualize is None or not self.world.is_main:
+            return
+        was_training = self.task.training
+        self.task.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                images = visualize(batch)
+        finally:
+            self.task.train(was_training)
+        self.logger.images(self.state.step, images)
+
+    def _maybe_evaluate(self, summary: TrainSummary) -> None:
+        if self.run.eval_every and self.state.step % self.run.eval_every == 0:
+            summary.val_metrics = self._validate()
+
+    def _end_epoch(self, summary: TrainSummary) -> None:
+        self.state.cursor.next_epoch()
+        if not self.run.eval_every:
+            summary.val_metrics = self._validate()
+
+    def _maybe_save(self, summary: TrainSummary, end_of_epoch: bool, stopping: bool) -> None:
+        periodic = bool(self.run.save_every) and self.state.step % self.run.save_every == 0
+        epoch_save = end_of_epoch and not self.run.save_every
+        if periodic or epoch_save or stopping or self.state.step >= self.total_steps:
+            summary.last_checkpoint = self.save() or summary.last_checkpoint
+            self._last_saved_step = self.state.step
+
+    def _report_stop(self, stop: _StopSignal, summary: TrainSummary) -> None:
+        summary.preempted = True
+        self.logger.warning(f"{stop.received or 'stop signal'} received: saved step {self.state.step} and "
+                            "stopping; resume with --run.resume auto")
+
+    def _save_if_unsaved(self, summary: TrainSummary) -> None:
+        if self._last_saved_step != self.state.step:
+            summary.last_checkpoint = self.save() or summary.last_checkpoint
+
+    def _finish(self, summary: TrainSummary, started: float) -> None:
+        self._bar.close()
+        summary.steps = self.state.step
+        summary.epochs_done = self.state.cursor.epoch
+        summary.skipped_steps = int(self.engine.skipped_steps)
+        summary.first_loss = summary.losses[0] if summary.losses else None
+        summary.last_loss = summary.losses[-1] if summary.losses else None
+        summary.wall_s = time.time() - started
+        self.logger.flush()
 
     # ------------------------------------------------------------------ helpers
     def _reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
@@ -183,149 +381,8 @@ class Trainer:
             return {}
         metrics = evaluate(self.task, loaders, self.world, max_batches=self.run.val_max_batches,
                            progress=self.run.progress)
-        self.logger.scalars(self.state.step, metrics, prefix="val/", samples=self.state.samples_seen)
+        self.logger.scalars(self.state.step, metrics, prefix="val/", samples=self.state.cursor.samples_seen)
         self.logger.record({"step": self.state.step, "split": "val", **metrics})
         self.logger.info(f"step {self.state.step} validation: "
                          + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         return metrics
-
-    def _images(self, batch: Mapping[str, Any]) -> None:
-        visualize = getattr(self.task, "visualize", None)
-        if visualize is None or not self.world.is_main:
-            return
-        was_training = self.task.training
-        self.task.eval()
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                images = visualize(batch)
-        finally:
-            self.task.train(was_training)
-        self.logger.images(self.state.step, images)
-
-    # ------------------------------------------------------------------ the loop
-    def fit(self, resume: Optional[str] = None) -> TrainSummary:
-        started = time.time()
-        summary = TrainSummary()
-        rng = self.resume(resume) if resume else None
-        resumed = self.state.step > 0
-        self.logger.truncate_metrics(self.state.step)
-        stop = _StopSignal(self.run.save_on_sigterm)
-        log_every = max(1, self.run.log_every)
-        # a tqdm bar on terminals only; step lines (>= one per 5% of the run) everywhere else
-        bar = TrainProgress(self.total_steps, self.state.step, self.world, self.logger, enabled=self.run.progress,
-                            log_every=log_every)
-        # with max_steps the step count alone ends the run: after a resume on another world size the
-        # steps per epoch differ, and an epoch bound computed from them would stop the run early
-        epochs = math.ceil(self.total_steps / self.steps_per_epoch) if self.run.max_steps is None else math.inf
-        sums: Dict[str, torch.Tensor] = {}
-        micro_count = 0
-        window_indices: List[int] = []
-        window_steps = 0
-        step_started = time.time()
-        last_saved_step = self.state.step if resumed else -1
-        step_lr = self._current_lr()
-        try:
-            while self.state.step < self.total_steps and self.state.epoch < epochs:
-                loader = self.make_loader(self.state.epoch, self.state.micro_in_epoch * self.batch_size)
-                if rng is not None:
-                    # after building the loader: nothing between here and the next step may draw randomness
-                    ckpt.set_rng_state(rng)
-                    rng = None
-                for batch in loader:
-                    if self.state.micro_in_epoch >= self.micro_per_epoch or self.state.step >= self.total_steps:
-                        break
-                    batch = to_device(batch, self.world.device)
-                    if self.run.log_sample_indices and isinstance(batch, Mapping) and "index" in batch:
-                        window_indices.extend(int(i) for i in batch["index"].tolist())
-                    outputs = self.engine(batch)
-                    loss = outputs["loss"]
-                    self.divergence.observe(loss)
-                    self.engine.backward(loss)
-                    boundary = self.engine.is_gradient_accumulation_boundary()
-                    if boundary:
-                        step_lr = self._current_lr()
-                    self.engine.step()
-                    for key, value in outputs.items():
-                        if isinstance(value, torch.Tensor) and value.numel() == 1:
-                            value = value.detach().float().reshape(())
-                            sums[key] = sums[key] + value if key in sums else value
-                    micro_count += 1
-                    self.state.micro_in_epoch += 1
-                    self.state.samples_seen += self.batch_size * self.world.world_size
-                    if not boundary:
-                        continue
-                    self.state.step += 1
-                    self.divergence.end_step(self.state.step)
-                    window_steps += 1
-                    bar.update()
-                    if (self.state.step % log_every == 0 or bar.line_due(self.state.step)
-                            or self.state.step == self.total_steps):
-                        # one host sync and one collective per logged window, not per step
-                        step_time = (time.time() - step_started) / window_steps
-                        step_started, window_steps = time.time(), 0
-                        keys = sorted(sums)
-                        means = self._reduce_mean(torch.stack([sums[k] for k in keys]) / micro_count)
-                        terms = {k: float(v) for k, v in zip(keys, means.tolist())}
-                        sums, micro_count = {}, 0
-                        summary.losses.append(terms.get("loss", float("nan")))
-                        if not math.isfinite(terms.get("loss", 0.0)):
-                            self.logger.warning(f"step {self.state.step}: non-finite loss {terms.get('loss')}")
-                        record = {
-                            "step": self.state.step, "epoch": self.state.epoch, **terms, "lr": step_lr,
-                            "grad_norm": dse.grad_norm(self.engine), "loss_scale": dse.loss_scale(self.engine),
-                            "skipped_steps": int(self.engine.skipped_steps),
-                            "samples_per_s": self.batch_size * self.grad_accum * self.world.world_size / max(step_time, 1e-9),
-                            "step_time_s": step_time, "memory_mb": memory_mb(self.world.device),
-                            "samples_seen": self.state.samples_seen,
-                        }
-                        self.logger.scalars(self.state.step, {k: v for k, v in record.items()
-                                                              if k not in ("step", "epoch")}, prefix="train/",
-                                           samples=self.state.samples_seen)
-                        if self.run.log_sample_indices:
-                            record["indices"] = window_indices
-                        self.logger.record(record)
-                        self.stall.update(self.state.step, terms, record["grad_norm"])
-                        window_indices = []
-                        bar.report(self.state.step, terms.get("loss", float("nan")), step_lr, record["samples_per_s"])
-                        if self.divergence.check_window():
-                            continue  # rolled back to the last good checkpoint; the data cursor moves on
-                    if self.run.image_every and self.state.step % self.run.image_every == 0:
-                        self._images(batch)
-                    end_of_epoch = self.state.micro_in_epoch >= self.micro_per_epoch
-                    if self.run.eval_every and self.state.step % self.run.eval_every == 0:
-                        summary.val_metrics = self._validate()
-                    stopping = self._any_rank(stop.received is not None)
-                    periodic = bool(self.run.save_every) and self.state.step % self.run.save_every == 0
-                    if end_of_epoch:
-                        self.state.epoch += 1
-                        self.state.micro_in_epoch = 0
-                        if not self.run.eval_every:
-                            summary.val_metrics = self._validate()
-                    epoch_save = end_of_epoch and not self.run.save_every
-                    if periodic or epoch_save or stopping or self.state.step >= self.total_steps:
-                        summary.last_checkpoint = self.save() or summary.last_checkpoint
-                        last_saved_step = self.state.step
-                    if stopping:
-                        summary.preempted = True
-                        self.logger.warning(f"{stop.received or 'stop signal'} received: saved step "
-                                            f"{self.state.step} and stopping; resume with --run.resume auto")
-                        return summary
-                    if end_of_epoch:
-                        break
-                # a loader that ran dry before a full epoch still ends the epoch
-                if self.state.micro_in_epoch != 0:
-                    self.state.epoch += 1
-                    self.state.micro_in_epoch = 0
-            if last_saved_step != self.state.step:
-                summary.last_checkpoint = self.save() or summary.last_checkpoint
-            return summary
-        finally:
-            stop.restore()
-            bar.close()
-            summary.steps = self.state.step
-            summary.epochs_done = self.state.epoch
-            summary.skipped_steps = int(self.engine.skipped_steps)
-            summary.first_loss = summary.losses[0] if summary.losses else None
-            summary.last_loss = summary.losses[-1] if summary.losses else None
-            summary.wall_s = time.time() - started
-            self.logger.flush()
