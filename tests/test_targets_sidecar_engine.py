@@ -16,7 +16,8 @@ import torch
 
 from engine_support import run_cli, tiny_config, train_records, write_config
 from violet_ds.config import DataConfig, DataSource
-from violet_ds.targets.extract import TargetStore, extract_targets
+from violet_ds.data.sidecars import TargetStore
+from violet_ds.targets.extract import extract_targets
 
 torch.set_num_threads(2)
 FRAMES, SIZE = 2, 64
