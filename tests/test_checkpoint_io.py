@@ -16,11 +16,10 @@ from violet_ds.models.checkpoint_io import (
     convert_official_state_dict,
     describe_official,
     load_official_checkpoint,
-    load_strict,
-    read_state_dict,
     to_official_state_dict,
 )
 from violet_ds.models.heads import MLMHead, MVMHead, ScoreHead
+from violet_ds.weights import load_strict, read_state_dict
 
 torch.set_num_threads(1)
 

@@ -17,7 +17,7 @@ import pytest
 
 from violet_ds.engine.distributed import free_port
 
-from engine_support import REPO, cli_env, make_small_demo, run_cli, tiny_config, train_records, write_config
+from engine_support import REPO, cli_env, run_cli, tiny_config, train_records, write_config
 
 TOLERANCE = 0.01
 STEPS = 6
@@ -25,8 +25,7 @@ STEPS = 6
 
 @pytest.mark.distributed
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
-def test_two_ranks_zero2_bf16_match_one_rank_with_double_accumulation(tmp_path):
-    demo = make_small_demo(tmp_path)
+def test_two_ranks_zero2_bf16_match_one_rank_with_double_accumulation(tmp_path, demo):
     config = tiny_config(demo, tmp_path, "two_ranks", run__max_steps=STEPS, run__save_every=3)
     config["model"]["overrides"].update(hidden_dropout=0.0, attention_dropout=0.0)
     config["task"].update(loss_weights={"mlm": 1.0}, mlm_probability=1.0)

@@ -6,20 +6,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, safe_open
 
-from engine_support import make_small_demo, run_cli, tiny_config, write_config
+from engine_support import run_cli, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, demo):
     root = tmp_path_factory.mktemp("export")
-    demo = make_small_demo(root)
     config = write_config(tiny_config(demo, root, "exp", run__max_steps=2, run__save_every=0,
                                       run__log_sample_indices=False), root / "run.yaml")
     run_cli(config)
     return root / "exp"
 
 
-def test_export_then_create_model_and_init_from(trained_run, tmp_path):
+def test_export_then_create_model_and_init_from(trained_run, tmp_path, demo):
     from violet_ds.cli import main
     from violet_ds.config import TaskConfig
     from violet_ds.data.tokenizer import Tokenizer
@@ -46,7 +45,7 @@ def test_export_then_create_model_and_init_from(trained_run, tmp_path):
     fresh = create_model("violet-tiny", vocab_size=384, max_frames=4).state_dict()
     assert any(not torch.equal(fresh[k], backbone[k]) for k in backbone if fresh[k].is_floating_point())
 
-    tokenizer = Tokenizer(trained_run.parent / "demo" / "tokenizer")
+    tokenizer = Tokenizer(demo / "tokenizer")
     task = create_task("pretrain", create_model("violet-tiny", vocab_size=384, max_frames=4), TaskConfig(), tokenizer)
     report = load_init_weights(task, str(out))
     assert report["missing"] == [] and report["unused"] == [] and report["shape_mismatch"] == []

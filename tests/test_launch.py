@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,33 +14,14 @@ from violet_ds.engine import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
-PROBE = textwrap.dedent(
-    """
-    import os, sys
-    import torch
-    from violet_ds.engine.distributed import init_distributed
-    from violet_ds.engine.guard import rank_guard
-
-    world = init_distributed(timeout_s=60, backend="gloo")
-    with rank_guard():
-        value = torch.tensor([float(world.rank + 1)])
-        torch.distributed.all_reduce(value)
-        print(f"PROBE rank={world.rank} local_rank={world.local_rank} world={world.world_size} sum={value.item():.0f}",
-              flush=True)
-        if sys.argv[-1] == "fail" and world.rank == 1:
-            raise RuntimeError("probe failure on rank 1")
-        torch.distributed.all_reduce(value)
-    """
-)
+PROBE = Path(__file__).resolve().parent / "rank_probe.py"
 
 
 def _local(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
-    script = tmp_path / "probe.py"
-    script.write_text(PROBE)
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return subprocess.run(["bash", str(REPO / "launch/local.sh"), "-n", "2", "--script", str(script), mode],
+    return subprocess.run(["bash", str(REPO / "launch/local.sh"), "-n", "2", "--script", str(PROBE), mode],
                           env=env, capture_output=True, text=True, timeout=180)
 
 

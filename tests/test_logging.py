@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from engine_support import cli_command, cli_env, make_small_demo, tiny_config, write_config
+from engine_support import cli_command, cli_env, tiny_config, write_config
 from violet_ds.engine.distributed import World
 from violet_ds.engine.logging import (RunLogger, TrainProgress, format_duration, line_interval,
                                       stderr_is_terminal)
@@ -25,11 +25,6 @@ def _tensorboard(run_dir):
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
     return events
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return make_small_demo(tmp_path_factory.mktemp("logging_demo"))
 
 
 def test_pretraining_with_stderr_in_a_file_writes_step_lines_and_no_bar(demo, tmp_path):

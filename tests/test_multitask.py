@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from violet_ds.config import DataConfig, DataSource, TaskConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_support import make_small_demo  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return make_small_demo(tmp_path_factory.mktemp("demo_multitask"))
-
 
 def leaky_retrieval(demo: Path) -> Path:
     """The demo retrieval annotation with 3 test-split records copied into its training split."""

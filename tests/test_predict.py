@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_support import make_small_demo
 
 CLIP = {"num_frames": 2, "image_size": 64, "max_text_len": 16}
 
@@ -28,11 +27,6 @@ def _demo_task(demo: Path, name: str = "pretrain", **cfg):
         for param in task.parameters():
             param.add_(0.05 * torch.randn_like(param))
     return task
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return make_small_demo(tmp_path_factory.mktemp("predict"))
 
 
 @pytest.fixture(scope="module")

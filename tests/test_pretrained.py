@@ -7,14 +7,8 @@ import json
 import pytest
 import torch
 
-from engine_support import make_small_demo
 
 TINY = {"vocab_size": 384, "max_frames": 4}
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return make_small_demo(tmp_path_factory.mktemp("pretrained"))
 
 
 def _task(demo, name="pretrain", seed=0, **cfg):

@@ -11,15 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from engine_support import (cli_command, cli_env, latest_tag, make_small_demo, run_cli, tiny_config,
+from engine_support import (cli_command, cli_env, latest_tag, run_cli, tiny_config,
                             train_records, write_config, REPO)
 
 MAX_STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return make_small_demo(tmp_path_factory.mktemp("resume_demo"))
 
 
 @pytest.fixture(scope="module")

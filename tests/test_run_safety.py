@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from engine_support import cli_command, cli_env, make_small_demo, tiny_config, write_config, REPO
+from engine_support import cli_command, cli_env, tiny_config, write_config, REPO
 
 
 class _Payload:
@@ -44,11 +44,6 @@ def _poison(path: Path, marker: Path) -> None:
 def _run(config: Path, *extra: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(config, *extra), env={**cli_env(), **(env or {})}, capture_output=True,
                           text=True, timeout=timeout, cwd=str(REPO))
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return make_small_demo(tmp_path_factory.mktemp("safety_demo"))
 
 
 @pytest.fixture(scope="module")

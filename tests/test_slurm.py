@@ -25,28 +25,10 @@ def slurm(tmp_path_factory) -> SlurmCluster:
     yield from start_cluster(tmp_path_factory.mktemp("slurm"))
 
 
-PROBE = textwrap.dedent(
-    """
-    import os, socket, sys
-    import torch
-    from violet_ds.engine.distributed import init_distributed
-    from violet_ds.engine.guard import rank_guard
-
-    world = init_distributed(timeout_s=60, backend="gloo")
-    with rank_guard():
-        value = torch.tensor([float(world.rank + 1)])
-        torch.distributed.all_reduce(value)
-        print(f"PROBE rank={world.rank} local_rank={world.local_rank} world={world.world_size} "
-              f"sum={value.item():.0f} master={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
-        if sys.argv[-1] == "fail" and world.rank == 1:
-            raise RuntimeError("probe failure on rank 1")
-        torch.distributed.all_reduce(value)
-    """
-)
+PROBE = Path(__file__).resolve().parent / "rank_probe.py"
 
 
 def _probe_job(tmp_path: Path, mode: str) -> Path:
-    (tmp_path / "probe.py").write_text(PROBE)
     script = tmp_path / "probe.sbatch"
     script.write_text(textwrap.dedent(
         f"""\
@@ -54,7 +36,7 @@ def _probe_job(tmp_path: Path, mode: str) -> Path:
         #SBATCH --ntasks=2
         #SBATCH --time=5
         #SBATCH --output={tmp_path}/probe-%j.out
-        srun --kill-on-bad-exit=1 python3 {tmp_path}/probe.py {mode}
+        srun --kill-on-bad-exit=1 python3 {PROBE} {mode}
         """))
     return script
 

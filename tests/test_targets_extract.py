@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from violet_ds.targets import TargetSpec, create_target, create_targets
-from violet_ds.targets.extract import (SidecarCollate, TargetStore, attach_targets, extract_targets, open_stores,
-                                       read_clip)
+from violet_ds.data.sidecars import SidecarCollate, TargetStore, attach_targets, open_stores
+from violet_ds.targets.extract import extract_targets, read_clip
 
 torch.set_num_threads(2)
 

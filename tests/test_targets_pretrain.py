@@ -136,11 +136,10 @@ def test_pretraining_step_with_weighted_mix_and_pre_extracted_vq(batch, bert_dir
 
 
 @pytest.mark.slow
-def test_cli_pretraining_checkpoint_holds_no_teacher(tmp_path):
+def test_cli_pretraining_checkpoint_holds_no_teacher(tmp_path, demo):
     """`violet-ds pretrain` with a 2D Swin teacher: DeepSpeed checkpoints carry no teacher tensors."""
-    from engine_support import latest_tag, make_small_demo, run_cli, tiny_config, write_config
+    from engine_support import latest_tag, run_cli, tiny_config, write_config
 
-    demo = make_small_demo(tmp_path)
     options = make_teacher("2d_feature", tmp_path)
     config = tiny_config(demo, tmp_path / "runs", "teacher", run__max_steps=2, run__save_every=2)
     config["task"].update(mvm_targets={"2d_feature": 1.0}, target_options={"2d_feature": options})

@@ -14,18 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine_support import make_small_demo, run_cli, tiny_config, train_records, write_config
+from engine_support import run_cli, tiny_config, train_records, write_config
 from violet_ds.config import DataConfig, DataSource
-from violet_ds.targets.extract import TargetStore, extract_targets
+from violet_ds.data.sidecars import TargetStore
+from violet_ds.targets.extract import extract_targets
 
 torch.set_num_threads(2)
 FRAMES, SIZE = 2, 64
 SIDECAR_VALUE = 40.0
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return make_small_demo(tmp_path_factory.mktemp("sidecar_demo"))
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from violet_ds.data.frames import to_unit_range
 from violet_ds.models.heads import MVMHead
 from violet_ds.targets import TargetOutput, create_target, mvm_loss
-from violet_ds.targets.base import to_unit_range
 
 torch.set_num_threads(2)
 B, T, SIZE = 2, 3, 64

@@ -4,7 +4,6 @@ captioning mask, decoding, zero-shot head check)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,15 +11,6 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from violet_ds.config import DataConfig, DataSource, TaskConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_support import make_small_demo  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return make_small_demo(tmp_path_factory.mktemp("demo_tasks"))
-
 
 def data_config(demo: Path, annotation: str) -> DataConfig:
     def source(split):

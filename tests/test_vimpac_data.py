@@ -21,11 +21,10 @@ from violet_ds.data.vq_clips import (
     VQTokenStore,
     decode_token_row,
     encode_token_row,
-    extract_vq,
-    write_random_dvae,
     write_vq_tsv,
 )
 from violet_ds.registry import MODELS
+from violet_ds.targets.vq import extract_vq, write_random_dvae
 
 torch.set_num_threads(2)
 
@@ -59,8 +58,8 @@ def _frame_tsv(path: Path, videos: dict) -> None:
 
 
 def test_extract_vq_matches_the_encoder_and_keeps_video_lengths(tmp_path):
-    from violet_ds.targets.base import read_state_dict
     from violet_ds.targets.vq import DalleEncoder
+    from violet_ds.weights import read_state_dict
 
     rng = np.random.default_rng(0)
     videos = {"long": rng.integers(0, 255, (5, 40, 48, 3), dtype=np.uint8),
@@ -89,8 +88,7 @@ def test_extract_vq_matches_the_encoder_and_keeps_video_lengths(tmp_path):
 
 
 def test_extract_targets_sidecar_is_a_token_store(tmp_path):
-    from violet_ds.targets.base import TargetOutput
-    from violet_ds.targets.extract import TargetStore
+    from violet_ds.data.sidecars import TargetOutput, TargetStore
 
     meta = {"target": "vq", "spec": {"kind": "token", "channels": 8192, "loss": "cross_entropy"}, "options": {},
             "geometry": {"num_frames": 3, "size": 32, "sampling": "segment-centre", "spatial": "crop"}}

@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-pickle": ("violet_ds.data.convert:convert_pickle", "official frame / VQ pickles -> TSV / .npz (restricted unpickler)"),
     "make-demo-data": ("violet_ds.data.demo:make_demo_data", "generate the synthetic demo videos, annotations, TSVs and vocabulary"),
     "extract-targets": ("violet_ds.targets.extract:extract_targets", "pre-compute an MVM target (teacher output) for a frame TSV"),
-    "extract-vq": ("violet_ds.data.vq_clips:extract_vq", "frame TSVs -> DALL-E dVAE token TSV for VIMPAC (all frames per video)"),
+    "extract-vq": ("violet_ds.targets.vq:extract_vq", "frame TSVs -> DALL-E dVAE token TSV for VIMPAC (all frames per video)"),
     # models
     "convert-checkpoint": ("violet_ds.models.checkpoint_io:convert_checkpoint", "official VIOLET / VIOLETv2 / LAVENDER checkpoint <-> violet_ds safetensors"),
     "list-models": ("violet_ds.models:print_models", "list registered models with their parameter counts"),

@@ -213,7 +213,8 @@ class Predictor:
     def _load_official(cls, path: Path, *, tokenizer, device, num_frames, image_size, max_text_len, stored_frames,
                        answer_vocab) -> "Predictor":
         from violet_ds.data.tokenizer import Tokenizer, find_packaged_bert
-        from violet_ds.models.checkpoint_io import is_official_state_dict, load_official_checkpoint, read_state_dict
+        from violet_ds.models.checkpoint_io import is_official_state_dict, load_official_checkpoint
+        from violet_ds.weights import read_state_dict
 
         not_official = ValueError(f"{path}: not an official VIOLET-family checkpoint; a violet_ds weight file "
                                   "carries no configuration: use a run directory or `violet-ds export --format dir`")

@@ -12,7 +12,7 @@ README.md            model card: what the model is, what it was trained on, the 
 ```
 
 `from_pretrained(dir)` rebuilds the task module (backbone + heads) and loads the weights strictly
-through the same key checks as every other weight file (`models.checkpoint_io.load_strict`); only
+through the same key checks as every other weight file (`violet_ds.weights.load_strict`); only
 safetensors are read. `run.init_from`, `model.weights` and `violet-ds predict` accept such a directory.
 """
 
@@ -26,6 +26,8 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
+
+from violet_ds.weights import check_keys, load_strict, read_state_dict
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -158,10 +160,7 @@ def save_pretrained(task: nn.Module, directory: str | Path, *, model_name: Optio
     own = task.state_dict()
     state = dict(state_dict) if state_dict is not None else own
     # the same check a load will make: a directory that cannot be loaded back is never written
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"save_pretrained: weights do not match the task: missing {missing[:8]}, "
-                       f"unexpected {unexpected[:8]}")
+    check_keys(state, own, "save_pretrained: weights do not match the task")
     tensors = {k: (v.detach().to("cpu", dtypes[dtype]) if v.is_floating_point() else v.detach().cpu()).contiguous()
                for k, v in state.items()}
     out = Path(directory)
@@ -256,8 +255,6 @@ def _build_config(task_cfg, mvm: bool):
 
 def _load(task: nn.Module, state: Dict[str, torch.Tensor], source: str, mvm: bool) -> None:
     """Strict load; without `mvm` the file's MVM head weights are left out (the task was built without them)."""
-    from violet_ds.models.checkpoint_io import load_strict
-
     own = task.state_dict()
     if not mvm:
         state = {k: v for k, v in state.items() if k in own or not k.startswith("heads.mvm")}
@@ -272,8 +269,6 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu", m
     `.clip` (the recorded clip settings). `mvm=False` builds a pretraining task without its MVM
     objective (no teacher is built or read; the MVM heads' weights are skipped), for inference.
     """
-    from safetensors.torch import load_file
-
     from violet_ds.config import TaskConfig
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.models import create_model
@@ -288,7 +283,7 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu", m
     model.tie_mlm_head = bool(config["model"].get("tie_mlm_head", False))
     task_cfg = _build_config(TaskConfig(**_known_fields(TaskConfig, config["task"])), mvm)
     task = create_task(task_cfg.name, model, task_cfg, tokenizer)
-    _load(task, load_file(str(directory / WEIGHTS_FILE)), str(directory / WEIGHTS_FILE), mvm)
+    _load(task, read_state_dict(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE), mvm)
     task.clip = dict(config.get("clip") or {})
     return task.to(device).eval()
 

@@ -80,19 +80,23 @@ def load_init_weights(task: torch.nn.Module, path: str, logger: Optional[RunLogg
     Keys are matched by name (`model.*`, `heads.*`); heads absent from the file (a new downstream
     head) are reported, never silently assumed; keys of the file the task lacks are reported too.
     """
+    from violet_ds.weights import WeightsMismatchError, compare_keys
+
     from ..engine.export import read_weights
 
     state = read_weights(path)
-    own = task.state_dict()
     if not any(key.startswith(("model.", "heads.")) for key in state):
         state = {f"model.{key}": value for key, value in state.items()}
-    mismatched = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
-    loadable = {k: v for k, v in state.items() if k in own and k not in mismatched}
-    missing = sorted(set(own) - set(loadable))
-    unused = sorted(set(state) - set(own))
+    keys = compare_keys(state, task.state_dict())
+    mismatched = sorted(keys.mismatched)
+    unusable = set(keys.unexpected) | set(mismatched)
+    loadable = {k: v for k, v in state.items() if k not in unusable}
+    # a re-initialised (shape-mismatched) tensor is as new as a missing one
+    missing = sorted(keys.missing + mismatched)
+    unused = keys.unexpected
     model_missing = [k for k in missing if k.startswith("model.")]
     if model_missing:
-        raise KeyError(f"{path}: backbone weights missing for {model_missing[:10]} ({len(model_missing)} keys)")
+        raise WeightsMismatchError(f"{path}: backbone weights missing for {model_missing[:10]} ({len(model_missing)} keys)")
     task.load_state_dict(loadable, strict=False)
     report = {"loaded": len(loadable), "missing": missing, "unused": unused, "shape_mismatch": mismatched}
     if logger is not None:
@@ -199,7 +203,7 @@ def prepare_sidecars(datasets: Mapping[str, Dataset], data: DataConfig, split: s
     (`short="repeat"`) is refused. Returns {target name: TargetStore}, empty without sidecars.
     """
     from violet_ds.data.datasets import ClipReader
-    from violet_ds.targets.extract import open_sidecars
+    from violet_ds.data.sidecars import open_sidecars
 
     sources = getattr(data, split)
     paths = [path for source in sources for path in _sidecar_paths(source)]
@@ -239,7 +243,7 @@ def _loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, world:
     workers = data.num_workers
     collate_fn = collate
     if stores:
-        from violet_ds.targets.extract import SidecarCollate
+        from violet_ds.data.sidecars import SidecarCollate
 
         collate_fn = SidecarCollate(collate, dict(stores))
     # workers ignore SIGTERM so that a preempted run can finish its step and save

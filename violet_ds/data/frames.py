@@ -263,13 +263,19 @@ def normalize(video: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
     return (scaled - mean_t) / std_t
 
 
-def denormalize(video: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-                std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """Inverse of `normalize` -> uint8 (for TensorBoard images)."""
+def to_unit_range(video: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                  std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Undo `normalize`'s mean/std: float `(..., 3, H, W)` pixel values in [0, 1] (not clamped)."""
     shape = (3, 1, 1)
     mean_t = torch.tensor(mean, dtype=video.dtype, device=video.device).view(shape)
     std_t = torch.tensor(std, dtype=video.dtype, device=video.device).view(shape)
-    return ((video * std_t + mean_t) * 255.0).round().clamp(0, 255).to(torch.uint8)
+    return video * std_t + mean_t
+
+
+def denormalize(video: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Inverse of `normalize` -> uint8 (for TensorBoard images)."""
+    return (to_unit_range(video, mean, std) * 255.0).round().clamp(0, 255).to(torch.uint8)
 
 
 # ---------------------------------------------------------------- encoding (extraction, demo)

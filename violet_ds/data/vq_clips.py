@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import os
-import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
@@ -32,13 +31,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from violet_ds.data.sidecars import TargetStore
 from violet_ds.data.tsv import TSVError, TSVFile, TSVWriter, resolve_tsv_paths
 
 PathLike = Union[str, os.PathLike]
 
-# DALL-E VQ special rows (REFERENCE.md §3); models.vimpac holds the same constants, repeated here so
-# the data layer does not import the model package.
-DEFAULT_VQ_PAD_ID = 8193
+# DALL-E dVAE codebook size and VIMPAC's special rows (REFERENCE.md §3): the token embedding has 8197
+# rows; [PAD] fills frames missing from short videos, [MASK] replaces masked tokens. Defined here, the
+# lowest floor that speaks VQ tokens, so token files, the vq target and the VIMPAC model share them.
+VQ_CODEBOOK_SIZE = 8192
+VQ_PAD_ID = 8193
+VQ_MASK_ID = 8196
+VQ_VOCAB_ROWS = 8197
 
 
 class VQTokenError(ValueError):
@@ -177,10 +181,8 @@ class VQTokenStore:
             yield key, self[key]
 
 
-def _open_vq_sidecar(path: Path):
+def _open_vq_sidecar(path: Path) -> TargetStore:
     """An `extract-targets` store that must hold DALL-E token ids."""
-    from violet_ds.targets.extract import TargetStore
-
     store = TargetStore(path)
     if store.target_name != "vq" or store.spec.kind != "token":
         raise VQTokenError(f"{path}: sidecar holds target {store.target_name!r} ({store.spec.kind}); "
@@ -300,7 +302,7 @@ class VQPretrainDataset(_ClipMixin, Dataset):
     def __init__(self, tokens: Union[PathLike, VQTokenStore], video_ids: Optional[Sequence[str]] = None,
                  annotations: Optional[PathLike] = None, split: str = "train", clip_frames: int = 5,
                  grid: Optional[tuple[int, int]] = None, frame_stride: int = 1, contrastive: bool = True,
-                 pad_id: int = DEFAULT_VQ_PAD_ID, seed: Optional[int] = None):
+                 pad_id: int = VQ_PAD_ID, seed: Optional[int] = None):
         if clip_frames < 1 or frame_stride < 1:
             raise ValueError(f"clip_frames and frame_stride must be >= 1, got {clip_frames}, {frame_stride}")
         self.store = tokens if isinstance(tokens, VQTokenStore) else VQTokenStore(tokens)
@@ -341,7 +343,7 @@ class VQActionDataset(_ClipMixin, Dataset):
     def __init__(self, tokens: Union[PathLike, VQTokenStore], annotations: PathLike, split: str = "train",
                  clip_frames: int = 5, grid: Optional[tuple[int, int]] = None, frame_stride: int = 1,
                  train: bool = True, eval_clips: int = 1, eval_crops: int = 1,
-                 pad_id: int = DEFAULT_VQ_PAD_ID, seed: Optional[int] = None):
+                 pad_id: int = VQ_PAD_ID, seed: Optional[int] = None):
         from violet_ds.data import annotations as ann
 
         if clip_frames < 1 or frame_stride < 1 or eval_clips < 1 or eval_crops < 1:
@@ -374,105 +376,8 @@ class VQActionDataset(_ClipMixin, Dataset):
         return sample
 
 
-# ---------------------------------------------------------------- extraction (frames -> VQ TSV)
-
-def write_random_dvae(path: PathLike, n_hid: int = 16, blocks_per_group: int = 1, vocab_size: int = 8192,
-                      seed: int = 0) -> Path:
-    """Save a randomly initialised DALL-E dVAE encoder in the official state-dict layout (`.pt`).
-
-    For demos and tests only: no weights can be downloaded here, and a random encoder still maps a
-    local image patch to a stable code, which is all the CPU demo needs. Real runs convert OpenAI's
-    encoder once (see `violet_ds.targets.vq`).
-    """
-    from violet_ds.targets.vq import DalleEncoder
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = DalleEncoder(n_hid=n_hid, blocks_per_group=blocks_per_group, vocab_size=vocab_size)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(encoder.state_dict(), tmp)
-    tmp.replace(path)
-    return path
-
-
-def _frames_to_codes(encoder, frames: torch.Tensor, batch_frames: int) -> np.ndarray:
-    """uint8 ``(N, 3, S, S)`` -> int16 codes ``(N, S/8, S/8)``, ``batch_frames`` frames per encoder call."""
-    from violet_ds.targets.vq import DalleEncoder
-
-    codes = []
-    for start in range(0, frames.shape[0], batch_frames):
-        pixels = frames[start:start + batch_frames].float() / 255.0
-        codes.append(encoder(DalleEncoder.map_pixels(pixels)).argmax(dim=1).to(torch.int16))
-    return torch.cat(codes).numpy()
-
-
-def extract_vq(tsv: str, encoder: str, output: str, size: int = 128, batch_frames: int = 64,
-               frame_column: Optional[int] = None, decoder: str = "auto", limit: Optional[int] = None,
-               threads: Optional[int] = None) -> int:
-    """Frame TSV(s) -> VIMPAC VQ-token TSV: every stored frame through the DALL-E dVAE encoder.
-
-    Each frame is resized (short side) and centre-cropped to `size` pixels, then encoded to a
-    `(size/8, size/8)` grid of the 8192 codes; a video keeps all its frames (clips are cut at
-    training time, and short videos are padded then). Rows: `video_id<TAB>N,h,w<TAB>base64(int16)`.
-
-    Args:
-        tsv: frame TSV path, glob or comma-separated list (`video_id<TAB>b64 JPEG ...`).
-        encoder: DALL-E dVAE encoder state dict (`.pt`/`.pth` read with weights_only, or `.safetensors`).
-        output: the VQ TSV to write (its `.lineidx` is written next to it, atomically).
-        size: square frame side in pixels before encoding (multiple of 8: 128 -> 16x16 tokens).
-        batch_frames: frames per encoder call.
-        frame_column: first frame column (default: detected).
-        decoder: JPEG decoder (auto, simplejpeg, pillow).
-        limit: only the first N videos (smoke runs).
-        threads: torch CPU threads (default: torch's own choice).
-    """
-    from violet_ds.engine.logging import progress as tqdm  # a bar on terminals, lines in log files
-
-    from violet_ds.data.frames import VideoTransform, decode_frames
-    from violet_ds.targets.base import read_state_dict
-    from violet_ds.targets.vq import DOWNSAMPLE, DalleEncoder
-
-    if size < DOWNSAMPLE or size % DOWNSAMPLE:
-        raise ValueError(f"size must be a positive multiple of {DOWNSAMPLE}, got {size}")
-    if threads:
-        torch.set_num_threads(threads)
-    model = DalleEncoder.from_state_dict(read_state_dict(encoder), where=str(encoder)).eval()
-    transform = VideoTransform(size, train=False, mode="crop")
-    tables = [TSVFile(path, frame_column=frame_column) for path in resolve_tsv_paths(tsv)]
-    jobs = [(table, row) for table in tables for row in range(len(table))]
-    if limit is not None:
-        jobs = jobs[:limit]
-    seen: set[str] = set()
-    started = time.perf_counter()
-    frames_done = 0
-
-    def encoded() -> Iterator[tuple[str, np.ndarray]]:
-        nonlocal frames_done
-        with torch.inference_mode(), tqdm(total=len(jobs), desc="extract-vq", unit="video") as progress:
-            for table, row in jobs:
-                key, frames = table.frames(row)
-                if key in seen:
-                    raise VQTokenError(f"{table.path}: row {row}: video id {key!r} repeats; VQ rows are keyed by id")
-                seen.add(key)
-                try:
-                    video = transform(decode_frames(frames, decoder=decoder))
-                except ValueError as err:
-                    raise VQTokenError(f"{table.path}: row {row} ({key!r}): {err}") from err
-                frames_done += video.shape[0]
-                yield key, _frames_to_codes(model, video, batch_frames)
-                progress.update(1)
-
-    rows = write_vq_tsv(output, encoded())
-    elapsed = time.perf_counter() - started
-    print(f"extract-vq: {rows} videos, {frames_done} frames -> {output} ({size // DOWNSAMPLE}x{size // DOWNSAMPLE} "
-          f"tokens per frame; {1000 * elapsed / max(frames_done, 1):.1f} ms/frame, {elapsed:.1f} s)")
-    return 0
-
-
 __all__ = [
     "VQTokenError", "VQTokenStore", "VQPretrainDataset", "VQActionDataset", "encode_token_row",
     "decode_token_row", "write_vq_tsv", "cut_clip", "clip_span", "evenly_spaced", "TSVError",
-    "extract_vq", "write_random_dvae",
+    "VQ_CODEBOOK_SIZE", "VQ_PAD_ID", "VQ_MASK_ID", "VQ_VOCAB_ROWS",
 ]

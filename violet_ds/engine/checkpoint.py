@@ -29,10 +29,12 @@ import pickle
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
+
+from violet_ds.weights import safe_torch_load, unsafe_globals
 
 from ..data.sampler import SampleCursor
 from .distributed import World
@@ -74,13 +76,6 @@ def _allowed_globals() -> list:
     return found
 
 
-def _unsafe_globals(path: Path) -> List[str]:
-    try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception:  # noqa: BLE001 - only used to make the message more precise
-        return []
-
-
 def safe_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """`torch.load` that cannot run code: weights-only, plus DeepSpeed's checkpoint classes.
 
@@ -91,16 +86,9 @@ def safe_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
-            try:
-                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-            except RuntimeError as error:
-                if not mmap or "mmap" not in str(error):
-                    raise
-                # a legacy (non-zip) torch file cannot be memory-mapped; read it whole
-                return torch.load(path, map_location=map_location, weights_only=True)
+        return safe_torch_load(path, map_location=map_location, mmap=mmap, allowed_globals=_allowed_globals())
     except pickle.UnpicklingError as error:
-        refused = _unsafe_globals(path)
+        refused = unsafe_globals(path)
         what = f"refused globals: {', '.join(refused)}" if refused else str(error).strip().splitlines()[-1:]
         raise UnsafeCheckpointError(
             f"{path}: refused to load: it holds objects whose unpickling could run code ({what}). Only tensors, "

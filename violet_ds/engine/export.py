@@ -38,21 +38,14 @@ def deepspeed_fp32_state_dict(path: str | Path, tag: Optional[str] = None) -> Di
 
 
 def read_weights(path: str | Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Task weights from a run/checkpoint dir (DeepSpeed), a violet_ds safetensors, or an official .pt.
-
-    Official VIOLET/VIOLETv2/LAVENDER checkpoints are mapped to `model.*` / `heads.*` names; their
-    frozen teachers are dropped.
-    """
+    """Task weights from a run/checkpoint dir (DeepSpeed), a model directory, a violet_ds safetensors,
+    or an official .pt (mapped to `model.*` / `heads.*` names, its frozen teachers dropped)."""
     path = Path(path)
-    # a model directory (`export --format dir`) holds model.safetensors; read_state_dict opens it
     if path.is_dir() and not (path / "model.safetensors").is_file():
         return deepspeed_fp32_state_dict(path, tag)
-    from violet_ds.models.checkpoint_io import convert_official_state_dict, read_state_dict
+    from violet_ds.models.checkpoint_io import read_violet_state_dict
 
-    state = read_state_dict(path)
-    if any(key.startswith(("enc_img.", "trsfr.", "enc_txt.")) for key in state):
-        return convert_official_state_dict(state).state_dict
-    return state
+    return read_violet_state_dict(path)
 
 
 def _model_name_of(checkpoint_dir: Path, tag: str) -> Optional[str]:

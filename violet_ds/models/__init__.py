@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from violet_ds.registry import MODELS
+from violet_ds.weights import load_strict, strip_prefix
 
-from .violet import VioletConfig, VioletModel, VioletOutput, check_state_dict
+from .violet import VioletConfig, VioletModel, VioletOutput
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +86,14 @@ def load_weights(model: nn.Module, path: str | Path) -> dict:
     reported), bare backbone weights, or an official VIOLET / VIOLETv2 / LAVENDER checkpoint (converted
     through `checkpoint_io`'s key map first). Raises naming the missing / unexpected keys.
     """
-    from .checkpoint_io import convert_official_state_dict, is_official_state_dict, read_state_dict
+    from .checkpoint_io import read_violet_state_dict
 
-    state = read_state_dict(path)
-    if is_official_state_dict(state):
-        report = convert_official_state_dict(state)
-        log.info("%s: official checkpoint: %s", path, report.summary())
-        state = report.state_dict
+    state = read_violet_state_dict(path)
+    ignored = []
     if any(k.startswith("model.") for k in state):
         ignored = sorted(k for k in state if not k.startswith("model."))
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    else:
-        ignored = []
-    check_state_dict(state, model.state_dict(), f"{path}: weights")
-    model.load_state_dict(state, strict=True)
+        state = strip_prefix(state, "model.")
+    load_strict(model, state, f"{path}: weights")
     if ignored:
         log.info("%s: ignored %d non-backbone keys (heads): %s", path, len(ignored), ignored[:8])
     return {"ignored": ignored}

@@ -38,12 +38,13 @@ from typing import Dict, List, Literal, Optional
 import torch
 from torch import nn
 
+from violet_ds.data.vq_clips import VQ_CODEBOOK_SIZE
+from violet_ds.weights import load_strict, read_state_dict
+
 log = logging.getLogger(__name__)
 
 TEACHER_PREFIXES = ("feature_model.", "raft.", "dpt.", "dalle.")
 LEGACY_KEYS = ("enc_txt.emb_txt.position_ids",)
-# wrappers some training scripts put around a state dict
-_WRAPPER_KEYS = ("state_dict", "model", "module")
 
 _DIRECT_PREFIXES = [
     ("enc_img.swin.", "model.video_backbone."),
@@ -68,37 +69,20 @@ _DENSE_DECODER = re.compile(r"^decoder_(?P<target>[a-z0-9_]+)\.0\.(?P<param>weig
 
 # ------------------------------------------------------------------------------------------ reading
 
-def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
-    """A state dict from `.safetensors` or a torch file (`torch.load(weights_only=True)`), unwrapped."""
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        path = path / "model.safetensors"  # a model directory (violet_ds.pretrained)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # the unpickler's errors are many types; name the file in all of them
-        raise ValueError(f"{path}: not a weights-only torch checkpoint ({error})") from error
-    while isinstance(obj, dict) and len(obj) >= 1 and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)][:5]
-            raise ValueError(f"{path}: not a state dict (non-tensor entries {bad})")
-        obj = inner
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+def read_violet_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
+    """violet_ds-keyed weights of any weight file (`violet_ds.weights.read_state_dict`); an official
+    VIOLET / VIOLETv2 / LAVENDER checkpoint comes back converted (`model.*`, `heads.*`, teachers dropped)."""
+    state = read_state_dict(path)
+    if is_official_state_dict(state):
+        report = convert_official_state_dict(state)
+        log.info("%s: official checkpoint: %s", path, report.summary())
+        state = report.state_dict
+    return state
 
 
 def is_official_state_dict(state: Dict[str, torch.Tensor]) -> bool:
     """Whether a state dict uses the official VIOLET-family key layout (`enc_img.*`, `trsfr.*`)."""
-    return any(k.startswith(("enc_img.", "trsfr.layer.")) for k in state)
+    return any(k.startswith(("enc_img.", "enc_txt.", "trsfr.")) for k in state)
 
 
 def _upcast(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -153,8 +137,8 @@ def describe_official(state: Dict[str, torch.Tensor]) -> Dict[str, object]:
                         "tied": "fc_mtm.predictions.decoder.weight" not in state}
     if "fc_mvm.3.weight" in state:
         channels = int(state["fc_mvm.3.weight"].shape[0])
-        # VQ ids are 8192-way classification; feature targets regress their width
-        heads["mvm"] = {"kind": "token" if channels == 8192 else "feature", "channels": channels}
+        # VQ ids are a classification over the DALL-E codebook; feature targets regress their width
+        heads["mvm"] = {"kind": "token" if channels == VQ_CODEBOOK_SIZE else "feature", "channels": channels}
     dense = [m for m in map(_DENSE_DECODER.match, state) if m]
     if dense:
         target = dense[0].group("target")
@@ -299,18 +283,6 @@ def load_official_checkpoint(path: str | Path, allow_unmatched: bool = False,
     return module, report
 
 
-def load_strict(module: nn.Module, state: Dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """`load_state_dict(strict=True)` with missing / unexpected / mis-shaped keys named in the error."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
-              if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise KeyError(f"{source}: missing {missing}; unexpected {unexpected}; shape mismatches {shapes}")
-    module.load_state_dict(state, strict=True)
-
-
 # ------------------------------------------------------------------------------------------ CLI
 
 def _save_safetensors(state: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
@@ -376,7 +348,7 @@ def convert_checkpoint(src: str, dst: str, direction: Literal["auto", "to_ours",
 
 
 __all__ = [
-    "read_state_dict", "is_official_state_dict", "map_official_key", "describe_official", "convert_official_state_dict",
-    "to_official_state_dict", "build_heads", "load_official_checkpoint", "load_strict", "convert_checkpoint",
+    "read_violet_state_dict", "is_official_state_dict", "map_official_key", "describe_official", "convert_official_state_dict",
+    "to_official_state_dict", "build_heads", "load_official_checkpoint", "convert_checkpoint",
     "ConversionReport", "OfficialModel", "TEACHER_PREFIXES",
 ]

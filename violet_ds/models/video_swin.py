@@ -27,6 +27,8 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, Mlp, trunc_normal_
 
+from violet_ds.weights import read_state_dict, strip_prefix
+
 Size3 = Tuple[int, int, int]
 log = logging.getLogger(__name__)
 
@@ -553,11 +555,6 @@ def build_video_swin(variant: str = "small", **overrides) -> VideoSwinTransforme
 
 # ----------------------------------------------------------------------------------- weight loading
 
-def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    """Keys under `prefix` with it removed (e.g. `backbone.` of the official Kinetics checkpoints)."""
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
 def _resize_bias_table_2d(table: torch.Tensor, size: int) -> torch.Tensor:
     """Bicubic resize of a ((2w-1)^2, heads) 2D table to ((size)^2, heads)."""
     old = round(table.shape[0] ** 0.5)
@@ -627,8 +624,6 @@ def load_video_swin_weights(model: VideoSwinTransformer3D, path: str) -> Dict[st
     `.safetensors` or torch pickles (read with `weights_only=True`). Returns the report
     `{"missing": [...], "unexpected": [...]}`; raises if any model weight stays uninitialised.
     """
-    from .checkpoint_io import read_state_dict
-
     state = read_state_dict(path)
     outside_prefix: list = []
     for prefix in ("backbone.", "enc_img.swin."):

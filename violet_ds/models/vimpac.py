@@ -28,16 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from violet_ds.data.vq_clips import VQ_CODEBOOK_SIZE, VQ_MASK_ID, VQ_PAD_ID, VQ_VOCAB_ROWS
 from violet_ds.registry import MODELS
 
 log = logging.getLogger(__name__)
-
-# DALL-E dVAE codebook size and VIMPAC's special rows (REFERENCE.md §3): the token embedding has
-# 8197 rows; [PAD] fills frames missing from short videos, [MASK] replaces masked tokens.
-VQ_CODEBOOK_SIZE = 8192
-VQ_PAD_ID = 8193
-VQ_MASK_ID = 8196
-VQ_VOCAB_ROWS = 8197
 
 
 def _refuse_offload(offload: bool) -> None:

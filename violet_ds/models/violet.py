@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from violet_ds.weights import check_keys, read_state_dict
+
 from .video_swin import SWIN_VARIANTS, VideoSwinConfig, VideoSwinTransformer3D, load_video_swin_weights
 
 log = logging.getLogger(__name__)
@@ -138,17 +140,6 @@ def _bert_config(cfg: VioletConfig):
     return bert_cfg
 
 
-def check_state_dict(state: dict, own: dict, where: str) -> None:
-    """Raise, naming every key, unless `state` has exactly the keys of `own` with the same shapes."""
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"{where} do not match the model: missing {missing}, unexpected {unexpected}")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
-
-
 class CrossModalEncoder(nn.Module):
     """A stack of BERT layers over the concatenated video+text sequence (official prefix `trsfr.`)."""
 
@@ -235,18 +226,13 @@ class VioletModel(nn.Module):
 
     def load_text_weights(self, model_dir: str | Path) -> None:
         """Copy BERT embeddings and encoder layers from a local Hugging Face BERT directory."""
-        from safetensors.torch import load_file
-
         model_dir = Path(model_dir)
-        files = sorted(model_dir.glob("*.safetensors"))
-        if files:
-            state = {}
-            for file in files:
-                state.update(load_file(str(file)))
-        elif (model_dir / "pytorch_model.bin").is_file():
-            state = torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        else:
+        files = sorted(model_dir.glob("*.safetensors")) or [model_dir / "pytorch_model.bin"]
+        if not files[0].is_file():
             raise FileNotFoundError(f"{model_dir}: no *.safetensors or pytorch_model.bin with BERT weights")
+        state = {}
+        for file in files:
+            state.update(read_state_dict(file))
         # Hugging Face BERT checkpoints exist with and without the `bert.` prefix
         state = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in state.items()}
         mapped, unused = {}, []
@@ -263,7 +249,7 @@ class VioletModel(nn.Module):
         own = {k: v for k, v in self.state_dict().items()
                if k.startswith(("text_embeddings.", "cross_encoder."))}
         mapped = {k: v for k, v in mapped.items() if k in own or not k.endswith(("position_ids", "token_type_ids"))}
-        check_state_dict(mapped, own, f"{model_dir}: BERT weights")
+        check_keys(mapped, own, f"{model_dir}: BERT weights")
         self.load_state_dict(mapped, strict=False)
 
     # ------------------------------------------------------------------ public API

@@ -12,6 +12,9 @@ Teachers (frozen networks some targets run) live in a plain attribute of the tar
 not an `nn.Module`: a task holding a target never registers the teacher as a submodule, so teacher
 weights never reach the optimizer or a checkpoint. They run in eval mode, under `torch.no_grad`, in
 the training dtype (`Target.to(device, dtype)`).
+
+`TargetSpec` and `TargetOutput` are defined with the sidecar store (`violet_ds.data.sidecars`), which
+keeps target values on disk; teachers read their weights through `violet_ds.weights`.
 """
 
 from __future__ import annotations
@@ -26,45 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from violet_ds.data.frames import IMAGENET_MEAN, IMAGENET_STD, to_unit_range
+from violet_ds.data.sidecars import TargetOutput, TargetSpec
 from violet_ds.registry import TARGETS
-
-KINDS = ("dense", "token", "feature")
-LOSSES = ("l1", "smooth_l1", "mse", "cross_entropy")
-
-# Must equal violet_ds.data.frames.IMAGENET_MEAN/STD: the clip a target receives was normalised with them.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """What a target produces and how it is scored: enough for the task to build the MVM head."""
-
-    kind: str
-    channels: int
-    loss: str
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"TargetSpec.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"TargetSpec.loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.kind == "token" and self.loss != "cross_entropy":
-            raise ValueError("a token target is scored with cross_entropy")
-        if self.channels <= 0:
-            raise ValueError(f"TargetSpec.channels must be positive, got {self.channels}")
-
-
-@dataclass
-class TargetOutput:
-    """A computed target: `value` in the layout of its spec's kind; `valid` bool `(B, T)` or None (all valid)."""
-
-    value: torch.Tensor
-    valid: Optional[torch.Tensor] = None
-
-    def to(self, device: Union[str, torch.device, None] = None) -> "TargetOutput":
-        valid = None if self.valid is None else self.valid.to(device)
-        return TargetOutput(self.value.to(device), valid)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -80,15 +47,6 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]
         return names[str(dtype).lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}") from None
-
-
-def to_unit_range(video: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-                  std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """ImageNet-normalised float `(..., 3, H, W)` -> pixel values in [0, 1] (float, not clamped)."""
-    shape = (3, 1, 1)
-    mean_t = torch.tensor(mean, dtype=video.dtype, device=video.device).view(shape)
-    std_t = torch.tensor(std, dtype=video.dtype, device=video.device).view(shape)
-    return video * std_t + mean_t
 
 
 def renormalize(video: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -135,56 +93,6 @@ def freeze(module: nn.Module) -> nn.Module:
     for param in module.parameters():
         param.requires_grad_(False)
     return module
-
-
-def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """A state dict from `.safetensors` or a torch file (read with `weights_only=True`).
-
-    Torch files that wrap the weights (`{"state_dict": ...}`, `{"model": ...}`) are unwrapped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError/RuntimeError subclasses depending on the file
-        raise ValueError(f"{path}: not a weights-only torch state dict ({type(err).__name__}: {err}). "
-                         "Pickled modules cannot be loaded safely: save `module.state_dict()` instead.") from err
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
-    return state
-
-
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], where: str,
-                ignore: Sequence[str] = ()) -> None:
-    """Load `state` into `module`, raising with the names of missing/unexpected/mis-shaped keys.
-
-    Keys starting with a prefix in `ignore` are dropped from the check (e.g. a classifier head the
-    teacher does not use).
-    """
-    state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in ignore)}
-    own = module.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
-    wrong = sorted(f"{k}: {tuple(state[k].shape)} != {tuple(own[k].shape)}"
-                   for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)})")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
-        if wrong:
-            parts.append(f"shape mismatches {wrong[:8]}")
-        raise KeyError(f"{where}: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
 
 
 def preprocessor_mean_std(model_dir: Union[str, os.PathLike], default_mean: Sequence[float],
@@ -442,11 +350,13 @@ class TargetMix:
 MixSpec = Union[str, Sequence[str], Mapping[str, float]]
 
 
-def create_targets(weights: MixSpec, options: Optional[Mapping[str, Mapping[str, Any]]] = None) -> TargetMix:
+def create_targets(weights: MixSpec, options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                   patch: Optional[int] = None) -> TargetMix:
     """A weighted mix: `create_targets({"pixel": 1.0, "hog": 0.5}, {"hog": {"orientations": 9}})`.
 
-    `weights` may also be one name or a list of names (weight 1 each). `options[name]` are the keyword
-    arguments of that target's factory.
+    `weights` may also be one name or a list of names (weight 1 each); a target of weight 0 is left
+    out (its teacher is never built). `options[name]` are the keyword arguments of that target's
+    factory; `patch`, when given, is every target's VT patch unless its options set one.
     """
     if isinstance(weights, str):
         weights = {weights: 1.0}
@@ -461,8 +371,13 @@ def create_targets(weights: MixSpec, options: Optional[Mapping[str, Mapping[str,
     entries = []
     for name, weight in weights.items():
         if float(weight) < 0:
-            raise ValueError(f"target {name!r} has a negative weight {weight}")
-        entries.append(MixEntry(name, float(weight), create_target(name, **dict(options.get(name, {})))))
+            raise ValueError(f"MVM target {name!r} has a negative weight {weight}")
+        if float(weight) == 0:
+            continue
+        target_options = dict(options.get(name, {}))
+        if patch is not None:
+            target_options.setdefault("patch", patch)
+        entries.append(MixEntry(name, float(weight), create_target(name, **target_options)))
     return TargetMix(entries)
 
 

@@ -17,10 +17,12 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
+from violet_ds.data.frames import IMAGENET_MEAN, IMAGENET_STD
 from violet_ds.registry import TARGETS
+from violet_ds.weights import load_strict, read_state_dict
 
-from .base import (Target, TargetOutput, TargetSpec, load_hf_model, load_strict, pool_to_grid,
-                   preprocessor_mean_std, read_state_dict, renormalize, resize_frames, IMAGENET_MEAN, IMAGENET_STD)
+from .base import (Target, TargetOutput, TargetSpec, load_hf_model, pool_to_grid, preprocessor_mean_std,
+                   renormalize, resize_frames)
 
 
 # transformers SwinConfig fields of the official teacher (Swin-B, 224, window 7): the same keys and

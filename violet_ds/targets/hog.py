@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from violet_ds.data.frames import to_unit_range
 from violet_ds.registry import TARGETS
 
-from .base import Target, TargetOutput, TargetSpec, to_unit_range
+from .base import Target, TargetOutput, TargetSpec
 
 # skimage.color.rgb2gray's luma weights
 GRAY_WEIGHTS = (0.2125, 0.7154, 0.0721)

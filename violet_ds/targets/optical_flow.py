@@ -20,9 +20,11 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
+from violet_ds.data.frames import to_unit_range
 from violet_ds.registry import TARGETS
+from violet_ds.weights import load_strict, read_state_dict
 
-from .base import Target, TargetOutput, TargetSpec, load_strict, read_state_dict, resize_frames, to_unit_range
+from .base import Target, TargetOutput, TargetSpec, resize_frames
 
 RAFT_VARIANTS = ("raft_large", "raft_small")
 MIN_RAFT_SIDE = 128

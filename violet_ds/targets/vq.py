@@ -1,4 +1,4 @@
-"""`vq`: DALL-E dVAE token ids (8192-way classification per VT token).
+"""`vq`: DALL-E dVAE token ids (a classification over the 8192 codes per VT token).
 
 `DalleEncoder` is the dVAE encoder of OpenAI's DALL-E, written here in torch after the published
 architecture, with the official parameter names so the released weights load unchanged:
@@ -23,22 +23,33 @@ checkpoints) are accepted.
 Layout: each frame is resized to `(8h, 8w)` for a `(h, w)` VT grid (56x56 at 224: VIOLET's setting)
 so the encoder yields exactly one token per VT token. Without a checkpoint the target only reads
 pre-extracted ids (`batch["vq_tokens"]`, see `base.target_from_batch`).
+
+`violet-ds extract-vq` (`extract_vq`) runs the encoder over every stored frame of a frame TSV into
+the VQ-token TSV that VIMPAC trains on (`violet_ds.data.vq_clips` reads it); `write_random_dvae`
+saves a random encoder for demos and tests.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from collections import OrderedDict
-from typing import Dict, Optional, Union
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from violet_ds.data.frames import VideoTransform, decode_frames, to_unit_range
+from violet_ds.data.tsv import TSVFile, resolve_tsv_paths
+from violet_ds.data.vq_clips import VQ_CODEBOOK_SIZE, VQTokenError, write_vq_tsv
 from violet_ds.registry import TARGETS
+from violet_ds.weights import load_strict, read_state_dict
 
-from .base import Target, TargetOutput, TargetSpec, load_strict, read_state_dict, resize_frames, to_unit_range
+from .base import Target, TargetOutput, TargetSpec, resize_frames
 
 LOGIT_EPS = 0.1
 DOWNSAMPLE = 8
@@ -81,7 +92,8 @@ class DalleEncoderBlock(nn.Module):
 class DalleEncoder(nn.Module):
     """DALL-E dVAE encoder: `(N, 3, H, W)` in [eps, 1-eps] -> logits `(N, vocab, H/8, W/8)`."""
 
-    def __init__(self, n_hid: int = 256, blocks_per_group: int = 2, vocab_size: int = 8192, in_channels: int = 3):
+    def __init__(self, n_hid: int = 256, blocks_per_group: int = 2, vocab_size: int = VQ_CODEBOOK_SIZE,
+                 in_channels: int = 3):
         super().__init__()
         self.n_hid, self.blocks_per_group, self.vocab_size = n_hid, blocks_per_group, vocab_size
         n_layers = GROUPS * blocks_per_group
@@ -150,7 +162,7 @@ class VQTarget(Target):
 
     name = "vq"
 
-    def __init__(self, checkpoint: Optional[Union[str, os.PathLike]] = None, vocab_size: int = 8192,
+    def __init__(self, checkpoint: Optional[Union[str, os.PathLike]] = None, vocab_size: int = VQ_CODEBOOK_SIZE,
                  patch: int = 32):
         super().__init__(patch)
         self.checkpoint = checkpoint
@@ -173,3 +185,92 @@ class VQTarget(Target):
         frames = to_unit_range(video.reshape(b * t, 3, height, width).to(self.device, self.dtype))
         ids = vq_token_grid(self.encoder, frames, grid)
         return TargetOutput(ids.reshape(b, t, *grid).to(video.device, torch.long))
+
+
+# ------------------------------------------------------------------------- extraction (frames -> VQ TSV)
+
+def write_random_dvae(path: Union[str, os.PathLike], n_hid: int = 16, blocks_per_group: int = 1,
+                      vocab_size: int = VQ_CODEBOOK_SIZE, seed: int = 0) -> Path:
+    """Save a randomly initialised DALL-E dVAE encoder in the official state-dict layout (`.pt`).
+
+    For demos and tests only: no weights can be downloaded here, and a random encoder still maps a
+    local image patch to a stable code, which is all the CPU demo needs. Real runs convert OpenAI's
+    encoder once (see the module docstring).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = DalleEncoder(n_hid=n_hid, blocks_per_group=blocks_per_group, vocab_size=vocab_size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(encoder.state_dict(), tmp)
+    tmp.replace(path)
+    return path
+
+
+def _frames_to_codes(encoder: DalleEncoder, frames: torch.Tensor, batch_frames: int) -> np.ndarray:
+    """uint8 ``(N, 3, S, S)`` -> int16 codes ``(N, S/8, S/8)``, ``batch_frames`` frames per encoder call."""
+    codes = []
+    for start in range(0, frames.shape[0], batch_frames):
+        pixels = frames[start:start + batch_frames].float() / 255.0
+        codes.append(encoder(DalleEncoder.map_pixels(pixels)).argmax(dim=1).to(torch.int16))
+    return torch.cat(codes).numpy()
+
+
+def extract_vq(tsv: str, encoder: str, output: str, size: int = 128, batch_frames: int = 64,
+               frame_column: Optional[int] = None, decoder: str = "auto", limit: Optional[int] = None,
+               threads: Optional[int] = None) -> int:
+    """Frame TSV(s) -> VIMPAC VQ-token TSV: every stored frame through the DALL-E dVAE encoder.
+
+    Each frame is resized (short side) and centre-cropped to `size` pixels, then encoded to a
+    `(size/8, size/8)` grid of the codebook's codes; a video keeps all its frames (clips are cut at
+    training time, and short videos are padded then). Rows: `video_id<TAB>N,h,w<TAB>base64(int16)`.
+
+    Args:
+        tsv: frame TSV path, glob or comma-separated list (`video_id<TAB>b64 JPEG ...`).
+        encoder: DALL-E dVAE encoder state dict (`.pt`/`.pth` read with weights_only, or `.safetensors`).
+        output: the VQ TSV to write (its `.lineidx` is written next to it, atomically).
+        size: square frame side in pixels before encoding (multiple of 8: 128 -> 16x16 tokens).
+        batch_frames: frames per encoder call.
+        frame_column: first frame column (default: detected).
+        decoder: JPEG decoder (auto, simplejpeg, pillow).
+        limit: only the first N videos (smoke runs).
+        threads: torch CPU threads (default: torch's own choice).
+    """
+    from violet_ds.engine.logging import progress as tqdm  # a bar on terminals, lines in log files
+
+    if size < DOWNSAMPLE or size % DOWNSAMPLE:
+        raise ValueError(f"size must be a positive multiple of {DOWNSAMPLE}, got {size}")
+    if threads:
+        torch.set_num_threads(threads)
+    model = DalleEncoder.from_state_dict(read_state_dict(encoder), where=str(encoder)).eval()
+    transform = VideoTransform(size, train=False, mode="crop")
+    tables = [TSVFile(path, frame_column=frame_column) for path in resolve_tsv_paths(tsv)]
+    jobs = [(table, row) for table in tables for row in range(len(table))]
+    if limit is not None:
+        jobs = jobs[:limit]
+    seen: set[str] = set()
+    started = time.perf_counter()
+    frames_done = 0
+
+    def encoded() -> Iterator[tuple[str, np.ndarray]]:
+        nonlocal frames_done
+        with torch.inference_mode(), tqdm(total=len(jobs), desc="extract-vq", unit="video") as progress:
+            for table, row in jobs:
+                key, frames = table.frames(row)
+                if key in seen:
+                    raise VQTokenError(f"{table.path}: row {row}: video id {key!r} repeats; VQ rows are keyed by id")
+                seen.add(key)
+                try:
+                    video = transform(decode_frames(frames, decoder=decoder))
+                except ValueError as err:
+                    raise VQTokenError(f"{table.path}: row {row} ({key!r}): {err}") from err
+                frames_done += video.shape[0]
+                yield key, _frames_to_codes(model, video, batch_frames)
+                progress.update(1)
+
+    rows = write_vq_tsv(output, encoded())
+    elapsed = time.perf_counter() - started
+    print(f"extract-vq: {rows} videos, {frames_done} frames -> {output} ({size // DOWNSAMPLE}x{size // DOWNSAMPLE} "
+          f"tokens per frame; {1000 * elapsed / max(frames_done, 1):.1f} ms/frame, {elapsed:.1f} s)")
+    return 0

@@ -22,9 +22,10 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from violet_ds.masking.text import IGNORE_INDEX
 from violet_ds.metrics import caption_metrics
 from violet_ds.registry import TASKS
-from violet_ds.tasks.common import IGNORE_INDEX, DownstreamTask, encode_video, gather_step_outputs
+from violet_ds.tasks.common import DownstreamTask, encode_video, gather_step_outputs
 
 
 def causal_text_mask(num_video: int, text_mask: torch.Tensor, dtype: torch.dtype, causal: bool = True) -> torch.Tensor:

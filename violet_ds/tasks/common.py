@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from violet_ds.data.frames import normalize
-
-IGNORE_INDEX = -100
+from violet_ds.masking.text import IGNORE_INDEX
 
 
 def parse_options(task_name: str, options: Mapping[str, Any], defaults: Mapping[str, Any]) -> Dict[str, Any]:

@@ -29,54 +29,15 @@ from violet_ds.data.frames import denormalize, normalize
 from violet_ds.masking.text import IGNORE_INDEX, mask_text
 from violet_ds.masking.visual import (apply_video_mask, mask_video_tokens, needs_attention,
                                       video_attention_grid)
-from violet_ds.registry import TARGETS, TASKS
+from violet_ds.registry import TASKS
 
 OBJECTIVES = ("vtm", "mlm", "mvm")
-VQ_VOCAB = 8192
 
 
 def _check_known(kind: str, given, known) -> None:
     unknown = sorted(set(given) - set(known))
     if unknown:
         raise ValueError(f"task pretrain: unknown {kind} {unknown}; known: {sorted(known)}")
-
-
-def _sidecar_vq_target(patch: int):
-    """A `vq` target read only from the batch (`vq_tokens`), for when no DALL-E teacher is registered."""
-    from violet_ds.targets.base import Target, TargetSpec
-
-    class SidecarVQ(Target):
-        name = "vq"
-
-        def __init__(self):
-            super().__init__(patch)
-            self.spec = TargetSpec("token", VQ_VOCAB, "cross_entropy")
-
-        def _compute(self, video):
-            raise ValueError("MVM target 'vq' reads pre-extracted DALL-E tokens: set data.train[].vq to the "
-                             "token sidecar (batches then carry `vq_tokens`)")
-
-    return SidecarVQ()
-
-
-def build_targets(names_weights: Mapping[str, float], options: Mapping[str, Mapping[str, Any]], patch: int):
-    """The weighted target mix of the config (targets with weight 0 are left out)."""
-    from violet_ds.targets.base import MixEntry, TargetMix, create_target
-
-    entries = []
-    for name, weight in names_weights.items():
-        if float(weight) == 0:
-            continue
-        if float(weight) < 0:
-            raise ValueError(f"task pretrain: MVM target {name!r} has a negative weight {weight}")
-        target_options = dict(options.get(name, {}))
-        if name == "vq" and "vq" not in TARGETS:
-            target = _sidecar_vq_target(patch)
-        else:
-            target_options.setdefault("patch", patch)
-            target = create_target(name, **target_options)
-        entries.append(MixEntry(name, float(weight), target))
-    return TargetMix(entries)
 
 
 def _frames_strip(video: torch.Tensor) -> torch.Tensor:
@@ -147,8 +108,10 @@ class PretrainTask(nn.Module):
             if not cfg.mvm_strategies:
                 raise ValueError("task pretrain: mvm_strategies is empty")
             _check_known("target_options keys", cfg.target_options, cfg.mvm_targets)
+            from violet_ds.targets import create_targets
+
             # a plain attribute: teachers inside targets never become submodules (optimizer, checkpoints)
-            self.targets = build_targets(cfg.mvm_targets, cfg.target_options, self.patch)
+            self.targets = create_targets(cfg.mvm_targets, cfg.target_options, patch=self.patch)
             if not len(self.targets):
                 raise ValueError("task pretrain: mvm weight > 0 but no MVM target has a weight > 0")
             for number, entry in enumerate(self.targets):

@@ -24,9 +24,10 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from violet_ds.masking.text import IGNORE_INDEX
 from violet_ds.metrics import accuracy
 from violet_ds.registry import TASKS
-from violet_ds.tasks.common import (IGNORE_INDEX, DownstreamTask, append_answer_mask, cross_entropy_or_zero,
+from violet_ds.tasks.common import (DownstreamTask, append_answer_mask, cross_entropy_or_zero,
                                     encode_video, fuse_pairs, gather_positions, gather_step_outputs, pooled_of,
                                     first_mask_position)
 
