@@ -30,7 +30,8 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
-from typing import Dict, Optional, Union
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +164,13 @@ class VQTarget(Target):
 
     def teachers(self):
         return [] if self.encoder is None else [self.encoder]
+
+    @classmethod
+    def random_teacher(cls, root: Path, **variant) -> Dict[str, Any]:
+        from safetensors.torch import save_file
+
+        save_file(DalleEncoder().state_dict(), str(root / "dalle_encoder.safetensors"))
+        return {"checkpoint": str(root / "dalle_encoder.safetensors")}
 
     def _compute(self, video: torch.Tensor) -> TargetOutput:
         if self.encoder is None:
