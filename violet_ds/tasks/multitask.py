@@ -40,7 +40,6 @@ import itertools
 from typing import Any, Dict, List, Mapping, Optional, Set
 
 import torch
-from torch import nn
 
 from violet_ds.registry import TASKS
 from violet_ds.tasks.base import Task
