@@ -190,14 +190,13 @@ class Trainer:
         return metrics
 
     def _images(self, batch: Mapping[str, Any]) -> None:
-        visualize = getattr(self.task, "visualize", None)
-        if visualize is None or not self.world.is_main:
+        if not self.world.is_main:
             return
         was_training = self.task.training
         self.task.eval()
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                images = visualize(batch)
+                images = self.task.visualize(batch)
         finally:
             self.task.train(was_training)
         self.logger.images(self.state.step, images)
