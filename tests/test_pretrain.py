@@ -13,6 +13,7 @@ from violet_ds.data.frames import normalize
 from violet_ds.data.tokenizer import Tokenizer
 from violet_ds.models import create_model
 from violet_ds.tasks import create_task
+from violet_ds.tasks.common import append_answer_mask
 
 WORDS = ["a", "red", "blue", "circle", "square", "moves", "left", "right", "true", "false", "big", "small"]
 
@@ -120,8 +121,8 @@ def test_lavender_vtm_as_mlm_and_true_false_scoring(tokenizer, monkeypatch):
     true_id, false_id = tokenizer.token_id("true"), tokenizer.token_id("false")
     losses = []
     for video_index, text_index, answer in [(0, 0, true_id), (0, 1, false_id), (1, 1, true_id), (1, 0, false_id)]:
-        ids, mask, position = task._answer_slot(batch["text_ids"][text_index:text_index + 1],
-                                                batch["text_mask"][text_index:text_index + 1])
+        ids, mask, position = append_answer_mask(batch["text_ids"][text_index:text_index + 1],
+                                                 batch["text_mask"][text_index:text_index + 1], task.special)
         assert ids[0, position[0]] == tokenizer.mask_id and ids[0, position[0] + 1] == tokenizer.sep_id
         output = _pooled(task, batch["video"][video_index:video_index + 1], ids, mask)
         logits = task.heads["mlm"](output.text_hidden[0, position[0]])
@@ -130,7 +131,7 @@ def test_lavender_vtm_as_mlm_and_true_false_scoring(tokenizer, monkeypatch):
 
     # scoring = softmax over {true, false} at [MASK]; a head biased towards "true" says match
     probability = task.match_probability(batch["video"], batch["text_ids"], batch["text_mask"])
-    ids, mask, position = task._answer_slot(batch["text_ids"], batch["text_mask"])
+    ids, mask, position = append_answer_mask(batch["text_ids"], batch["text_mask"], task.special)
     output = _pooled(task, batch["video"], ids, mask)
     logits = task.heads["mlm"](output.text_hidden[torch.arange(2), position])
     manual = torch.softmax(torch.stack([logits[:, true_id], logits[:, false_id]], 1), 1)[:, 0]

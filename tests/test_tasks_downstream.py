@@ -50,14 +50,13 @@ def test_task_trains_and_evaluates(demo, case, head_style):
     from violet_ds.data.datasets import collate
     from violet_ds.engine.distributed import World
     from violet_ds.engine.evaluator import evaluate
-    from violet_ds.commands.run import build_split
 
     annotation, options = CASES[case]
     options = {k: v.format(demo=demo) if isinstance(v, str) else v for k, v in options.items()}
     name = {"capmc": "qa_mc", "fib": "qa_oe"}.get(case, case)
     task, tokenizer = build(demo, name, head_style, options)
     data = data_config(demo, annotation)
-    train_set = next(iter(build_split(task, data, tokenizer, "train", name).values()))
+    train_set = next(iter(task.build_datasets(data, tokenizer, "train").values()))
     batch = collate([train_set[i] for i in range(4)])
     task.train()
     out = task(batch)
@@ -66,7 +65,7 @@ def test_task_trains_and_evaluates(demo, case, head_style):
     grads = [p.grad for p in task.heads.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
 
-    splits = build_split(task, data, tokenizer, "test", name)
+    splits = task.build_datasets(data, tokenizer, "test")
     loaders = {key: DataLoader(ds if name == "retrieval" else Subset(ds, range(min(6, len(ds)))), batch_size=4,
                                collate_fn=collate) for key, ds in splits.items()}
     metrics = evaluate(task, loaders, World())
@@ -81,13 +80,11 @@ def test_mc_mlm_listwise_adds_option_cross_entropy(demo):
     import torch.nn.functional as F
 
     from violet_ds.data.datasets import collate
-    from violet_ds.commands.run import build_split
 
     losses = {}
     for weight in (0.0, 1.0):
         task, tokenizer = build(demo, "qa_mc", "mlm", {"mlm_listwise": weight})
-        train_set = next(iter(build_split(task, data_config(demo, "txt_qamc.json"), tokenizer, "train",
-                                          "qa_mc").values()))
+        train_set = next(iter(task.build_datasets(data_config(demo, "txt_qamc.json"), tokenizer, "train").values()))
         batch = collate([train_set[i] for i in range(4)])
         task.eval()  # no dropout: the two builds see identical forward passes
         task.training = True  # but the training branch (MLM loss) of option_logits

@@ -40,7 +40,6 @@ def one_step(task_name: str, head_style: str, annotation: Path, tsv: Path, bert_
              **task_fields):
     from violet_ds.data.datasets import collate
     from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.commands.run import build_split
     from violet_ds.models import create_model
     from violet_ds.tasks import create_task
 
@@ -53,7 +52,7 @@ def one_step(task_name: str, head_style: str, annotation: Path, tsv: Path, bert_
                       val=[DataSource(tsv=str(tsv), annotations=str(annotation), split="val")],
                       tokenizer=str(bert_dir), num_frames=2, image_size=64, max_text_len=25, batch_size=2,
                       num_workers=0)
-    train_set = next(iter(build_split(task, data, tokenizer, "train", task_name).values()))
+    train_set = next(iter(task.build_datasets(data, tokenizer, "train").values()))
     assert len(train_set) == 200  # every official training record is kept
     batch = collate([train_set[i] for i in range(3)])
     assert batch["video"].shape == (3, 2, 3, 64, 64) and batch["video"].dtype == torch.uint8
@@ -73,7 +72,7 @@ def one_step(task_name: str, head_style: str, annotation: Path, tsv: Path, bert_
 @pytest.mark.parametrize("head_style", ["head", "mlm"])
 def test_msrvtt_retrieval_fixture(official_dir, bert_dir, tmp_path, head_style):
     from violet_ds.engine.distributed import World
-    from violet_ds.commands.run import build_split, eval_loaders
+    from violet_ds.commands.run import eval_loaders
 
     rows = fixture_rows(official_dir)
     annotation = tmp_path / "txt_msrvtt-retrieval.json"
@@ -82,7 +81,7 @@ def test_msrvtt_retrieval_fixture(official_dir, bert_dir, tmp_path, head_style):
     task, data, tokenizer = one_step("retrieval", head_style, annotation, tsv, bert_dir, {"pair_batch": 128})
     # evaluation over the mapped val split: 50 captions x the distinct mapped videos
     data.eval_batch_size = 8
-    datasets = build_split(task, data, tokenizer, "val", "retrieval")
+    datasets = task.build_datasets(data, tokenizer, "val")
     assert set(datasets) == {"texts", "videos"}
     metrics = task.evaluate_full(eval_loaders(datasets, data, World(), 0), World())
     assert metrics["num_texts"] == 50 and metrics["num_videos"] == len(datasets["videos"])

@@ -41,7 +41,7 @@ def load_config(path: str, sets: list[str]) -> dict:
 def build(cfg: dict):
     from violet_ds.config import DataConfig, DataSource, ModelConfig, OptimConfig, TaskConfig
     from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.commands.run import build_model, build_split
+    from violet_ds.commands.run import build_model
     from violet_ds.tasks import create_task
 
     data_cfg = dict(cfg["data"])
@@ -52,7 +52,8 @@ def build(cfg: dict):
     task_cfg = TaskConfig(**cfg["task"])
     optim = OptimConfig(**{k: v for k, v in cfg.get("optim", {}).items()})
     tokenizer = Tokenizer(data.tokenizer)
-    task = create_task(task_cfg.name, build_model(model_cfg, tokenizer), task_cfg, tokenizer)
+    task = create_task(task_cfg.name, build_model(model_cfg, tokenizer), task_cfg, tokenizer,
+                       tie_mlm_head=model_cfg.tie_mlm_head)
     return data, task, optim, tokenizer
 
 
@@ -178,7 +179,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from violet_ds.commands.run import build_split, load_init_weights, seed_everything
+    from violet_ds.commands.run import load_init_weights, seed_everything
 
     cfg = load_config(args.config, args.set)
     seed_everything(args.seed)
@@ -187,13 +188,13 @@ def main() -> None:
     if init and not args.no_init:
         report = load_init_weights(task, init)
         if args.fresh_head:
-            fresh = type(task)(task.model, task.cfg, tokenizer).heads.state_dict()
+            fresh = type(task)(task.model, task.cfg, tokenizer, tie_mlm_head=task.tie_mlm_head).heads.state_dict()
             task.heads.load_state_dict(fresh)
         print(f"init_from {init}: loaded {report['loaded']}, new {report['missing']}, fresh_head={args.fresh_head}")
     task.to(args.device)
     seed_everything(args.seed + 1)
-    train_set = next(iter(build_split(task, data, tokenizer, "train", cfg["task"]["name"]).values()))
-    eval_set = next(iter(build_split(task, data, tokenizer, args.eval_split, cfg["task"]["name"]).values()))
+    train_set = next(iter(task.build_datasets(data, tokenizer, "train").values()))
+    eval_set = next(iter(task.build_datasets(data, tokenizer, args.eval_split).values()))
     if args.video_probe:
         task = VideoProbe(task, train_set, args.video_probe == "frozen", args.probe_pool,
                           data.num_frames, data.image_size).to(args.device)
@@ -245,7 +246,7 @@ def main() -> None:
                 break
     test_acc = None
     if args.test and not args.video_probe:
-        test_set = next(iter(build_split(task, data, tokenizer, "test", cfg["task"]["name"]).values()))
+        test_set = next(iter(task.build_datasets(data, tokenizer, "test").values()))
         test_acc = evaluate(task, test_set, data.eval_batch_size or data.batch_size)
     print("RESULT " + json.dumps({"final_acc": results.get(step), "test_acc": test_acc, "steps_to_target": reached,
                                   "curve": results,

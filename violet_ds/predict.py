@@ -180,7 +180,7 @@ class Predictor:
         path = Path(source)
         if is_model_dir(path):
             task = from_pretrained(path, mvm=False)  # no MVM teacher is built for inference
-            clip = dict(getattr(task, "clip", {}) or {})
+            clip = dict(task.clip)
             tok = task.tokenizer
             stamp = path / WEIGHTS_FILE
         elif path.is_dir():
@@ -206,7 +206,7 @@ class Predictor:
         if missing:
             raise ValueError(f"{source}: clip settings {missing} are not recorded; pass them (--num_frames, ...)")
         return cls(task.model, heads, tok, head_style=task.cfg.head_style, stored_frames=stored_frames,
-                   answer_vocab=vocab, task_token=bool(getattr(task.cfg, "task_token", False)), device=device,
+                   answer_vocab=vocab, task_token=task.cfg.task_token, device=device,
                    fingerprint=_fingerprint(path, stamp, clip, stored_frames), **clip)
 
     @classmethod
@@ -390,19 +390,18 @@ class Predictor:
                  "score": round(float(scores[i]), 6)} for rank, i in enumerate(order)]
 
 
-def task_heads(task: nn.Module) -> Tuple[nn.ModuleDict, Optional[List[str]]]:
+def task_heads(task) -> Tuple[nn.ModuleDict, Optional[List[str]]]:
     """(heads under their standard names, answer vocabulary) of a task; a multitask model's sub-task heads
     (`<key>_<head>`) are taken back to their names, the first sub-task holding a name winning."""
-    subtasks = getattr(task, "subtasks", None)
-    if not subtasks:
-        return task.heads, getattr(task, "vocab", None)
-    heads, vocab = nn.ModuleDict(), None
-    for sub in subtasks.values():
+    vocab = task.answer_vocab()
+    vocab = list(vocab) if vocab is not None else None
+    if not task.subtasks:
+        return task.heads, vocab
+    heads = nn.ModuleDict()
+    for sub in task.subtasks.values():
         for name, head in sub.heads.items():
             if name not in heads:
                 heads[name] = head
-        if vocab is None and getattr(sub, "vocab", None) is not None:
-            vocab = list(sub.vocab)
     return heads, vocab
 
 

@@ -22,12 +22,14 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
 
 from violet_ds.weights import check_keys, load_strict, read_state_dict
+if TYPE_CHECKING:
+    from violet_ds.tasks.base import Task
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -87,39 +89,13 @@ def _restore_tuples(config: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-# task options that may name a file; the built task holds the list read from it (option -> attribute)
-_FILE_OPTIONS = {"answer_vocab": "vocab", "labels": "labels"}
-
-
-def _inline_options(options: Dict[str, Any], task: Optional[nn.Module]) -> Dict[str, Any]:
-    """Options with file-backed lists (answer vocabulary, class labels) replaced by the lists themselves."""
-    out = dict(options or {})
-    for option, attribute in _FILE_OPTIONS.items():
-        value = getattr(task, attribute, None) if task is not None else None
-        if isinstance(out.get(option), str):
-            if value is None:
-                raise ValueError(f"task option {option}={out[option]!r} names a file the task did not read")
-            out[option] = list(value)
-    return out
-
-
-def task_config(task: nn.Module) -> Dict[str, Any]:
-    """The task's TaskConfig as JSON, with file-backed answer vocabularies and labels inlined (a model
-    directory names no file of the machine that wrote it)."""
-    cfg = getattr(task, "cfg", None)
-    if cfg is None or not dataclasses.is_dataclass(cfg):
+def task_config(task: Task) -> Dict[str, Any]:
+    """The task's TaskConfig as JSON, with file-backed answer vocabularies and labels inlined
+    (`Task.portable_options`: a model directory names no file of the machine that wrote it)."""
+    if not dataclasses.is_dataclass(task.cfg):
         raise TypeError(f"{type(task).__name__} has no dataclass `cfg` (a TaskConfig)")
-    config = dataclasses.asdict(cfg)
-    options = _inline_options(config.get("options") or {}, getattr(task, "inner", task))
-    subtasks = getattr(task, "subtasks", None)
-    if isinstance(options.get("tasks"), list) and subtasks:
-        # multitask: each sub-task's options, inlined from the sub-task built for that entry
-        built = list(subtasks.values())
-        options["tasks"] = [{**spec, "options": _inline_options(spec.get("options") or {}, sub)}
-                            for spec, sub in zip(options["tasks"], built)]
-    if isinstance(options.get("task_options"), dict) and hasattr(task, "inner"):
-        options["task_options"] = _inline_options(options["task_options"], task.inner)  # zero_shot
-    config["options"] = options
+    config = dataclasses.asdict(task.cfg)
+    config["options"] = task.portable_options()
     return _jsonable(config)
 
 
@@ -129,7 +105,7 @@ def _known_fields(cls, values: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ saving
-def save_pretrained(task: nn.Module, directory: str | Path, *, model_name: Optional[str] = None,
+def save_pretrained(task: Task, directory: str | Path, *, model_name: Optional[str] = None,
                     tokenizer=None, clip: Optional[Mapping[str, Any]] = None, dtype: str = "fp32",
                     card: Optional[Mapping[str, Any]] = None, state_dict: Optional[Dict[str, torch.Tensor]] = None
                     ) -> Path:
@@ -154,7 +130,7 @@ def save_pretrained(task: nn.Module, directory: str | Path, *, model_name: Optio
     model_name = model_name or getattr(model, "registered_name", None)
     if not model_name:
         raise ValueError("save_pretrained: give model_name (the model was not built by create_model)")
-    tokenizer = tokenizer if tokenizer is not None else getattr(task, "tokenizer", None)
+    tokenizer = tokenizer if tokenizer is not None else task.tokenizer
     if tokenizer is None:
         raise ValueError("save_pretrained: give the tokenizer (the task holds none)")
     own = task.state_dict()
@@ -169,11 +145,10 @@ def save_pretrained(task: nn.Module, directory: str | Path, *, model_name: Optio
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "violet_ds_version": _version(),
-        "model": {"name": model_name, "config": model_config(model),
-                  "tie_mlm_head": bool(getattr(model, "tie_mlm_head", False))},
+        "model": {"name": model_name, "config": model_config(model), "tie_mlm_head": task.tie_mlm_head},
         "task": task_config(task),
         "clip": clip_settings,
-        "heads": sorted(getattr(task, "heads", {}).keys()) if hasattr(task, "heads") else [],
+        "heads": sorted(task.heads.keys()),
         "dtype": dtype,
     }
     tmp = out / (WEIGHTS_FILE + ".tmp")
@@ -280,9 +255,9 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu", m
     config = read_config(directory)
     tokenizer = Tokenizer(directory)
     model = create_model(config["model"]["name"], **_restore_tuples(config["model"]["config"]))
-    model.tie_mlm_head = bool(config["model"].get("tie_mlm_head", False))
     task_cfg = _build_config(TaskConfig(**_known_fields(TaskConfig, config["task"])), mvm)
-    task = create_task(task_cfg.name, model, task_cfg, tokenizer)
+    task = create_task(task_cfg.name, model, task_cfg, tokenizer,
+                       tie_mlm_head=bool(config["model"].get("tie_mlm_head", False)))
     _load(task, read_state_dict(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE), mvm)
     task.clip = dict(config.get("clip") or {})
     return task.to(device).eval()
@@ -327,7 +302,8 @@ def load_run(run_dir: str | Path, tag: Optional[str] = None, mvm: bool = True):
     model_cfg = dataclasses.replace(model_cfg, weights=None, pretrained_swin=None)
     tokenizer = Tokenizer(data_cfg.tokenizer)
     task_cfg = _build_config(task_cfg, mvm)
-    task = create_task(task_cfg.name, build_model(model_cfg, tokenizer), task_cfg, tokenizer)
+    task = create_task(task_cfg.name, build_model(model_cfg, tokenizer), task_cfg, tokenizer,
+                       tie_mlm_head=model_cfg.tie_mlm_head)
     _load(task, deepspeed_fp32_state_dict(checkpoint_dir, tag), str(checkpoint_dir / tag), mvm)
     task.source_checkpoint = str(checkpoint_dir / tag)
     return task, model_cfg, data_cfg, tokenizer

@@ -1,9 +1,16 @@
-"""Name -> factory registries for models, tasks and masked-visual-modeling targets."""
+"""Name -> factory registries for models, tasks and masked-visual-modeling targets.
+
+Each of the packages `violet_ds.models`, `violet_ds.tasks` and `violet_ds.targets` ends its
+`__init__` with `import_submodules(__name__)`: every module in the package is imported, so its
+`@REGISTRY.register(...)` lines run. A new model, task or target is therefore one new file.
+"""
 
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Dict, Iterable, TypeVar
+import importlib
+import pkgutil
+from typing import Callable, Dict, Iterable, List, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
@@ -51,3 +58,17 @@ class Registry:
 MODELS = Registry("model")
 TASKS = Registry("task")
 TARGETS = Registry("MVM target")
+
+
+def import_submodules(package: str) -> List[str]:
+    """Import every module of `package` (a package's `__name__`) whose name does not start with `_`.
+
+    Modules are imported in name order, over every folder of the package's `__path__`; a module
+    already imported is not run again. Returns the module names found.
+    """
+    # a package importing itself gets its partly initialised module back from sys.modules
+    path = importlib.import_module(package).__path__
+    names = sorted({info.name for info in pkgutil.iter_modules(path) if not info.name.startswith("_")})
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names

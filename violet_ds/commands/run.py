@@ -59,8 +59,6 @@ def build_model(model_cfg: ModelConfig, tokenizer=None):
         overrides.update(grad_checkpointing=model_cfg.grad_checkpointing,
                          offload_activations=model_cfg.offload_video_activations)
     model = create_model(model_cfg.name, weights=model_cfg.weights, **overrides)
-    # tasks read this when building their MLM head
-    model.tie_mlm_head = model_cfg.tie_mlm_head
     if model_cfg.video_attention != "auto":
         backbone = getattr(model, "video_backbone", None)
         if backbone is None or not hasattr(backbone, "set_attention"):
@@ -107,151 +105,38 @@ def load_init_weights(task: torch.nn.Module, path: str, logger: Optional[RunLogg
 
 
 # ----------------------------------------------------------------------------------------- data
-class SeededSamples(Dataset):
-    """Runs each sample's random augmentation under a seed made of (run seed, epoch, sample index).
-
-    A sample then looks the same whichever DataLoader worker loads it and whether or not the run was
-    interrupted and resumed, which exact resume needs; the caller's RNG streams are left untouched.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        sample_seed = (self.seed * 1_000_003 + self.epoch * 100_003 + int(index)) % 2**63
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            # the CPU generator only: torch.manual_seed would also seed (and lazily initialise) every
-            # accelerator generator, ~10% of a sample's loading time; samples draw on the CPU
-            torch.default_generator.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            np.random.seed(sample_seed % 2**32)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(python_state)
-                np.random.set_state(numpy_state)
-
-    def __getattr__(self, name: str):
-        # dataset attributes (vocab, classes, ...) stay reachable through the wrapper
-        if name in ("dataset", "seed", "epoch"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-
-def build_split(task, data: DataConfig, tokenizer, split: str, task_name: str) -> Dict[str, Dataset]:
-    """{name: dataset} of a split, from the task's hook when it has one, else the task's generic dataset.
-
-    The hook is `task.build_datasets(data_cfg, tokenizer, split)` (for training, an optional
-    `build_train_datasets` takes precedence); a hook returning nothing (e.g. retrieval for `train`)
-    falls back to the generic dataset of the task.
-    """
-    if not getattr(data, split):
-        return {}
-    hook = getattr(task, "build_train_datasets", None) if split == "train" else None
-    hook = hook or getattr(task, "build_datasets", None)
-    if hook is not None:
-        built = hook(data, tokenizer, split)
-        if built:
-            return dict(built)
-    import inspect
-
-    from violet_ds.data import datasets as data_sets
-
-    kind = getattr(task, "dataset_kind", task_name)
-    if kind not in data_sets.DATASETS:
-        raise ValueError(f"task {task_name!r} has no build_datasets and no generic dataset "
-                         f"(known: {sorted(data_sets.DATASETS)})")
-    cls = data_sets.DATASETS[kind]
-    accepted = inspect.signature(cls.__init__).parameters
-    parts = []
-    for source in getattr(data, split):
-        options = dict(num_frames=data.num_frames, size=data.image_size, max_text_len=data.max_text_len,
-                       train=split == "train", decoder=data.jpeg_decoder, max_bad_fraction=data.max_bad_fraction)
-        for key, value in (("kind", source.kind), ("vq", source.vq)):
-            if key in accepted:
-                options[key] = value
-        parts.append(cls(source.tsv, source.annotations, source.split, tokenizer, **options))
-    weights = [source.weight for source in getattr(data, split)]
-    if len(parts) == 1 and weights[0] == 1.0:
-        return {split: parts[0]}
-    return {split: data_sets.MixedDataset(parts, weights)}
-
-
-def _sidecar_paths(source) -> list:
-    return [part.strip() for part in (source.targets or "").split(",") if part.strip()]
-
-
-def _source_parts(dataset: Dataset, sources) -> list:
-    """(dataset part, its DataSource or None when the parts cannot be matched to the sources)."""
-    parts = list(dataset.datasets) if hasattr(dataset, "datasets") and not hasattr(dataset, "reader") else [dataset]
-    if len(parts) == len(sources):
-        return list(zip(parts, sources))
-    return [(part, None) for part in parts]
-
-
 def prepare_sidecars(datasets: Mapping[str, Dataset], data: DataConfig, split: str) -> Dict[str, Any]:
-    """Open the split's `targets:` sidecars and make the clips they describe read the way extraction read them.
-
-    A stored target is right only for the clip extraction saw: evenly spaced segment-centre frames,
-    short-side resize + centre crop, no flip. Readers of sources with sidecars (all readers when the
-    datasets cannot be matched to sources) switch to `sampling="fixed"`; a source whose clips are not
-    centre crops (e.g. `spatial="resize"` for VQ tokens) or whose short rows are not stretched
-    (`short="repeat"`) is refused. Returns {target name: TargetStore}, empty without sidecars.
-    """
-    from violet_ds.data.datasets import ClipReader
+    """Open the split's `targets:` sidecars and make the clips they describe read the way extraction read
+    them (`violet_ds.data.loaders.read_clips_as_extracted`). Returns {target name: TargetStore}, empty
+    without sidecars."""
+    from violet_ds.data.loaders import read_clips_as_extracted, sidecar_paths
     from violet_ds.data.sidecars import open_sidecars
 
-    sources = getattr(data, split)
-    paths = [path for source in sources for path in _sidecar_paths(source)]
+    paths = [path for source in getattr(data, split) for path in sidecar_paths(source)]
     if not paths:
         return {}
     stores = open_sidecars(paths, data.num_frames, data.image_size)
-    for dataset in datasets.values():
-        for part, source in _source_parts(dataset, sources):
-            if source is not None and not _sidecar_paths(source):
-                continue
-            reader = getattr(part, "reader", None)
-            if not isinstance(reader, ClipReader):
-                continue
-            where = f"data.{split} source {source.tsv!r}" if source is not None else f"data.{split}"
-            mode = reader.transform.mode
-            if mode != "crop":
-                raise ValueError(f"{where}: its clips use spatial={mode!r} but `targets:` sidecars were extracted "
-                                 "from short-side resize + centre crop (spatial='crop'); drop `targets` (or `vq`) "
-                                 "from that source")
-            if reader.short != "repeat":
-                raise ValueError(f"{where}: short rows use short={reader.short!r} but `targets:` sidecars were "
-                                 "extracted with short='repeat'")
-            if reader.random_clip:
-                part.reader = ClipReader(reader.num_frames, reader.size, reader.train, mode, reader.transform.flip,
-                                         reader.decoder, reader.short, reader.transform.scale, sampling="fixed")
+    read_clips_as_extracted(datasets, data, split)
     return stores
 
 
 def _loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, world: World, seed: int,
             drop_last: bool, stores: Optional[Mapping[str, Any]] = None) -> DataLoader:
+    """`violet_ds.data.loaders.data_loader` with the sidecar targets of `stores` attached to each batch."""
     from violet_ds.data.datasets import collate
+    from violet_ds.data.loaders import data_loader
 
     from ..engine.guard import ignore_preemption_signals
 
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    workers = data.num_workers
     collate_fn = collate
     if stores:
         from violet_ds.data.sidecars import SidecarCollate
 
         collate_fn = SidecarCollate(collate, dict(stores))
     # workers ignore SIGTERM so that a preempted run can finish its step and save
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
-                      worker_init_fn=ignore_preemption_signals if workers > 0 else None,
-                      pin_memory=data.pin_memory and world.device.type == "cuda", drop_last=drop_last,
-                      generator=generator, prefetch_factor=data.prefetch_factor if workers > 0 else None,
-                      persistent_workers=False)
+    return data_loader(dataset, sampler, data, batch_size, seed=seed, drop_last=drop_last,
+                       pin_memory=world.device.type == "cuda", collate_fn=collate_fn,
+                       worker_init_fn=ignore_preemption_signals)
 
 
 def eval_loaders(datasets: Mapping[str, Dataset], data: DataConfig, world: World, seed: int,
@@ -312,7 +197,7 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     if engine.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     task_module, tokenizer = _build_task(model, task, data, engine, run, world, logger, resuming=resume_tag is not None)
-    train_data = _train_data(task_module, tokenizer, data, task, engine, run, world, logger)
+    train_data = _train_data(task_module, tokenizer, data, engine, run, world, logger)
     total_steps = run.max_steps if run.max_steps is not None else run.epochs * train_data.steps_per_epoch
     ds_config = resolve_ds_config(engine, optim, data, world)
     if world.is_main:
@@ -379,7 +264,7 @@ def _build_task(model: ModelConfig, task: TaskConfig, data: DataConfig, engine: 
     seed_everything(engine.seed)
     tokenizer = Tokenizer(data.tokenizer)
     backbone = build_model(model, tokenizer)
-    task_module = create_task(task.name, backbone, task, tokenizer)
+    task_module = create_task(task.name, backbone, task, tokenizer, tie_mlm_head=model.tie_mlm_head)
     if run.init_from and not resuming:
         load_init_weights(task_module, run.init_from, logger)
     # streams for masking and dropout differ per rank
@@ -400,11 +285,12 @@ class _TrainData:
     val_loaders: Optional[Callable[[], Dict[str, DataLoader]]]
 
 
-def _train_data(task_module, tokenizer, data: DataConfig, task: TaskConfig, engine: EngineConfig, run: RunConfig,
-                world: World, logger: RunLogger) -> _TrainData:
+def _train_data(task_module, tokenizer, data: DataConfig, engine: EngineConfig, run: RunConfig, world: World,
+                logger: RunLogger) -> _TrainData:
+    from violet_ds.data.loaders import SeededSamples
     from violet_ds.data.sampler import ResumableDistributedSampler
 
-    datasets = build_split(task_module, data, tokenizer, "train", task.name)
+    datasets = task_module.build_datasets(data, tokenizer, "train")
     preflight.check_split_sizes("train", datasets, data.train)
     train_stores = prepare_sidecars(datasets, data, "train")
     if train_stores:
@@ -424,10 +310,10 @@ def _train_data(task_module, tokenizer, data: DataConfig, task: TaskConfig, engi
 
     return _TrainData(datasets=datasets, samples=len(train_set), micro_per_epoch=micro_per_epoch,
                       steps_per_epoch=steps_per_epoch(micro_per_epoch, engine.grad_accum), make_loader=make_loader,
-                      val_loaders=_val_loaders(task_module, tokenizer, data, task, engine, run, world))
+                      val_loaders=_val_loaders(task_module, tokenizer, data, engine, run, world))
 
 
-def _val_loaders(task_module, tokenizer, data: DataConfig, task: TaskConfig, engine: EngineConfig, run: RunConfig,
+def _val_loaders(task_module, tokenizer, data: DataConfig, engine: EngineConfig, run: RunConfig,
                  world: World) -> Optional[Callable[[], Dict[str, DataLoader]]]:
     """The validation loaders, built at the first evaluation (None without data.val)."""
     if not data.val:
@@ -436,13 +322,13 @@ def _val_loaders(task_module, tokenizer, data: DataConfig, task: TaskConfig, eng
     if run.preflight:
         # built now, so that a missing or empty val split fails before training, not at the first evaluation
         with preflight.preserved_rng():
-            val_sets = build_split(task_module, data, tokenizer, "val", task.name)
+            val_sets = task_module.build_datasets(data, tokenizer, "val")
         preflight.check_split_sizes("val", val_sets, data.val)
     cache: Dict[str, DataLoader] = {}
 
     def make_val_loaders() -> Dict[str, DataLoader]:
         if not cache:
-            cache.update(eval_loaders(val_sets or build_split(task_module, data, tokenizer, "val", task.name),
+            cache.update(eval_loaders(val_sets or task_module.build_datasets(data, tokenizer, "val"),
                                       data, world, engine.seed))
         return cache
 
@@ -454,12 +340,10 @@ def _build_engine(task_module, ds_config: dict, optim: OptimConfig, run: RunConf
     """deepspeed.initialize of the task on its device: (engine, optimizer, scheduler, parameter groups)."""
     from ..engine.universal import configure_load
 
-    frozen = task_module.frozen_modules() if hasattr(task_module, "frozen_modules") else []
+    frozen = task_module.frozen_modules()
     if world.device.type == "cuda":
         task_module.to(world.device)
-        for teacher_owner in [getattr(task_module, "targets", None)]:
-            if teacher_owner is not None and hasattr(teacher_owner, "to"):
-                teacher_owner.to(world.device, precision_of(ds_config))
+        task_module.move_teachers(world.device, precision_of(ds_config))
     # a universal checkpoint (another world size) needs DeepSpeed's load_universal for this one load
     init_config = configure_load(ds_config, run_dir / "checkpoints", run.resume)
     return dse.initialize(task_module, init_config, optim, total_steps, world, frozen)
@@ -561,7 +445,8 @@ def _evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, engine: En
     run_dir = Path(run.output_dir) / run.name
     logger = RunLogger(run_dir, world, level=run.log_level)
     tokenizer = Tokenizer(data.tokenizer)
-    task_module = create_task(task.name, build_model(model, tokenizer), task, tokenizer)
+    task_module = create_task(task.name, build_model(model, tokenizer), task, tokenizer,
+                              tie_mlm_head=model.tie_mlm_head)
     if run.init_from:
         load_init_weights(task_module, run.init_from, logger)
     elif not model.weights:
@@ -569,19 +454,17 @@ def _evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, engine: En
     task_module.to(world.device)
     if world.device.type == "cuda" and engine.precision in ("bf16", "auto"):
         task_module.to(torch.bfloat16)
-    datasets = build_split(task_module, data, tokenizer, split, task.name)
+    datasets = task_module.build_datasets(data, tokenizer, split)
     preflight.check_split_sizes(split, datasets, getattr(data, split))
     loaders = eval_loaders(datasets, data, world, engine.seed, split)
     metrics = run_evaluation(task_module, loaders, world, max_batches=run.val_max_batches, progress=run.progress)
     if world.is_main:
         (run_dir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2))
-        predictions = getattr(task_module, "predictions", None)
-        if callable(predictions):
-            rows = predictions()
-            if rows:
-                with open(run_dir / f"predictions_{split}.jsonl", "w") as handle:
-                    for row in rows:
-                        handle.write(json.dumps(row, default=str) + "\n")
+        rows = task_module.predictions()
+        if rows:
+            with open(run_dir / f"predictions_{split}.jsonl", "w") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, default=str) + "\n")
         print(f"violet-ds evaluate ({task.name}, {split}): " +
               ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())), flush=True)
         print(_summary_line("metrics", run_dir / f"eval_{split}.json"), flush=True)

@@ -552,15 +552,3 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             batch[key] = values
     return batch
-
-
-DATASETS = {
-    "pretrain": PretrainDataset,
-    "qa_mc": MCQADataset,
-    "qa_oe": OEQADataset,
-    "fib": FiBDataset,
-    "retrieval": RetrievalDataset,
-    "caption": CaptionDataset,
-    "action_cls": ActionDataset,
-    "video": VideoDataset,
-}

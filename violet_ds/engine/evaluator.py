@@ -71,9 +71,10 @@ def evaluate(task: torch.nn.Module, loaders: Mapping[str, Any], world: World, *,
              max_batches: Optional[int] = None, progress: bool = False) -> Dict[str, float]:
     """Run a task's evaluation over `loaders` ({name: DataLoader}); returns metrics (same on every rank).
 
-    A task with `evaluate_full(loaders, world, max_batches=None)` evaluates itself (e.g. full retrieval
-    matrices; `max_batches` caps the batches it reads from each loader, as for step-wise evaluation);
-    otherwise each loader goes through `evaluate_step` and the list of outputs to `evaluate_end`.
+    A task whose `evaluate_full(loaders, world, max_batches=None)` returns metrics evaluates itself
+    (e.g. full retrieval matrices; `max_batches` caps the batches it reads from each loader, as for
+    step-wise evaluation); when it returns None each loader goes through `evaluate_step` and the list
+    of outputs to `evaluate_end` (the task contract: `violet_ds.tasks.base.Task`).
     Metrics of loaders other than the first are prefixed with the loader name.
     """
     from tqdm.auto import tqdm
@@ -83,8 +84,8 @@ def evaluate(task: torch.nn.Module, loaders: Mapping[str, Any], world: World, *,
     # evaluation must not shift the training RNG streams (exact resume depends on it)
     with torch.random.fork_rng(devices=[]):
         try:
-            if hasattr(task, "evaluate_full"):
-                full = task.evaluate_full(dict(loaders), world, max_batches=max_batches)
+            full = task.evaluate_full(dict(loaders), world, max_batches=max_batches)
+            if full is not None:
                 return {k: float(v) for k, v in full.items()}
             metrics: Dict[str, float] = {}
             for position, (name, loader) in enumerate(loaders.items()):

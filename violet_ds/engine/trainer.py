@@ -306,16 +306,13 @@ class Trainer:
         return {k: float(v) for k, v in zip(keys, means.tolist())}
 
     def _maybe_log_images(self, batch: Mapping[str, Any]) -> None:
-        if not self.run.image_every or self.state.step % self.run.image_every:
-            return
-        visualize = getattr(self.task, "visualize", None)
-        if visualize is None or not self.world.is_main:
+        if not self.run.image_every or self.state.step % self.run.image_every or not self.world.is_main:
             return
         was_training = self.task.training
         self.task.eval()
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                images = visualize(batch)
+                images = self.task.visualize(batch)
         finally:
             self.task.train(was_training)
         self.logger.images(self.state.step, images)

@@ -13,14 +13,15 @@ can supply the configuration and weights of the text embeddings and the cross en
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from violet_ds.registry import MODELS
 from violet_ds.weights import check_keys, read_state_dict
 
 from .video_swin import SWIN_VARIANTS, VideoSwinConfig, VideoSwinTransformer3D, load_video_swin_weights
@@ -199,7 +200,6 @@ class VioletModel(nn.Module):
             nn.init.normal_(self.video_proj.weight, std=bert_cfg.initializer_range)
             nn.init.zeros_(self.video_proj.bias)
 
-        self.video_grid: Optional[Tuple[int, int, int]] = None
         if cfg.text_config_dir:
             self.load_text_weights(cfg.text_config_dir)
         if cfg.pretrained_swin:
@@ -280,7 +280,8 @@ class VioletModel(nn.Module):
         self.cross_encoder.grad_checkpointing = enable
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        """Normalised float video `(B, T, 3, H, W)` -> video tokens `(B, T*(1+h*w), D)`; sets `video_grid`."""
+        """Normalised float video `(B, T, 3, H, W)` -> video tokens `(B, T*(1+h*w), D)`, frame after frame
+        (`video_token_grid` gives `(T, h, w)`)."""
         if video.dim() != 5 or video.shape[2] != 3:
             raise ValueError(f"video must be (B, T, 3, H, W), got {tuple(video.shape)}")
         b, t, _, h, w = video.shape
@@ -301,7 +302,6 @@ class VioletModel(nn.Module):
         tokens = (tokens + self.video_spatial_pos[:, :, : 1 + hg * wg]
                   + self.video_temporal_pos[:, :tg])
         tokens = self.video_norm(tokens)
-        self.video_grid = (tg, hg, wg)
         return tokens.reshape(b, tg * (1 + hg * wg), -1)
 
     def embed_text(self, text_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
@@ -336,7 +336,7 @@ class VioletModel(nn.Module):
         hidden = self.fuse(video_tokens, None, text_embeds, text_mask)
         nv = video_tokens.shape[1]
         return VioletOutput(hidden=hidden, video_hidden=hidden[:, :nv], text_hidden=hidden[:, nv:],
-                            pooled=hidden[:, nv], grid=self.video_grid)
+                            pooled=hidden[:, nv], grid=self.video_token_grid(video.shape[1], *video.shape[-2:]))
 
     @torch.no_grad()
     def attention_received(self, video: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
@@ -384,3 +384,52 @@ class VioletModel(nn.Module):
 
 def config_dict(cfg: VioletConfig) -> dict:
     return asdict(cfg)
+
+
+# ------------------------------------------------------------------ registered variants
+# Each variant is a small dict of VioletConfig fields; overrides at create time win.
+VIOLET_VARIANTS: Dict[str, dict] = {
+    # CPU demo / test model: 3-stage Video Swin with an 8-pixel patch (stride 32, so h = H/32 as for the
+    # big models) and a 2-layer, 128-wide cross encoder. Any H, W multiple of 32 works.
+    "violet-tiny": dict(
+        swin_variant="custom",
+        swin_overrides=dict(embed_dim=32, depths=(2, 2, 2), num_heads=(1, 2, 4), patch_size=(2, 8, 8),
+                            window_size=(2, 4, 4)),
+        drop_path=0.0, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512,
+        max_frames=8, max_position_embeddings=128,
+        # no dropout at this size: trained from scratch on little data, dropout noise on the pooled
+        # output drowns the small video-text interaction at init and matching never leaves chance
+        # (tools/diagnose_matching.py: 8 pairs stay at ln 8 with dropout 0.1, reach 0 in 90 steps without)
+        hidden_dropout=0.0, attention_dropout=0.0,
+        # BERT's 0.02 is for width 768; at width 128 it makes every layer ~2.4x weaker and the pooled
+        # [CLS] output nearly input-independent (variance across pairs ~4e-5 against ~1.5e-3 at 0.05).
+        # 0.05 keeps BERT-base's per-layer gain (std * sqrt(width) ~ 0.55)
+        initializer_range=0.05),
+    # VIOLET: Video Swin-S, 768 features straight into BERT-base
+    "violet-v1": dict(swin_variant="small", drop_path=0.2),
+    # VIOLETv2 / LAVENDER: Video Swin-B + Linear(1024, 768), plus the (unused) order embedding
+    "violet-v2": dict(swin_variant="base", drop_path=0.2, video_projection=True, order_embedding=True),
+}
+
+_CONFIG_FIELDS = {f.name for f in fields(VioletConfig)}
+
+
+def _register(name: str):
+    def factory(**overrides) -> VioletModel:
+        unknown = sorted(set(overrides) - _CONFIG_FIELDS)
+        if unknown:
+            raise TypeError(f"model {name!r}: unknown overrides {unknown}; known: {sorted(_CONFIG_FIELDS)}")
+        base = dict(VIOLET_VARIANTS[name])
+        # swin_overrides merge rather than replace, so `swin_overrides={"depths": ...}` tweaks one field
+        if "swin_overrides" in overrides:
+            base["swin_overrides"] = {**base.get("swin_overrides", {}), **(overrides.pop("swin_overrides") or {})}
+        return VioletModel(VioletConfig(**{**base, **overrides}))
+
+    factory.__name__ = name.replace("-", "_")
+    factory.__doc__ = f"Build the {name} backbone (overrides: any VioletConfig field)."
+    return MODELS.register(name)(factory)
+
+
+violet_tiny = _register("violet-tiny")
+violet_v1 = _register("violet-v1")
+violet_v2 = _register("violet-v2")

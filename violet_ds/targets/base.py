@@ -159,6 +159,18 @@ class Target:
     def _teacher_dtype(self) -> torch.dtype:
         return self.dtype
 
+    # `violet-ds bench targets`
+    @classmethod
+    def bench_variants(cls) -> Dict[str, Dict[str, Any]]:
+        """The rows `bench targets` times for this target: row name -> keyword arguments of `random_teacher`."""
+        return {cls.name: {}}
+
+    @classmethod
+    def random_teacher(cls, root: Path, **variant) -> Dict[str, Any]:
+        """Write the paper-sized teacher with random weights under `root`, in the teacher's real checkpoint
+        format; returns the target options that load it (none for a target without a teacher)."""
+        return {}
+
     # computation
     def grid(self, video: torch.Tensor) -> Tuple[int, int, int]:
         _, t, _, height, width = check_video(video, self.patch)

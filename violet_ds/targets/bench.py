@@ -2,7 +2,8 @@
 
 Every teacher is the real architecture the paper uses (DALL-E dVAE encoder, RAFT-large and -small,
 DPT-Large, 2D Swin-B, CLIP ViT-B/16, Video Swin-B) with *random* weights, written to a temporary
-folder in the teacher's real checkpoint format and loaded through the target factory, so the command
+folder in the teacher's real checkpoint format by the target itself (`Target.random_teacher`; the
+rows a target contributes are its `bench_variants`) and loaded through the target factory, so the command
 needs no downloads and exercises the same loading path as training. Speed does not depend on the
 weight values. Pass `--weights '{"depth": {"model_dir": "dpt-large/"}}'` to time real files instead.
 
@@ -18,66 +19,23 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .base import create_target, resolve_dtype
+from violet_ds.registry import TARGETS
 
-ALL_TARGETS = ["pixel", "hog", "vq", "optical_flow", "optical_flow_small", "depth", "2d_feature",
-               "2d_clip_feature", "3d_feature"]
+from .base import create_target, list_targets, resolve_dtype
 
 
-def write_random_teacher(name: str, root: Path) -> Dict[str, Any]:
-    """Save the paper-sized teacher of `name` with random weights under `root`; return the target options."""
-    if name == "vq":
-        from safetensors.torch import save_file
-
-        from .vq import DalleEncoder
-
-        save_file(DalleEncoder().state_dict(), str(root / "dalle_encoder.safetensors"))
-        return {"checkpoint": str(root / "dalle_encoder.safetensors")}
-    if name in ("optical_flow", "optical_flow_small"):
-        from safetensors.torch import save_file
-        from torchvision.models import optical_flow
-
-        variant = "raft_small" if name == "optical_flow_small" else "raft_large"
-        path = root / f"{variant}.safetensors"
-        save_file(getattr(optical_flow, variant)(weights=None, progress=False).state_dict(), str(path))
-        return {"checkpoint": str(path), "variant": variant}
-    if name == "depth":
-        from transformers import DPTConfig, DPTForDepthEstimation
-
-        # Intel/dpt-large (MiDaS DPT-Large): ViT-L/16 at 384, hooks after layers 5/11/17/23
-        config = DPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                           image_size=384, patch_size=16, backbone_out_indices=[5, 11, 17, 23],
-                           neck_hidden_sizes=[256, 512, 1024, 1024], fusion_hidden_size=256)
-        DPTForDepthEstimation(config).save_pretrained(root / "dpt-large")
-        return {"model_dir": str(root / "dpt-large")}
-    if name == "2d_feature":
-        from transformers import SwinConfig, SwinModel
-
-        from .feat2d import SWIN_B_CONFIG
-
-        SwinModel(SwinConfig(**SWIN_B_CONFIG)).save_pretrained(root / "swin-base")
-        return {"model_dir": str(root / "swin-base")}
-    if name == "2d_clip_feature":
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-
-        config = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                  num_attention_heads=12, image_size=224, patch_size=16)  # ViT-B/16
-        CLIPVisionModel(config).save_pretrained(root / "clip-vit-b16")
-        return {"model_dir": str(root / "clip-vit-b16")}
-    if name == "3d_feature":
-        from safetensors.torch import save_file
-
-        from violet_ds.models.video_swin import build_video_swin
-
-        swin = build_video_swin("base", temporal_stride=2, drop_path_rate=0.0)
-        save_file({f"backbone.{k}": v.contiguous() for k, v in swin.state_dict().items()},
-                  str(root / "swin_base_kinetics.safetensors"))
-        return {"checkpoint": str(root / "swin_base_kinetics.safetensors"), "variant": "base"}
-    return {}
+def bench_rows() -> Dict[str, Tuple[str, Dict[str, Any]]]:
+    """Every row `bench targets` can time: row name -> (registered target, `random_teacher` arguments),
+    as each registered target declares them (`Target.bench_variants`)."""
+    rows = {}
+    for name in list_targets():
+        for row, variant in TARGETS.get(name).bench_variants().items():
+            rows[row] = (name, variant)
+    return rows
 
 
 def _time_target(target, video: torch.Tensor, warmup: int, repeats: int) -> float:
@@ -111,7 +69,7 @@ def bench_targets(
     """Time per clip of each MVM target's teacher (real architectures, random weights unless --weights).
 
     Args:
-        targets: which to time (default: all; `optical_flow_small` = RAFT-small).
+        targets: which to time (default: every registered target; `optical_flow_small` = RAFT-small).
         num_frames: frames per clip.
         size: square frame side (multiple of 32).
         batch_size: clips per call (the time reported is per clip).
@@ -125,19 +83,23 @@ def bench_targets(
     """
     if threads:
         torch.set_num_threads(threads)
-    names = list(targets or ALL_TARGETS)
-    unknown = sorted(set(names) - set(ALL_TARGETS))
+    known = bench_rows()
+    names = list(targets or known)
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise ValueError(f"bench targets: unknown targets {unknown}; known: {ALL_TARGETS}")
+        raise ValueError(f"bench targets: unknown targets {unknown}; known: {list(known)}")
     weights = dict(weights or {})
     torch.manual_seed(0)
     torch_dtype = resolve_dtype(dtype) or torch.float32
     video = torch.randn(batch_size, num_frames, 3, size, size, device=device).to(torch_dtype)
     rows = []
     for name in names:
-        registered = "optical_flow" if name == "optical_flow_small" else name
+        registered, variant = known[name]
         with tempfile.TemporaryDirectory(prefix="violet_ds_bench_") as tmp:
-            options = dict(weights[name]) if name in weights else write_random_teacher(name, Path(tmp))
+            if name in weights:
+                options = dict(weights[name])
+            else:
+                options = TARGETS.get(registered).random_teacher(Path(tmp), **variant)
             target = create_target(registered, **options).to(device, torch_dtype)
             seconds = _time_target(target, video, warmup, repeats)
             info = target.describe()

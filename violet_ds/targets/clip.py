@@ -13,7 +13,8 @@ to them as well) form a `(H/p, W/p)` grid that is average-pooled onto the `(H/32
 from __future__ import annotations
 
 import os
-from typing import Union
+from pathlib import Path
+from typing import Any, Dict, Union
 
 import torch
 
@@ -47,6 +48,15 @@ class CLIPFeatureTarget(Target):
 
     def teachers(self):
         return [self.clip]
+
+    @classmethod
+    def random_teacher(cls, root: Path, **variant) -> Dict[str, Any]:
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        config = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                  num_attention_heads=12, image_size=224, patch_size=16)  # ViT-B/16
+        CLIPVisionModel(config).save_pretrained(root / "clip-vit-b16")
+        return {"model_dir": str(root / "clip-vit-b16")}
 
     def _compute(self, video: torch.Tensor) -> TargetOutput:
         b, t, _, height, width = video.shape

@@ -14,7 +14,8 @@ hundreds or thousands), so by default each frame's map is min-max scaled to [0, 
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,17 @@ class DepthTarget(Target):
 
     def teachers(self):
         return [self.dpt]
+
+    @classmethod
+    def random_teacher(cls, root: Path, **variant) -> Dict[str, Any]:
+        from transformers import DPTConfig, DPTForDepthEstimation
+
+        # Intel/dpt-large (MiDaS DPT-Large): ViT-L/16 at 384, hooks after layers 5/11/17/23
+        config = DPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                           image_size=384, patch_size=16, backbone_out_indices=[5, 11, 17, 23],
+                           neck_hidden_sizes=[256, 512, 1024, 1024], fusion_hidden_size=256)
+        DPTForDepthEstimation(config).save_pretrained(root / "dpt-large")
+        return {"model_dir": str(root / "dpt-large")}
 
     def _compute(self, video: torch.Tensor) -> TargetOutput:
         b, t, _, height, width = video.shape

@@ -13,6 +13,7 @@ Swin-B) is mapped onto the VT grid (identity when the strides agree, else adapti
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -76,6 +77,13 @@ class Swin2DFeatureTarget(Target):
 
     def teachers(self):
         return [self.swin]
+
+    @classmethod
+    def random_teacher(cls, root: Path, **variant) -> Dict[str, Any]:
+        from transformers import SwinConfig, SwinModel
+
+        SwinModel(SwinConfig(**SWIN_B_CONFIG)).save_pretrained(root / "swin-base")
+        return {"model_dir": str(root / "swin-base")}
 
     def _compute(self, video: torch.Tensor) -> TargetOutput:
         b, t, _, height, width = video.shape

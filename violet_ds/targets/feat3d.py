@@ -12,6 +12,7 @@ other grids are average-pooled onto the VT grid. Channels = 1024 for Swin-B.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -40,6 +41,17 @@ class VideoSwinFeatureTarget(Target):
 
     def teachers(self):
         return [self.swin]
+
+    @classmethod
+    def random_teacher(cls, root: Path, **variant) -> Dict[str, Any]:
+        from safetensors.torch import save_file
+
+        from violet_ds.models.video_swin import build_video_swin
+
+        swin = build_video_swin("base", temporal_stride=2, drop_path_rate=0.0)
+        save_file({f"backbone.{k}": v.contiguous() for k, v in swin.state_dict().items()},
+                  str(root / "swin_base_kinetics.safetensors"))
+        return {"checkpoint": str(root / "swin_base_kinetics.safetensors"), "variant": "base"}
 
     def _compute(self, video: torch.Tensor) -> TargetOutput:
         b, t, _, height, width = video.shape

@@ -15,7 +15,8 @@ and at least 128: smaller frames are upscaled for RAFT and the flow rescaled to 
 from __future__ import annotations
 
 import os
-from typing import Union
+from pathlib import Path
+from typing import Any, Dict, Union
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,19 @@ class OpticalFlowTarget(Target):
 
     def teachers(self):
         return [self.raft]
+
+    @classmethod
+    def bench_variants(cls) -> Dict[str, Dict[str, Any]]:
+        return {"optical_flow": {"variant": "raft_large"}, "optical_flow_small": {"variant": "raft_small"}}
+
+    @classmethod
+    def random_teacher(cls, root: Path, variant: str = "raft_large") -> Dict[str, Any]:
+        from safetensors.torch import save_file
+        from torchvision.models import optical_flow
+
+        path = root / f"{variant}.safetensors"
+        save_file(getattr(optical_flow, variant)(weights=None, progress=False).state_dict(), str(path))
+        return {"checkpoint": str(path), "variant": variant}
 
     def _compute(self, video: torch.Tensor) -> TargetOutput:
         b, t, _, height, width = video.shape

@@ -36,7 +36,7 @@ import re
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -175,6 +175,13 @@ class VQTarget(Target):
 
     def teachers(self):
         return [] if self.encoder is None else [self.encoder]
+
+    @classmethod
+    def random_teacher(cls, root: Path, **variant) -> Dict[str, Any]:
+        from safetensors.torch import save_file
+
+        save_file(DalleEncoder().state_dict(), str(root / "dalle_encoder.safetensors"))
+        return {"checkpoint": str(root / "dalle_encoder.safetensors")}
 
     def _compute(self, video: torch.Tensor) -> TargetOutput:
         if self.encoder is None:

@@ -1,30 +1,28 @@
 """Tasks: one `nn.Module` per training objective, registered in `violet_ds.registry.TASKS`.
 
-Every module in this package is imported here (found with pkgutil), so adding a task is adding a
-file: its `@TASKS.register(...)` runs when `violet_ds.tasks` is imported.
+The contract every task follows is `violet_ds.tasks.base.Task`. Every module of this package is
+imported here, so adding a task is adding a file: its `@TASKS.register(...)` runs on import.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from violet_ds.registry import TASKS, import_submodules
 
-from violet_ds.registry import TASKS
+from .base import Task
 
-_LOADED = []
-for _module in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
-    if not _module.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_module.name}")
-        _LOADED.append(_module.name)
+import_submodules(__name__)
 
 
-def create_task(name: str, model, cfg, tokenizer):
-    """Build the registered task `name` around `model` (see docs/architecture.md, "Tasks")."""
-    return TASKS.create(name, model=model, cfg=cfg, tokenizer=tokenizer)
+def create_task(name: str, model, cfg, tokenizer, *, tie_mlm_head: bool = False) -> Task:
+    """Build the registered task `name` around `model` (see `Task` and docs/architecture.md, "Tasks").
+
+    `tie_mlm_head` (the run's `model.tie_mlm_head`) ties an MLM head's decoder to the word embeddings.
+    """
+    return TASKS.create(name, model=model, cfg=cfg, tokenizer=tokenizer, tie_mlm_head=tie_mlm_head)
 
 
 def list_tasks() -> list[str]:
     return TASKS.names()
 
 
-__all__ = ["create_task", "list_tasks", "TASKS"]
+__all__ = ["create_task", "list_tasks", "Task", "TASKS"]

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from violet_ds.data.datasets import ActionDataset
 from violet_ds.metrics import accuracy, topk_accuracy
 from violet_ds.registry import TASKS
 from violet_ds.tasks.common import (DownstreamTask, append_answer_mask, encode_video, fuse_pairs,
@@ -71,10 +72,11 @@ class ActionClassification(DownstreamTask):
         "zero_init": False,    # head: zero-initialised classifier (VIMPAC fine-tuning)
         "label_smoothing": 0.0,
     }
-    dataset_kind = "action_cls"
+    dataset_class = ActionDataset
 
-    def __init__(self, model, cfg, tokenizer):
-        super().__init__(model, cfg, tokenizer)
+    def build(self) -> None:
+        super().build()
+        cfg, tokenizer = self.cfg, self.tokenizer
         self.labels = load_labels(self.options["labels"])
         num_classes = len(self.labels) if self.labels is not None else cfg.num_classes
         if num_classes <= 0:
@@ -106,10 +108,16 @@ class ActionClassification(DownstreamTask):
         else:
             from violet_ds.models.heads import Classifier
 
-            self.heads["classifier"] = Classifier(model.hidden_size, num_classes,
+            self.heads["classifier"] = Classifier(self.model.hidden_size, num_classes,
                                                   zero_init=bool(self.options["zero_init"]))
         self.register_buffer("prompt_ids", prompt_ids[0], persistent=False)
         self.register_buffer("prompt_mask", prompt_mask[0], persistent=False)
+
+    def portable_options(self) -> Dict[str, Any]:
+        options = super().portable_options()
+        if isinstance(options.get("labels"), str):
+            options["labels"] = list(self.labels)
+        return options
 
     def scores(self, video: torch.Tensor):
         """(class logits `(B, C)`, MLM logits over the whole text vocabulary `(B, V)` or None)."""

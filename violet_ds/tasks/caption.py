@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from violet_ds.data.datasets import CaptionDataset
 from violet_ds.masking.text import IGNORE_INDEX
 from violet_ds.metrics import caption_metrics
 from violet_ds.registry import TASKS
@@ -60,8 +61,11 @@ class Captioning(DownstreamTask):
         "length_penalty": 1.0,   # beam ranking: sum log p / length**length_penalty
     }
 
-    def __init__(self, model, cfg, tokenizer):
-        super().__init__(model, cfg, tokenizer)
+    dataset_class = CaptionDataset
+
+    def build(self) -> None:
+        super().build()
+        cfg, tokenizer = self.cfg, self.tokenizer
         if not 0.0 < float(self.options["mask_prob"]) <= 1.0:
             raise ValueError(f"task {cfg.name!r}: options.mask_prob must be in (0, 1], got {self.options['mask_prob']}")
         if int(self.options["beam_size"]) < 1 or int(self.options["max_gen_len"]) < 1:

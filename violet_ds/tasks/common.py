@@ -1,4 +1,6 @@
-"""Helpers shared by the downstream tasks: option validation, video/text plumbing, [MASK] answers.
+"""What the VIOLET-family tasks share: option validation, video/text plumbing, [MASK] answers, and the
+base classes `VideoTextTask` (pretraining and downstream: head builders, pair matching) and
+`DownstreamTask` (the finetuning tasks).
 
 Downstream tasks come in two head styles (`TaskConfig.head_style`):
 - "head": VIOLET / VIOLETv2 task heads on the pooled text-[CLS] output (`heads.score` with one
@@ -20,6 +22,7 @@ from torch import nn
 
 from violet_ds.data.frames import normalize
 from violet_ds.masking.text import IGNORE_INDEX
+from violet_ds.tasks.base import Task
 
 
 def parse_options(task_name: str, options: Mapping[str, Any], defaults: Mapping[str, Any]) -> Dict[str, Any]:
@@ -238,39 +241,26 @@ def chunks(total: int, size: int) -> Iterable[Tuple[int, int]]:
         yield start, min(start + size, total)
 
 
-# ------------------------------------------------------------------------------------- base class
-class DownstreamTask(nn.Module):
-    """Common state of the finetuning tasks: backbone, heads, options, special ids, head style.
+# ------------------------------------------------------------------------------------ base classes
+class VideoTextTask(Task):
+    """A task over a VIOLET-family backbone (video + text): head style, special ids, LAVENDER's task token,
+    the MLM / score head builders and pair matching (score head on the pooled output, or "true" /
+    "false" at an appended [MASK]), shared by pretraining and the downstream tasks."""
 
-    Subclasses set `option_defaults` (their `task.options` keys) and build their heads.
-    """
-
-    option_defaults: Dict[str, Any] = {}
     head_styles: Tuple[str, ...] = ("head", "mlm")
+    # LAVENDER's task-token row this task uses (`TASK_TOKEN_ROWS`), None for no token
+    task_token_name: Optional[str] = None
 
-    def __init__(self, model: nn.Module, cfg, tokenizer):
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.task_name = cfg.name
+    def build(self) -> None:
+        cfg = self.cfg
         if cfg.head_style not in self.head_styles:
             raise ValueError(f"task {cfg.name!r} supports head_style {list(self.head_styles)}, "
                              f"not {cfg.head_style!r}")
         self.head_style = cfg.head_style
-        self.options = parse_options(cfg.name, cfg.options, self.option_defaults)
-        self.special = SpecialIds.of(tokenizer)
-        self.heads = nn.ModuleDict()
-        self.task_token = bool(getattr(cfg, "task_token", False))
+        self.special = SpecialIds.of(self.tokenizer)
+        self.task_token = bool(cfg.task_token)
         if self.task_token and self.head_style != "mlm":
             raise ValueError(f"task {cfg.name!r}: task.task_token is LAVENDER's (head_style mlm)")
-        if self.head_style == "mlm":
-            trainable = self.task_token and self.task_token_name is not None
-            self.heads["task_embedding"] = task_embedding_head(model, trainable)
-        self.last_predictions: List[Dict[str, Any]] = []
-
-    # LAVENDER's task-token row this task uses (`TASK_TOKEN_ROWS`), None for no token
-    task_token_name: Optional[str] = None
 
     def task_vector(self) -> Optional[torch.Tensor]:
         """This task's row of the task embedding when `task.task_token` is on, else None."""
@@ -282,12 +272,11 @@ class DownstreamTask(nn.Module):
     def _mlm_head(self) -> nn.Module:
         from violet_ds.models.heads import MLMHead
 
-        tie = bool(getattr(self.model, "tie_mlm_head", False))
-        vocab = getattr(self.model, "vocab_size", None) or self.tokenizer.vocab_size
+        vocab = self.model.vocab_size
         if self.tokenizer.vocab_size > vocab:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} entries but the model's text vocabulary "
-                             f"only {vocab}")
-        return MLMHead(self.model.hidden_size, vocab, tie_to=self.model.word_embeddings if tie else None)
+                             f"only {vocab}: set model.overrides.vocab_size")
+        return MLMHead(self.model.hidden_size, vocab, tie_to=self.model.word_embeddings if self.tie_mlm_head else None)
 
     def _score_head(self, out: int = 1) -> nn.Module:
         from violet_ds.models.heads import ScoreHead, head_dropout
@@ -295,8 +284,8 @@ class DownstreamTask(nn.Module):
         return ScoreHead(self.model.hidden_size, out, dropout=head_dropout(self.model))
 
     def _true_false_ids(self) -> Tuple[int, int]:
-        return (word_id(self.tokenizer, "true", f"task {self.task_name} (head_style mlm)"),
-                word_id(self.tokenizer, "false", f"task {self.task_name} (head_style mlm)"))
+        purpose = f"task {self.cfg.name} (head_style mlm)"
+        return word_id(self.tokenizer, "true", purpose), word_id(self.tokenizer, "false", purpose)
 
     def _add_match_head(self) -> None:
         """The head `match_scores` needs: the MLM head + true/false ids (mlm style) or a 1-way score head."""
@@ -306,29 +295,42 @@ class DownstreamTask(nn.Module):
         else:
             self.heads["score"] = self._score_head(1)
 
-    # ---- pair scoring shared by matching-style tasks (MC options, retrieval, zero-shot VTM)
-    def match_scores(self, video_tokens: torch.Tensor, video_mask: torch.Tensor, text_ids: torch.Tensor,
+    # ---- pair scoring shared by matching-style tasks (pretraining VTM, MC options, retrieval, zero-shot)
+    def _true_false_at_mask(self, video_tokens: torch.Tensor, video_mask: Optional[torch.Tensor],
+                            text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """MLM logits `(N, V)` at the [MASK] appended to each text (LAVENDER's answer slot)."""
+        ids, mask, position = append_answer_mask(text_ids, text_mask, self.special)
+        hidden = fuse_pairs(self.model, video_tokens, video_mask, ids, mask, self.task_vector())
+        return self.heads["mlm"](gather_positions(hidden, position + video_tokens.shape[1]))
+
+    def match_scores(self, video_tokens: torch.Tensor, video_mask: Optional[torch.Tensor], text_ids: torch.Tensor,
                      text_mask: torch.Tensor) -> torch.Tensor:
         """Row-aligned pairs -> matching logits `(N,)`: score head on pooled, or true/false log-odds at [MASK]."""
         if self.head_style == "mlm":
-            ids, mask, position = append_answer_mask(text_ids, text_mask, self.special)
-            hidden = fuse_pairs(self.model, video_tokens, video_mask, ids, mask, self.task_vector())
-            logits = self.heads["mlm"](gather_positions(hidden, position + video_tokens.shape[1]))
+            logits = self._true_false_at_mask(video_tokens, video_mask, text_ids, text_mask)
             return true_false_logits(logits, self.true_id, self.false_id)
         hidden = fuse_pairs(self.model, video_tokens, video_mask, text_ids, text_mask)
         return self.heads["score"](pooled_of(hidden, video_tokens.shape[1])).squeeze(-1).float()
 
-    def match_mlm_loss(self, video_tokens: torch.Tensor, video_mask: torch.Tensor, text_ids: torch.Tensor,
+    def match_mlm_loss(self, video_tokens: torch.Tensor, video_mask: Optional[torch.Tensor], text_ids: torch.Tensor,
                        text_mask: torch.Tensor, is_match: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """LAVENDER matching loss: MLM cross-entropy over the whole vocabulary at [MASK] towards the word
         "true" (matching pair) or "false". Returns (loss, true/false log-odds `(N,)`)."""
-        ids, mask, position = append_answer_mask(text_ids, text_mask, self.special)
-        hidden = fuse_pairs(self.model, video_tokens, video_mask, ids, mask, self.task_vector())
-        logits = self.heads["mlm"](gather_positions(hidden, position + video_tokens.shape[1])).float()
+        logits = self._true_false_at_mask(video_tokens, video_mask, text_ids, text_mask).float()
         target = torch.where(is_match.bool(), torch.full_like(is_match, self.true_id, dtype=torch.long),
                              torch.full_like(is_match, self.false_id, dtype=torch.long))
         return F.cross_entropy(logits, target), true_false_logits(logits, self.true_id, self.false_id)
 
-    def predictions(self) -> List[Dict[str, Any]]:
-        """Per-sample predictions of the last `evaluate_end` / `evaluate_full` (for predictions.jsonl)."""
-        return list(self.last_predictions)
+
+class DownstreamTask(VideoTextTask):
+    """Common state of the finetuning tasks: options (`task.options`, checked against `option_defaults`)
+    and, for the mlm head style, LAVENDER's task-token table. Subclasses build their heads in `build`."""
+
+    option_defaults: Dict[str, Any] = {}
+
+    def build(self) -> None:
+        super().build()
+        self.options = parse_options(self.cfg.name, self.cfg.options, self.option_defaults)
+        if self.head_style == "mlm":
+            trainable = self.task_token and self.task_token_name is not None
+            self.heads["task_embedding"] = task_embedding_head(self.model, trainable)

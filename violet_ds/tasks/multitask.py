@@ -40,9 +40,9 @@ import itertools
 from typing import Any, Dict, List, Mapping, Optional, Set
 
 import torch
-from torch import nn
 
 from violet_ds.registry import TASKS
+from violet_ds.tasks.base import Task
 from violet_ds.tasks.common import parse_options
 
 MAIN_METRIC = {"qa_mc": "acc", "qa_oe": "acc", "action_cls": "acc", "retrieval": "t2v_R@1", "caption": "CIDEr"}
@@ -95,23 +95,19 @@ class MultiTaskDataset(torch.utils.data.Dataset):
 
 
 @TASKS.register("multitask")
-class MultiTask(nn.Module):
+class MultiTask(Task):
     """Several registered tasks over one backbone; one task per training step."""
 
     option_defaults: Dict[str, Any] = {"tasks": None, "seed": 0, "exclude_splits": ["test"]}
 
-    def __init__(self, model: nn.Module, cfg, tokenizer):
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-        self.tokenizer = tokenizer
+    def build(self) -> None:
+        cfg = self.cfg
         self.options = parse_options(cfg.name, cfg.options, self.option_defaults)
         specs = self.options["tasks"]
         if not isinstance(specs, list) or not specs:
             raise ValueError("task multitask: options.tasks must be a non-empty list of {task, train, val, test, ...}")
-        self.heads = nn.ModuleDict()
         self.specs: Dict[str, Dict[str, Any]] = {}
-        subtasks: Dict[str, nn.Module] = {}
+        subtasks: Dict[str, Task] = {}
         for number, spec in enumerate(specs):
             unknown = sorted(set(spec) - SPEC_KEYS)
             if unknown or "task" not in spec:
@@ -126,7 +122,8 @@ class MultiTask(nn.Module):
                 cfg, name=spec["task"], head_style=spec.get("head_style", cfg.head_style),
                 options=copy.deepcopy(spec.get("options", {})), num_answers=spec.get("num_answers", cfg.num_answers),
                 num_options=spec.get("num_options", cfg.num_options), num_classes=spec.get("num_classes", cfg.num_classes))
-            sub = TASKS.create(spec["task"], model=model, cfg=sub_cfg, tokenizer=tokenizer)
+            sub = TASKS.create(spec["task"], model=self.model, cfg=sub_cfg, tokenizer=self.tokenizer,
+                               tie_mlm_head=self.tie_mlm_head)
             for head_name in list(sub.heads.keys()):
                 if head_name in ("mlm", "task_embedding"):
                     # one answer interface (and one LAVENDER task-token table) for every task
@@ -141,8 +138,8 @@ class MultiTask(nn.Module):
                                **{split: list(spec.get(split, [])) for split in ("train", "val", "test")}}
             if self.specs[key]["weight"] < 0:
                 raise ValueError(f"task multitask: task {key!r} has a negative weight")
-        # a plain attribute: the sub-tasks' modules are registered once, here (model, heads)
-        object.__setattr__(self, "subtasks", subtasks)
+        # a plain dict: the sub-tasks' modules are registered once, here (model, heads)
+        self.subtasks = subtasks
         self.keys = list(subtasks)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
@@ -161,9 +158,6 @@ class MultiTask(nn.Module):
         for sub in self.subtasks.values():
             sub.training = mode
         return self
-
-    def frozen_modules(self) -> List[nn.Module]:
-        return []
 
     # ------------------------------------------------------------------ task of a step
     def task_of_step(self, step: int) -> str:
@@ -215,8 +209,8 @@ class MultiTask(nn.Module):
         return banned
 
     def build_datasets(self, data_cfg, tokenizer, split: str) -> Dict[str, Any]:
-        from violet_ds.commands.run import build_split
-
+        """Training: one `MultiTaskDataset` over every task's training data (test videos removed);
+        evaluation: each task's datasets, named `<key>/<name>`."""
         built: Dict[str, Any] = {}
         banned = self.excluded_videos(data_cfg) if split == "train" else set()
         for key in self.keys:
@@ -226,7 +220,7 @@ class MultiTask(nn.Module):
                     raise ValueError(f"multitask: task {key!r} has no training source (options.tasks[].train)")
                 continue
             sub_data = dataclasses.replace(data_cfg, **{split: sources})
-            parts = build_split(self.subtasks[key], sub_data, tokenizer, split, self.specs[key]["task"])
+            parts = self.subtasks[key].build_datasets(sub_data, tokenizer, split)
             if split == "train":
                 built[key] = filter_videos(next(iter(parts.values())), banned)
             else:
@@ -251,9 +245,8 @@ class MultiTask(nn.Module):
             if not own:
                 continue
             sub = self.subtasks[key]
-            if hasattr(sub, "evaluate_full"):
-                result = sub.evaluate_full(own, world, max_batches=max_batches)
-            else:
+            result = sub.evaluate_full(own, world, max_batches=max_batches)
+            if result is None:
                 result = {}
                 for name, loader in own.items():
                     outputs = [sub.evaluate_step(to_device(batch, device))
@@ -263,12 +256,20 @@ class MultiTask(nn.Module):
             main = MAIN_METRIC.get(self.specs[key]["task"])
             if main in result:
                 mains.append(float(result[main]))
-            if hasattr(sub, "predictions"):
-                predictions.extend({"task": key, **row} for row in sub.predictions())
+            predictions.extend({"task": key, **row} for row in sub.predictions())
         if mains:
             metrics["mean_main"] = sum(mains) / len(mains)
         self.last_predictions = predictions
         return metrics
 
-    def predictions(self) -> List[Dict[str, Any]]:
-        return list(getattr(self, "last_predictions", []))
+    # ------------------------------------------------------------------ export
+    def portable_options(self) -> Dict[str, Any]:
+        options = super().portable_options()
+        # each sub-task's options, made portable by the sub-task built for that entry
+        options["tasks"] = [{**spec, "options": sub.portable_options()}
+                            for spec, sub in zip(options["tasks"], self.subtasks.values())]
+        return options
+
+    def answer_vocab(self) -> Optional[List[str]]:
+        """The answers of the first open-ended sub-task."""
+        return next((sub.answer_vocab() for sub in self.subtasks.values() if sub.answer_vocab() is not None), None)

@@ -19,17 +19,19 @@ the objective off and builds no head for it):
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from violet_ds.data.datasets import PretrainDataset
 from violet_ds.data.frames import denormalize, normalize
 from violet_ds.masking.text import IGNORE_INDEX, mask_text
 from violet_ds.masking.visual import (apply_video_mask, mask_video_tokens, needs_attention,
                                       video_attention_grid)
 from violet_ds.registry import TASKS
+from violet_ds.tasks.common import VideoTextTask, chance_loss, task_embedding_head
 
 OBJECTIVES = ("vtm", "mlm", "mvm")
 
@@ -53,53 +55,42 @@ def _to_gray_image(value: torch.Tensor) -> torch.Tensor:
 
 
 @TASKS.register("pretrain")
-class PretrainTask(nn.Module):
+class PretrainTask(VideoTextTask):
     """VTM + MLM + MVM over a VIOLET backbone; heads in `self.heads` (`score`, `mlm`, `mvm`, `mvm_<target>`)."""
 
-    def __init__(self, model: nn.Module, cfg, tokenizer):
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-        self.tokenizer = tokenizer
+    # LAVENDER's VTM pairs carry the "vtm" row of the task embedding when task.task_token is on
+    task_token_name = "vtm"
+    # caption datasets (image-text rows repeat to num_frames); a source's `vq` tokens come along
+    dataset_class = PretrainDataset
+
+    def build(self) -> None:
+        cfg, model, tokenizer = self.cfg, self.model, self.tokenizer
         _check_known("loss_weights keys", cfg.loss_weights, OBJECTIVES)
         if cfg.options:
             raise ValueError(f"task pretrain takes no task.options, got {sorted(cfg.options)}")
-        if cfg.head_style not in ("head", "mlm"):
-            raise ValueError(f"task pretrain: head_style must be 'head' or 'mlm', got {cfg.head_style!r}")
+        super().build()
         self.weights = {name: float(cfg.loss_weights.get(name, 0.0)) for name in OBJECTIVES}
         if not any(self.weights.values()):
             raise ValueError("task pretrain: every loss weight is 0, nothing to train")
         if cfg.vtm_temperature <= 0:
             raise ValueError(f"task pretrain: vtm_temperature must be > 0, got {cfg.vtm_temperature}")
-        self.lavender = cfg.head_style == "mlm"
+        self.lavender = self.head_style == "mlm"
         self.special_ids = tokenizer.special_ids
-        self.mask_id, self.cls_id, self.sep_id, self.pad_id = (tokenizer.mask_id, tokenizer.cls_id,
-                                                                tokenizer.sep_id, tokenizer.pad_id)
-        self.vocab_size = int(getattr(model, "vocab_size", tokenizer.vocab_size))
-        if tokenizer.vocab_size > self.vocab_size:
+        if tokenizer.vocab_size > model.vocab_size:
             raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, the model's text "
-                             f"vocabulary only {self.vocab_size}: set model.overrides.vocab_size")
+                             f"vocabulary only {model.vocab_size}: set model.overrides.vocab_size")
         self.patch = int(getattr(getattr(getattr(model, "video_backbone", None), "cfg", None), "stride", 32))
 
-        from violet_ds.models.heads import MLMHead, MVMHead, ScoreHead, head_dropout
+        from violet_ds.models.heads import MVMHead, head_dropout
 
-        hidden = model.hidden_size
-        self.heads = nn.ModuleDict()
         if self.weights["mlm"] or (self.weights["vtm"] and self.lavender):
-            tie = model.word_embeddings if getattr(model, "tie_mlm_head", False) else None
-            self.heads["mlm"] = MLMHead(hidden, self.vocab_size, tie_to=tie)
+            self.heads["mlm"] = self._mlm_head()
         if self.weights["vtm"] and not self.lavender:
-            self.heads["score"] = ScoreHead(hidden, out=1, dropout=head_dropout(model))
+            self.heads["score"] = self._score_head(1)
         if self.lavender and self.weights["vtm"]:
-            self.true_id = self._single_piece("true")
-            self.false_id = self._single_piece("false")
-        self.task_token = bool(getattr(cfg, "task_token", False))
-        if self.task_token and not self.lavender:
-            raise ValueError("task pretrain: task.task_token is LAVENDER's (head_style mlm)")
+            self.true_id, self.false_id = self._true_false_ids()
         if self.lavender:
-            from violet_ds.tasks.common import task_embedding_head
-
-            # LAVENDER's `emb_task`: its VTM pairs carry the "vtm" row when task_token is on (MLM never does)
+            # LAVENDER's `emb_task` (MLM never carries a task token)
             self.heads["task_embedding"] = task_embedding_head(model, self.task_token and bool(self.weights["vtm"]))
         self.targets = None
         self.mvm_head_names: Dict[str, str] = {}
@@ -117,19 +108,16 @@ class PretrainTask(nn.Module):
             for number, entry in enumerate(self.targets):
                 head_name = "mvm" if number == 0 else f"mvm_{entry.name}"
                 spec = entry.target.spec
-                self.heads[head_name] = MVMHead(hidden, spec.kind, spec.channels, patch=self.patch,
+                self.heads[head_name] = MVMHead(model.hidden_size, spec.kind, spec.channels, patch=self.patch,
                                                  dropout=head_dropout(model))
                 self.mvm_head_names[entry.name] = head_name
 
-    def _single_piece(self, word: str) -> int:
-        token = self.tokenizer.token_id(word)
-        if token < 0:
-            raise ValueError(f"task pretrain (head_style mlm): {word!r} is not one word piece of tokenizer "
-                             f"{self.tokenizer.path}")
-        return token
-
     def frozen_modules(self) -> List[nn.Module]:
         return self.targets.teachers() if self.targets is not None else []
+
+    def move_teachers(self, device: torch.device, dtype: Union[str, torch.dtype, None]) -> None:
+        if self.targets is not None:
+            self.targets.to(device, dtype)
 
     # ------------------------------------------------------------------ plumbing
     def _param(self) -> torch.Tensor:
@@ -143,18 +131,11 @@ class PretrainTask(nn.Module):
         return video.float()
 
     def _fuse(self, video_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
-              task: Optional[str] = None, words: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if task is not None and self.task_token:
-            from violet_ds.tasks.common import TASK_TOKEN_ROWS, fuse_pairs
-
-            vector = self.heads["task_embedding"].weight[TASK_TOKEN_ROWS[task]]
-            return fuse_pairs(self.model, video_tokens, None, text_ids, text_mask, vector)
+              words: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.model.fuse(video_tokens, None, self.model.embed_text(text_ids, word_embeds=words), text_mask)
 
     def chance_losses(self) -> Dict[str, float]:
         """VTM loss of a collapsed matcher (all 1 + vtm_negatives candidates scored alike), for the stall detector."""
-        from violet_ds.tasks.common import chance_loss
-
         if not self.weights["vtm"]:
             return {}
         return {"loss_vtm": chance_loss(self.cfg.vtm_negatives + 1, true_false=self.lavender)}
@@ -166,12 +147,6 @@ class PretrainTask(nn.Module):
         scores.fill_diagonal_(-1.0)
         return scores.topk(count, dim=1).indices if count > 0 else torch.empty(batch_size, 0, dtype=torch.long,
                                                                                device=device)
-
-    def _answer_slot(self, text_ids: torch.Tensor, text_mask: torch.Tensor):
-        from violet_ds.tasks.common import SpecialIds, append_answer_mask
-
-        special = SpecialIds(self.cls_id, self.sep_id, self.pad_id, self.mask_id)
-        return append_answer_mask(text_ids, text_mask, special)
 
     # ------------------------------------------------------------------ objectives
     def vtm(self, video_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
@@ -185,16 +160,9 @@ class PretrainTask(nn.Module):
         pair_video = video_tokens.repeat_interleave(per_video, dim=0)
         pair_ids, pair_mask = text_ids[columns.flatten()], text_mask[columns.flatten()]
         if self.lavender:
-            ids, mask, position = self._answer_slot(pair_ids, pair_mask)
-            hidden = self._fuse(pair_video, ids, mask, task="vtm")
-            at_mask = hidden.gather(1, (position + pair_video.shape[1]).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))
-            logits = self.heads["mlm"](at_mask.squeeze(1)).float()  # (B*(1+k), V)
             is_match = (torch.arange(per_video, device=device) == 0).repeat(batch_size)
-            answer = torch.where(is_match, torch.full_like(is_match, self.true_id, dtype=torch.long),
-                                 torch.full_like(is_match, self.false_id, dtype=torch.long))
-            loss = F.cross_entropy(logits, answer)
-            odds = (logits[:, self.true_id] - logits[:, self.false_id]).view(batch_size, per_video)
-            accuracy = (odds.argmax(dim=1) == 0).float().mean()
+            loss, odds = self.match_mlm_loss(pair_video, None, pair_ids, pair_mask, is_match)
+            accuracy = (odds.view(batch_size, per_video).argmax(dim=1) == 0).float().mean()
             return loss, accuracy
         pair_words = None if words is None else words.index_select(0, columns.flatten())
         hidden = self._fuse(pair_video, pair_ids, pair_mask, words=pair_words)
@@ -206,28 +174,20 @@ class PretrainTask(nn.Module):
 
     @torch.no_grad()
     def match_probability(self, video: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """P(match) of row-aligned (video, text) pairs `(B,)`.
+        """P(match) of row-aligned (video, text) pairs `(B,)`: the sigmoid of `match_scores`.
 
-        LAVENDER: softmax over the two logits {true, false} at the appended [MASK] (not a ratio of raw
-        logits as in the official code); VIOLET: sigmoid of the score head.
+        LAVENDER: the softmax over the two logits {true, false} at the appended [MASK] (not a ratio of
+        raw logits as in the official code); VIOLET: sigmoid of the score head.
         """
         if video.dtype == torch.uint8:
             video = normalize(video.to(self._param().device))
         video_tokens = self.model.encode_video(video.to(self._param().dtype))
-        if self.lavender:
-            ids, mask, position = self._answer_slot(text_ids, text_mask)
-            hidden = self._fuse(video_tokens, ids, mask, task="vtm")
-            at_mask = hidden[torch.arange(hidden.shape[0], device=hidden.device), position + video_tokens.shape[1]]
-            logits = self.heads["mlm"](at_mask).float()
-            pair = torch.stack([logits[:, self.true_id], logits[:, self.false_id]], dim=1)
-            return pair.softmax(dim=1)[:, 0]
-        hidden = self._fuse(video_tokens, text_ids, text_mask)
-        return torch.sigmoid(self.heads["score"](hidden[:, video_tokens.shape[1]]).float().squeeze(-1))
+        return torch.sigmoid(self.match_scores(video_tokens, None, text_ids, text_mask))
 
     def mlm(self, video_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
             ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(loss, accuracy over masked tokens) of predicting masked text with the video visible."""
-        masked_ids, labels = mask_text(text_ids, text_mask, mask_id=self.mask_id, special_ids=self.special_ids,
+        masked_ids, labels = mask_text(text_ids, text_mask, mask_id=self.special.mask, special_ids=self.special_ids,
                                        vocab_size=self.tokenizer.vocab_size, probability=self.cfg.mlm_probability,
                                        mode=self.cfg.mlm_replace)
         hidden = self._fuse(video_tokens, masked_ids, text_mask)
@@ -246,12 +206,12 @@ class PretrainTask(nn.Module):
                    ) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, int, int]]:
         """(masked clip, token mask `(B, T, h, w)`, grid) with one strategy drawn per sample."""
         batch_size, frames, _, height, width = video.shape
-        grid = (frames, height // self.patch, width // self.patch)
+        grid = self.model.video_token_grid(frames, height, width)
         attention = None
         if needs_attention(self.cfg.mvm_strategies):
             # an extra no-grad pass: where the model looks is what attended masking hides
             received = self.model.attention_received(video.to(self._param().dtype), text_ids, text_mask)
-            attention = video_attention_grid(received, self.model.video_grid or grid)
+            attention = video_attention_grid(received, grid)
         token_mask, _ = mask_video_tokens(batch_size, grid, self.cfg.mvm_strategies, self.cfg.mvm_ratio,
                                           attention=attention, device=video.device)
         return apply_video_mask(video, token_mask), token_mask, grid
@@ -260,7 +220,7 @@ class PretrainTask(nn.Module):
                         words: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Each target's head output from the cross-modal hidden states at the video patch tokens."""
         video_tokens = self.model.encode_video(masked_video.to(self._param().dtype))
-        frames, h, w = self.model.video_grid
+        frames, h, w = self.model.video_token_grid(masked_video.shape[1], *masked_video.shape[-2:])
         hidden = self._fuse(video_tokens, text_ids, text_mask, words=words)[:, : video_tokens.shape[1]]
         patches = hidden.reshape(hidden.shape[0], frames, 1 + h * w, -1)[:, :, 1:]
         patches = patches.reshape(hidden.shape[0], frames, h, w, -1)
@@ -369,27 +329,3 @@ class PretrainTask(nn.Module):
             images[f"mvm_{entry.name}/reconstruction"] = _frames_strip(recon)
             images[f"mvm_{entry.name}/reconstruction_in_holes"] = _frames_strip(filled)
         return images
-
-    # ------------------------------------------------------------------ data
-    def build_datasets(self, data_cfg, tokenizer, split: str) -> Dict[str, Any]:
-        """The pretraining caption datasets of `split`, mixed (image-text rows repeat to num_frames)."""
-        from violet_ds.data.datasets import MixedDataset, PretrainDataset
-
-        sources = getattr(data_cfg, split)
-        if not sources:
-            return {}
-        parts = []
-        for source in sources:
-            parts.append(PretrainDataset(
-                source.tsv, source.annotations, source.split, tokenizer, num_frames=data_cfg.num_frames,
-                size=data_cfg.image_size, max_text_len=data_cfg.max_text_len, train=split == "train",
-                kind=source.kind, vq=source.vq, decoder=data_cfg.jpeg_decoder,
-                max_bad_fraction=data_cfg.max_bad_fraction,
-                **({"spatial": "resize"} if source.vq else {})))
-        dataset = parts[0] if len(parts) == 1 and sources[0].weight == 1.0 else \
-            MixedDataset(parts, [source.weight for source in sources])
-        return {split: dataset}
-
-    def build_train_datasets(self, data_cfg, tokenizer, split: str = "train") -> Dict[str, Any]:
-        """Training data: the same caption datasets (random caption per video, training transforms)."""
-        return self.build_datasets(data_cfg, tokenizer, split)

@@ -18,6 +18,7 @@ from typing import Any, Dict, List
 import torch
 import torch.nn.functional as F
 
+from violet_ds.data.datasets import MCQADataset
 from violet_ds.metrics import accuracy
 from violet_ds.registry import TASKS
 from violet_ds.tasks.common import DownstreamTask, chance_loss, encode_video, gather_step_outputs, repeat_rows
@@ -37,8 +38,10 @@ class MultipleChoiceQA(DownstreamTask):
         "mlm_listwise": 0.0,
     }
 
-    def __init__(self, model, cfg, tokenizer):
-        super().__init__(model, cfg, tokenizer)
+    dataset_class = MCQADataset
+
+    def build(self) -> None:
+        super().build()
         self._add_match_head()
 
     def chance_losses(self) -> Dict[str, float]:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
+from violet_ds.data.datasets import FiBDataset, OEQADataset
 from violet_ds.masking.text import IGNORE_INDEX
 from violet_ds.metrics import accuracy
 from violet_ds.registry import TASKS
@@ -62,15 +62,16 @@ class OpenEndedQA(DownstreamTask):
         "fill_in_blank": False,     # LSMDC-FiB: the question's blank (`_____`) becomes the answer [MASK]
     }
 
-    def __init__(self, model, cfg, tokenizer):
-        super().__init__(model, cfg, tokenizer)
+    def build(self) -> None:
+        super().build()
+        cfg, tokenizer = self.cfg, self.tokenizer
         self.vocab = load_answer_vocab(self.options["answer_vocab"], cfg.num_answers)
         num_answers = len(self.vocab) if self.vocab is not None else cfg.num_answers
         if num_answers <= 0:
             raise ValueError(f"task {cfg.name!r}: set task.options.answer_vocab (annotation JSON with a 'vocab' "
                              "list) or task.num_answers")
         self.num_answers = num_answers
-        self.dataset_kind = "fib" if self.options["fill_in_blank"] else "qa_oe"
+        self.dataset_class = FiBDataset if self.options["fill_in_blank"] else OEQADataset
         if self.head_style == "mlm":
             if self.vocab is None:
                 raise ValueError(f"task {cfg.name!r}: head_style mlm needs the answer words "
@@ -82,6 +83,15 @@ class OpenEndedQA(DownstreamTask):
             self.single_piece_fraction = float((token_ids >= 0).float().mean())
         else:
             self.heads["answer"] = self._score_head(num_answers)
+
+    def portable_options(self) -> Dict[str, Any]:
+        options = super().portable_options()
+        if isinstance(options.get("answer_vocab"), str):
+            options["answer_vocab"] = list(self.vocab)
+        return options
+
+    def answer_vocab(self) -> Optional[List[str]]:
+        return self.vocab
 
     # ------------------------------------------------------------------------------------------
     def _question_with_mask(self, text_ids: torch.Tensor, text_mask: torch.Tensor):

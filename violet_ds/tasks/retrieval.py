@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from violet_ds.data.datasets import VideoDataset
+from violet_ds.data.datasets import RetrievalDataset, VideoDataset
 from violet_ds.data.frames import decode_frames, sample_frame_indices
 from violet_ds.metrics import retrieval_metrics
 from violet_ds.registry import TASKS
@@ -51,11 +51,13 @@ class Retrieval(DownstreamTask):
         "max_eval_texts": 0,       # >0: evaluate on the first N captions only (quick checks)
     }
 
-    def __init__(self, model, cfg, tokenizer):
-        super().__init__(model, cfg, tokenizer)
+    dataset_class = RetrievalDataset
+
+    def build(self) -> None:
+        super().build()
         self._add_match_head()
         temperature = self.options["temperature"]
-        self.temperature = float(cfg.vtm_temperature if temperature is None else temperature)
+        self.temperature = float(self.cfg.vtm_temperature if temperature is None else temperature)
         if self.options["symmetric_reduction"] not in ("sum", "mean"):
             raise ValueError(f"retrieval: task.options.symmetric_reduction must be 'sum' or 'mean', "
                              f"got {self.options['symmetric_reduction']!r}")
@@ -121,7 +123,7 @@ class Retrieval(DownstreamTask):
         """Evaluation splits as two datasets, `texts` (every caption) and `videos` (every video once,
         `data.eval_clips` clips each) for `evaluate_full`; training uses the generic pair dataset."""
         if split == "train":
-            return {}
+            return super().build_datasets(data_cfg, tokenizer, split)
         return build_retrieval_eval_datasets(data_cfg, tokenizer, split)
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ Task options (`task.options`) are listed in `PRETRAIN_OPTIONS` / `ACTION_OPTIONS
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from torch import nn
 from violet_ds.masking.blocks3d import mask_vq_tokens
 from violet_ds.models.vimpac import VimpacClassifier, VimpacContrastiveHead, VimpacModel, VimpacTokenHead
 from violet_ds.registry import TASKS
+from violet_ds.tasks.base import Task
 from violet_ds.tasks.common import gather_step_outputs, parse_options
 
 log = logging.getLogger(__name__)
@@ -169,10 +170,9 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _require_vimpac(model: nn.Module, task: str) -> VimpacModel:
+def _require_vimpac(model: nn.Module, task: str) -> None:
     if not isinstance(model, VimpacModel):
         raise TypeError(f"task {task!r} needs a VIMPAC model (vimpac-small/-base/-large-half), got {type(model).__name__}")
-    return model
 
 
 def _tokens(batch: dict, key: str, device: torch.device) -> torch.Tensor:
@@ -185,31 +185,26 @@ def _tokens(batch: dict, key: str, device: torch.device) -> torch.Tensor:
 
 
 @TASKS.register("vimpac_pretrain")
-class VimpacPretrainTask(nn.Module):
+class VimpacPretrainTask(Task):
     """Masked VQ-token prediction + contrastive learning between two clips of a video."""
 
-    def __init__(self, model: nn.Module, cfg, tokenizer=None):
-        super().__init__()
-        self.model = _require_vimpac(model, "vimpac_pretrain")
-        self.options = parse_options("vimpac_pretrain", getattr(cfg, "options", {}) or {}, PRETRAIN_OPTIONS)
+    def build(self) -> None:
+        _require_vimpac(self.model, "vimpac_pretrain")
+        self.options = parse_options("vimpac_pretrain", self.cfg.options or {}, PRETRAIN_OPTIONS)
         if self.options["masking"] not in ("block", "iid"):
             raise ValueError(f"task.options.masking must be 'block' or 'iid', got {self.options['masking']!r}")
         if self.options["temperature"] <= 0:
             raise ValueError(f"task.options.temperature must be > 0, got {self.options['temperature']}")
         config = self.model.config
-        heads = {"mlm": VimpacTokenHead(config, self.model.token_embeddings)}
+        self.heads["mlm"] = VimpacTokenHead(config, self.model.token_embeddings)
         if self.options["contrastive"]:
-            heads["contrastive"] = VimpacContrastiveHead(
+            self.heads["contrastive"] = VimpacContrastiveHead(
                 config.hidden_size, self.options["contrastive_hidden"], self.options["contrastive_out"], config.init_std)
-        self.heads = nn.ModuleDict(heads)
         self._maybe_sync_batchnorm()
 
     def _maybe_sync_batchnorm(self) -> None:
         if "contrastive" in self.heads and self.options["sync_batchnorm"]:
             _sync_batchnorm(self.heads, "contrastive", "vimpac_pretrain")
-
-    def frozen_modules(self) -> list:
-        return []
 
     def build_datasets(self, data_cfg, tokenizer, split: str) -> dict:
         """Two clips per video (``vq_tokens``, ``vq_tokens_b``) from each source's VQ tokens; the videos
@@ -307,24 +302,19 @@ class VimpacPretrainTask(nn.Module):
 
 
 @TASKS.register("vimpac_action")
-class VimpacActionTask(nn.Module):
+class VimpacActionTask(Task):
     """Action classification from [CLS] with a zero-initialised linear head; multi-view evaluation."""
 
-    def __init__(self, model: nn.Module, cfg, tokenizer=None):
-        super().__init__()
-        self.model = _require_vimpac(model, "vimpac_action")
-        self.options = parse_options("vimpac_action", getattr(cfg, "options", {}) or {}, ACTION_OPTIONS)
-        num_classes = int(getattr(cfg, "num_classes", 0) or 0)
+    def build(self) -> None:
+        _require_vimpac(self.model, "vimpac_action")
+        self.options = parse_options("vimpac_action", self.cfg.options or {}, ACTION_OPTIONS)
+        num_classes = int(self.cfg.num_classes or 0)
         if num_classes < 2:
             raise ValueError(f"vimpac_action: set task.num_classes (>= 2), got {num_classes}")
         self.num_classes = num_classes
-        self.heads = nn.ModuleDict({"classifier": VimpacClassifier(self.model.hidden_size, num_classes,
-                                                                    self.options["dropout"],
-                                                                    self.options["head_norm"])})
+        self.heads["classifier"] = VimpacClassifier(self.model.hidden_size, num_classes, self.options["dropout"],
+                                                    self.options["head_norm"])
         _sync_batchnorm(self.heads, "classifier", "vimpac_action")
-
-    def frozen_modules(self) -> list:
-        return []
 
     def build_datasets(self, data_cfg, tokenizer, split: str) -> dict:
         """One random clip per video when training; ``data.eval_clips`` x ``eval_crops`` views otherwise."""

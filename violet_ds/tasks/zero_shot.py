@@ -22,9 +22,8 @@ import dataclasses
 import itertools
 from typing import Any, Dict, List, Optional
 
-from torch import nn
-
 from violet_ds.registry import TASKS
+from violet_ds.tasks.base import Task
 from violet_ds.tasks.common import parse_options
 
 ZERO_SHOT_STYLES = {"retrieval": ("head", "mlm"), "qa_mc": ("head", "mlm"), "qa_oe": ("mlm",),
@@ -32,13 +31,13 @@ ZERO_SHOT_STYLES = {"retrieval": ("head", "mlm"), "qa_mc": ("head", "mlm"), "qa_
 
 
 @TASKS.register("zero_shot")
-class ZeroShot(nn.Module):
+class ZeroShot(Task):
     """Evaluation-only wrapper of a downstream task with pretrained heads."""
 
     option_defaults: Dict[str, Any] = {"task": None, "task_options": {}}
 
-    def __init__(self, model: nn.Module, cfg, tokenizer):
-        super().__init__()
+    def build(self) -> None:
+        cfg = self.cfg
         self.options = parse_options(cfg.name, cfg.options, self.option_defaults)
         inner_name = self.options["task"]
         if inner_name not in ZERO_SHOT_STYLES:
@@ -47,11 +46,11 @@ class ZeroShot(nn.Module):
             raise ValueError(f"task zero_shot: {inner_name} has no zero-shot form with head_style {cfg.head_style!r} "
                              f"(a new head would be random); use {ZERO_SHOT_STYLES[inner_name]}")
         inner_cfg = dataclasses.replace(cfg, name=inner_name, options=copy.deepcopy(self.options["task_options"]))
-        inner = TASKS.create(inner_name, model=model, cfg=inner_cfg, tokenizer=tokenizer)
-        self.model = inner.model
+        inner = TASKS.create(inner_name, model=self.model, cfg=inner_cfg, tokenizer=self.tokenizer,
+                             tie_mlm_head=self.tie_mlm_head)
         self.heads = inner.heads
+        # a plain attribute: the inner task's modules are registered here (model, heads)
         object.__setattr__(self, "inner", inner)
-        self.dataset_kind = getattr(inner, "dataset_kind", inner_name)
         self.loaded_heads: set = set()
 
     def _apply(self, fn, *args, **kwargs):
@@ -74,7 +73,7 @@ class ZeroShot(nn.Module):
     def missing_heads(self) -> List[str]:
         """Head parameters the loaded checkpoint did not provide."""
         # an unused (frozen) LAVENDER task-token table is not needed to evaluate
-        unused = set() if getattr(self.inner, "task_token", False) else {"heads.task_embedding.weight"}
+        unused = set() if self.inner.task_token else {"heads.task_embedding.weight"}
         return sorted(key for key in self.state_dict()
                       if key.startswith("heads.") and key not in self.loaded_heads and key not in unused)
 
@@ -89,13 +88,13 @@ class ZeroShot(nn.Module):
         raise RuntimeError("task zero_shot only evaluates (violet-ds evaluate); finetune with the task itself")
 
     def build_datasets(self, data_cfg, tokenizer, split: str) -> Dict[str, Any]:
-        hook = getattr(self.inner, "build_datasets", None)
-        return hook(data_cfg, tokenizer, split) if hook is not None else {}
+        return self.inner.build_datasets(data_cfg, tokenizer, split)
 
     def evaluate_full(self, loaders: Dict[str, Any], world, max_batches: Optional[int] = None) -> Dict[str, float]:
         self._check_heads()
-        if hasattr(self.inner, "evaluate_full"):
-            return self.inner.evaluate_full(loaders, world, max_batches=max_batches)
+        full = self.inner.evaluate_full(loaders, world, max_batches=max_batches)
+        if full is not None:
+            return full
         from violet_ds.engine.evaluator import to_device
 
         device = next(self.model.parameters()).device
@@ -109,3 +108,12 @@ class ZeroShot(nn.Module):
 
     def predictions(self) -> List[Dict[str, Any]]:
         return self.inner.predictions()
+
+    def portable_options(self) -> Dict[str, Any]:
+        options = super().portable_options()
+        if isinstance(options.get("task_options"), dict):
+            options["task_options"] = self.inner.portable_options()
+        return options
+
+    def answer_vocab(self) -> Optional[List[str]]:
+        return self.inner.answer_vocab()
