@@ -12,8 +12,8 @@ import torch
 
 from engine_support import cli_command, cli_env, tiny_config, write_config
 from violet_ds.engine.distributed import World
-from violet_ds.engine.logging import (RunLogger, TrainProgress, format_duration, line_interval,
-                                      stderr_is_terminal)
+from violet_ds.engine.logging import RunLogger, TrainProgress, line_interval
+from violet_ds.progress import format_duration, stderr_is_terminal
 
 STEP_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) INFO step (\d+)/(\d+) \(\d+%\) loss [\d.]+ lr \S+ "
                        r"[\d.]+ samples/s elapsed \S+ ETA \S+$")
@@ -224,7 +224,7 @@ def test_images_reject_wrong_shape(tmp_path):
 def test_line_progress_for_data_commands():
     import io
 
-    from violet_ds.engine.logging import LineProgress, progress
+    from violet_ds.progress import LineProgress, progress
 
     stream = io.StringIO()
     items = list(LineProgress(range(100), desc="extracting", unit="file", stream=stream))

@@ -43,7 +43,7 @@ def test_compiled_blocks_give_the_same_outputs_and_gradients():
 
 
 def test_build_model_applies_compile_and_attention_choice():
-    from violet_ds.commands.run import build_model
+    from violet_ds.models import build_model
 
     model = build_model(ModelConfig(name="violet-tiny", compile=True, video_attention="flex"))
     assert model.video_backbone.cfg.attention == "flex"

@@ -16,12 +16,12 @@ def _demo_task(demo: Path, name: str = "pretrain", **cfg):
     """The demo recipe's model and task (violet-tiny, demo tokenizer), seeded weights."""
     from violet_ds.config import ModelConfig, TaskConfig
     from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.commands.run import build_model
+    from violet_ds.models import build_model
     from violet_ds.tasks import create_task
 
     torch.manual_seed(0)
     tokenizer = Tokenizer(demo / "tokenizer")
-    model = build_model(ModelConfig(name="violet-tiny", overrides={"vocab_size": 384, "max_frames": 4}), tokenizer)
+    model = build_model(ModelConfig(name="violet-tiny", overrides={"vocab_size": 384, "max_frames": 4}))
     task = create_task(name, model, TaskConfig(name=name, **cfg), tokenizer)
     with torch.no_grad():  # the zero-initialised score layer would tie every score
         for param in task.parameters():

@@ -14,12 +14,12 @@ TINY = {"vocab_size": 384, "max_frames": 4}
 def _task(demo, name="pretrain", seed=0, **cfg):
     from violet_ds.config import ModelConfig, TaskConfig
     from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.commands.run import build_model
+    from violet_ds.models import build_model
     from violet_ds.tasks import create_task
 
     torch.manual_seed(seed)
     tokenizer = Tokenizer(demo / "tokenizer")
-    model = build_model(ModelConfig(name="violet-tiny", overrides=dict(TINY)), tokenizer)
+    model = build_model(ModelConfig(name="violet-tiny", overrides=dict(TINY)))
     task = create_task(name, model, TaskConfig(name=name, **cfg), tokenizer)
     # zero-initialised score/answer layers would make every output equal: give them values
     with torch.no_grad():
@@ -207,11 +207,11 @@ def test_lavender_run_keeps_the_frozen_task_table_in_checkpoints(demo, tmp_path)
 def _task_plain(demo, **cfg):
     from violet_ds.config import ModelConfig, TaskConfig
     from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.commands.run import build_model
+    from violet_ds.models import build_model
     from violet_ds.tasks import create_task
 
     tokenizer = Tokenizer(demo / "tokenizer")
-    model = build_model(ModelConfig(name="violet-tiny", overrides=dict(TINY)), tokenizer)
+    model = build_model(ModelConfig(name="violet-tiny", overrides=dict(TINY)))
     return create_task("pretrain", model, TaskConfig(**cfg), tokenizer)
 
 

@@ -117,7 +117,7 @@ def test_a_new_target_is_one_file(monkeypatch, tmp_path, forget_modules, tokeniz
     assert torch.allclose(loss, expected) and set(parts) == {"zz_grey"}
 
     # and pretraining takes it by name, with a head for its layout
-    from violet_ds.commands.run import build_model
+    from violet_ds.models import build_model
     from violet_ds.tasks import create_task
 
     model = build_model(ModelConfig(name="violet-tiny", overrides={"vocab_size": 64, "max_frames": 4}))
@@ -130,7 +130,7 @@ def test_a_new_target_is_one_file(monkeypatch, tmp_path, forget_modules, tokeniz
 
 
 def test_a_new_task_is_one_file(monkeypatch, tmp_path, forget_modules, tokenizer):
-    from violet_ds.commands.run import build_model
+    from violet_ds.models import build_model
     from violet_ds.tasks import create_task, list_tasks
 
     forget_modules.append("violet_ds.tasks.zz_text_length")

@@ -82,7 +82,8 @@ def test_pickle_payload_in_any_checkpoint_file_is_refused(finished, tmp_path, pa
 
 def test_export_init_from_and_universal_refuse_a_payload(finished, tmp_path):
     from violet_ds.engine import checkpoint as ckpt
-    from violet_ds.engine.export import export, read_weights
+    from violet_ds.commands.export import export
+    from violet_ds.engine.export import read_weights
     from violet_ds.engine.universal import universal_checkpoint
 
     run_dir = _copy_run(finished[1], tmp_path)

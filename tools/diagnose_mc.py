@@ -41,7 +41,7 @@ def load_config(path: str, sets: list[str]) -> dict:
 def build(cfg: dict):
     from violet_ds.config import DataConfig, DataSource, ModelConfig, OptimConfig, TaskConfig
     from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.commands.run import build_model
+    from violet_ds.models import build_model
     from violet_ds.tasks import create_task
 
     data_cfg = dict(cfg["data"])
@@ -52,7 +52,7 @@ def build(cfg: dict):
     task_cfg = TaskConfig(**cfg["task"])
     optim = OptimConfig(**{k: v for k, v in cfg.get("optim", {}).items()})
     tokenizer = Tokenizer(data.tokenizer)
-    task = create_task(task_cfg.name, build_model(model_cfg, tokenizer), task_cfg, tokenizer,
+    task = create_task(task_cfg.name, build_model(model_cfg), task_cfg, tokenizer,
                        tie_mlm_head=model_cfg.tie_mlm_head)
     return data, task, optim, tokenizer
 

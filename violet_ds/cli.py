@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("violet_ds.commands.run:pretrain", "pretrain a model (VIOLET / VIOLETv2 / LAVENDER / VIMPAC) with DeepSpeed"),
     "finetune": ("violet_ds.commands.run:finetune", "finetune on a downstream task from a checkpoint"),
     "evaluate": ("violet_ds.commands.run:evaluate", "evaluate a checkpoint on a task; writes predictions and metrics"),
-    "export": ("violet_ds.engine.export:export", "DeepSpeed checkpoint -> one safetensors file of fp32 weights"),
+    "export": ("violet_ds.commands.export:export", "DeepSpeed checkpoint -> one safetensors file of fp32 weights"),
     "predict": ("violet_ds.predict:predict", "answer questions, rank captions, retrieve or caption your own video files"),
     "universal-checkpoint": ("violet_ds.engine.universal:universal_checkpoint", "convert a checkpoint to DeepSpeed's universal format (resume on another world size)"),
     # data

@@ -292,7 +292,7 @@ def load_run(run_dir: str | Path, tag: Optional[str] = None, mvm: bool = True):
     """
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.engine.export import deepspeed_fp32_state_dict, locate_checkpoint
-    from violet_ds.commands.run import build_model
+    from violet_ds.models import build_model
     from violet_ds.tasks import create_task
 
     checkpoint_dir, tag = locate_checkpoint(run_dir, tag)
@@ -302,7 +302,7 @@ def load_run(run_dir: str | Path, tag: Optional[str] = None, mvm: bool = True):
     model_cfg = dataclasses.replace(model_cfg, weights=None, pretrained_swin=None)
     tokenizer = Tokenizer(data_cfg.tokenizer)
     task_cfg = _build_config(task_cfg, mvm)
-    task = create_task(task_cfg.name, build_model(model_cfg, tokenizer), task_cfg, tokenizer,
+    task = create_task(task_cfg.name, build_model(model_cfg), task_cfg, tokenizer,
                        tie_mlm_head=model_cfg.tie_mlm_head)
     _load(task, deepspeed_fp32_state_dict(checkpoint_dir, tag), str(checkpoint_dir / tag), mvm)
     task.source_checkpoint = str(checkpoint_dir / tag)

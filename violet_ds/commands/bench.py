@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -42,7 +42,8 @@ def _build(spec: dict) -> SimpleNamespace:
     """Model + pretraining task + DeepSpeed engine of one configuration, in this process."""
     from violet_ds.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, TaskConfig
     from violet_ds.data.tokenizer import load_tokenizer
-    from violet_ds.commands.run import build_model, seed_everything, setup_world
+    from violet_ds.commands.run import seed_everything, setup_world
+    from violet_ds.models import build_model
     from violet_ds.engine import deepspeed_engine as dse
     from violet_ds.engine.ds_config import resolve_ds_config
     from violet_ds.tasks import create_task
@@ -55,7 +56,7 @@ def _build(spec: dict) -> SimpleNamespace:
     model_cfg = ModelConfig(name=spec["model"], grad_checkpointing=spec["checkpointing"],
                             offload_video_activations=spec.get("offload", False), compile=spec.get("compile", False),
                             overrides={"vocab_size": max(tokenizer.vocab_size, 8), "max_frames": max(spec["frames"], 4)})
-    model = build_model(model_cfg, tokenizer)
+    model = build_model(model_cfg)
     if spec.get("attention") and hasattr(model, "video_backbone"):
         model.video_backbone.set_attention(spec["attention"])
     task_cfg = TaskConfig(name="pretrain", mvm_targets={"pixel": 1.0}, mvm_strategies=spec["strategies"])

@@ -27,6 +27,7 @@ from ..engine.ds_config import precision_of, resolve_ds_config
 from ..engine.distributed import World, free_port, in_slurm_step, init_distributed
 from ..engine.logging import RunLogger
 from ..engine.trainer import Trainer, TrainSummary, steps_per_epoch
+from ..models import build_model
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -45,31 +46,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def build_model(model_cfg: ModelConfig, tokenizer=None):
-    from violet_ds.models import create_model
-
-    overrides = dict(model_cfg.overrides)
-    if model_cfg.text_config_dir:
-        overrides.setdefault("text_config_dir", model_cfg.text_config_dir)
-    if model_cfg.pretrained_swin:
-        overrides.setdefault("pretrained_swin", model_cfg.pretrained_swin)
-    if model_cfg.grad_checkpointing or model_cfg.offload_video_activations:
-        overrides.update(grad_checkpointing=model_cfg.grad_checkpointing,
-                         offload_activations=model_cfg.offload_video_activations)
-    model = create_model(model_cfg.name, weights=model_cfg.weights, **overrides)
-    if model_cfg.video_attention != "auto":
-        backbone = getattr(model, "video_backbone", None)
-        if backbone is None or not hasattr(backbone, "set_attention"):
-            raise ValueError(f"model.video_attention={model_cfg.video_attention!r}: model {model_cfg.name!r} "
-                             "has no Video Swin backbone")
-        backbone.set_attention(model_cfg.video_attention)
-    if model_cfg.compile:
-        from violet_ds.models.compile import compile_blocks
-
-        compile_blocks(model)
-    return model
 
 
 def load_init_weights(task: torch.nn.Module, path: str, logger: Optional[RunLogger] = None) -> dict:
@@ -263,7 +239,7 @@ def _build_task(model: ModelConfig, task: TaskConfig, data: DataConfig, engine: 
 
     seed_everything(engine.seed)
     tokenizer = Tokenizer(data.tokenizer)
-    backbone = build_model(model, tokenizer)
+    backbone = build_model(model)
     task_module = create_task(task.name, backbone, task, tokenizer, tie_mlm_head=model.tie_mlm_head)
     if run.init_from and not resuming:
         load_init_weights(task_module, run.init_from, logger)
@@ -445,7 +421,7 @@ def _evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, engine: En
     run_dir = Path(run.output_dir) / run.name
     logger = RunLogger(run_dir, world, level=run.log_level)
     tokenizer = Tokenizer(data.tokenizer)
-    task_module = create_task(task.name, build_model(model, tokenizer), task, tokenizer,
+    task_module = create_task(task.name, build_model(model), task, tokenizer,
                               tie_mlm_head=model.tie_mlm_head)
     if run.init_from:
         load_init_weights(task_module, run.init_from, logger)

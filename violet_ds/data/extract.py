@@ -341,7 +341,7 @@ def run_extraction(inputs: Sequence[tuple[str, Path]], out_dir: Path, prefix: st
     else:
         results = map(_extract_one, jobs)
     if progress:
-        from violet_ds.engine.logging import progress as tqdm  # a bar on terminals, lines in log files
+        from violet_ds.progress import progress as tqdm  # a bar on terminals, lines in log files
 
         results = tqdm(results, total=len(jobs), desc=f"extracting -> {out_dir}/{prefix}_*.tsv", unit="file")
     writer: Optional[TSVWriter] = None

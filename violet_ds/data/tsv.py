@@ -58,7 +58,7 @@ def build_lineidx(tsv_path: PathLike, out_path: Optional[PathLike] = None, with_
     lines = []
     iterator: Iterable = _scan_row_offsets(tsv_path)
     if progress:
-        from violet_ds.engine.logging import progress as tqdm  # a bar on terminals, lines in log files
+        from violet_ds.progress import progress as tqdm  # a bar on terminals, lines in log files
 
         iterator = tqdm(iterator, desc=f"indexing {tsv_path.name}", unit="row")
     for row, (offset, line) in enumerate(iterator):
@@ -426,7 +426,7 @@ def validate_tsv(path: PathLike, frame_column: Optional[int] = None, decode: boo
         from violet_ds.data.frames import decode_jpeg as decoder
     iterator: Iterable = _scan_row_offsets(path)
     if progress:
-        from violet_ds.engine.logging import progress as tqdm  # a bar on terminals, lines in log files
+        from violet_ds.progress import progress as tqdm  # a bar on terminals, lines in log files
 
         iterator = tqdm(iterator, desc=f"validating {path.name}", unit="row", leave=False)
     frame_counts = []

@@ -29,7 +29,7 @@ import pickle
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Iterable, Optional, Tuple
 
 import numpy as np
 import torch

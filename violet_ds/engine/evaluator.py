@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import torch
 
 from .distributed import World
-from .logging import stderr_is_terminal
+from violet_ds.progress import stderr_is_terminal
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

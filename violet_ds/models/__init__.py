@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from violet_ds.weights import load_strict, strip_prefix
 log = logging.getLogger(__name__)
 
 import_submodules(__name__)
+
+if TYPE_CHECKING:
+    from violet_ds.config import ModelConfig
 
 
 def list_models() -> List[str]:
@@ -56,6 +59,31 @@ def create_model(name: str, weights: Optional[str] = None, **overrides) -> nn.Mo
     return model
 
 
+def build_model(model_cfg: "ModelConfig") -> nn.Module:
+    """The model a run's `model:` section describes: registered name + overrides, weights, video attention
+    kernel, activation checkpointing, compiled blocks."""
+    overrides = dict(model_cfg.overrides)
+    if model_cfg.text_config_dir:
+        overrides.setdefault("text_config_dir", model_cfg.text_config_dir)
+    if model_cfg.pretrained_swin:
+        overrides.setdefault("pretrained_swin", model_cfg.pretrained_swin)
+    if model_cfg.grad_checkpointing or model_cfg.offload_video_activations:
+        overrides.update(grad_checkpointing=model_cfg.grad_checkpointing,
+                         offload_activations=model_cfg.offload_video_activations)
+    model = create_model(model_cfg.name, weights=model_cfg.weights, **overrides)
+    if model_cfg.video_attention != "auto":
+        backbone = getattr(model, "video_backbone", None)
+        if backbone is None or not hasattr(backbone, "set_attention"):
+            raise ValueError(f"model.video_attention={model_cfg.video_attention!r}: model {model_cfg.name!r} "
+                             "has no Video Swin backbone")
+        backbone.set_attention(model_cfg.video_attention)
+    if model_cfg.compile:
+        from violet_ds.models.compile import compile_blocks
+
+        compile_blocks(model)
+    return model
+
+
 def parameter_breakdown(model: nn.Module) -> Dict[str, int]:
     """Per-part parameter counts: the model's own grouping when it has one, else its top-level children."""
     if hasattr(model, "parameter_breakdown"):
@@ -83,4 +111,4 @@ def print_models(names: Optional[List[str]] = None) -> None:
         print(f"{name:<20} {total / 1e6:8.2f}M  ({detail})")
 
 
-__all__ = ["create_model", "list_models", "print_models", "load_weights", "parameter_breakdown"]
+__all__ = ["build_model", "create_model", "list_models", "print_models", "load_weights", "parameter_breakdown"]

@@ -85,7 +85,7 @@ def extract_targets(
         frame_column: first frame column (default: detected; 1 official layout, 2 VIOLETv2's).
         threads: torch CPU threads (default: torch's own choice).
     """
-    from violet_ds.engine.logging import progress as tqdm  # a bar on terminals, lines in log files
+    from violet_ds.progress import progress as tqdm  # a bar on terminals, lines in log files
 
     from violet_ds.data.frames import normalize
     from violet_ds.data.tsv import TSVFile

@@ -244,7 +244,7 @@ def extract_vq(tsv: str, encoder: str, output: str, size: int = 128, batch_frame
         limit: only the first N videos (smoke runs).
         threads: torch CPU threads (default: torch's own choice).
     """
-    from violet_ds.engine.logging import progress as tqdm  # a bar on terminals, lines in log files
+    from violet_ds.progress import progress as tqdm  # a bar on terminals, lines in log files
 
     if size < DOWNSAMPLE or size % DOWNSAMPLE:
         raise ValueError(f"size must be a positive multiple of {DOWNSAMPLE}, got {size}")
