@@ -284,6 +284,28 @@ def test_preflight_paths_and_empty_splits(demo, tmp_path):
         check_split_sizes("val", {"val": []}, [DataSource(tsv="a.tsv", annotations="b.json", split="nosuch")])
 
 
+def test_preflight_of_a_token_only_task_checks_its_token_files(demo, tmp_path):
+    """VIMPAC reads `vq` (else `tsv`) token files, never frames: those are what must exist."""
+    from violet_ds.config import DataConfig, DataSource, ModelConfig, RunConfig
+    from violet_ds.engine.preflight import PreflightError, preflight_paths
+    from violet_ds.registry import TASKS
+    import violet_ds.tasks  # noqa: F401
+
+    assert TASKS.get("vimpac_pretrain").reads_frames is False and TASKS.get("pretrain").reads_frames is True
+    run = RunConfig(name="pf", output_dir=str(tmp_path))
+    tokens = tmp_path / "vq.tsv"
+    tokens.write_text("v0\t[]\n")
+    source = DataSource(tsv="frames_not_read.tsv", vq=str(tokens), annotations=str(demo / "txt_pretrain.json"),
+                        split="train")
+    data = DataConfig(train=[source], tokenizer=str(demo / "tokenizer"))
+    preflight_paths(data, run, ModelConfig(), tmp_path / "pf", reads_frames=False)
+    with pytest.raises(PreflightError, match=r"data.train\[0\].tsv"):
+        preflight_paths(data, run, ModelConfig(), tmp_path / "pf")
+    source.vq = str(tmp_path / "missing_vq.tsv")
+    with pytest.raises(PreflightError, match=r"data.train\[0\].vq: no file matches"):
+        preflight_paths(data, run, ModelConfig(), tmp_path / "pf", reads_frames=False)
+
+
 def test_empty_val_split_fails_before_training(finished, tmp_path, demo):
     config, _ = finished
     data = yaml.safe_load(config.read_text())

@@ -169,7 +169,8 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     resume_tag = ckpt.resolve_resume_tag(run_dir / "checkpoints", run.resume) if run.resume else None
     world = setup_world(engine)
     lock = _claim_run_dir(run_dir, run, command, world)
-    logger = _open_run(run_dir, run, model, data, world, resume_tag, config_text)
+    logger = _open_run(run_dir, run, model, data, world, resume_tag, config_text,
+                       reads_frames=_task_class(task.name).reads_frames)
     if engine.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     task_module, tokenizer = _build_task(model, task, data, engine, run, world, logger, resuming=resume_tag is not None)
@@ -197,6 +198,14 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     return summary
 
 
+def _task_class(name: str) -> type:
+    """The registered task class (its declared attributes, before anything is built)."""
+    import violet_ds.tasks  # noqa: F401  (registers every task)
+    from violet_ds.registry import TASKS
+
+    return TASKS.get(name)
+
+
 def _check_train_config(command: str, data: DataConfig, engine: EngineConfig) -> None:
     if not data.train:
         raise ValueError(f"{command}: data.train is empty (give at least one {{tsv, annotations}} source)")
@@ -213,7 +222,7 @@ def _dump_config(**sections: Any) -> str:
 
 
 def _open_run(run_dir: Path, run: RunConfig, model: ModelConfig, data: DataConfig, world: World,
-              resume_tag: Optional[str], config_text: str) -> RunLogger:
+              resume_tag: Optional[str], config_text: str, reads_frames: bool = True) -> RunLogger:
     """The run's logger; the resume and path checks, before any heavy work; config.yaml."""
     purge_step = None
     if resume_tag is not None:
@@ -225,7 +234,8 @@ def _open_run(run_dir: Path, run: RunConfig, model: ModelConfig, data: DataConfi
         ckpt.check_resume(run_dir / "checkpoints", resume_tag, config_text, world.world_size,
                           run.allow_inexact_resume, logger.warning)
     if run.preflight:
-        preflight.preflight_paths(data, run, model, run_dir, resuming=resume_tag is not None)
+        preflight.preflight_paths(data, run, model, run_dir, resuming=resume_tag is not None,
+                                  reads_frames=reads_frames)
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_text)
     return logger

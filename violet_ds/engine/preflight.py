@@ -11,6 +11,7 @@ samples, naming the files when one has none.
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 from pathlib import Path
@@ -86,8 +87,11 @@ def _check_init_from(path: str) -> None:
 
 
 def preflight_paths(data: Any, run: Any, model: Any, run_dir: Path, splits: Iterable[str] = ("train", "val", "test"),
-                    resuming: bool = False) -> dict:
-    """All file-level checks that need no model; returns {tsv path: rows} of the spot-checked training TSVs."""
+                    resuming: bool = False, reads_frames: bool = True) -> dict:
+    """All file-level checks that need no model; returns {tsv path: rows} of the spot-checked training TSVs.
+
+    `reads_frames=False` (a task that reads only pre-extracted VQ tokens, e.g. VIMPAC): a source's token
+    file (`vq`, else `tsv`) must exist; its frame TSV is not read, so it is not checked."""
     from violet_ds.data.tsv import resolve_tsv_paths
 
     run_dir = Path(run_dir)
@@ -97,6 +101,13 @@ def preflight_paths(data: Any, run: Any, model: Any, run_dir: Path, splits: Iter
     for split in splits:
         for number, source in enumerate(getattr(data, split, None) or []):
             where = f"data.{split}[{number}]"
+            if not reads_frames:
+                key, tokens = ("vq", source.vq) if getattr(source, "vq", None) else ("tsv", source.tsv)
+                if not glob.glob(str(tokens)):
+                    raise PreflightError(f"{where}.{key}: no file matches {tokens!r}")
+                if source.annotations:
+                    _readable(Path(source.annotations), f"{where}.annotations")
+                continue
             try:
                 paths = resolve_tsv_paths(source.tsv)
             except FileNotFoundError as error:

@@ -25,6 +25,9 @@ class Task(nn.Module):
 
     # the generic dataset of the task's splits: a `violet_ds.data.datasets` class (see `build_datasets`)
     dataset_class: Optional[type] = None
+    # False for a task that reads only pre-extracted tokens (`source.vq`), never the frame TSV: the run's
+    # preflight then checks the token files instead of the frames
+    reads_frames: bool = True
 
     def __init__(self, model: nn.Module, cfg, tokenizer=None, *, tie_mlm_head: bool = False):
         """`model`: the backbone (`create_model`); `cfg`: the run's TaskConfig; `tokenizer`: the run's

@@ -188,6 +188,8 @@ def _tokens(batch: dict, key: str, device: torch.device) -> torch.Tensor:
 class VimpacPretrainTask(Task):
     """Masked VQ-token prediction + contrastive learning between two clips of a video."""
 
+    reads_frames = False
+
     def build(self) -> None:
         _require_vimpac(self.model, "vimpac_pretrain")
         self.options = parse_options("vimpac_pretrain", self.cfg.options or {}, PRETRAIN_OPTIONS)
@@ -304,6 +306,8 @@ class VimpacPretrainTask(Task):
 @TASKS.register("vimpac_action")
 class VimpacActionTask(Task):
     """Action classification from [CLS] with a zero-initialised linear head; multi-view evaluation."""
+
+    reads_frames = False
 
     def build(self) -> None:
         _require_vimpac(self.model, "vimpac_action")
