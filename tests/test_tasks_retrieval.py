@@ -200,7 +200,7 @@ def test_symmetric_terms_are_summed_as_in_the_official_code(tmp_path):
 def test_multi_clip_dataset_offsets_and_averaging(tmp_path):
     """Multi-clip testing: evenly offset clips, encoder outputs averaged over clips."""
     from violet_ds.tasks.common import encode_video
-    from violet_ds.tasks.retrieval import MultiClipVideoDataset
+    from violet_ds.data.datasets import MultiClipVideoDataset
 
     dataset = MultiClipVideoDataset.__new__(MultiClipVideoDataset)
     dataset.num_frames, dataset.eval_clips = 2, 2

@@ -545,9 +545,9 @@ def _cache_path(cache: Optional[str], fingerprint: str) -> Optional[Path]:
 def _read_vocab(path: str) -> List[str]:
     file = Path(path)
     if file.suffix == ".json":
-        from violet_ds.tasks.qa_oe import load_answer_vocab
+        from violet_ds.data.annotations import load_word_list
 
-        return load_answer_vocab(str(file))
+        return load_word_list(str(file), "vocab", "answer vocabulary")
     return [line.strip() for line in file.read_text().splitlines() if line.strip()]
 
 

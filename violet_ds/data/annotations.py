@@ -20,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, List, Optional, Union
 
 PathLike = Union[str, Path]
 UNANSWERABLE = -1
@@ -289,3 +289,24 @@ def load_any(path: PathLike, split: str = "train"):
     loader = {"pretrain": load_pretrain_captions, "text_video": load_text_video, "mc_qa": load_mc_qa,
               "oe_qa": load_oe_qa, "fib": load_fib, "action": load_action}[kind]
     return kind, loader(path, split)
+
+
+def load_word_list(source: Any, key: str, option: str, limit: int = 0, nonempty: bool = False) -> Optional[List[str]]:
+    """A list of strings given inline or as an annotation JSON (its top-level `key`, or a bare list): an
+    open-ended QA answer vocabulary ("vocab"), action class names ("labels"). `option` names the
+    setting in errors; `limit` > 0 keeps the first `limit` entries."""
+    if source is None:
+        return None
+    if isinstance(source, (list, tuple)):
+        words = [str(v) for v in source]
+    else:
+        path = Path(str(source))
+        if not path.is_file():
+            raise FileNotFoundError(f"{option}: file not found: {path}")
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        words = data.get(key) if isinstance(data, dict) else data
+        if not isinstance(words, list) or (nonempty and not words) or not all(isinstance(v, str) for v in words):
+            raise ValueError(f"{path}: expected a top-level {key!r} list of strings")
+    return words[:limit] if limit > 0 else words
+

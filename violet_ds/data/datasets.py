@@ -461,10 +461,45 @@ class VideoDataset(VideoTextDataset):
         return sample
 
 
+class MultiClipVideoDataset(VideoDataset):
+    """Each video once, as `clips` evenly offset deterministic clips `(clips, T, 3, H, W)` (multi-clip
+    testing: the task averages the video encoder outputs over the clips); `clips == 1` gives `(T, 3, H, W)`
+    with the standard centre-of-segment sampling."""
+
+    def __init__(self, *args, clips: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        if clips < 1:
+            raise ValueError(f"data.eval_clips must be >= 1, got {clips}")
+        self.eval_clips = clips
+
+    def clip_indices(self, num_available: int) -> torch.Tensor:
+        """`(clips, T)` stored-frame indices: clip c samples each of T segments at fraction (c+0.5)/clips."""
+        frames = self.num_frames
+        if num_available < frames or self.eval_clips == 1:
+            one = sample_frame_indices(num_available, frames, False)
+            return one[None].expand(self.eval_clips, -1)
+        segment = num_available / frames
+        fraction = (torch.arange(self.eval_clips, dtype=torch.float64)[:, None] + 0.5) / self.eval_clips
+        positions = (torch.arange(frames, dtype=torch.float64)[None, :] + fraction) * segment
+        return positions.floor().long().clamp(0, num_available - 1)
+
+    def load(self, index: int) -> dict[str, Any]:
+        video_id = self.video_ids[index]
+        frames = self.source.frames(video_id)
+        if self.eval_clips == 1:
+            return {"video": self.reader(frames)[0], "video_id": video_id}
+        indices = self.clip_indices(len(frames))
+        unique, inverse = torch.unique(indices.flatten(), return_inverse=True)
+        decoded = decode_frames([frames[i] for i in unique.tolist()], self.reader.decoder, min_size=self.size)
+        video = self.reader.transform(decoded, None)[inverse]
+        return {"video": video.view(self.eval_clips, self.num_frames, *video.shape[1:]), "video_id": video_id}
+
+
 def build_retrieval_eval(tsv: TsvSpec, annotations: Union[str, Path], split: str, tokenizer: Tokenizer,
-                         num_frames: int = 5, size: int = 224, max_text_len: int = 25,
+                         num_frames: int = 5, size: int = 224, max_text_len: int = 25, clips: int = 1,
                          **options) -> dict[str, Dataset]:
-    """Retrieval evaluation as two datasets: `texts` (every caption) and `videos` (every video once).
+    """Retrieval evaluation as two datasets: `texts` (every caption) and `videos` (every video once, as
+    `clips` clips: `MultiClipVideoDataset`).
 
     Score matrix rows follow `texts`, columns follow `videos`; `texts[i]["video_index"]` is the
     correct column. Videos appear in order of first mention.
@@ -472,7 +507,8 @@ def build_retrieval_eval(tsv: TsvSpec, annotations: Union[str, Path], split: str
     probe = VideoTextDataset(tsv, tokenizer, num_frames, size, max_text_len, False, **options)
     records = probe._keep_present(ann.load_text_video(annotations, split), annotations, split)
     video_ids = list(dict.fromkeys(r.video for r in records))
-    videos = VideoDataset(tsv, video_ids, num_frames, size, train=False, source=probe.source, **options)
+    videos = MultiClipVideoDataset(tsv, video_ids, num_frames, size, train=False, source=probe.source, clips=clips,
+                                   **options)
     return {"texts": RetrievalTextDataset(records, video_ids, tokenizer, max_text_len), "videos": videos}
 
 

@@ -16,35 +16,17 @@ list itself); `task.num_classes` alone is enough for the head style.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.nn.functional as F
 
+from violet_ds.data.annotations import load_word_list
 from violet_ds.data.datasets import ActionDataset
 from violet_ds.metrics import accuracy, topk_accuracy
 from violet_ds.registry import TASKS
 from violet_ds.tasks.common import (DownstreamTask, append_answer_mask, encode_video, fuse_pairs,
                                     gather_positions, gather_step_outputs, pooled_of)
-
-
-def load_labels(source: Any) -> Optional[List[str]]:
-    """Class names from an annotation JSON (top-level "labels") or an inline list."""
-    if source is None:
-        return None
-    if isinstance(source, (list, tuple)):
-        return [str(v) for v in source]
-    path = Path(str(source))
-    if not path.is_file():
-        raise FileNotFoundError(f"task.options.labels: file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        data = json.load(handle)
-    labels = data.get("labels") if isinstance(data, dict) else data
-    if not isinstance(labels, list) or not labels or not all(isinstance(v, str) for v in labels):
-        raise ValueError(f"{path}: expected a top-level 'labels' list of class names")
-    return labels
 
 
 def pick_class_words(labels: List[str], tokenizer) -> List[str]:
@@ -77,7 +59,7 @@ class ActionClassification(DownstreamTask):
     def build(self) -> None:
         super().build()
         cfg, tokenizer = self.cfg, self.tokenizer
-        self.labels = load_labels(self.options["labels"])
+        self.labels = load_word_list(self.options["labels"], "labels", "task.options.labels", nonempty=True)
         num_classes = len(self.labels) if self.labels is not None else cfg.num_classes
         if num_classes <= 0:
             raise ValueError(f"task {cfg.name!r}: set task.options.labels (annotation JSON with 'labels') or "

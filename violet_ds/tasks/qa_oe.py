@@ -17,12 +17,11 @@ The answer vocabulary comes from `task.options.answer_vocab`: an annotation JSON
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
+from violet_ds.data.annotations import load_word_list
 from violet_ds.data.datasets import FiBDataset, OEQADataset
 from violet_ds.masking.text import IGNORE_INDEX
 from violet_ds.metrics import accuracy
@@ -30,24 +29,6 @@ from violet_ds.registry import TASKS
 from violet_ds.tasks.common import (DownstreamTask, append_answer_mask, cross_entropy_or_zero,
                                     encode_video, fuse_pairs, gather_positions, gather_step_outputs, pooled_of,
                                     first_mask_position)
-
-
-def load_answer_vocab(source: Any, limit: int = 0) -> Optional[List[str]]:
-    """Answer vocabulary from an annotation JSON path (top-level "vocab") or an inline list."""
-    if source is None:
-        return None
-    if isinstance(source, (list, tuple)):
-        vocab = [str(v) for v in source]
-    else:
-        path = Path(str(source))
-        if not path.is_file():
-            raise FileNotFoundError(f"task.options.answer_vocab: file not found: {path}")
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-        vocab = data.get("vocab") if isinstance(data, dict) else data
-        if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab):
-            raise ValueError(f"{path}: expected a top-level 'vocab' list of answer strings")
-    return vocab[:limit] if limit > 0 else vocab
 
 
 @TASKS.register("qa_oe")
@@ -65,7 +46,7 @@ class OpenEndedQA(DownstreamTask):
     def build(self) -> None:
         super().build()
         cfg, tokenizer = self.cfg, self.tokenizer
-        self.vocab = load_answer_vocab(self.options["answer_vocab"], cfg.num_answers)
+        self.vocab = load_word_list(self.options["answer_vocab"], "vocab", "task.options.answer_vocab", cfg.num_answers)
         num_answers = len(self.vocab) if self.vocab is not None else cfg.num_answers
         if num_answers <= 0:
             raise ValueError(f"task {cfg.name!r}: set task.options.answer_vocab (annotation JSON with a 'vocab' "

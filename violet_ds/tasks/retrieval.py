@@ -25,8 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from violet_ds.data.datasets import RetrievalDataset, VideoDataset
-from violet_ds.data.frames import decode_frames, sample_frame_indices
+from violet_ds.data.datasets import RetrievalDataset, build_retrieval_eval
 from violet_ds.metrics import retrieval_metrics
 from violet_ds.registry import TASKS
 from violet_ds.tasks.common import (DownstreamTask, chunks, encode_video, gather_objects, gather_step_outputs,
@@ -265,58 +264,16 @@ def _texts_of_videos(texts: Dict[str, Any], videos: set) -> Dict[str, Any]:
             "video_id": [texts["video_id"][i] for i in keep]}
 
 
-class MultiClipVideoDataset(VideoDataset):
-    """Each video once, as `clips` evenly offset deterministic clips `(clips, T, 3, H, W)` (multi-clip
-    testing: the task averages the video encoder outputs over the clips); `clips == 1` gives `(T, 3, H, W)`
-    with the standard centre-of-segment sampling."""
-
-    def __init__(self, *args, clips: int = 1, **kwargs):
-        super().__init__(*args, **kwargs)
-        if clips < 1:
-            raise ValueError(f"data.eval_clips must be >= 1, got {clips}")
-        self.eval_clips = clips
-
-    def clip_indices(self, num_available: int) -> torch.Tensor:
-        """`(clips, T)` stored-frame indices: clip c samples each of T segments at fraction (c+0.5)/clips."""
-        frames = self.num_frames
-        if num_available < frames or self.eval_clips == 1:
-            one = sample_frame_indices(num_available, frames, False)
-            return one[None].expand(self.eval_clips, -1)
-        segment = num_available / frames
-        fraction = (torch.arange(self.eval_clips, dtype=torch.float64)[:, None] + 0.5) / self.eval_clips
-        positions = (torch.arange(frames, dtype=torch.float64)[None, :] + fraction) * segment
-        return positions.floor().long().clamp(0, num_available - 1)
-
-    def load(self, index: int) -> Dict[str, Any]:
-        video_id = self.video_ids[index]
-        frames = self.source.frames(video_id)
-        if self.eval_clips == 1:
-            return {"video": self.reader(frames)[0], "video_id": video_id}
-        indices = self.clip_indices(len(frames))
-        unique, inverse = torch.unique(indices.flatten(), return_inverse=True)
-        decoded = decode_frames([frames[i] for i in unique.tolist()], self.reader.decoder, min_size=self.size)
-        video = self.reader.transform(decoded, None)[inverse]
-        return {"video": video.view(self.eval_clips, self.num_frames, *video.shape[1:]), "video_id": video_id}
-
-
 def build_retrieval_eval_datasets(data_cfg, tokenizer, split: str) -> Dict[str, Any]:
-    """`texts` and `videos` datasets of the single source in `data.<split>` (columns follow first mention)."""
-    from violet_ds.data import annotations as ann
-    from violet_ds.data.datasets import RetrievalTextDataset, VideoTextDataset
-
+    """`texts` and `videos` datasets of the single source in `data.<split>` (columns follow first mention),
+    each video as `data.eval_clips` clips."""
     sources = getattr(data_cfg, split)
     if len(sources) != 1:
         raise ValueError(f"retrieval: data.{split} needs exactly one source for evaluation, got {len(sources)}")
     source = sources[0]
-    common = dict(decoder=data_cfg.jpeg_decoder, max_bad_fraction=data_cfg.max_bad_fraction)
-    probe = VideoTextDataset(source.tsv, tokenizer, data_cfg.num_frames, data_cfg.image_size, data_cfg.max_text_len,
-                             False, **common)
-    records = probe._keep_present(ann.load_text_video(source.annotations, source.split), source.annotations,
-                                  source.split)
-    video_ids = list(dict.fromkeys(r.video for r in records))
-    videos = MultiClipVideoDataset(source.tsv, video_ids, data_cfg.num_frames, data_cfg.image_size, train=False,
-                                   source=probe.source, clips=data_cfg.eval_clips, **common)
-    return {"texts": RetrievalTextDataset(records, video_ids, tokenizer, data_cfg.max_text_len), "videos": videos}
+    return build_retrieval_eval(source.tsv, source.annotations, source.split, tokenizer, data_cfg.num_frames,
+                                data_cfg.image_size, data_cfg.max_text_len, clips=data_cfg.eval_clips,
+                                decoder=data_cfg.jpeg_decoder, max_bad_fraction=data_cfg.max_bad_fraction)
 
 
 def _progress(iterable, description: str, world):
