@@ -447,9 +447,9 @@ def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
 def test_nonfinite_loss_on_one_rank_rolls_back_every_rank(demo, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from violet_ds.engine.distributed import free_port
+
+    port = free_port()
     config = write_config(tiny_config(demo, tmp_path, "two", run__max_steps=8, run__save_every=2, run__log_every=2,
                                       run__on_divergence="rollback", run__max_bad_steps=2), tmp_path / "two.yaml")
     command = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
