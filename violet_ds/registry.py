@@ -32,6 +32,12 @@ class Registry:
 
         return deco
 
+    def add(self, name: str, factory: F, doc: str) -> F:
+        """Register a factory made in a loop (one per variant), named after the variant for help and errors."""
+        factory.__name__ = name.replace("-", "_")
+        factory.__doc__ = doc
+        return self.register(name)(factory)
+
     def get(self, name: str) -> Callable:
         try:
             return self._factories[name]

@@ -357,9 +357,7 @@ def _register(name: str):
     def factory(**overrides) -> VimpacModel:
         return VimpacModel(make_config(name, **overrides))
 
-    factory.__name__ = name.replace("-", "_")
-    factory.__doc__ = f"{name}: {VIMPAC_SIZES[name]} (override any VimpacConfig field)."
-    return MODELS.register(name)(factory)
+    return MODELS.add(name, factory, f"{name}: {VIMPAC_SIZES[name]} (override any VimpacConfig field).")
 
 
 vimpac_small = _register("vimpac-small")

@@ -425,9 +425,7 @@ def _register(name: str):
             base["swin_overrides"] = {**base.get("swin_overrides", {}), **(overrides.pop("swin_overrides") or {})}
         return VioletModel(VioletConfig(**{**base, **overrides}))
 
-    factory.__name__ = name.replace("-", "_")
-    factory.__doc__ = f"Build the {name} backbone (overrides: any VioletConfig field)."
-    return MODELS.register(name)(factory)
+    return MODELS.add(name, factory, f"Build the {name} backbone (overrides: any VioletConfig field).")
 
 
 violet_tiny = _register("violet-tiny")
