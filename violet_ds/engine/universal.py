@@ -33,6 +33,8 @@ from typing import Optional
 import torch
 import yaml
 
+from violet_ds.data.sampler import SampleCursor
+
 from . import checkpoint as ckpt
 from .checkpoint import COMPLETE_MARKER, LATEST_FILE, MODEL_STATES, UNIVERSAL_SUFFIX  # noqa: F401
 
@@ -107,7 +109,7 @@ def remap_cursor(micro_in_epoch: int, source_world: int, source_batch: int, targ
     order. Raises ValueError (naming the world sizes that would work) when it does not split evenly
     into whole micro-batches of every target rank, or into whole accumulation windows.
     """
-    consumed = micro_in_epoch * source_batch * source_world
+    consumed = SampleCursor(micro_in_epoch=micro_in_epoch).samples_in_epoch(source_batch, source_world)
     per_micro = target_batch * target_world
     if consumed % per_micro or (consumed // per_micro) % grad_accum:
         feasible = [w for w in range(1, 257) if consumed % (target_batch * w) == 0
@@ -176,6 +178,7 @@ def universal_checkpoint(run_dir: str, tag: str = "latest", world_size: Optional
     if target_world < 1 or target_batch < 1:
         raise ValueError(f"world_size and batch_size must be >= 1, got {target_world} and {target_batch}")
     micro_in_epoch = int(states["micro_in_epoch"])
+    consumed = SampleCursor(micro_in_epoch=micro_in_epoch).samples_in_epoch(source_batch, source_world)
     new_micro = remap_cursor(micro_in_epoch, source_world, source_batch, target_world, target_batch, grad_accum)
 
     output = checkpoint_dir / f"{tag}{UNIVERSAL_SUFFIX}"
@@ -193,7 +196,7 @@ def universal_checkpoint(run_dir: str, tag: str = "latest", world_size: Optional
     converted = ckpt.safe_load(staging / MODEL_STATES)
     converted["micro_in_epoch"] = new_micro
     converted["world_size"] = target_world
-    converted["samples_in_epoch"] = micro_in_epoch * source_batch * source_world
+    converted["samples_in_epoch"] = consumed
     converted["universal_from"] = {"tag": tag, "world_size": source_world, "batch_size": source_batch,
                                    "micro_in_epoch": micro_in_epoch}
     torch.save(converted, staging / f"{MODEL_STATES}.tmp")
@@ -213,7 +216,7 @@ def universal_checkpoint(run_dir: str, tag: str = "latest", world_size: Optional
         f"  source            {source} (step {states['step']}, epoch {states['epoch']}, {source_world} ranks)",
         f"  universal         {output} ({params} parameters)",
         f"  data cursor       {micro_in_epoch} micro-batches/rank x {source_world} -> {new_micro} micro-batches/rank "
-        f"x {target_world} (sample {micro_in_epoch * source_batch * source_world} of epoch {states['epoch']})",
+        f"x {target_world} (sample {consumed} of epoch {states['epoch']})",
         f"  latest            {'-> ' + output.name if set_latest else 'unchanged'}",
         f"  resume with       {target_world} ranks, --data.batch_size {target_batch} --run.resume auto",
         f"  time              {time.perf_counter() - started:.1f} s",
