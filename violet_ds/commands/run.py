@@ -102,7 +102,7 @@ def _loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, world:
     from violet_ds.data.datasets import collate
     from violet_ds.data.loaders import data_loader
 
-    from ..engine.guard import ignore_preemption_signals
+    from ..engine.guard import PreemptionSafeLoader, ignore_preemption_signals
 
     collate_fn = collate
     if stores:
@@ -112,7 +112,7 @@ def _loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, world:
     # workers ignore SIGTERM so that a preempted run can finish its step and save
     return data_loader(dataset, sampler, data, batch_size, seed=seed, drop_last=drop_last,
                        pin_memory=world.device.type == "cuda", collate_fn=collate_fn,
-                       worker_init_fn=ignore_preemption_signals)
+                       worker_init_fn=ignore_preemption_signals, loader_class=PreemptionSafeLoader)
 
 
 def eval_loaders(datasets: Mapping[str, Dataset], data: DataConfig, world: World, seed: int,

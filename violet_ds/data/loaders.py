@@ -129,13 +129,15 @@ def read_clips_as_extracted(datasets: Mapping[str, Dataset], data: DataConfig, s
 
 def data_loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, *, seed: int, drop_last: bool,
                 pin_memory: bool, collate_fn: Callable = collate,
-                worker_init_fn: Optional[Callable[[int], Any]] = None) -> DataLoader:
+                worker_init_fn: Optional[Callable[[int], Any]] = None,
+                loader_class: type = DataLoader) -> DataLoader:
     """The DataLoader of a run: `data.num_workers` workers (`worker_init_fn` runs in each), a generator
-    seeded with `seed`, batches pinned when `pin_memory` (and `data.pin_memory`), no persistent workers."""
+    seeded with `seed`, batches pinned when `pin_memory` (and `data.pin_memory`), no persistent workers.
+    `loader_class`: a DataLoader subclass (the run's preemption-safe one)."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     workers = data.num_workers
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+    return loader_class(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                       worker_init_fn=worker_init_fn if workers > 0 else None,
                       pin_memory=data.pin_memory and pin_memory, drop_last=drop_last, generator=generator,
                       prefetch_factor=data.prefetch_factor if workers > 0 else None, persistent_workers=False)

@@ -35,6 +35,7 @@ import traceback
 from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
+from torch.utils.data import DataLoader
 
 T = TypeVar("T")
 
@@ -149,10 +150,39 @@ def ignore_preemption_signals(worker_id: int = 0) -> None:
     preemption checkpoint is never written. An ignoring worker keeps serving batches until the trainer
     has saved; it still exits when the loader shuts down and when its parent dies (PyTorch's watchdog).
     """
-    for name in ("SIGTERM", "SIGUSR1"):
-        number = getattr(signal, name, None)
-        if number is not None:
-            signal.signal(number, signal.SIG_IGN)
+    numbers = _preemption_signals()
+    for number in numbers:
+        signal.signal(number, signal.SIG_IGN)
+    # the parent starts workers with these signals blocked (PreemptionSafeLoader); now that they are
+    # ignored, a signal that arrived meanwhile is dropped on unblocking
+    if numbers and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, numbers)
+
+
+def _preemption_signals() -> list:
+    return [number for number in (getattr(signal, name, None) for name in ("SIGTERM", "SIGUSR1")) if number is not None]
+
+
+class PreemptionSafeLoader(DataLoader):
+    """A DataLoader whose workers never die of a preemption signal, not even while they start.
+
+    `ignore_preemption_signals` runs in a worker only after the worker process exists; a SIGTERM that
+    SLURM sends in between (every epoch starts new workers) killed the worker and the run died without
+    its preemption checkpoint (seen in the SIGTERM test under load). The parent therefore blocks the
+    signals while it starts workers: a child inherits the blocked mask (across fork and exec), ignores
+    the signals in `worker_init_fn`, then unblocks; the parent unblocks right after and receives any
+    pending signal through its own handler (which saves and stops).
+    """
+
+    def _get_iterator(self):
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+            return super()._get_iterator()
+        numbers = _preemption_signals()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, numbers)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def run_guarded(func: Callable[..., T], *args, **kwargs) -> Optional[T]:
