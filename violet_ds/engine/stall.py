@@ -27,8 +27,9 @@ ADVICE = (
     "objects at a coarse token grid (64 px = 2x2 tokens). Options: check that the answer is visible at "
     "this data.num_frames / data.image_size (tools/diagnose_mc.py --video_probe finetune --probe_pool "
     "mean|flat trains a video-only classifier); a larger data.image_size; a pretraining whose text names "
-    "what the task asks about; for head_style mlm keep task.options.mlm_listwise. Changing the option "
-    "temperature or the learning rate alone did not leave chance in the demo measurements.")
+    "what the task asks about; for head_style mlm keep task.options.mlm_listwise; a lower peak optim.lr (the "
+    "collapse sets in during the high-lr phase: violet-tiny's motion QA left chance at 1e-4 and not at 3e-4). "
+    "A lower option temperature or a higher lr made it worse in the demo measurements.")
 
 
 def chance_of(task) -> Dict[str, float]:
