@@ -142,14 +142,18 @@ WORKER_SCRIPT = textwrap.dedent(
 )
 
 
+def _run_script(tmp_path, text: str, argument: str) -> subprocess.CompletedProcess:
+    """Run a DataLoader script in its own process group (a group-wide signal reaches only its processes)."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return subprocess.run([sys.executable, str(script), argument], env=env, capture_output=True, text=True,
+                          timeout=JOB_LIMIT_S, start_new_session=True)
+
+
 @pytest.mark.parametrize("mode", ["ignore", "default"])
 def test_dataloader_workers_survive_a_step_wide_sigterm(tmp_path, mode):
-    script = tmp_path / "workers.py"
-    script.write_text(WORKER_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    # its own process group, so the group-wide signal reaches only this test's processes
-    result = subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True, text=True,
-                            timeout=JOB_LIMIT_S, start_new_session=True)
+    result = _run_script(tmp_path, WORKER_SCRIPT, mode)
     if mode == "ignore":
         assert result.returncode == 0 and "survived seen=24 stop=True" in result.stdout, result.stderr[-2000:]
     else:
@@ -197,11 +201,7 @@ STARTUP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("loader", ["safe", "plain"])
 def test_workers_survive_a_sigterm_while_they_start(tmp_path, loader):
-    script = tmp_path / "startup.py"
-    script.write_text(STARTUP_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    result = subprocess.run([sys.executable, str(script), loader], env=env, capture_output=True, text=True,
-                            timeout=JOB_LIMIT_S, start_new_session=True)
+    result = _run_script(tmp_path, STARTUP_SCRIPT, loader)
     if loader == "safe":
         assert result.returncode == 0 and "survived seen=32 parent_blocked=False" in result.stdout, \
             result.stderr[-2000:]
