@@ -324,12 +324,17 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
     print(f"env: {results['env']}", flush=True)
     plan = _plan(mode, bool(results["env"].get("apex")), tokenizer)
     peak = results["env"].get("bf16_peak_tflops")
-    if "attention" in sections:
+    def run_child(func, spec: dict) -> dict:
+        """One measurement in a child process; a failure becomes the row's `error` and marks the run failed."""
+        nonlocal failed
         try:
-            results["attention"] = _in_child(_attention, {**plan["attention"], "cuda": cuda}, timeout_s=max(30.0, left()))
+            return _in_child(func, spec, timeout_s=max(30.0, left()))
         except Exception as error:
-            results["attention"] = {"error": str(error)}
             failed = True
+            return {"error": str(error)[:4000]}
+
+    if "attention" in sections:
+        results["attention"] = run_child(_attention, {**plan["attention"], "cuda": cuda})
         print(f"attention: {results['attention']}", flush=True)
         save()
     if "max_batch" in sections and plan["max_batch"]:
@@ -338,12 +343,7 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
             if left() < 60:
                 results["max_batch"][name] = {"error": "skipped: time budget spent"}
                 continue
-            spec = {**plan["base"], **extra}
-            try:
-                results["max_batch"][name] = _in_child(_max_batch, spec, timeout_s=max(30.0, left()))
-            except Exception as error:
-                results["max_batch"][name] = {"error": str(error)[:4000]}
-                failed = True
+            results["max_batch"][name] = run_child(_max_batch, {**plan["base"], **extra})
             print(f"max batch {name}: {results['max_batch'][name]}", flush=True)
             save()
     if "steps" in sections:
@@ -354,24 +354,16 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
             if left() < 20:
                 results["steps"][name] = {"error": "skipped: time budget spent"}
                 continue
-            spec = {**plan["base"], **extra}
-            try:
-                row = _in_child(_measure, spec, timeout_s=max(30.0, left()))
+            row = results["steps"][name] = run_child(_measure, {**plan["base"], **extra})
+            if "error" in row:
+                print(f"{name}: FAILED {row['error'][:2000]}", flush=True)
+            else:
                 row["mfu_percent"] = (100 * row["achieved_tflops"] / peak) if (peak and cuda) else None
-                results["steps"][name] = row
                 print(f"{name}: {1000 * row['step_s_median']:.1f} ms/step, {row['samples_per_s']:.1f} samples/s, "
                       f"{row['achieved_tflops']:.2f} TFLOP/s, peak {row['peak_memory_mb']:.0f} MB", flush=True)
-            except Exception as error:
-                results["steps"][name] = {"error": str(error)[:4000]}
-                failed = True
-                print(f"{name}: FAILED {str(error)[:2000]}", flush=True)
             save()
     if "loader" in sections:
-        try:
-            results["loader"] = _in_child(_loader, plan["loader"], timeout_s=max(30.0, left()))
-        except Exception as error:
-            results["loader"] = {"error": str(error)[:4000]}
-            failed = True
+        results["loader"] = run_child(_loader, plan["loader"])
         print(f"loader: {results['loader']}", flush=True)
     save()
     print(_format_table(results), flush=True)

@@ -12,7 +12,7 @@ Layout of a run's `checkpoints/` directory (DeepSpeed's files plus ours):
     <tag>/zero/...                                       universal checkpoints only (per-parameter files)
 
 Safe loading. A checkpoint file is a pickle, and unpickling can call any importable function; DeepSpeed's
-checkpoint engine, zero_to_fp32 and ds_to_universal all call `torch.load(weights_only=False)`. Before
+checkpoint engine, zero_to_fp32 and ds_to_universal all unpickle without restriction (`weights_only` off). Before
 any of them opens a tag directory, `check_tag_dir` reads every `.pt` in it with torch's weights-only
 unpickler (memory-mapped, so tensor bytes are not read), admitting only tensors, plain containers and
 the few DeepSpeed classes its own files hold (`DEEPSPEED_GLOBALS`). A file with anything else is
