@@ -96,11 +96,13 @@ def _sharded_worker(rank: int, world: int, port: int, tokenizer_dir: str, out_di
             task, tokenizer = build_task(Path(tokenizer_dir), head_style)
             metrics = task.evaluate_full(loaders_for(tokenizer, rank, world), World(rank=rank, world_size=world))
             torch.save({"metrics": metrics, "scores": task.last_scores}, Path(out_dir) / f"{head_style}_rank{rank}.pt")
-        # both ranks done before either tears gloo down: a rank that exits while its peer still holds the
-        # connection can abort the peer ("terminate called without an active exception", seen in CI)
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # both results are on disk: leave without tearing gloo down. Its teardown at interpreter exit aborted a
+    # rank under load in CI ("terminate called without an active exception"), even after the barrier
+    os._exit(0)
 
 
 def test_sharded_evaluation_matches_single_process(tmp_path):
