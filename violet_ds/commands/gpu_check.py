@@ -207,6 +207,11 @@ def _plan(mode: str, apex: bool, tokenizer: Optional[str]) -> dict:
                                           "checkpointing": False, "attention": "flex"}),
             ("violet-v2 bf16 ds-FusedAdam", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
                                              "checkpointing": False, "optimizer": "deepspeed_fused_adam"}),
+            # last: compiling the blocks took over 259 s on an H200 (torch 2.11); FLOPs are the eager row's (a
+            # FlopCounterMode pass would recompile every graph)
+            ("violet-v2 bf16 compiled blocks", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
+                                                "checkpointing": False, "compile": True, "warmup": 3,
+                                                "count_flops": False}),
         ]
         if apex:
             steps.append(("violet-v2 bf16 apex FusedAdam", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
@@ -215,9 +220,9 @@ def _plan(mode: str, apex: bool, tokenizer: Optional[str]) -> dict:
                 "attention": {"model": "violet-v2", "batch_size": 8, "frames": 4, "image_size": 224, "text_len": 32,
                               "flex": True},
                 "max_batch": [("violet-v2 bf16 no ckpt", {"model": "violet-v2", "precision": "bf16", "checkpointing": False,
-                                                          "start": 16, "limit": 1024, "bisect": 3}),
+                                                          "start": 64, "limit": 1024, "bisect": 2}),
                               ("violet-v2 bf16 ckpt", {"model": "violet-v2", "precision": "bf16", "checkpointing": True,
-                                                       "start": 32, "limit": 2048, "bisect": 3})],
+                                                       "start": 128, "limit": 2048, "bisect": 2})],
                 "loader": {"frames": 4, "image_size": 224, "batch_size": 16, "workers": 8, "batches": 24,
                            "pin_memory": True, "rows": 96, "source_h": 240, "source_w": 320}}
     base = {"frames": 2, "image_size": 64, "text_len": 16, "threads": 2, "strategies": ["rm", "bm"],
@@ -233,6 +238,18 @@ def _plan(mode: str, apex: bool, tokenizer: Optional[str]) -> dict:
             "max_batch": [],
             "loader": {"frames": 2, "image_size": 64, "batch_size": 4, "workers": 2, "batches": 3, "pin_memory": False,
                        "rows": 12, "source_h": 96, "source_w": 128}}
+
+
+def _add_mfu(row: dict, steps: dict, peak: Optional[float]) -> None:
+    """TFLOP/s and MFU at the max batch, from the model FLOPs per sample of the matching step row (same model,
+    no checkpointing: recomputation is not model FLOPs)."""
+    reference = next((r for r in steps.values() if "error" not in r and r.get("model") == "violet-v2"
+                      and not r.get("checkpointing") and r.get("gflops_per_step")), None)
+    if "error" in row or reference is None or not row.get("samples_per_s"):
+        return
+    tflops = row["samples_per_s"] * reference["gflops_per_step"] / reference["batch_size"] / 1000
+    row["achieved_tflops"] = round(tflops, 2)
+    row["mfu_percent"] = round(100 * tflops / peak, 1) if peak else None
 
 
 def _format_table(results: dict) -> str:
@@ -270,7 +287,8 @@ def _format_table(results: dict) -> str:
             lines.append(f"max batch {name}: FAILED: {row['error'].splitlines()[0][:120]}")
         else:
             lines.append(f"max batch {name}: {row['max_batch']} ({row.get('bounded_by', '')}), "
-                         f"{row.get('samples_per_s')} samples/s, peak {row.get('peak_memory_mb')} MB")
+                         f"{row.get('samples_per_s')} samples/s, {row.get('achieved_tflops', '-')} TFLOP/s, "
+                         f"MFU {row.get('mfu_percent', '-')} %, peak {row.get('peak_memory_mb')} MB")
     loader = results.get("loader")
     if loader:
         if "error" in loader:
@@ -284,7 +302,8 @@ def _format_table(results: dict) -> str:
 
 def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", peak_tflops: Optional[float] = None,
               tokenizer: Optional[str] = None, budget_s: float = 480.0,
-              sections: List[str] = ["env", "attention", "steps", "max_batch", "loader"]) -> int:
+              sections: List[str] = ["env", "attention", "steps", "max_batch", "loader"],
+              rows: Optional[List[str]] = None) -> int:
     """One-shot check of every CUDA path: engine steps (bf16/fp16, FusedAdam/torch/apex, checkpointing off/on/offload),
     attention kernels, max batch, data loader; prints one table and writes JSON.
 
@@ -295,6 +314,8 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
         tokenizer: BERT vocabulary folder (default: the packaged one).
         budget_s: skip the sections still to come once this many seconds have passed.
         sections: which sections to run.
+        rows: run only the engine-step and max-batch rows whose name contains one of these strings (e.g.
+            `--rows '[fp16, ckpt]'` for a rerun of what a short device slot left out); default: every row.
     Returns 0 when every section ran, 1 when one failed (the table says which).
     """
     if mode == "auto":
@@ -323,6 +344,12 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
     save()
     print(f"env: {results['env']}", flush=True)
     plan = _plan(mode, bool(results["env"].get("apex")), tokenizer)
+    if rows:
+        def wanted(name: str) -> bool:
+            return any(part in name for part in rows)
+
+        plan["steps"] = [(name, extra) for name, extra in plan["steps"] if wanted(name)]
+        plan["max_batch"] = [(name, extra) for name, extra in plan["max_batch"] if wanted(name)]
     peak = results["env"].get("bf16_peak_tflops")
     def run_child(func, spec: dict) -> dict:
         """One measurement in a child process; a failure becomes the row's `error` and marks the run failed."""
@@ -337,15 +364,6 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
         results["attention"] = run_child(_attention, {**plan["attention"], "cuda": cuda})
         print(f"attention: {results['attention']}", flush=True)
         save()
-    if "max_batch" in sections and plan["max_batch"]:
-        results["max_batch"] = {}
-        for name, extra in plan["max_batch"]:
-            if left() < 60:
-                results["max_batch"][name] = {"error": "skipped: time budget spent"}
-                continue
-            results["max_batch"][name] = run_child(_max_batch, {**plan["base"], **extra})
-            print(f"max batch {name}: {results['max_batch'][name]}", flush=True)
-            save()
     if "steps" in sections:
         from violet_ds.commands.bench import _measure
 
@@ -358,6 +376,8 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
             if "error" in row:
                 print(f"{name}: FAILED {row['error'][:2000]}", flush=True)
             else:
+                if not row.get("gflops_per_step"):  # FLOPs not counted for this row: those of the matching eager row
+                    _add_mfu(row, results["steps"], peak if cuda else None)
                 row["mfu_percent"] = (100 * row["achieved_tflops"] / peak) if (peak and cuda) else None
                 print(f"{name}: {1000 * row['step_s_median']:.1f} ms/step, {row['samples_per_s']:.1f} samples/s, "
                       f"{row['achieved_tflops']:.2f} TFLOP/s, peak {row['peak_memory_mb']:.0f} MB", flush=True)
@@ -365,6 +385,17 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
     if "loader" in sections:
         results["loader"] = run_child(_loader, plan["loader"])
         print(f"loader: {results['loader']}", flush=True)
+        save()
+    if "max_batch" in sections and plan["max_batch"]:
+        results["max_batch"] = {}
+        for name, extra in plan["max_batch"]:
+            if left() < 60:
+                results["max_batch"][name] = {"error": "skipped: time budget spent"}
+                continue
+            results["max_batch"][name] = run_child(_max_batch, {**plan["base"], **extra})
+            _add_mfu(results["max_batch"][name], results.get("steps", {}), peak if cuda else None)
+            print(f"max batch {name}: {results['max_batch'][name]}", flush=True)
+            save()
     save()
     print(_format_table(results), flush=True)
     print(f"results: {path}", flush=True)
