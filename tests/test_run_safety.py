@@ -80,6 +80,21 @@ def test_pickle_payload_in_any_checkpoint_file_is_refused(finished, tmp_path, pa
     assert not marker.exists()
 
 
+def test_a_plain_pickle_payload_is_refused_naming_its_global(tmp_path):
+    """Not torch's zip format (a raw pickle, as a hand-made hostile file would be): the refusal names the global
+    from a scan of the opcodes, and nothing runs."""
+    import pickle
+
+    from violet_ds.engine import checkpoint as ckpt
+
+    marker = tmp_path / "MARKER"
+    target = tmp_path / "mp_rank_00_model_states.pt"
+    target.write_bytes(pickle.dumps({"module": _Payload(marker)}, protocol=4))
+    with pytest.raises(ckpt.UnsafeCheckpointError, match="refused globals: posix.system"):
+        ckpt.safe_load(target)
+    assert not marker.exists()
+
+
 def test_export_init_from_and_universal_refuse_a_payload(finished, tmp_path):
     from violet_ds.engine import checkpoint as ckpt
     from violet_ds.commands.export import export

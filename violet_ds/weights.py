@@ -67,11 +67,31 @@ def safe_torch_load(path: PathLike, map_location: Any = "cpu", mmap: bool = Fals
 
 
 def unsafe_globals(path: PathLike) -> List[str]:
-    """The globals a torch file would make the unpickler import (empty when that cannot be told)."""
+    """The globals a torch file would make the unpickler import (empty when that cannot be told). Zip files
+    are read by torch; a plain pickle (the legacy format) is scanned opcode by opcode, never run."""
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except Exception:  # noqa: BLE001 - only used to make a refusal message more precise
+        pass
+    try:
+        return _pickle_globals(Path(path).read_bytes())
+    except Exception:  # noqa: BLE001
         return []
+
+
+def _pickle_globals(data: bytes) -> List[str]:
+    """`module.name` of every GLOBAL / STACK_GLOBAL opcode of one pickle (torch's own storage types aside)."""
+    import pickletools
+
+    found, strings = [], []
+    for opcode, arg, _ in pickletools.genops(data):
+        if isinstance(arg, str) and "UNICODE" in opcode.name:
+            strings = (strings + [arg])[-2:]
+        elif opcode.name == "GLOBAL":
+            found.append(arg.replace(" ", ".", 1))
+        elif opcode.name == "STACK_GLOBAL" and len(strings) == 2:
+            found.append(".".join(strings))
+    return sorted({name for name in found if not name.startswith(("torch.", "collections.OrderedDict"))})
 
 
 def _unwrap(obj: Any, path: Path) -> StateDict:

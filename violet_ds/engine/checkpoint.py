@@ -89,7 +89,9 @@ def safe_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -
         return safe_torch_load(path, map_location=map_location, mmap=mmap, allowed_globals=_allowed_globals())
     except pickle.UnpicklingError as error:
         refused = unsafe_globals(path)
-        what = f"refused globals: {', '.join(refused)}" if refused else str(error).strip().splitlines()[-1:]
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
+        what = f"refused globals: {', '.join(refused)}" if refused else reason
         raise UnsafeCheckpointError(
             f"{path}: refused to load: it holds objects whose unpickling could run code ({what}). Only tensors, "
             "plain containers and DeepSpeed's own checkpoint classes are accepted; do not use checkpoints from "
