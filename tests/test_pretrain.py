@@ -174,19 +174,22 @@ def test_config_errors_name_the_key(tokenizer):
         _task(tokenizer, loss_weights={"mvm": 1.0}, mvm_targets={"nonexistent": 1.0})
 
 
-def test_shared_word_lookup_equals_one_lookup_per_pass(tokenizer, monkeypatch):
-    """VTM and MVM embed the same ids: the task looks the words up once for both. Same losses (with
-    dropout, same seed) and gradients as a lookup per pass."""
+@pytest.mark.parametrize("head_style", ["head", "mlm"])
+def test_batched_passes_equal_one_pass_per_objective(tokenizer, head_style):
+    """The clean and masked clips share one backbone call and the VTM / MLM / MVM pairs one cross-modal call
+    (one word-table lookup): same losses and gradients as a call per clip and per objective (rows do not
+    interact), attended masking and LAVENDER's separate VTM pass included."""
     torch.manual_seed(0)
     model = create_model("violet-tiny", vocab_size=64, max_frames=4)
-    task = create_task("pretrain", model, TaskConfig(name="pretrain", loss_weights={"vtm": 1.0, "mlm": 1.0, "mvm": 1.0},
-                                                     vtm_negatives=1), tokenizer).train()
+    task = create_task("pretrain", model, TaskConfig(name="pretrain", head_style=head_style,
+                                                     loss_weights={"vtm": 1.0, "mlm": 1.0, "mvm": 1.0},
+                                                     mvm_strategies=["rm", "bm", "am"], vtm_negatives=1),
+                       tokenizer).train()
+    if head_style == "head":
+        torch.nn.init.normal_(task.heads["score"][3].weight, std=0.5)  # zero at init: VTM would carry no gradient
     results = []
-    for shared in (True, False):
-        if not shared:
-            vtm, mvm = task.vtm, task.mvm
-            monkeypatch.setattr(task, "vtm", lambda *args, words=None: vtm(*args))
-            monkeypatch.setattr(task, "mvm", lambda *args, words=None: mvm(*args))
+    for batched in (True, False):
+        task.batch_passes = batched
         task.zero_grad()
         torch.manual_seed(5)
         out = task(_batch(tokenizer))
@@ -194,7 +197,8 @@ def test_shared_word_lookup_equals_one_lookup_per_pass(tokenizer, monkeypatch):
         results.append((out, {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}))
     (ours, our_grads), (ref, ref_grads) = results
     for key in ("loss", "loss_vtm", "loss_mlm", "loss_mvm"):
-        torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0)
+        torch.testing.assert_close(ours[key], ref[key], rtol=1e-6, atol=1e-6)
     assert our_grads.keys() == ref_grads.keys()
     for name, grad in ref_grads.items():
-        torch.testing.assert_close(our_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+        # the key bias has no true gradient (softmax ignores a per-query constant): float noise around 0
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
