@@ -241,8 +241,8 @@ def _plan(mode: str, apex: bool, tokenizer: Optional[str]) -> dict:
 
 
 def _add_mfu(row: dict, steps: dict, peak: Optional[float]) -> None:
-    """TFLOP/s and MFU at the max batch, from the model FLOPs per sample of the matching step row (same model,
-    no checkpointing: recomputation is not model FLOPs)."""
+    """TFLOP/s and MFU of a row whose FLOPs were not counted (a max-batch search, compiled blocks), from the model
+    FLOPs per sample of the eager violet-v2 step row (no checkpointing: recomputation is not model FLOPs)."""
     reference = next((r for r in steps.values() if "error" not in r and r.get("model") == "violet-v2"
                       and not r.get("checkpointing") and r.get("gflops_per_step")), None)
     if "error" in row or reference is None or not row.get("samples_per_s"):
@@ -376,9 +376,10 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
             if "error" in row:
                 print(f"{name}: FAILED {row['error'][:2000]}", flush=True)
             else:
-                if not row.get("gflops_per_step"):  # FLOPs not counted for this row: those of the matching eager row
+                if row.get("gflops_per_step"):
+                    row["mfu_percent"] = (100 * row["achieved_tflops"] / peak) if (peak and cuda) else None
+                else:  # FLOPs not counted for this row (compiled blocks): those of the matching eager row
                     _add_mfu(row, results["steps"], peak if cuda else None)
-                row["mfu_percent"] = (100 * row["achieved_tflops"] / peak) if (peak and cuda) else None
                 print(f"{name}: {1000 * row['step_s_median']:.1f} ms/step, {row['samples_per_s']:.1f} samples/s, "
                       f"{row['achieved_tflops']:.2f} TFLOP/s, peak {row['peak_memory_mb']:.0f} MB", flush=True)
             save()
