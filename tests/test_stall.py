@@ -133,6 +133,25 @@ def test_plateau_with_live_gradient_is_not_a_stall():
     assert len(seen) == 1 and "since step 10" in seen[0]
     detector.update(510, {"loss": math.log(K)}, grad_norm=0.0)
     assert len(seen) == 1  # once per run
+    assert detector.report() == {"term": "loss", "since": 10, "warned_at": 400, "left_at": None}
+
+
+def test_a_plateau_that_ends_is_reported_once_as_info():
+    """Held-out motion runs sat at ln 5 for 500-700 steps and then learned: the log says so after the warning."""
+    warned: list[str] = []
+    infos: list[str] = []
+    detector = StallDetector({"loss": math.log(K)}, warned.append, window=50, info=infos.append)
+    for step in range(10, 200, 10):
+        detector.update(step, {"loss": math.log(K)}, grad_norm=0.001)
+    assert len(warned) == 1 and infos == []
+    # wobbling inside the plateau's noise is not leaving it
+    detector.update(200, {"loss": math.log(K) - 0.03}, grad_norm=0.5)
+    assert infos == []
+    detector.update(210, {"loss": 1.40}, grad_norm=5.0)
+    detector.update(220, {"loss": 1.20}, grad_norm=5.0)
+    assert len(infos) == 1 and "at step 210" in infos[0] and "learning" in infos[0]
+    assert detector.report() == {"term": "loss", "since": 10, "warned_at": 60, "left_at": 210}
+    assert len(warned) == 1
 
 
 def test_chance_values_of_the_tasks():

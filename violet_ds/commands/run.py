@@ -354,6 +354,7 @@ def _summary(command: str, run_dir: Path, result: TrainSummary, trainer: Trainer
         if result.last_checkpoint else None, "tensorboard": str(run_dir / "tensorboard"),
         "val": result.val_metrics, "wall_s": round(time.time() - started, 1),
         "divergence": trainer.divergence.report(),
+        "stall": trainer.stall.report(),
         "bad_samples": preflight.bad_sample_totals(train_data.datasets, world),
     }
 

@@ -12,7 +12,11 @@ term names of their `forward` outputs, e.g. `{"loss": ln 5}` for 5-way multiple 
 trainer feeds every logged window to `StallDetector.update` and the detector logs one warning per
 run when, for `window` consecutive steps, every logged value of a term is within `tolerance` of its
 chance value and the gradient norm has fallen below `grad_drop` of the largest one seen (or below
-`grad_floor`). Tasks without `chance_losses` are never checked.
+`grad_floor`). A plateau is not always a collapse: small tasks often sit at chance for a few hundred
+steps and then learn (the held-out motion QA at lr 1e-4 did in every seed). So after warning, the
+detector keeps watching the term and logs once, as info, when it has clearly left its chance value;
+`report()` (written to summary.json) says when the stall began, when it was named and when it ended.
+Tasks without `chance_losses` are never checked.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Callable, Dict, Mapping, Optional
 
 ADVICE = (
     "the candidates' scores have collapsed to one constant (the pooled output no longer depends on the "
-    "candidate), so the loss is flat and the gradient vanishes (a run can still leave it late, rarely). Likely cause: "
+    "candidate), so the loss is flat and the gradient vanishes. A run can still leave it: on small tasks a "
+    "plateau of a few hundred steps is common (a line follows if this one ends). Likely cause when it persists: "
     "what separates the candidates did not reach the pooled output early enough, e.g. motion of small "
     "objects at a coarse token grid (64 px = 2x2 tokens). Options: check that the answer is visible at "
     "this data.num_frames / data.image_size (tools/diagnose_mc.py --video_probe finetune --probe_pool "
@@ -45,9 +50,11 @@ class StallDetector:
     """Feed it `(step, {term: mean over the logged window}, grad_norm)`; it warns once when a term stalls."""
 
     def __init__(self, chance: Mapping[str, float], warn: Callable[[str], None], *, window: int = 200,
-                 tolerance: float = 0.01, grad_drop: float = 0.1, grad_floor: float = 1e-3):
+                 tolerance: float = 0.01, grad_drop: float = 0.1, grad_floor: float = 1e-3,
+                 info: Optional[Callable[[str], None]] = None):
         self.chance = dict(chance)
         self.warn = warn
+        self.info = info or warn
         self.window = max(1, int(window))
         # absolute nats plus a small share of the chance value (ln 1000 and ln 2 alike)
         self.tolerance = float(tolerance)
@@ -57,6 +64,9 @@ class StallDetector:
         self.peak_grad = 0.0
         self.warned = False
         self.message: Optional[str] = None
+        # set when the warning fires: (term, since, warned_at); `left_at` once the term leaves chance
+        self.stalled: Optional[tuple] = None
+        self.left_at: Optional[int] = None
 
     @classmethod
     def for_task(cls, task, warn: Callable[[str], None], **kwargs) -> "StallDetector":
@@ -65,9 +75,33 @@ class StallDetector:
     def _at_chance(self, value: float, chance: float) -> bool:
         return math.isfinite(value) and abs(value - chance) <= self.tolerance + 0.005 * chance
 
+    def _has_left(self, value: float, chance: float) -> bool:
+        """Clearly below chance: 5% of the chance value (ln 5: 0.08 nats), beyond the plateau's noise."""
+        return math.isfinite(value) and value < chance - max(self.tolerance, 0.05 * chance)
+
+    def report(self) -> Optional[dict]:
+        """`{term, since, warned_at, left_at}` of the stall named in this run (left_at None: never left)."""
+        if self.stalled is None:
+            return None
+        term, since, warned_at = self.stalled
+        return {"term": term, "since": since, "warned_at": warned_at, "left_at": self.left_at}
+
+    def _watch_recovery(self, step: int, terms: Mapping[str, float]) -> None:
+        term, since, warned_at = self.stalled
+        value = terms.get(term)
+        if self.left_at is None and value is not None and self._has_left(float(value), self.chance[term]):
+            self.left_at = step
+            self.info(f"the stall named at step {warned_at} has ended: `{term}` left its chance value "
+                      f"{self.chance[term]:.4f} at step {step} ({float(value):.4f}), {step - since} steps after "
+                      f"the plateau began; the run is learning")
+
     def update(self, step: int, terms: Mapping[str, float], grad_norm: Optional[float]) -> Optional[str]:
         """Returns the warning the first time a stall is seen (after logging it), else None."""
-        if self.warned or not self.chance:
+        if not self.chance:
+            return None
+        if self.warned:
+            if self.stalled is not None:
+                self._watch_recovery(step, terms)
             return None
         grad_known = grad_norm is not None and math.isfinite(grad_norm)
         if grad_known:
@@ -92,6 +126,7 @@ class StallDetector:
                 f"(since step {self.since[term]}) while the gradient norm fell to {grad_norm:.2e} "
                 f"(peak {self.peak_grad:.2e}): {ADVICE}")
             self.warned = True
+            self.stalled = (term, self.since[term], step)
             self.warn(self.message)
             return self.message
         return None

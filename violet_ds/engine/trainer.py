@@ -146,7 +146,7 @@ class Trainer:
         logger.attach_monitor(getattr(engine, "monitor", None))
         self.divergence = DivergenceWatch(self)
         # warns once when a loss sits at its chance value (ln #candidates) with a vanishing gradient
-        self.stall = StallDetector.for_task(self.task, self.logger.warning)
+        self.stall = StallDetector.for_task(self.task, self.logger.warning, info=self.logger.info)
         # what one `fit` carries from step to step
         self._bar: Optional[TrainProgress] = None
         self._window = _LogWindow()
