@@ -1,9 +1,12 @@
 """Issue 13's done-check: the demo motion-QA recipe, finetuned from the README's main job (runs/demo), learns
 a held-out motion task (tests/heldout_motion.py) for every seed with 4 frames, and stays near chance
 with 1 frame (the answer needs motion). Slow: three seeds x two frame counts of the real
-`violet-ds finetune` + `violet-ds evaluate` on CPU. Needs `bash tools/demo.sh` to have run first.
+`violet-ds finetune` + `violet-ds evaluate` on CPU (about 22 min a seed on 2 idle cores). Needs
+`bash tools/demo.sh` to have run first. Each seed gets its own build of the held-out task (generator
+seeds 200-202: builds 100 and 777 were looked at while the recipe's step budget was chosen, so they no
+longer confirm anything). Every result is printed; keep the runs with `--basetemp DIR -s`:
 
-    python -m pytest -m slow tests/test_motion_learning.py
+    python -m pytest -m slow tests/test_motion_learning.py -s
 """
 
 from __future__ import annotations
@@ -47,18 +50,19 @@ def finetune_and_test(tmp_path: Path, data: Path, seed: int, frames: int) -> flo
         result = subprocess.run([sys.executable, "-m", "violet_ds.cli", *command], env=cli_env(), cwd=str(REPO),
                                 capture_output=True, text=True, timeout=3600)
         assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads((run_dir / "eval_test.json").read_text())["acc"]
+    accuracy = json.loads((run_dir / "eval_test.json").read_text())["acc"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"\nheld-out motion, seed {seed}, {frames} frame(s): {accuracy:.1f}% test after {summary['steps']} steps "
+          f"({summary['wall_s']:.0f} s), val {summary['val']}, stall {summary.get('stall')}")
+    return accuracy
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 13: with the 4800-step recipe seed 0 gives 88.1% test on this test's build (1 frame "
-                          "20.7%); on another fresh build (seed 777) 97.8 / 90.4 / 94.1% (seeds 42 / 0 / 1)",
-                   strict=False)
 @pytest.mark.skipif(not DEMO_RUN.is_dir(), reason="needs the demo pretraining run (bash tools/demo.sh)")
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_demo_recipe_learns_heldout_motion(tmp_path, seed):
     data = tmp_path / "heldout"
-    make_heldout_motion(str(data), num_videos=900, seed=100 + seed)
+    make_heldout_motion(str(data), num_videos=900, seed=200 + seed)
     four = finetune_and_test(tmp_path, data, seed, frames=4)
     one = finetune_and_test(tmp_path, data, seed, frames=1)
     assert four >= 90.0, f"seed {seed}: {four:.1f}% test with 4 frames (1 frame: {one:.1f}%)"
