@@ -149,7 +149,7 @@ def test_a_plateau_that_ends_is_reported_once_as_info():
     assert infos == []
     detector.update(210, {"loss": 1.40}, grad_norm=5.0)
     detector.update(220, {"loss": 1.20}, grad_norm=5.0)
-    assert len(infos) == 1 and "at step 210" in infos[0] and "learning" in infos[0]
+    assert len(infos) == 1 and "at step 210" in infos[0] and "training data" in infos[0]
     assert detector.report() == {"term": "loss", "since": 10, "warned_at": 60, "left_at": 210}
     assert len(warned) == 1
 

@@ -93,7 +93,7 @@ class StallDetector:
             self.left_at = step
             self.info(f"the stall named at step {warned_at} has ended: `{term}` left its chance value "
                       f"{self.chance[term]:.4f} at step {step} ({float(value):.4f}), {step - since} steps after "
-                      f"the plateau began; the run is learning")
+                      f"the plateau began: the run fits its training data again (validation says whether it generalises)")
 
     def update(self, step: int, terms: Mapping[str, float], grad_norm: Optional[float]) -> Optional[str]:
         """Returns the warning the first time a stall is seen (after logging it), else None."""
