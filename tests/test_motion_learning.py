@@ -1,8 +1,8 @@
 """Issue 13's done-check: the demo motion-QA recipe, finetuned from the README's main job (runs/demo), learns
 a held-out motion task (tests/heldout_motion.py) for every seed with 4 frames, and stays near chance
 with 1 frame (the answer needs motion). Slow: three seeds x two frame counts of the real
-`violet-ds finetune` + `violet-ds evaluate` on CPU (about 22 min a seed on 2 idle cores). Needs
-`bash tools/demo.sh` to have run first. Each seed gets its own build of the held-out task (generator
+`violet-ds finetune` + `violet-ds evaluate` on CPU (about 24 min a seed on 2 cores: 8000 steps each with
+4 and with 1 frame, one thread). Needs `bash tools/demo.sh` to have run first. Each seed gets its own build of the held-out task (generator
 seeds 200-202: builds 100 and 777 were looked at while the recipe's step budget was chosen, so they no
 longer confirm anything). Every result is printed; keep the runs with `--basetemp DIR -s`:
 

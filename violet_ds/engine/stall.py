@@ -62,11 +62,9 @@ class StallDetector:
         self.grad_floor = float(grad_floor)
         self.since: Dict[str, Optional[int]] = {term: None for term in self.chance}
         self.peak_grad = 0.0
-        self.warned = False
         self.message: Optional[str] = None
-        # set when the warning fires: (term, since, warned_at); `left_at` once the term leaves chance
-        self.stalled: Optional[tuple] = None
-        self.left_at: Optional[int] = None
+        # the stall named in this run, once the warning fires: {term, since, warned_at, left_at}
+        self.stalled: Optional[dict] = None
 
     @classmethod
     def for_task(cls, task, warn: Callable[[str], None], **kwargs) -> "StallDetector":
@@ -81,27 +79,24 @@ class StallDetector:
 
     def report(self) -> Optional[dict]:
         """`{term, since, warned_at, left_at}` of the stall named in this run (left_at None: never left)."""
-        if self.stalled is None:
-            return None
-        term, since, warned_at = self.stalled
-        return {"term": term, "since": since, "warned_at": warned_at, "left_at": self.left_at}
+        return dict(self.stalled) if self.stalled else None
 
     def _watch_recovery(self, step: int, terms: Mapping[str, float]) -> None:
-        term, since, warned_at = self.stalled
-        value = terms.get(term)
-        if self.left_at is None and value is not None and self._has_left(float(value), self.chance[term]):
-            self.left_at = step
-            self.info(f"the stall named at step {warned_at} has ended: `{term}` left its chance value "
-                      f"{self.chance[term]:.4f} at step {step} ({float(value):.4f}), {step - since} steps after "
+        stall = self.stalled
+        value = terms.get(stall["term"])
+        chance = self.chance[stall["term"]]
+        if stall["left_at"] is None and value is not None and self._has_left(float(value), chance):
+            stall["left_at"] = step
+            self.info(f"the stall named at step {stall['warned_at']} has ended: `{stall['term']}` left its chance "
+                      f"value {chance:.4f} at step {step} ({float(value):.4f}), {step - stall['since']} steps after "
                       f"the plateau began: the run fits its training data again (validation says whether it generalises)")
 
     def update(self, step: int, terms: Mapping[str, float], grad_norm: Optional[float]) -> Optional[str]:
         """Returns the warning the first time a stall is seen (after logging it), else None."""
         if not self.chance:
             return None
-        if self.warned:
-            if self.stalled is not None:
-                self._watch_recovery(step, terms)
+        if self.stalled:
+            self._watch_recovery(step, terms)
             return None
         grad_known = grad_norm is not None and math.isfinite(grad_norm)
         if grad_known:
@@ -125,8 +120,7 @@ class StallDetector:
                 f"{chance:.4f}{as_ln} (every candidate scored alike), for {step - self.since[term]} steps "
                 f"(since step {self.since[term]}) while the gradient norm fell to {grad_norm:.2e} "
                 f"(peak {self.peak_grad:.2e}): {ADVICE}")
-            self.warned = True
-            self.stalled = (term, self.since[term], step)
+            self.stalled = {"term": term, "since": self.since[term], "warned_at": step, "left_at": None}
             self.warn(self.message)
             return self.message
         return None
