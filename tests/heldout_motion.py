@@ -12,9 +12,13 @@ from `violet_ds/data/demo.py` on purpose in everything but the task itself:
   "it goes to the left", ..., "it stays where it is"), options in random order.
 
 Output (the official layout the demo uses): `out/video_000.tsv` (+ `.lineidx`, written by the
-project's `TSVWriter`; one row per clip: `video_id \\t b64 JPEG \\t ...`), and `out/txt_qamc.json`
-`{"train"|"val"|"test": [{"question", "option_0".."option_4", "answer", "video"}]}`. Frames are
-rendered straight to JPEG (no mp4 round trip). A function of (num_videos, frames, size, seed).
+project's `TSVWriter`; one row per clip: `video_id \\t b64 JPEG \\t ...`), `out/txt_qamc.json`
+`{"train"|"val"|"test": [{"question", "option_0".."option_4", "answer", "video"}]}`, and for
+pretraining on it `out/txt_pretrain.json` (`{"train"|"val"|"test": {video: [captions]}}`, the same
+splits; "the orange ring goes to the left", ...) with its own WordPiece vocabulary in `out/tokenizer/`
+(built by the demo's `train_tokenizer` from this text, "true" / "false" included for LAVENDER-style
+matching). Frames are rendered straight to JPEG (no mp4 round trip). A function of (num_videos,
+frames, size, seed).
 
     python tests/heldout_motion.py --out data/heldout_motion --num_videos 900
 """
@@ -31,6 +35,7 @@ COLORS = {"orange": (245, 140, 20), "purple": (150, 60, 200), "cyan": (40, 220, 
           "grey": (150, 150, 150)}
 SHAPES = ("ring", "diamond", "cross", "bar")
 MOTIONS = ("left", "right", "up", "down", "stays")
+CAPTIONS = ("the {color} {shape} {motion}", "one {color} {shape} : {motion}")
 ANSWERS = {"left": "it goes to the left", "right": "it goes to the right", "up": "it goes upwards",
            "down": "it goes downwards", "stays": "it stays where it is"}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "stays": (0, 0)}
@@ -91,6 +96,7 @@ def make_heldout_motion(out: str, num_videos: int = 900, frames: int = 8, size: 
     rng = np.random.default_rng([seed, 13])
     order = rng.permutation(num_videos)
     records: dict[str, list] = {"train": [], "val": [], "test": []}
+    captions: dict[str, dict] = {"train": {}, "val": {}, "test": {}}
     with TSVWriter(root / "video_000.tsv") as writer:
         for index in range(num_videos):
             clip_rng = np.random.default_rng([seed, 13, index])
@@ -110,8 +116,19 @@ def make_heldout_motion(out: str, num_videos: int = 900, frames: int = 8, size: 
             record = {"question": f"where does the {color} {shape} go ?"}
             record.update({f"option_{k}": option for k, option in enumerate(options)})
             record.update({"answer": options.index(ANSWERS[motion]), "video": video})
-            records[split_of(order[index] / num_videos)].append(record)
+            split = split_of(order[index] / num_videos)
+            records[split].append(record)
+            # captions from the drawn attributes only (no extra draws: the QA data stays as it was)
+            motion_text = ANSWERS[motion].removeprefix("it ")
+            captions[split][video] = [form.format(color=color, shape=shape, motion=motion_text) for form in CAPTIONS]
     (root / "txt_qamc.json").write_text(json.dumps(records, indent=1))
+    (root / "txt_pretrain.json").write_text(json.dumps(captions, indent=1))
+    from violet_ds.data.demo import train_tokenizer
+
+    texts = [text for split in captions.values() for rows in split.values() for text in rows]
+    texts += [row[key] for split in records.values() for row in split
+              for key in ("question", *(f"option_{k}" for k in range(len(MOTIONS))))] + ["true false"]
+    train_tokenizer(texts, root / "tokenizer")
     counts = {split: len(rows) for split, rows in records.items()}
     (root / "heldout.json").write_text(json.dumps({"num_videos": num_videos, "frames": frames, "size": size,
                                                    "seed": seed, "splits": counts}, indent=1))

@@ -202,3 +202,34 @@ def test_batched_passes_equal_one_pass_per_objective(tokenizer, head_style):
     for name, grad in ref_grads.items():
         # the key bias has no true gradient (softmax ignores a per-query constant): float noise around 0
         torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_lavender_vtm_listwise_adds_cross_entropy_over_candidates(tokenizer, monkeypatch):
+    """`vtm_listwise` adds, to LAVENDER's per-pair true/false loss, a cross-entropy over each video's candidates'
+    true/false log-odds divided by vtm_temperature (own text first); 0 leaves LAVENDER's loss alone."""
+    batch = _batch(tokenizer, 3)
+    negatives = torch.tensor([[1, 2], [2, 0], [0, 1]])
+    losses = {}
+    for weight in (0.0, 0.5):
+        task = _task(tokenizer, head_style="mlm", loss_weights={"vtm": 1.0}, vtm_negatives=2, vtm_temperature=0.1,
+                     vtm_listwise=weight)
+        monkeypatch.setattr(task, "_negatives", lambda size, device: negatives)
+        out = task(batch)
+        losses[weight] = float(out["loss"])
+        assert ("loss_vtm_listwise" in out) == bool(weight)
+    # the log-odds of every (video, candidate) pair, by hand
+    ids, mask, position = append_answer_mask(batch["text_ids"], batch["text_mask"], task.special)
+    odds = torch.zeros(3, 3)
+    true_id, false_id = tokenizer.token_id("true"), tokenizer.token_id("false")
+    with torch.no_grad():
+        for video_index in range(3):
+            for column, text_index in enumerate([video_index] + negatives[video_index].tolist()):
+                output = _pooled(task, batch["video"][video_index:video_index + 1], ids[text_index:text_index + 1],
+                                 mask[text_index:text_index + 1])
+                logits = task.heads["mlm"](output.text_hidden[0, position[text_index]])
+                odds[video_index, column] = logits[true_id] - logits[false_id]
+    listwise = F.cross_entropy(odds / 0.1, torch.zeros(3, dtype=torch.long))
+    assert losses[0.5] == pytest.approx(losses[0.0] + 0.5 * float(listwise), rel=1e-4)
+    assert float(out["loss_vtm_listwise"]) == pytest.approx(float(listwise), rel=1e-4)
+    with pytest.raises(ValueError, match="vtm_listwise"):
+        _task(tokenizer, head_style="head", loss_weights={"vtm": 1.0}, vtm_listwise=1.0)

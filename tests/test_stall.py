@@ -160,3 +160,31 @@ def test_chance_values_of_the_tasks():
     assert chance_loss(5, true_false=True) == pytest.approx(-(0.2 * math.log(0.2) + 0.8 * math.log(0.8)))
     assert chance_of(object()) == {}
     assert chance_of(OptionScorer(True)) == {"loss": pytest.approx(math.log(5))}
+
+
+def test_a_component_term_is_named_without_the_gradient_test():
+    """Pretraining's `loss_vtm` is one objective of several: the gradient norm stays up (MLM and MVM learn), so a
+    matching term that stays within 5% of chance for `component_window` steps is named on its own."""
+    chance = chance_loss(4, true_false=True)
+    warned: list[str] = []
+    infos: list[str] = []
+    detector = StallDetector({"loss_vtm": chance}, warned.append, window=50, info=infos.append)
+    assert detector.component_window == 150
+    detector.update(10, {"loss_vtm": 5.9, "loss": 12.0}, grad_norm=3.0)  # the first steps: far above chance
+    for step in range(20, 170, 10):
+        detector.update(step, {"loss_vtm": chance + 0.017, "loss": 2.0}, grad_norm=2.0)
+    assert warned == []  # 140 steps on the plateau: not yet
+    detector.update(170, {"loss_vtm": chance + 0.017, "loss": 2.0}, grad_norm=2.0)
+    assert len(warned) == 1 and "`loss_vtm`" in warned[0] and "other objectives" in warned[0]
+    assert "task.vtm_listwise" in warned[0]
+    detector.update(180, {"loss_vtm": 0.9 * chance}, grad_norm=2.0)
+    assert len(infos) == 1 and detector.report() == {"term": "loss_vtm", "since": 20, "warned_at": 170, "left_at": 180}
+
+
+def test_a_component_that_learns_is_not_named():
+    detector = StallDetector({"loss_vtm": math.log(8)}, pytest.fail, window=50)
+    value = math.log(8)
+    for step in range(10, 400, 10):
+        value *= 0.97  # leaves the +-5% band after two logged windows
+        detector.update(step, {"loss_vtm": value}, grad_norm=2.0)
+    assert detector.report() is None

@@ -120,6 +120,9 @@ class TaskConfig:
     """mismatched texts per video for video-text matching (taken from the same micro-batch)"""
     vtm_temperature: float = 0.05
     """softmax temperature of the video-text matching scores"""
+    vtm_listwise: float = 0.0
+    """head_style mlm: weight of an extra softmax cross-entropy over each video's 1 + vtm_negatives
+    true/false log-odds (own text first), added to LAVENDER's per-pair true/false loss (0 = LAVENDER's alone)"""
     mlm_probability: float = 0.15
     """fraction of text tokens masked for masked language modeling"""
     mlm_replace: Literal["mask", "bert"] = "mask"

@@ -8,7 +8,10 @@ the objective off and builds no head for it):
   `(B, 1 + negatives)` logits / `vtm_temperature`, cross-entropy with the positive at column 0.
   `head_style: mlm` (LAVENDER): `[CLS] text [SEP] [MASK] [SEP]` and the MLM head must say "true" for
   the matching pair and "false" for the others (cross-entropy over the vocabulary at [MASK]); a pair's
-  score is the softmax over {true, false} at [MASK].
+  score is the softmax over {true, false} at [MASK]. `vtm_listwise` > 0 adds `loss_vtm_listwise`, a
+  cross-entropy over each video's candidates' true/false log-odds / `vtm_temperature` (own text first),
+  times that weight: the contrast between candidates that head style has, which shortens the plateau
+  a from-scratch model sits on before matching takes off.
 - `mlm`: mask `mlm_probability` of the non-special text tokens (`mlm_replace`: mask / bert) and
   predict them with the video unmasked.
 - `mvm`: hide `mvm_ratio` of the video tokens (one of `mvm_strategies` per sample: rm / bm / am)
@@ -75,6 +78,9 @@ class PretrainTask(VideoTextTask):
         if cfg.vtm_temperature <= 0:
             raise ValueError(f"task pretrain: vtm_temperature must be > 0, got {cfg.vtm_temperature}")
         self.lavender = self.head_style == "mlm"
+        if cfg.vtm_listwise < 0 or (cfg.vtm_listwise and not self.lavender):
+            raise ValueError(f"task pretrain: vtm_listwise ({cfg.vtm_listwise}) is a weight >= 0 for head_style mlm "
+                             f"(head style's VTM is already a softmax over the candidates)")
         self.special_ids = tokenizer.special_ids
         if tokenizer.vocab_size > model.vocab_size:
             raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, the model's text "
@@ -170,14 +176,20 @@ class PretrainTask(VideoTextTask):
         return loss, (logits.argmax(dim=1) == 0).float().mean()
 
     def _vtm_lavender(self, video_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
-                      columns: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """LAVENDER VTM: its own pass, the pair text ends in `[SEP] [MASK] [SEP]` (true/false at [MASK])."""
+                      columns: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """LAVENDER VTM: its own pass, the pair text ends in `[SEP] [MASK] [SEP]` (true/false at [MASK]).
+        Returns (true/false loss, accuracy, listwise loss or None when `vtm_listwise` is 0)."""
         batch_size, per_video = columns.shape
         pair_video = video_tokens.repeat_interleave(per_video, dim=0)
         flat = columns.flatten()
         is_match = (torch.arange(per_video, device=columns.device) == 0).repeat(batch_size)
         loss, odds = self.match_mlm_loss(pair_video, None, text_ids[flat], text_mask[flat], is_match)
-        return loss, (odds.view(batch_size, per_video).argmax(dim=1) == 0).float().mean()
+        odds = odds.view(batch_size, per_video)
+        listwise = None
+        if self.cfg.vtm_listwise and per_video > 1:
+            target = torch.zeros(batch_size, dtype=torch.long, device=odds.device)
+            listwise = F.cross_entropy(odds / self.cfg.vtm_temperature, target)
+        return loss, (odds.argmax(dim=1) == 0).float().mean(), listwise
 
     def _mlm_head_loss(self, text_hidden: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(loss, accuracy over the masked tokens) from the text part of the MLM pass."""
@@ -293,12 +305,16 @@ class PretrainTask(VideoTextTask):
         out: Dict[str, torch.Tensor] = {}
         terms = []
         if w["vtm"]:
+            listwise = None
             if self.lavender:
-                loss, accuracy = self._vtm_lavender(clean, text_ids, text_mask, columns)
+                loss, accuracy, listwise = self._vtm_lavender(clean, text_ids, text_mask, columns)
             else:
                 loss, accuracy = self._vtm_head_loss(hidden["vtm"][:, clean.shape[1]], batch_size)
             out["loss_vtm"], out["acc_vtm"] = loss, accuracy.detach()
             terms.append(loss * w["vtm"])
+            if listwise is not None:
+                out["loss_vtm_listwise"] = listwise
+                terms.append(listwise * (w["vtm"] * self.cfg.vtm_listwise))
         if w["mlm"]:
             loss, accuracy = self._mlm_head_loss(hidden["mlm"][:, clean.shape[1]:], labels)
             out["loss_mlm"], out["acc_mlm"] = loss, accuracy.detach()
