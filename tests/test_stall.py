@@ -169,16 +169,16 @@ def test_a_component_term_is_named_without_the_gradient_test():
     warned: list[str] = []
     infos: list[str] = []
     detector = StallDetector({"loss_vtm": chance}, warned.append, window=50, info=infos.append)
-    assert detector.component_window == 150
+    assert detector.component_window == 200
     detector.update(10, {"loss_vtm": 5.9, "loss": 12.0}, grad_norm=3.0)  # the first steps: far above chance
-    for step in range(20, 170, 10):
+    for step in range(20, 220, 10):
         detector.update(step, {"loss_vtm": chance + 0.017, "loss": 2.0}, grad_norm=2.0)
-    assert warned == []  # 140 steps on the plateau: not yet
-    detector.update(170, {"loss_vtm": chance + 0.017, "loss": 2.0}, grad_norm=2.0)
+    assert warned == []  # 190 steps on the plateau: not yet
+    detector.update(220, {"loss_vtm": chance + 0.017, "loss": 2.0}, grad_norm=2.0)
     assert len(warned) == 1 and "`loss_vtm`" in warned[0] and "other objectives" in warned[0]
     assert "task.vtm_listwise" in warned[0]
-    detector.update(180, {"loss_vtm": 0.9 * chance}, grad_norm=2.0)
-    assert len(infos) == 1 and detector.report() == {"term": "loss_vtm", "since": 20, "warned_at": 170, "left_at": 180}
+    detector.update(230, {"loss_vtm": 0.9 * chance}, grad_norm=2.0)
+    assert len(infos) == 1 and detector.report() == {"term": "loss_vtm", "since": 20, "warned_at": 220, "left_at": 230}
 
 
 def test_a_component_that_learns_is_not_named():

@@ -21,7 +21,7 @@ Tasks without `chance_losses` are never checked.
 A term other than `loss` is one objective among several (pretraining's `loss_vtm` next to MLM and
 MVM). The logged gradient norm is the whole model's, kept up by the other objectives, so it says
 nothing about this term: such a component is named when it has stayed within 5% of its chance value
-(not yet left, not far above) for `component_window` steps (3 x `window` by default), with advice for
+(not yet left, not far above) for `component_window` steps (4 x `window` by default), with advice for
 matching objectives trained from scratch, whose plateau can outlast a short run.
 """
 
@@ -71,7 +71,7 @@ class StallDetector:
         self.warn = warn
         self.info = info or warn
         self.window = max(1, int(window))
-        self.component_window = max(1, int(component_window if component_window is not None else 3 * self.window))
+        self.component_window = max(1, int(component_window if component_window is not None else 4 * self.window))
         # absolute nats plus a small share of the chance value (ln 1000 and ln 2 alike)
         self.tolerance = float(tolerance)
         self.grad_drop = float(grad_drop)
