@@ -2,7 +2,9 @@
 finetuned from the README's main job (runs/demo), learns it for every seed with 4 frames, and stays near
 chance with 1 frame (the answer needs motion). The LAVENDER-style demo pretraining recipe
 (launch/configs/pretrain_demo_lavender.yaml) on the held-out captions moves its video-text matching off
-the prior for every seed (about 10 min a seed; generator seeds 300-302, never looked at before). Slow: three seeds x two frame counts of the real
+the prior for every seed (about 10 min a seed; generator seeds 300-302, never looked at before). Session 7:
+seeds 0 and 2 passed (val acc_vtm 48.1 / 43.7%, loss_vtm 0.320 / 0.314 against the prior 0.377), seed 1
+failed (36.3%, 0.367): the recipe is weaker on these captions than on the demo's own (80-87%). Slow: three seeds x two frame counts of the real
 `violet-ds finetune` + `violet-ds evaluate` on CPU (about 24 min a seed on 2 cores: 8000 steps each with
 4 and with 1 frame, one thread). Needs `bash tools/demo.sh` to have run first. Each seed gets its own build of the held-out task (generator
 seeds 200-202: builds 100 and 777 were looked at while the recipe's step budget was chosen, so they no
