@@ -121,8 +121,9 @@ class TaskConfig:
     vtm_temperature: float = 0.05
     """softmax temperature of the video-text matching scores"""
     vtm_listwise: float = 0.0
-    """head_style mlm: weight of an extra softmax cross-entropy over each video's 1 + vtm_negatives
-    true/false log-odds (own text first), added to LAVENDER's per-pair true/false loss (0 = LAVENDER's alone)"""
+    """head_style mlm: weight of `loss_vtm_listwise`, a softmax cross-entropy over each video's 1 +
+    vtm_negatives true/false log-odds / vtm_temperature (own text first), added to LAVENDER's per-pair
+    true/false loss (0 = LAVENDER's alone; it shortens the from-scratch plateau, see pretrain_demo_lavender.yaml)"""
     mlm_probability: float = 0.15
     """fraction of text tokens masked for masked language modeling"""
     mlm_replace: Literal["mask", "bert"] = "mask"
