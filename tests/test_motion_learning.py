@@ -2,11 +2,12 @@
 finetuned from the README's main job (runs/demo), learns it for every seed with 4 frames, and stays near
 chance with 1 frame (the answer needs motion). The LAVENDER-style demo pretraining recipe
 (launch/configs/pretrain_demo_lavender.yaml) on the held-out captions moves its video-text matching off
-the prior for every seed (about 10 min a seed; generator seeds 300-302, never looked at before). Session 7:
-seeds 0 and 2 passed (val acc_vtm 48.1 / 43.7%, loss_vtm 0.320 / 0.314 against the prior 0.377), seed 1
-failed (36.3%, 0.367): the recipe is weaker on these captions than on the demo's own (80-87%). Slow: three seeds x two frame counts of the real
-`violet-ds finetune` + `violet-ds evaluate` on CPU (about 24 min a seed on 2 cores: 8000 steps each with
-4 and with 1 frame, one thread). Needs `bash tools/demo.sh` to have run first. Each seed gets its own build of the held-out task (generator
+the prior for every seed (about 10 min a seed; generator seeds 300-302, never looked at before).
+Session 7: seeds 0 and 2 passed (val acc_vtm 48.1 / 43.7%, loss_vtm 0.320 / 0.314 against the prior
+0.377), seed 1 failed (36.3%, 0.367): the recipe is weaker on these captions than on the demo's own
+(80-87%). Slow: the QA check is three seeds x two frame counts of the real `violet-ds finetune` +
+`violet-ds evaluate` on CPU (about 24 min a seed on 2 cores: 8000 steps each with 4 and with 1 frame,
+one thread). Needs `bash tools/demo.sh` to have run first. Each seed gets its own build of the held-out task (generator
 seeds 200-202: builds 100 and 777 were looked at while the recipe's step budget was chosen, so they no
 longer confirm anything). Every result is printed; keep the runs with `--basetemp DIR -s`:
 
@@ -35,6 +36,13 @@ LAVENDER_RECIPE = REPO / "launch" / "configs" / "pretrain_demo_lavender.yaml"
 DEMO_RUN = REPO / "runs" / "demo" / "checkpoints"
 
 
+def run_cli(*args: str) -> None:
+    """One real `violet-ds` command in a subprocess (the project's test environment); fails with its stderr."""
+    result = subprocess.run([sys.executable, "-m", "violet_ds.cli", *args], env=cli_env(), cwd=str(REPO),
+                            capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 def finetune_and_test(tmp_path: Path, data: Path, seed: int, frames: int) -> float:
     config = yaml.safe_load(RECIPE.read_text())
     for split in ("train", "val", "test"):
@@ -49,12 +57,8 @@ def finetune_and_test(tmp_path: Path, data: Path, seed: int, frames: int) -> flo
     path = tmp_path / f"f{frames}_s{seed}.yaml"
     path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / config["run"]["name"]
-    for command in (["finetune", "--config", str(path)],
-                    ["evaluate", "--config", str(path), "--run.init_from", str(run_dir / "checkpoints"),
-                     "--split", "test"]):
-        result = subprocess.run([sys.executable, "-m", "violet_ds.cli", *command], env=cli_env(), cwd=str(REPO),
-                                capture_output=True, text=True, timeout=3600)
-        assert result.returncode == 0, result.stderr[-4000:]
+    run_cli("finetune", "--config", str(path))
+    run_cli("evaluate", "--config", str(path), "--run.init_from", str(run_dir / "checkpoints"), "--split", "test")
     accuracy = json.loads((run_dir / "eval_test.json").read_text())["acc"]
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"\nheld-out motion, seed {seed}, {frames} frame(s): {accuracy:.1f}% test after {summary['steps']} steps "
@@ -89,9 +93,7 @@ def lavender_pretrain(tmp_path: Path, data: Path, seed: int) -> dict:
                          eval_every=525, image_every=0)
     path = tmp_path / f"lavender_s{seed}.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "violet_ds.cli", "pretrain", "--config", str(path)], env=cli_env(),
-                            cwd=str(REPO), capture_output=True, text=True, timeout=3600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_cli("pretrain", "--config", str(path))
     return json.loads((tmp_path / config["run"]["name"] / "summary.json").read_text())
 
 

@@ -96,9 +96,9 @@ class StallDetector:
     def _band(self, chance: float) -> float:
         return max(self.tolerance, 0.05 * chance)
 
-    def _near_chance(self, term: str, value: float, chance: float) -> bool:
+    def _near_chance(self, component: bool, value: float, chance: float) -> bool:
         """The plateau test: tight around chance for the total loss, +-5% for a component (see module doc)."""
-        if term == "loss":
+        if not component:
             return self._at_chance(value, chance)
         return math.isfinite(value) and abs(value - chance) <= self._band(chance)
 
@@ -128,32 +128,27 @@ class StallDetector:
             self.peak_grad = max(self.peak_grad, float(grad_norm))
         for term, chance in self.chance.items():
             value = terms.get(term)
-            if value is None or not self._near_chance(term, float(value), chance):
+            component = term != "loss"
+            if value is None or not self._near_chance(component, float(value), chance):
                 self.since[term] = None
                 continue
             if self.since[term] is None:
                 self.since[term] = step
-            candidates = math.exp(chance)
-            as_ln = f" = ln {round(candidates)}" if abs(candidates - round(candidates)) < 1e-6 else ""
             steps = step - self.since[term]
-            if term != "loss":
-                if steps < self.component_window:
-                    continue
-                self.message = (
-                    f"training stalled: `{term}` has stayed at {float(value):.4f}, within 5% of its chance value "
-                    f"{chance:.4f}{as_ln} (every candidate scored alike), for {steps} steps (since step "
-                    f"{self.since[term]}) while the other objectives train: {COMPONENT_ADVICE}")
+            if steps < (self.component_window if component else self.window):
+                continue
+            if component:
+                why = f"while the other objectives train: {COMPONENT_ADVICE}"
             else:
-                if steps < self.window:
-                    continue
                 vanished = grad_known and (grad_norm <= self.grad_floor or grad_norm <= self.grad_drop * self.peak_grad)
                 if not vanished:
                     continue
-                self.message = (
-                    f"training stalled: `{term}` has stayed at {float(value):.4f}, its chance value "
-                    f"{chance:.4f}{as_ln} (every candidate scored alike), for {steps} steps "
-                    f"(since step {self.since[term]}) while the gradient norm fell to {grad_norm:.2e} "
-                    f"(peak {self.peak_grad:.2e}): {ADVICE}")
+                why = f"while the gradient norm fell to {grad_norm:.2e} (peak {self.peak_grad:.2e}): {ADVICE}"
+            candidates = math.exp(chance)
+            as_ln = f" = ln {round(candidates)}" if abs(candidates - round(candidates)) < 1e-6 else ""
+            near = "within 5% of its chance value" if component else "its chance value"
+            self.message = (f"training stalled: `{term}` has stayed at {float(value):.4f}, {near} {chance:.4f}{as_ln} "
+                            f"(every candidate scored alike), for {steps} steps (since step {self.since[term]}) {why}")
             self.stalled = {"term": term, "since": self.since[term], "warned_at": step, "left_at": None}
             self.warn(self.message)
             return self.message
