@@ -20,6 +20,17 @@ from typing import List, Optional
 import torch
 
 
+FLOP_PROBE_BATCH = 16
+"""FLOPs of a step are counted on at most this many samples and scaled to the batch."""
+
+
+def _flop_probe_size(batch_size: int, task) -> int:
+    """Samples the FLOPs are counted on: FLOP_PROBE_BATCH, but no fewer than the task's VTM group (each sample
+    with its `vtm_negatives` in-batch negatives), below which the FLOPs per sample shrink."""
+    negatives = getattr(getattr(task, "cfg", None), "vtm_negatives", 0) or 0
+    return min(batch_size, max(FLOP_PROBE_BATCH, negatives + 1))
+
+
 def _synthetic_batch(batch_size: int, frames: int, image_size: int, text_len: int, tokenizer, seed: int = 0) -> dict:
     """Random clips and texts of the real layout (uint8 video, `[CLS] ... [SEP] [PAD]*`)."""
     generator = torch.Generator().manual_seed(seed)
@@ -128,12 +139,19 @@ def _measure(spec: dict) -> dict:
         # FlopCounterMode cannot see inside FlexAttention: count with SDPA (same FLOPs, dense windows)
         if hasattr(model, "video_backbone"):
             model.video_backbone.set_attention("sdpa")
+        # counted on at most FLOP_PROBE_BATCH samples and scaled: the step's FLOPs are linear in the batch
+        # (violet-v2 bf16 on an H200 counted 24811.7 GFLOP at 16 and 99253.3 at 64, 4.0003x), and a counting
+        # pass at the largest batches ran out of memory (batch 256 with checkpointing, H200)
+        # (linear once every sample has all its in-batch VTM negatives: at least negatives + 1 samples)
+        probe = _flop_probe_size(spec["batch_size"], engine.module)
+        probe_batch = batch if probe == spec["batch_size"] else to_device(
+            _synthetic_batch(probe, spec["frames"], spec["image_size"], spec["text_len"], tokenizer), world.device)
         counter = FlopCounterMode(display=False)
         with counter:
-            loss = engine(batch)["loss"]
+            loss = engine(probe_batch)["loss"]
             engine.backward(loss)
         engine.step()
-        flops = counter.get_total_flops()
+        flops = counter.get_total_flops() * spec["batch_size"] / probe
     else:
         loss, flops = engine(batch)["loss"], 0
     guard_us = None
@@ -161,6 +179,8 @@ def _measure(spec: dict) -> dict:
         "step_s_median": median, "step_s_min": times[0], "samples_per_s": spec["batch_size"] / median,
         "peak_memory_mb": peak, "gflops_per_step": flops / 1e9,
         "achieved_tflops": flops / median / 1e12, "steps": spec["steps"],
+        "flops_counted_at_batch": _flop_probe_size(spec["batch_size"], engine.module)
+        if spec.get("count_flops", True) else None,
         "offload": spec.get("offload", False), "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,
         "attention": timed_attention, "profile": profile,
         "loss": float(loss.detach().float()),
@@ -188,47 +208,13 @@ def _profile_step(step, device: torch.device, top: int = 15) -> dict:
             "host_syncs": syncs}
 
 
-def _search_max_batch(spec: dict) -> dict:
-    """Largest micro-batch whose step fits: doubling from spec["batch_size"], then bisection. An
-    out-of-memory error inside backward leaves ZeRO's reduction state half done, so the engine is rebuilt
-    after every failed try."""
-    import gc
-
-    from violet_ds.engine.evaluator import to_device
-
-    state = {"built": _build(spec)}
-
-    def fits(batch_size: int):
-        built = state["built"]
-        batch = None
-        try:
-            batch = to_device(_synthetic_batch(batch_size, spec["frames"], spec["image_size"], spec["text_len"],
-                                               built.tokenizer), built.world.device)
-            torch.cuda.reset_peak_memory_stats()
-            started = time.perf_counter()
-            loss = built.engine(batch)["loss"]
-            built.engine.backward(loss)
-            built.engine.step()
-            torch.cuda.synchronize()
-            return {"step_s": time.perf_counter() - started,
-                    "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
-        except torch.cuda.OutOfMemoryError:
-            batch = None
-            destroy = getattr(built.engine, "destroy", None)
-            if destroy is not None:
-                destroy()
-            state["built"] = built = None
-            gc.collect()
-            torch.cuda.empty_cache()
-            state["built"] = _build(spec)
-            return None
-        finally:
-            del batch
-            torch.cuda.empty_cache()
-
+def largest_fitting(fits, start: int, limit: int, bisect: int = 3):
+    """Largest size in [start, limit] for which `fits(size)` returns a result (None: it does not fit):
+    doubling from `start`, then up to `bisect` bisection steps between the last fit and the first failure.
+    Returns (largest fitting size or 0, first failing size or None, the largest fit's result)."""
     low, high, best = 0, None, None
-    size = spec["batch_size"]
-    while size <= spec["limit"]:
+    size = start
+    while size <= limit:
         result = fits(size)
         if result is None:
             high = size
@@ -236,7 +222,7 @@ def _search_max_batch(spec: dict) -> dict:
         low, best = size, result
         size *= 2
     if high is not None and low:
-        for _ in range(spec.get("bisect", 3)):
+        for _ in range(bisect):
             if high - low <= max(1, low // 16):
                 break
             mid = (low + high) // 2
@@ -245,10 +231,64 @@ def _search_max_batch(spec: dict) -> dict:
                 high = mid
             else:
                 low, best = mid, result
+    return low, high, best
+
+
+def _search_max_batch(spec: dict) -> dict:
+    """Largest micro-batch whose step fits (:func:`largest_fitting`), then the step time there over
+    `spec["steps"]` steps after one warm-up. An out-of-memory error inside backward leaves ZeRO's reduction
+    state half done, so the engine is rebuilt after every failed try."""
+    import gc
+
+    from violet_ds.engine.evaluator import to_device
+
+    state = {"built": _build(spec)}
+
+    def one_step(batch_size: int) -> dict:
+        built = state["built"]
+        batch = to_device(_synthetic_batch(batch_size, spec["frames"], spec["image_size"], spec["text_len"],
+                                           built.tokenizer), built.world.device)
+        torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        loss = built.engine(batch)["loss"]
+        built.engine.backward(loss)
+        built.engine.step()
+        torch.cuda.synchronize()
+        return {"step_s": time.perf_counter() - started, "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
+
+    def fits(batch_size: int):
+        out_of_memory = False
+        try:
+            return one_step(batch_size)
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True
+        finally:
+            torch.cuda.empty_cache()
+        # rebuilt only here, outside the except block: while it runs, the exception's traceback still holds
+        # the failed step's frames and activations (a rebuild in there ran out of memory itself on an H200)
+        if out_of_memory:
+            destroy = getattr(state["built"].engine, "destroy", None)
+            if destroy is not None:
+                destroy()
+            state["built"] = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            state["built"] = _build(spec)
+        return None
+
+    low, high, best = largest_fitting(fits, spec["batch_size"], spec["limit"], spec.get("bisect", 3))
     if not low:
         return {"max_batch": 0, "bounded_by": "memory", "note": f"batch {spec['batch_size']} does not fit"}
+    # the search's own step at `low` ran once, cold (allocator growth, kernel choice): time it again, warm
+    times = []
+    for _ in range(1 + max(1, spec.get("timed_steps", 2))):
+        best = fits(low)
+        if best is None:
+            return {"max_batch": low, "bounded_by": "memory", "note": f"batch {low} fitted once, then ran out of memory"}
+        times.append(best["step_s"])
+    step_s = sorted(times[1:])[len(times[1:]) // 2]
     return {"max_batch": low, "bounded_by": "memory" if high is not None else f"limit {spec['limit']}",
-            "step_s": round(best["step_s"], 3), "samples_per_s": round(low / best["step_s"], 1),
+            "step_s": round(step_s, 3), "samples_per_s": round(low / step_s, 1),
             "peak_memory_mb": round(best["peak_memory_mb"])}
 
 
