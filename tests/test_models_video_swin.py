@@ -15,6 +15,7 @@ from violet_ds.models.video_swin import (
     inflate_2d_swin_state_dict,
     load_video_swin_weights,
     relative_position_index,
+    shifted_window_order,
     window_partition,
     window_reverse,
 )
@@ -106,6 +107,30 @@ def test_window_partition_roundtrip_and_index():
     index = relative_position_index((8, 7, 7))
     assert index.shape == (392, 392) and int(index.max()) == 15 * 13 * 13 - 1
     assert int(index[0, 0]) == int(index.diagonal().unique().item())  # zero offset -> one table row
+
+
+@pytest.mark.parametrize("grid,window,shift", [((4, 6, 9), (2, 3, 3), (1, 1, 1)), ((2, 14, 14), (2, 7, 7), (0, 3, 3))])
+def test_shifted_partition_gather_equals_roll_then_partition(grid, window, shift):
+    """The one-gather shifted partition (and its inverse) == torch.roll + window_partition (and window_reverse +
+    roll back), forward and backward, bit for bit: it only moves elements."""
+    from violet_ds.models.video_swin import _PermuteTokens
+
+    torch.manual_seed(0)
+    x = torch.randn(2, *grid, 5)
+    upstream = torch.randn(2 * x[0, ..., 0].numel() // (window[0] * window[1] * window[2]),
+                           window[0] * window[1] * window[2], 5)
+    order, inverse = shifted_window_order(grid, window, shift, x.device)
+
+    a = x.clone().requires_grad_()
+    ref = window_partition(torch.roll(a, shifts=tuple(-s for s in shift), dims=(1, 2, 3)), window)
+    ref.backward(upstream)
+    b = x.clone().requires_grad_()
+    ours = _PermuteTokens.apply(b.reshape(2, -1, 5), order, inverse).view(ref.shape)
+    ours.backward(upstream)
+    assert torch.equal(ours, ref) and torch.equal(b.grad, a.grad)
+    back = _PermuteTokens.apply(ours.view(2, -1, 5), inverse, order).view(x.shape)
+    assert torch.equal(back, x)
+    assert torch.equal(torch.roll(window_reverse(ref, window, 2, *grid), shifts=shift, dims=(1, 2, 3)), back)
 
 
 def test_output_grid_and_no_temporal_downsampling():

@@ -1,7 +1,7 @@
 """Video Swin Transformer (3D shifted-window attention) for the VIOLET video encoder.
 
 Layout is channels-last throughout, `(B, T, H, W, C)`, so window partitioning is a pair of
-reshapes/permutes and attention runs through `torch.nn.functional.scaled_dot_product_attention`
+reshapes/permutes (for shifted windows, the cyclic shift and the partition are one gather) and attention runs through `torch.nn.functional.scaled_dot_product_attention`
 with the relative-position bias (plus the shifted-window mask) passed as an additive `attn_mask`.
 There are no Python loops over windows or frames.
 
@@ -102,6 +102,32 @@ def window_reverse(windows: torch.Tensor, window: Size3, b: int, t: int, h: int,
     c = windows.shape[-1]
     x = windows.view(b, t // wt, h // wh, w // ww, wt, wh, ww, c)
     return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, t, h, w, c)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """`x.index_select(1, order)` for a permutation `order`, with the backward a gather by its inverse (the
+    default backward of index_select is a scatter-add into zeros)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.inverse = inverse  # a constant index, not an activation: kept off the saved-tensor hooks
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.index_select(1, ctx.inverse), None, None
+
+
+def shifted_window_order(grid: Size3, window: Size3, shift: Size3, device: torch.device
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse) over the flattened grid: position k of the cyclically shifted, window-partitioned token
+    sequence holds grid token `order[k]`, and `inverse` undoes it. One gather then replaces `torch.roll`
+    followed by :func:`window_partition` (two copies of the activations, forward and backward)."""
+    tokens = torch.arange(grid[0] * grid[1] * grid[2], device=device).view(1, *grid, 1)
+    order = window_partition(torch.roll(tokens, shifts=tuple(-s for s in shift), dims=(1, 2, 3)), window).flatten()
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=device)
+    return order, inverse
 
 
 def relative_position_index(window: Size3) -> torch.Tensor:
@@ -273,9 +299,10 @@ class WindowAttention3D(nn.Module):
         return table.index_select(1, index.reshape(-1)).view(-1, n, n)
 
     def uses_flex(self, device: torch.device) -> bool:
-        # only when asked: on an H200 the compiled FlexAttention was 4% faster than SDPA's memory-efficient
-        # kernel on the backbone alone, the full step is unmeasured (tools/gpu_check.sh). FlexAttention has
-        # no CPU backward, so CPU training falls back to the default path
+        # only when asked: on an H200 (torch 2.11) the compiled FlexAttention was 4% faster than SDPA's
+        # memory-efficient kernel on the backbone alone in one session and 11% slower in another, and the full
+        # violet-v2 bf16 step at batch 16 took 384 ms with it against 311 ms with SDPA (tools/gpu_check.sh,
+        # session 8). FlexAttention has no CPU backward, so CPU training falls back to the default path
         return self.attention == "flex" and (device.type == "cuda" or not torch.is_grad_enabled())
 
     def uses_explicit(self, device: torch.device) -> bool:
@@ -312,11 +339,14 @@ class WindowAttention3D(nn.Module):
 
 @dataclass
 class ShiftGeometry:
-    """What shifted-window attention needs for one padded grid: region labels (nW, N) and the
-    additive mask (nW, N, N) built from them."""
+    """What shifted-window attention needs for one padded grid: region labels (nW, N), the
+    additive mask (nW, N, N) built from them, and the token permutation of the shifted partition
+    (:func:`shifted_window_order`) with its inverse."""
 
     regions: torch.Tensor
     mask: torch.Tensor
+    order: torch.Tensor
+    inverse: torch.Tensor
 
 
 class SwinBlock3D(nn.Module):
@@ -335,7 +365,7 @@ class SwinBlock3D(nn.Module):
 
     def _attention(self, x: torch.Tensor, window: Size3, shift: Size3,
                    shift_mask: Optional[ShiftGeometry]) -> torch.Tensor:
-        b, t, h, w, _ = x.shape
+        b, t, h, w, c = x.shape
         x = self.norm1(x)
         pad = [(-s) % ws for s, ws in zip((t, h, w), window)]
         if any(pad):
@@ -343,12 +373,15 @@ class SwinBlock3D(nn.Module):
             x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
         tp, hp, wp = x.shape[1:4]
         if any(shift):
-            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-        windows = window_partition(x, window)
-        windows = self.attn(windows, window, shift_mask if any(shift) else None)
-        x = window_reverse(windows, window, b, tp, hp, wp)
-        if any(shift):
-            x = torch.roll(x, shifts=shift, dims=(1, 2, 3))
+            # the cyclic shift and the partition in one gather (and its inverse after attention)
+            n = window[0] * window[1] * window[2]
+            windows = _PermuteTokens.apply(x.reshape(b, -1, c), shift_mask.order, shift_mask.inverse)
+            windows = self.attn(windows.view(-1, n, c), window, shift_mask)
+            x = _PermuteTokens.apply(windows.view(b, -1, c), shift_mask.inverse, shift_mask.order)
+            x = x.view(b, tp, hp, wp, c)
+        else:
+            windows = self.attn(window_partition(x, window), window, None)
+            x = window_reverse(windows, window, b, tp, hp, wp)
         if any(pad):
             x = x[:, :t, :h, :w].contiguous()
         return x
@@ -401,7 +434,7 @@ class SwinStage(nn.Module):
             regions = shifted_window_regions(padded, window, shift, device)
             diff = regions[:, None, :] - regions[:, :, None]
             mask = torch.zeros(diff.shape, device=device).masked_fill_(diff != 0, -100.0)
-            geometry = ShiftGeometry(regions, mask)
+            geometry = ShiftGeometry(regions, mask, *shifted_window_order(padded, window, shift, device))
             self._mask_cache[key] = geometry
         return geometry
 
