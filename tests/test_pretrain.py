@@ -233,3 +233,39 @@ def test_lavender_vtm_listwise_adds_cross_entropy_over_candidates(tokenizer, mon
     assert float(out["loss_vtm_listwise"]) == pytest.approx(float(listwise), rel=1e-4)
     with pytest.raises(ValueError, match="vtm_listwise"):
         _task(tokenizer, head_style="head", loss_weights={"vtm": 1.0}, vtm_listwise=1.0)
+
+
+class _DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that, on a GPU, make the host wait for the device: reading a value back (`item()`,
+    `bool()`), `nonzero`, and boolean-mask selection or assignment (their output size lives on the device)."""
+
+    READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::masked_scatter"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        bool_index = name in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else []) or [])
+        if name in self.READS or bool_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("head_style", ["head", "mlm"])
+def test_pretraining_step_never_waits_for_the_device(tokenizer, head_style):
+    """VTM + MLM + MVM forward and backward read nothing back from the device: no `item()`/`bool()` on a device
+    tensor, no boolean-mask selection (on a GPU each one stalls the host until the GPU catches up; 18 of them per
+    step before). Blockwise masking (`bm`) still checks its coverage once per round of blocks; `rm` is used."""
+    task = create_task("pretrain", _model(), TaskConfig(name="pretrain", head_style=head_style,
+                                                        loss_weights={"vtm": 1.0, "mlm": 1.0, "mvm": 1.0},
+                                                        mvm_strategies=["rm"], vtm_negatives=2,
+                                                        mlm_replace="bert"), tokenizer).train()
+    batch = _batch(tokenizer)
+    with _DeviceReads() as reads:
+        out = task(batch)
+        out["loss"].backward()
+    assert reads.seen == []
+    assert torch.isfinite(out["loss"]) and float(out["loss_mlm"].detach()) > 0

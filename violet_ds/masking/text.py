@@ -40,17 +40,27 @@ def mask_text(text_ids: torch.Tensor, text_mask: torch.Tensor, *, mask_id: int, 
     draw = torch.rand(text_ids.shape, generator=generator, device=device)
     chosen = maskable & (draw < probability)
     labels = torch.where(chosen, text_ids, torch.full_like(text_ids, IGNORE_INDEX))
-    input_ids = text_ids.clone()
+    # torch.where rather than boolean-mask assignment: the latter needs the count of chosen positions on the
+    # host (a sync per call on a GPU)
+    mask_ids = torch.full_like(text_ids, mask_id)
     if mode == "mask":
-        input_ids[chosen] = mask_id
-        return input_ids, labels
+        return torch.where(chosen, mask_ids, text_ids), labels
     action = torch.rand(text_ids.shape, generator=generator, device=device)
     to_mask = chosen & (action < 0.8)
     to_random = chosen & (action >= 0.8) & (action < 0.9)
-    input_ids[to_mask] = mask_id
-    special = torch.as_tensor(sorted(set(special_ids)), device=device)
-    allowed = torch.arange(vocab_size, device=device)
-    allowed = allowed[~torch.isin(allowed, special)]
+    allowed = _ordinary_ids(vocab_size, tuple(sorted(set(special_ids))), device)
     pick = torch.randint(len(allowed), text_ids.shape, generator=generator, device=device)
-    input_ids[to_random] = allowed[pick][to_random].to(input_ids.dtype)
-    return input_ids, labels
+    input_ids = torch.where(to_mask, mask_ids, text_ids)
+    return torch.where(to_random, allowed[pick].to(text_ids.dtype), input_ids), labels
+
+
+_ORDINARY_IDS: dict = {}
+
+
+def _ordinary_ids(vocab_size: int, special_ids: tuple, device) -> torch.Tensor:
+    """The non-special token ids `(vocab_size - #special,)`, built once per vocabulary and device."""
+    key = (vocab_size, special_ids, str(device))
+    if key not in _ORDINARY_IDS:
+        special = set(special_ids)
+        _ORDINARY_IDS[key] = torch.tensor([i for i in range(vocab_size) if i not in special], device=device)
+    return _ORDINARY_IDS[key]

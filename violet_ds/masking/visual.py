@@ -126,12 +126,18 @@ def mask_video_tokens(batch: int, grid: tuple[int, int, int], strategies: Sequen
     unknown = [name for name in strategies if name not in STRATEGIES]
     if unknown or not strategies:
         raise ValueError(f"unknown visual masking strategies {unknown}; choose from {list(STRATEGIES)}")
-    which = torch.randint(len(strategies), (batch,), generator=generator, device=device)
+    # the strategy per sample is drawn on the CPU (unless the generator lives on another device), so skipping
+    # an unused strategy needs no sync with the GPU; on a CPU run the draws are those of the device itself
+    host_generator = generator is None or generator.device.type == "cpu"
+    drawn_on = "cpu" if host_generator else device
+    which_host = torch.randint(len(strategies), (batch,), generator=generator, device=drawn_on)
+    which = which_host.to(device, non_blocking=True)
+    drawn = set(which_host.tolist())
     mask = torch.zeros(batch, *grid, dtype=torch.bool, device=device)
     for index, name in enumerate(strategies):
-        rows = which == index
-        if not bool(rows.any()):
+        if index not in drawn:
             continue
+        rows = which == index
         if name == "rm":
             part = random_mask(batch, grid, ratio, generator=generator, device=device)
         elif name == "bm":
@@ -140,7 +146,7 @@ def mask_video_tokens(batch: int, grid: tuple[int, int, int], strategies: Sequen
             if attention is None:
                 raise ValueError("attended masking ('am') needs the attention each token receives")
             part = attended_mask(attention, ratio, generator=generator)
-        mask[rows] = part[rows]
+        mask = torch.where(rows.view(-1, 1, 1, 1), part, mask)
     return mask, which
 
 

@@ -223,22 +223,23 @@ class Target:
 
 # -------------------------------------------------------------------------------------------- loss
 
-def _masked_elements(pred: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                     spec: TargetSpec) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gather only the masked tokens' elements: `(N, ...)` prediction and target rows."""
+def _masked_mean(per_element: torch.Tensor, mask: torch.Tensor, spec: TargetSpec) -> torch.Tensor:
+    """Mean of `per_element` (the layout of the target's value) over the elements of masked tokens, from a
+    weighted sum: no boolean selection, so no host sync (the element count stays on the device)."""
     if spec.kind == "dense":
-        b, t, c, height, width = value.shape
+        b, t, c, height, width = per_element.shape
         h, w = mask.shape[-2:]
         ph, pw = height // h, width // w
         if ph * h != height or pw * w != width:
             raise ValueError(f"dense target {height}x{width} is not a whole number of {h}x{w} tokens")
-
-        def per_token(x: torch.Tensor) -> torch.Tensor:
-            # (B,T,C,h*ph,w*pw) -> (B,T,h,w,C,ph,pw): each token's pixels together, no copy of the rest
-            return x.reshape(b, t, c, h, ph, w, pw).permute(0, 1, 3, 5, 2, 4, 6)
-
-        return per_token(pred)[mask], per_token(value)[mask]
-    return pred[mask], value[mask]
+        # (B,T,C,h*ph,w*pw) -> (B,T,C,h,ph,w,pw), each token's pixels weighted by its mask entry
+        weighted = per_element.view(b, t, c, h, ph, w, pw) * mask[:, :, None, :, None, :, None]
+        per_token = c * ph * pw
+    else:
+        extra = per_element.dim() - 4  # feature channels (none for token ids)
+        weighted = per_element * mask.view(*mask.shape, *([1] * extra))
+        per_token = per_element[0, 0, 0, 0].numel()
+    return weighted.sum() / (mask.sum() * per_token).clamp(min=1)
 
 
 def mvm_loss(pred: torch.Tensor, target: TargetOutput, token_mask: torch.Tensor,
@@ -263,17 +264,16 @@ def mvm_loss(pred: torch.Tensor, target: TargetOutput, token_mask: torch.Tensor,
         raise ValueError(f"prediction {tuple(pred.shape)} does not match target {tuple(value.shape)}")
     if spec.kind != "dense" and tuple(mask.shape) != tuple(value.shape[:4]):
         raise ValueError(f"token_mask {tuple(mask.shape)} does not match the target grid {tuple(value.shape[:4])}")
-    if not bool(mask.any()):
-        return pred.sum() * 0.0
-    pred_sel, value_sel = _masked_elements(pred, value.to(pred.device), mask, spec)
+    value = value.to(pred.device)
     if spec.loss == "cross_entropy":
-        return F.cross_entropy(pred_sel.float(), value_sel.long())
-    pred_sel, value_sel = pred_sel.float(), value_sel.float()
-    if spec.loss == "l1":
-        return F.l1_loss(pred_sel, value_sel)
-    if spec.loss == "smooth_l1":
-        return F.smooth_l1_loss(pred_sel, value_sel)
-    return F.mse_loss(pred_sel, value_sel)
+        if spec.kind != "token":
+            raise ValueError(f"cross_entropy scores token targets (one class id per token), not {spec.kind!r}")
+        per_element = F.cross_entropy(pred.float().flatten(0, -2), value.long().flatten(),
+                                      reduction="none").view(value.shape)
+    else:
+        regression = {"l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss, "mse": F.mse_loss}[spec.loss]
+        per_element = regression(pred.float(), value.float(), reduction="none")
+    return _masked_mean(per_element, mask, spec)
 
 
 # --------------------------------------------------------------------------------- factory and mix

@@ -212,11 +212,11 @@ def gather_step_outputs(outputs: Sequence[Mapping[str, Any]], world) -> Dict[str
 
 
 def cross_entropy_or_zero(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy ignoring IGNORE_INDEX; an all-ignored batch gives a zero that keeps the graph."""
-    valid = targets != IGNORE_INDEX
-    if not bool(valid.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+    """Cross-entropy `(N, C)` logits vs `(N,)` targets, averaged over the targets that are not IGNORE_INDEX; an
+    all-ignored batch gives a zero that keeps the graph. No host sync: the mean is a sum over a clamped count,
+    not a branch on `any()` (each such branch stalls the CPU until the GPU catches up)."""
+    per_target = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return per_target.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def chance_loss(num_candidates: int, true_false: bool = False) -> float:

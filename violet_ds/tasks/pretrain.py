@@ -34,7 +34,7 @@ from violet_ds.masking.text import IGNORE_INDEX, mask_text
 from violet_ds.masking.visual import (apply_video_mask, mask_video_tokens, needs_attention,
                                       video_attention_grid)
 from violet_ds.registry import TASKS
-from violet_ds.tasks.common import VideoTextTask, chance_loss, task_embedding_head
+from violet_ds.tasks.common import VideoTextTask, chance_loss, cross_entropy_or_zero, task_embedding_head
 
 OBJECTIVES = ("vtm", "mlm", "mvm")
 
@@ -193,14 +193,14 @@ class PretrainTask(VideoTextTask):
 
     def _mlm_head_loss(self, text_hidden: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(loss, accuracy over the masked tokens) from the text part of the MLM pass."""
+        # every text position goes through the head (about 0.3% of a violet-v2 step's FLOPs) rather than only the
+        # masked ones: selecting them is a host sync per step. A batch with nothing masked gives a zero loss that
+        # keeps the graph (every rank must run the same backward)
+        labels = labels.reshape(-1)
+        logits = self.heads["mlm"](text_hidden).float().flatten(0, -2)
         chosen = labels != IGNORE_INDEX
-        if not bool(chosen.any()):
-            # keep the graph (every rank must run the same backward) with a zero loss
-            zero = self.heads["mlm"](text_hidden[:, :1]).sum() * 0.0
-            return zero, torch.zeros((), device=text_hidden.device)
-        logits = self.heads["mlm"](text_hidden[chosen]).float()
-        loss = F.cross_entropy(logits, labels[chosen])
-        return loss, (logits.argmax(dim=1) == labels[chosen]).float().mean()
+        hits = (logits.argmax(dim=1) == labels) & chosen
+        return cross_entropy_or_zero(logits, labels), hits.sum() / chosen.sum().clamp(min=1)
 
     def _mvm_heads(self, video_hidden: torch.Tensor, grid: Tuple[int, int, int]) -> Dict[str, torch.Tensor]:
         """Each target's head output from the cross-modal hidden states at the video patch tokens."""
