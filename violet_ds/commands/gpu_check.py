@@ -195,21 +195,25 @@ def _plan(mode: str, apex: bool, tokenizer: Optional[str]) -> dict:
         base = {"frames": 4, "image_size": 224, "text_len": 32, "threads": 8, "strategies": ["rm", "bm"],
                 "tokenizer": tokenizer, "warmup": 2, "steps": 5, "ds_config": "ds_configs/zero2_bf16.json"}
         fp16 = {"ds_config": "ds_configs/zero2_fp16.json", "precision": "fp16"}
+        # the rows every check needs first; `extra_steps` run after the max-batch search and the loader, so a
+        # short device slot still gets the max batch (MFU at scale) before the finer comparisons
         steps = [
             ("violet-tiny bf16", {"model": "violet-tiny", "batch_size": 32, "precision": "bf16", "checkpointing": False}),
             ("violet-v2 bf16 torch-fused-AdamW", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
                                                   "checkpointing": False, "optimizer": "adamw", "profile": True}),
+            ("violet-v2 fp16", {"model": "violet-v2", "batch_size": 16, "checkpointing": False, **fp16}),
+            ("violet-v2 bf16 ckpt", {"model": "violet-v2", "batch_size": 16, "precision": "bf16", "checkpointing": True}),
+            ("violet-v2 bf16 ds-FusedAdam", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
+                                             "checkpointing": False, "optimizer": "deepspeed_fused_adam"}),
+        ]
+        extra_steps = [
             # batch 16 is bound by the host launching kernels; at 64 the profile shows what the GPU itself spends
             ("violet-v2 bf16 batch 64", {"model": "violet-v2", "batch_size": 64, "precision": "bf16",
                                          "checkpointing": False, "profile": True, "steps": 3}),
-            ("violet-v2 fp16", {"model": "violet-v2", "batch_size": 16, "checkpointing": False, **fp16}),
-            ("violet-v2 bf16 ckpt", {"model": "violet-v2", "batch_size": 16, "precision": "bf16", "checkpointing": True}),
             ("violet-v2 bf16 ckpt+offload", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
                                              "checkpointing": True, "offload": True}),
             ("violet-v2 bf16 flex-attn", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
                                           "checkpointing": False, "attention": "flex"}),
-            ("violet-v2 bf16 ds-FusedAdam", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
-                                             "checkpointing": False, "optimizer": "deepspeed_fused_adam"}),
             # last: compiling the blocks took over 259 s on an H200 (torch 2.11); FLOPs are the eager row's (a
             # FlopCounterMode pass would recompile every graph)
             ("violet-v2 bf16 compiled blocks", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
@@ -219,7 +223,7 @@ def _plan(mode: str, apex: bool, tokenizer: Optional[str]) -> dict:
         if apex:
             steps.append(("violet-v2 bf16 apex FusedAdam", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
                                                             "checkpointing": False, "optimizer": "apex_fused_adam"}))
-        return {"base": base, "steps": steps,
+        return {"base": base, "steps": steps, "extra_steps": extra_steps,
                 "attention": {"model": "violet-v2", "batch_size": 8, "frames": 4, "image_size": 224, "text_len": 32,
                               "flex": True},
                 "max_batch": [("violet-v2 bf16 no ckpt", {"model": "violet-v2", "precision": "bf16", "checkpointing": False,
@@ -231,16 +235,34 @@ def _plan(mode: str, apex: bool, tokenizer: Optional[str]) -> dict:
     base = {"frames": 2, "image_size": 64, "text_len": 16, "threads": 2, "strategies": ["rm", "bm"],
             "tokenizer": tokenizer, "warmup": 1, "steps": 2, "ds_config": "ds_configs/cpu_test.json",
             "model": "violet-tiny", "batch_size": 2}
-    steps = [
-        ("violet-tiny fp32", {"precision": "fp32", "checkpointing": False, "profile": True}),
-        ("violet-tiny bf16 ckpt+offload", {"precision": "bf16", "checkpointing": True, "offload": True}),
-    ]
-    return {"base": base, "steps": steps,
+    steps = [("violet-tiny fp32", {"precision": "fp32", "checkpointing": False, "profile": True})]
+    extra_steps = [("violet-tiny bf16 ckpt+offload", {"precision": "bf16", "checkpointing": True, "offload": True})]
+    return {"base": base, "steps": steps, "extra_steps": extra_steps,
             "attention": {"model": "violet-tiny", "batch_size": 2, "frames": 2, "image_size": 64, "text_len": 16,
                           "flex": False},
             "max_batch": [],
             "loader": {"frames": 2, "image_size": 64, "batch_size": 4, "workers": 2, "batches": 3, "pin_memory": False,
                        "rows": 12, "source_h": 96, "source_w": 128}}
+
+
+OPTIMIZER_CLASSES = {"deepspeed_fused_adam": "FusedAdam", "apex_fused_adam": "FusedAdam", "adamw": "AdamW"}
+
+
+def _row_problem(row: dict, spec: dict, cuda: bool) -> Optional[str]:
+    """What is wrong with a measured step row (the checks the CUDA engine tests make): a non-finite loss, the
+    wrong device or precision, another optimizer than the one asked for. None when the row is sound."""
+    import math
+
+    if not math.isfinite(row.get("loss", float("nan"))):
+        return f"loss is not finite: {row.get('loss')}"
+    if cuda != str(row.get("device", "")).startswith("cuda"):
+        return f"ran on {row.get('device')}"
+    if spec.get("precision") and row.get("precision") != spec["precision"]:
+        return f"precision {row.get('precision')}, asked for {spec['precision']}"
+    expected = OPTIMIZER_CLASSES.get(spec.get("optimizer", "auto"))
+    if expected and row.get("optimizer") != expected:
+        return f"optimizer {row.get('optimizer')}, asked for {expected} ({spec['optimizer']})"
+    return None
 
 
 def _add_mfu(row: dict, steps: dict, peak: Optional[float]) -> None:
@@ -352,6 +374,7 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
             return any(part in name for part in rows)
 
         plan["steps"] = [(name, extra) for name, extra in plan["steps"] if wanted(name)]
+        plan["extra_steps"] = [(name, extra) for name, extra in plan["extra_steps"] if wanted(name)]
         plan["max_batch"] = [(name, extra) for name, extra in plan["max_batch"] if wanted(name)]
     peak = results["env"].get("bf16_peak_tflops")
     def run_child(func, spec: dict) -> dict:
@@ -367,15 +390,22 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
         results["attention"] = run_child(_attention, {**plan["attention"], "cuda": cuda})
         print(f"attention: {results['attention']}", flush=True)
         save()
-    if "steps" in sections:
-        from violet_ds.commands.bench import _measure
+    from violet_ds.commands.bench import _measure
 
-        results["steps"] = {}
-        for name, extra in plan["steps"]:
+    def run_steps(rows_to_run) -> None:
+        nonlocal failed
+        results.setdefault("steps", {})
+        for name, extra in rows_to_run:
             if left() < 20:
                 results["steps"][name] = {"error": "skipped: time budget spent"}
                 continue
-            row = results["steps"][name] = run_child(_measure, {**plan["base"], **extra})
+            spec = {**plan["base"], **extra}
+            row = results["steps"][name] = run_child(_measure, spec)
+            if "error" not in row:
+                problem = _row_problem(row, spec, cuda)
+                if problem:
+                    failed = True
+                    row["error"] = problem
             if "error" in row:
                 print(f"{name}: FAILED {row['error'][:2000]}", flush=True)
             else:
@@ -386,6 +416,9 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
                 print(f"{name}: {1000 * row['step_s_median']:.1f} ms/step, {row['samples_per_s']:.1f} samples/s, "
                       f"{row['achieved_tflops']:.2f} TFLOP/s, peak {row['peak_memory_mb']:.0f} MB", flush=True)
             save()
+
+    if "steps" in sections:
+        run_steps(plan["steps"])
     if "loader" in sections:
         results["loader"] = run_child(_loader, plan["loader"])
         print(f"loader: {results['loader']}", flush=True)
@@ -400,6 +433,8 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
             _add_mfu(results["max_batch"][name], results.get("steps", {}), peak if cuda else None)
             print(f"max batch {name}: {results['max_batch'][name]}", flush=True)
             save()
+    if "steps" in sections:
+        run_steps(plan["extra_steps"])
     save()
     print(_format_table(results), flush=True)
     print(f"results: {path}", flush=True)
