@@ -34,10 +34,14 @@ def test_two_ranks_zero2_bf16_match_one_rank_with_double_accumulation(tmp_path, 
     config["run"]["name"] = "one_rank"
     one = write_config(config, tmp_path / "one.yaml")
 
-    command = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+    port = free_port()
+    command = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
                "--module", "violet_ds.cli", "pretrain", "--config", str(two)]
     result = subprocess.run(command, env=cli_env(), cwd=str(REPO), capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    # DeepSpeed's CPU all-reduce segments (66 MB each in /dev/shm) do not outlive the run
+    leftover = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
+    assert not leftover, leftover
     run_cli(one)
 
     two_dir, one_dir = tmp_path / "two_ranks", tmp_path / "one_rank"
