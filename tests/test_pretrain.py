@@ -269,3 +269,26 @@ def test_pretraining_step_never_waits_for_the_device(tokenizer, head_style):
         out["loss"].backward()
     assert reads.seen == []
     assert torch.isfinite(out["loss"]) and float(out["loss_mlm"].detach()) > 0
+
+
+def test_mlm_joins_the_total_at_mlm_start_step(tokenizer):
+    """`mlm_start_step`: before it (training) the total is VTM + MVM, MLM is still computed and logged; from it on,
+    and always in evaluation, MLM counts with its weight. The trainer gives the step through `set_step`."""
+    task = create_task("pretrain", _model(), TaskConfig(name="pretrain", loss_weights={"vtm": 1.0, "mlm": 0.5, "mvm": 1.0},
+                                                        mvm_strategies=["rm"], vtm_negatives=2, mlm_probability=1.0,
+                                                        mlm_start_step=10), tokenizer).train()
+    batch = _batch(tokenizer)
+    for step, mlm_counted in ((0, False), (9, False), (10, True)):
+        task.set_step(step)
+        torch.manual_seed(3)
+        out = task(batch)
+        others = out["loss_vtm"] + out["loss_mvm"]
+        expected = others + 0.5 * out["loss_mlm"] if mlm_counted else others
+        assert float(out["loss_mlm"]) > 0
+        torch.testing.assert_close(out["loss"].detach(), expected, rtol=1e-6, atol=1e-6)
+    task.eval().set_step(0)
+    torch.manual_seed(3)
+    out = task(batch)
+    torch.testing.assert_close(out["loss"], out["loss_vtm"] + out["loss_mvm"] + 0.5 * out["loss_mlm"], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="mlm_start_step must be >= 0"):
+        create_task("pretrain", _model(), TaskConfig(name="pretrain", mlm_start_step=-1), tokenizer)

@@ -124,6 +124,9 @@ class TaskConfig:
     """head_style mlm: weight of `loss_vtm_listwise`, a softmax cross-entropy over each video's 1 +
     vtm_negatives true/false log-odds / vtm_temperature (own text first), added to LAVENDER's per-pair
     true/false loss (0 = LAVENDER's alone; it shortens the from-scratch plateau, see pretrain_demo_lavender.yaml)"""
+    mlm_start_step: int = 0
+    """pretraining: MLM joins the total loss at this optimizer step (before it, VTM and MVM train alone; the MLM
+    loss is still computed and logged). On the demo data MLM delays LAVENDER-style VTM's take-off from its prior"""
     mlm_probability: float = 0.15
     """fraction of text tokens masked for masked language modeling"""
     mlm_replace: Literal["mask", "bert"] = "mask"

@@ -61,6 +61,10 @@ class Task(nn.Module):
         """Move teachers kept outside the module tree (MVM targets) to `device`, in the run's `dtype`
         (a torch dtype or a precision name: fp32, bf16, fp16)."""
 
+    def set_step(self, step: int) -> None:
+        """Optimizer steps done so far, given by the trainer before each training micro-batch (for objectives
+        that change with the step, e.g. pretraining's `mlm_start_step`); ignored by default."""
+
     def chance_losses(self) -> Dict[str, float]:
         """`{output term: loss of scores collapsed to one constant}` for the trainer's stall detector."""
         return {}

@@ -81,6 +81,9 @@ class PretrainTask(VideoTextTask):
         if cfg.vtm_listwise < 0 or (cfg.vtm_listwise and not self.lavender):
             raise ValueError(f"task pretrain: vtm_listwise ({cfg.vtm_listwise}) is a weight >= 0 for head_style mlm "
                              f"(head style's VTM is already a softmax over the candidates)")
+        if cfg.mlm_start_step < 0:
+            raise ValueError(f"task pretrain: mlm_start_step must be >= 0, got {cfg.mlm_start_step}")
+        self.step = 0
         self.special_ids = tokenizer.special_ids
         if tokenizer.vocab_size > model.vocab_size:
             raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, the model's text "
@@ -318,7 +321,9 @@ class PretrainTask(VideoTextTask):
         if w["mlm"]:
             loss, accuracy = self._mlm_head_loss(hidden["mlm"][:, clean.shape[1]:], labels)
             out["loss_mlm"], out["acc_mlm"] = loss, accuracy.detach()
-            terms.append(loss * w["mlm"])
+            # before mlm_start_step (training only) MLM keeps its graph with weight 0: every rank runs one backward
+            waiting = self.training and self.step < self.cfg.mlm_start_step
+            terms.append(loss * (0.0 if waiting else w["mlm"]))
         if w["mvm"]:
             video_tokens = encoded[-1].shape[1]
             preds = self._mvm_heads(hidden["mvm"][:, :video_tokens], grid)
@@ -333,6 +338,9 @@ class PretrainTask(VideoTextTask):
             total = total + term
         out["loss"] = total
         return out, extras
+
+    def set_step(self, step: int) -> None:
+        self.step = step
 
     def forward(self, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
         out, _ = self._losses(batch)
