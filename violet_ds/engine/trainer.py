@@ -252,7 +252,9 @@ class Trainer:
         """Forward, backward and DeepSpeed step of one micro-batch; True when it completed an optimizer step."""
         if self.run.log_sample_indices and isinstance(batch, Mapping) and "index" in batch:
             self._window.indices.extend(int(i) for i in batch["index"].tolist())
-        self.task.set_step(self.state.step)
+        set_step = getattr(self.task, "set_step", None)  # a task hook: any module without it trains as before
+        if set_step is not None:
+            set_step(self.state.step)
         outputs = self.engine(batch)
         loss = outputs["loss"]
         self.divergence.observe(loss)
