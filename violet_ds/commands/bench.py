@@ -139,10 +139,9 @@ def _measure(spec: dict) -> dict:
         # FlopCounterMode cannot see inside FlexAttention: count with SDPA (same FLOPs, dense windows)
         if hasattr(model, "video_backbone"):
             model.video_backbone.set_attention("sdpa")
-        # counted on at most FLOP_PROBE_BATCH samples and scaled: the step's FLOPs are linear in the batch
-        # (violet-v2 bf16 on an H200 counted 24811.7 GFLOP at 16 and 99253.3 at 64, 4.0003x), and a counting
-        # pass at the largest batches ran out of memory (batch 256 with checkpointing, H200)
-        # (linear once every sample has all its in-batch VTM negatives: at least negatives + 1 samples)
+        # counted on a probe batch and scaled: the step's FLOPs are linear in the batch once every sample has
+        # all its in-batch VTM negatives (violet-v2 bf16 on an H200 counted 24811.7 GFLOP at 16 and 99253.3 at
+        # 64, 4.0003x), and a counting pass at the largest batches ran out of memory (256 with checkpointing)
         probe = _flop_probe_size(spec["batch_size"], engine.module)
         probe_batch = batch if probe == spec["batch_size"] else to_device(
             _synthetic_batch(probe, spec["frames"], spec["image_size"], spec["text_len"], tokenizer), world.device)
@@ -153,7 +152,7 @@ def _measure(spec: dict) -> dict:
         engine.step()
         flops = counter.get_total_flops() * spec["batch_size"] / probe
     else:
-        loss, flops = engine(batch)["loss"], 0
+        loss, flops, probe = engine(batch)["loss"], 0, None
     guard_us = None
     if guard is not None:
         # the guard's own work per step, isolated from the (noisy) step time: observe + end_step, and a
@@ -179,8 +178,7 @@ def _measure(spec: dict) -> dict:
         "step_s_median": median, "step_s_min": times[0], "samples_per_s": spec["batch_size"] / median,
         "peak_memory_mb": peak, "gflops_per_step": flops / 1e9,
         "achieved_tflops": flops / median / 1e12, "steps": spec["steps"],
-        "flops_counted_at_batch": _flop_probe_size(spec["batch_size"], engine.module)
-        if spec.get("count_flops", True) else None,
+        "flops_counted_at_batch": probe,
         "offload": spec.get("offload", False), "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,
         "attention": timed_attention, "profile": profile,
         "loss": float(loss.detach().float()),
@@ -235,8 +233,8 @@ def largest_fitting(fits, start: int, limit: int, bisect: int = 3):
 
 
 def _search_max_batch(spec: dict) -> dict:
-    """Largest micro-batch whose step fits (:func:`largest_fitting`), then the step time there over
-    `spec["steps"]` steps after one warm-up. An out-of-memory error inside backward leaves ZeRO's reduction
+    """Largest micro-batch whose step fits (:func:`largest_fitting`), then the median step time there over
+    `spec["timed_steps"]` (default 2) steps after one warm-up. An out-of-memory error inside backward leaves ZeRO's reduction
     state half done, so the engine is rebuilt after every failed try."""
     import gc
 

@@ -23,6 +23,7 @@ so the command never rots. MFU is reported against the card's dense bf16 peak (`
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -251,8 +252,6 @@ OPTIMIZER_CLASSES = {"deepspeed_fused_adam": "FusedAdam", "apex_fused_adam": "Fu
 def _row_problem(row: dict, spec: dict, cuda: bool) -> Optional[str]:
     """What is wrong with a measured step row (the checks the CUDA engine tests make): a non-finite loss, the
     wrong device or precision, another optimizer than the one asked for. None when the row is sound."""
-    import math
-
     if not math.isfinite(row.get("loss", float("nan"))):
         return f"loss is not finite: {row.get('loss')}"
     if cuda != str(row.get("device", "")).startswith("cuda"):

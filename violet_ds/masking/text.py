@@ -42,15 +42,14 @@ def mask_text(text_ids: torch.Tensor, text_mask: torch.Tensor, *, mask_id: int, 
     labels = torch.where(chosen, text_ids, torch.full_like(text_ids, IGNORE_INDEX))
     # torch.where rather than boolean-mask assignment: the latter needs the count of chosen positions on the
     # host (a sync per call on a GPU)
-    mask_ids = torch.full_like(text_ids, mask_id)
     if mode == "mask":
-        return torch.where(chosen, mask_ids, text_ids), labels
+        return torch.where(chosen, mask_id, text_ids), labels
     action = torch.rand(text_ids.shape, generator=generator, device=device)
     to_mask = chosen & (action < 0.8)
     to_random = chosen & (action >= 0.8) & (action < 0.9)
     allowed = _ordinary_ids(vocab_size, tuple(sorted(set(special_ids))), device)
     pick = torch.randint(len(allowed), text_ids.shape, generator=generator, device=device)
-    input_ids = torch.where(to_mask, mask_ids, text_ids)
+    input_ids = torch.where(to_mask, mask_id, text_ids)
     return torch.where(to_random, allowed[pick].to(text_ids.dtype), input_ids), labels
 
 

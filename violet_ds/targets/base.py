@@ -20,6 +20,7 @@ keeps target values on disk; teachers read their weights through `violet_ds.weig
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,7 +239,7 @@ def _masked_mean(per_element: torch.Tensor, mask: torch.Tensor, spec: TargetSpec
     else:
         extra = per_element.dim() - 4  # feature channels (none for token ids)
         weighted = per_element * mask.view(*mask.shape, *([1] * extra))
-        per_token = per_element[0, 0, 0, 0].numel()
+        per_token = math.prod(per_element.shape[4:])
     return weighted.sum() / (mask.sum() * per_token).clamp(min=1)
 
 
