@@ -60,7 +60,8 @@ def _build(spec: dict) -> SimpleNamespace:
     from violet_ds.tasks import create_task
 
     torch.set_num_threads(spec["threads"])
-    engine_cfg = EngineConfig(ds_config=spec["ds_config"], precision=spec["precision"])
+    engine_cfg = EngineConfig(ds_config=spec["ds_config"], precision=spec["precision"],
+                              keep_host_memory=spec.get("keep_host_memory", True))
     world = setup_world(engine_cfg)
     seed_everything(0)
     tokenizer = load_tokenizer(spec["tokenizer"])
@@ -86,6 +87,7 @@ def _measure(spec: dict) -> dict:
     """One configuration, in this process: build, warm up, time `steps` steps, count FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from violet_ds.engine import host_memory
     from violet_ds.engine.ds_config import precision_of
     from violet_ds.engine.evaluator import to_device
     from violet_ds.engine.logging import memory_mb
@@ -127,11 +129,13 @@ def _measure(spec: dict) -> dict:
     if world.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
+    faults = host_memory.minor_page_faults()
     for _ in range(spec["steps"]):
         started = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - started)
+    faults = (host_memory.minor_page_faults() - faults) / spec["steps"]
     peak = memory_mb(world.device)
     profile = _profile_step(step, world.device) if spec.get("profile") else None
     timed_attention = model.video_backbone.cfg.attention if hasattr(model, "video_backbone") else None
@@ -184,6 +188,8 @@ def _measure(spec: dict) -> dict:
         "loss": float(loss.detach().float()),
         "divergence_guard": bool(spec.get("guard")), "guard_us_per_step": guard_us,
         "compile": bool(spec.get("compile")),
+        "keep_host_memory": bool(spec.get("keep_host_memory", True)), "host_memory": host_memory.describe(),
+        "page_faults_per_step": faults,
     }
 
 
@@ -300,13 +306,14 @@ def _child(spec: dict, queue) -> None:
 
 
 def _table(rows: List[dict]) -> str:
-    header = (f"{'model':<12} {'batch':>5} {'frames':>6} {'size':>5} {'ckpt':>5} {'guard':>5} {'comp':>5} {'prec':>5} {'params M':>9} "
+    header = (f"{'model':<12} {'batch':>5} {'frames':>6} {'size':>5} {'ckpt':>5} {'guard':>5} {'comp':>5} {'heap':>5} {'prec':>5} {'params M':>9} "
               f"{'step s':>8} {'samples/s':>10} {'peak MB':>9} {'GFLOP/step':>11} {'TFLOP/s':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['model']:<12} {r['batch_size']:>5} {r['frames']:>6} {r['image_size']:>5} "
                      f"{'on' if r['checkpointing'] else 'off':>5} {'on' if r.get('divergence_guard') else 'off':>5} "
                      f"{'on' if r.get('compile') else 'off':>5} "
+                     f"{'keep' if r.get('keep_host_memory', True) else 'free':>5} "
                      f"{r['precision']:>5} {r['params_m']:>9.2f} "
                      f"{r['step_s_median']:>8.3f} {r['samples_per_s']:>10.2f} {r['peak_memory_mb']:>9.0f} "
                      f"{r['gflops_per_step']:>11.1f} {r['achieved_tflops']:>8.3f}")
@@ -316,7 +323,7 @@ def _table(rows: List[dict]) -> str:
 def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames: int = 4, image_size: int = 224,
                 text_len: int = 32, checkpointing: List[bool] = [False, True], steps: int = 3, warmup: int = 1,
                 precision: str = "bf16", ds_config: str = "auto", divergence_guard: List[bool] = [False],
-                compile: List[bool] = [False],
+                compile: List[bool] = [False], keep_host_memory: List[bool] = [True],
                 tokenizer: Optional[str] = None, strategies: List[str] = ["rm", "bm"], threads: int = 2,
                 output: str = "runs/bench/bench_train.json") -> None:
     """Benchmark one pretraining step (VTM + MLM + MVM-pixel, forward + backward + ZeRO-2 step) per model,
@@ -333,6 +340,8 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
         warmup: untimed steps first.
         precision: bf16, fp16 or fp32.
         compile: `model.compile` settings to compare (regional torch.compile; warm-up steps absorb the compile).
+        keep_host_memory: `engine.keep_host_memory` settings to compare (CPU: malloc keeps freed memory instead
+            of returning it to the kernel; `page_faults_per_step` in the JSON shows the difference).
         divergence_guard: divergence-guard settings to compare (the trainer's per-step non-finite check;
             with it on, `guard_us_per_step` is the guard's own cost per step, timed in isolation).
         ds_config: DeepSpeed JSON (its "auto" fields are filled); auto = zero2_bf16.json on CUDA,
@@ -348,11 +357,13 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
     context = multiprocessing.get_context("spawn")
     rows = []
     for model in models:
-        for flag, guarded, compiled in [(f, g, c) for f in checkpointing for g in divergence_guard for c in compile]:
+        for flag, guarded, compiled, keep in [(f, g, c, k) for f in checkpointing for g in divergence_guard
+                                              for c in compile for k in keep_host_memory]:
             spec = {"model": model, "batch_size": batch_size, "frames": frames, "image_size": image_size,
                     "text_len": text_len, "checkpointing": flag, "steps": steps, "warmup": warmup,
                     "precision": precision, "ds_config": ds_config, "tokenizer": tokenizer,
-                    "strategies": strategies, "threads": threads, "guard": guarded, "compile": compiled}
+                    "strategies": strategies, "threads": threads, "guard": guarded, "compile": compiled,
+                    "keep_host_memory": keep}
             queue = context.Queue()
             process = context.Process(target=_child, args=(spec, queue))
             # each child is a fresh single-rank job: no launcher variables from the parent
@@ -366,7 +377,7 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
                 raise RuntimeError(f"bench train {model} (checkpointing={flag}) failed: {result}")
             rows.append(result)
             print(f"  {model} checkpointing={'on' if flag else 'off'} guard={'on' if guarded else 'off'} "
-                  f"compile={'on' if compiled else 'off'}: "
+                  f"compile={'on' if compiled else 'off'} heap={'keep' if keep else 'free'}: "
                   f"{result['step_s_median']:.3f} s/step, {result['peak_memory_mb']:.0f} MB"
                   + (f", guard {result['guard_us_per_step']:.1f} us/step" if guarded else ""), flush=True)
     print(_table(rows), flush=True)

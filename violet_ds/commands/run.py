@@ -22,7 +22,7 @@ from ..config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConf
 from ..data.sampler import SampleCursor
 from ..engine import checkpoint as ckpt
 from ..engine import deepspeed_engine as dse
-from ..engine import preflight
+from ..engine import host_memory, preflight
 from ..engine.ds_config import precision_of, resolve_ds_config
 from ..engine.distributed import World, free_port, in_slurm_step, init_distributed
 from ..engine.logging import RunLogger
@@ -32,14 +32,18 @@ from ..models import build_model
 
 # ----------------------------------------------------------------------------------------- setup
 def setup_world(engine: EngineConfig) -> World:
-    """init_distributed; a single process still gets a (1-rank) process group, which DeepSpeed needs."""
+    """init_distributed; a single process still gets a (1-rank) process group, which DeepSpeed needs. A CPU run
+    keeps freed host memory (`engine.keep_host_memory`) before it allocates anything large."""
     if "WORLD_SIZE" not in os.environ and not in_slurm_step():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-    return init_distributed(timeout_s=engine.dist_timeout_s)
+    world = init_distributed(timeout_s=engine.dist_timeout_s)
+    if world.device.type == "cpu" and engine.keep_host_memory:
+        host_memory.keep_freed_memory()
+    return world
 
 
 def seed_everything(seed: int) -> None:
@@ -238,6 +242,8 @@ def _open_run(run_dir: Path, run: RunConfig, model: ModelConfig, data: DataConfi
                                   reads_frames=reads_frames)
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_text)
+    if world.device.type == "cpu":
+        logger.info(f"host memory: {host_memory.describe()}")
     return logger
 
 
