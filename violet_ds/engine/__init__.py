@@ -15,4 +15,5 @@ Modules (imported lazily by the CLI; only this package needs DeepSpeed):
   streams, client state, resume checks);
 - `export`: checkpoint -> safetensors; `universal`: universal checkpoints; `guard`: rank-failure handling;
   `divergence`, `rundir`, `preflight`, `stall`: run safety and stall warnings.
+- `host_memory`: CPU runs keep freed host memory (no page faults on the step's large buffers).
 """
