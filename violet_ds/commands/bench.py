@@ -306,8 +306,8 @@ def _child(spec: dict, queue) -> None:
 
 
 def _table(rows: List[dict]) -> str:
-    header = (f"{'model':<12} {'batch':>5} {'frames':>6} {'size':>5} {'ckpt':>5} {'guard':>5} {'comp':>5} {'heap':>5} {'prec':>5} {'params M':>9} "
-              f"{'step s':>8} {'samples/s':>10} {'peak MB':>9} {'GFLOP/step':>11} {'TFLOP/s':>8}")
+    header = (f"{'model':<12} {'batch':>5} {'frames':>6} {'size':>5} {'ckpt':>5} {'guard':>5} {'comp':>5} {'heap':>5} "
+              f"{'prec':>5} {'params M':>9} {'step s':>8} {'samples/s':>10} {'peak MB':>9} {'GFLOP/step':>11} {'TFLOP/s':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['model']:<12} {r['batch_size']:>5} {r['frames']:>6} {r['image_size']:>5} "

@@ -9,8 +9,8 @@ top of the heap kept (trimmed only beyond 2 GiB free), freed blocks are reused a
 Measured (`violet-ds bench train --keep_host_memory '[false,true]'`, violet-v2, batch 1, fp32, 2 threads, one
 machine, means of 2 interleaved rounds): 2 x 224: step 4.53 -> 3.78 s, page faults per step 662k -> 45k, peak
 RSS 7.28 -> 8.01 GB; 4 x 224: 7.73 -> 7.09 s, 9.19 -> 9.89 GB. The cost is that memory freed after the peak
-stays with the process. Only the main process of a CPU run asks for it (`engine.keep_host_memory`); forked data-loader
-workers inherit it.
+stays with the process. Each rank of a CPU run asks for it (`engine.keep_host_memory`, in
+`commands.run.setup_world`); data-loader workers forked from a rank inherit it.
 """
 
 from __future__ import annotations
