@@ -11,6 +11,7 @@ from violet_ds.models.video_swin import (
     SwinStage,
     VideoSwinConfig,
     VideoSwinTransformer3D,
+    WindowAttention3D,
     build_video_swin,
     inflate_2d_swin_state_dict,
     load_video_swin_weights,
@@ -236,8 +237,9 @@ def _flex_available() -> bool:
 def test_flex_attention_matches_sdpa_forward_cpu(grid):
     """The FlexAttention path (bias as score_mod, shifted windows as a block mask) == the SDPA path.
 
-    FlexAttention has no CPU backward, so the CPU check is the forward; the CUDA test below (run by
-    tools/gpu_check.sh) checks gradients too."""
+    Forward only, through the public entry as a CPU inference run calls it; gradients are checked by the
+    test below (torch's dense reference on CPU) and by the CUDA test (the compiled kernel, run by
+    tools/gpu_check.sh)."""
     stage, x = _seeded_stage(grid)
     outputs = {}
     with torch.no_grad():
@@ -246,6 +248,38 @@ def test_flex_attention_matches_sdpa_forward_cpu(grid):
                 block.attn.attention = kind
             outputs[kind] = stage(x)
     torch.testing.assert_close(outputs["flex"], outputs["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not _flex_available(), reason="this torch has no torch.nn.attention.flex_attention")
+@pytest.mark.parametrize("grid", [(3, 5, 7), (2, 6, 6)])
+def test_flex_attention_matches_sdpa_forward_backward_cpu(grid, monkeypatch):
+    """Forward and backward of the FlexAttention path (bias table read in score_mod, shifted windows as a block
+    mask) == the SDPA path: the output, the input's gradient and every parameter's, the bias tables included.
+
+    torch refuses FlexAttention backward on CPU at its public entry (`_validate_device`); past that check it runs
+    the same higher-order op densely in eager mode (its reference implementation, which the fused CUDA kernel must
+    match). The test lifts that one check, so our score_mod / mask_mod and the gradient into the captured bias
+    table are checked here on every run; the CUDA test checks the compiled kernel."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *args, **kwargs: None, raising=False)
+    monkeypatch.setattr(WindowAttention3D, "uses_flex", lambda self, device: self.attention == "flex")
+    stage, x = _seeded_stage(grid)
+    results = {}
+    for kind in ("sdpa", "flex"):
+        stage.zero_grad()
+        for block in stage.blocks:
+            block.attn.attention = kind
+        inputs = x.clone().requires_grad_(True)
+        out = stage(inputs)
+        (out * torch.linspace(-1.0, 1.0, out.shape[-1])).square().mean().backward()
+        results[kind] = (out.detach(), inputs.grad, {n: p.grad.clone() for n, p in stage.named_parameters()})
+    torch.testing.assert_close(results["flex"][0], results["sdpa"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["flex"][1], results["sdpa"][1], rtol=1e-5, atol=1e-5)
+    assert any("relative_position_bias_table" in name for name in results["sdpa"][2])
+    for name, grad in results["sdpa"][2].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(results["flex"][2][name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_attention_choice_is_validated_and_auto_is_explicit_on_cpu():
