@@ -6,6 +6,7 @@ tokenizer, never from constants here.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -53,13 +54,8 @@ def mask_text(text_ids: torch.Tensor, text_mask: torch.Tensor, *, mask_id: int, 
     return torch.where(to_random, allowed[pick].to(text_ids.dtype), input_ids), labels
 
 
-_ORDINARY_IDS: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _ordinary_ids(vocab_size: int, special_ids: tuple, device) -> torch.Tensor:
     """The non-special token ids `(vocab_size - #special,)`, built once per vocabulary and device."""
-    key = (vocab_size, special_ids, str(device))
-    if key not in _ORDINARY_IDS:
-        special = set(special_ids)
-        _ORDINARY_IDS[key] = torch.tensor([i for i in range(vocab_size) if i not in special], device=device)
-    return _ORDINARY_IDS[key]
+    special = set(special_ids)
+    return torch.tensor([i for i in range(vocab_size) if i not in special], device=device)

@@ -1,8 +1,9 @@
 """Video Swin Transformer (3D shifted-window attention) for the VIOLET video encoder.
 
 Layout is channels-last throughout, `(B, T, H, W, C)`, so window partitioning is a pair of
-reshapes/permutes (for shifted windows, the cyclic shift and the partition are one gather) and attention runs through `torch.nn.functional.scaled_dot_product_attention`
-with the relative-position bias (plus the shifted-window mask) passed as an additive `attn_mask`.
+reshapes/permutes (for shifted windows, the cyclic shift and the partition are one gather) and attention
+runs through `torch.nn.functional.scaled_dot_product_attention` with the relative-position bias (plus the
+shifted-window mask) passed as an additive `attn_mask`.
 There are no Python loops over windows or frames.
 
 Parameter and buffer names follow the official Video Swin checkpoints (`patch_embed`, `layers.i.blocks.j`,
