@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import stat
+
 import pytest
 import torch
 from safetensors.torch import load_file, safe_open
@@ -53,3 +57,30 @@ def test_export_then_create_model_and_init_from(trained_run, tmp_path, demo):
     # a run directory is accepted directly as init_from
     report = load_init_weights(task, str(trained_run))
     assert report["missing"] == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask022", "umask027"])
+def test_export_writes_with_the_umask_and_keeps_library_output_off_the_console(trained_run, tmp_path, umask, mode,
+                                                                                capfd):
+    """Both export formats: files get the umask's mode (safetensors alone would make them 0600); zero_to_fp32's
+    prints stay off stdout and its progress bar is a dated line when stderr is not a terminal."""
+    from violet_ds.cli import main
+
+    capfd.readouterr()
+    previous = os.umask(umask)
+    try:
+        main(["export", "--checkpoint", str(trained_run), "--format", "dir", "--output", str(tmp_path / "model")])
+        main(["export", "--checkpoint", str(trained_run), "--output", str(tmp_path / "w.safetensors")])
+    finally:
+        os.umask(previous)
+    written = [path for path in (tmp_path / "model").iterdir()] + [tmp_path / "w.safetensors", tmp_path / "w.json"]
+    assert (tmp_path / "model" / "model.safetensors") in written
+    assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in written} == {
+        path.name: oct(mode) for path in written}
+    out, err = capfd.readouterr()
+    assert out.startswith("exported ") and "Processing zero checkpoint" not in out + err
+    assert all(line.startswith(("exported ", "  ")) for line in out.splitlines()), out
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 2 and all(
+        re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d Loading checkpoint shards: 1/1 it \(100%\)", line) for line in lines)

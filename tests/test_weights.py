@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -11,8 +13,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from violet_ds.errors import is_user_error
-from violet_ds.weights import (WeightsMismatchError, compare_keys, load_strict, read_state_dict, safe_torch_load,
-                               strip_prefix)
+from violet_ds.weights import (WeightsMismatchError, compare_keys, current_umask, load_strict, read_state_dict,
+                               safe_torch_load, save_safetensors, strip_prefix)
 
 
 def _module() -> nn.Module:
@@ -120,3 +122,20 @@ def test_strict_load_ignores_prefixes_and_strips_them():
     with pytest.raises(KeyError, match="head.weight"):
         load_strict(module, state)
     load_strict(module, {**source.state_dict(), "head.weight": torch.zeros(1)}, ignore=("head.",))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)],
+                         ids=["umask022", "umask027", "umask077"])
+def test_save_safetensors_follows_the_umask(tmp_path, umask, mode):
+    """safetensors creates its files 0600; ours get what any new file gets under the user's umask."""
+    state = _module().state_dict()
+    previous = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        path = save_safetensors(state, tmp_path / "w.safetensors", metadata={"format": "violet_ds"})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]   # no .tmp left behind
+    read = read_state_dict(path)
+    assert all(torch.equal(read[k], state[k]) for k in state)

@@ -7,6 +7,7 @@ formats its step lines with the same date format and duration.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import sys
@@ -16,6 +17,8 @@ from typing import Any, Optional
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 # lines per job at least (one per 5%)
 STEP_LINES = 20
+# open `quiet()` blocks
+_QUIET = [0]
 
 
 def stderr_is_terminal() -> bool:
@@ -105,9 +108,22 @@ class LineProgress:
             self._line()
 
 
+@contextlib.contextmanager
+def quiet():
+    """No progress while the block runs: `progress(...)` gives silent bars (e.g. an evaluation with
+    `run.progress false`, including the loops a task runs itself)."""
+    _QUIET[0] += 1
+    try:
+        yield
+    finally:
+        _QUIET[0] -= 1
+
+
 def progress(iterable=None, *, total: Optional[int] = None, desc: str = "", unit: str = "it", initial: int = 0,
              leave: bool = True, enabled: bool = True):
-    """A tqdm bar when stderr is a terminal, `LineProgress` lines otherwise (a drop-in for `tqdm(...)`)."""
+    """A tqdm bar when stderr is a terminal, `LineProgress` lines otherwise (a drop-in for `tqdm(...)`);
+    nothing when not `enabled` or inside `quiet()`."""
+    enabled = enabled and not _QUIET[0]
     if enabled and stderr_is_terminal():
         from tqdm.auto import tqdm
 

@@ -1,4 +1,5 @@
-"""The one path a weight file takes into a module: read it safely, rename its keys, load it strictly.
+"""The one path a weight file takes into a module: read it safely, rename its keys, load it strictly
+(and the one writer of `.safetensors` files, `save_safetensors`).
 
 Reading. `.safetensors` files hold tensors and nothing else. Torch files are pickles, and unpickling
 can call any importable function, so they are read only through `safe_torch_load`
@@ -193,5 +194,34 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
     module.load_state_dict(state, strict=True)
 
 
-__all__ = ["read_state_dict", "safe_torch_load", "unsafe_globals", "strip_prefix", "compare_keys", "check_keys",
-           "load_strict", "KeyReport", "WeightsMismatchError", "WRAPPER_KEYS"]
+# ------------------------------------------------------------------------------------------ writing
+def current_umask() -> int:
+    """The process's umask (from /proc on Linux; elsewhere set and put back at once)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
+                     metadata: Dict[str, str] | None = None) -> Path:
+    """Write a `.safetensors` file atomically (a `.tmp` file renamed over `path`) with the mode any new file
+    gets under the user's umask (0644 with umask 022): safetensors itself creates its files 0600."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["read_state_dict", "save_safetensors", "safe_torch_load", "unsafe_globals", "strip_prefix",
+           "compare_keys", "check_keys", "load_strict", "KeyReport", "WeightsMismatchError", "WRAPPER_KEYS"]

@@ -137,11 +137,15 @@ def init_distributed(timeout_s: int = 1800, backend: str = "auto") -> World:
     if world_size > 1 or "MASTER_ADDR" in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        import deepspeed
+        from .logging import library_output
 
-        if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                       verbose=False)
+        # DeepSpeed's import and its communication op build print to stdout: into the run's log instead
+        with library_output("deepspeed"):
+            import deepspeed
+
+            if not torch.distributed.is_initialized():
+                deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                           verbose=False)
             if not cuda and int(os.environ.get("LOCAL_SIZE", "0")) == world_size:
                 _release_cpu_allreduce_buffer(rank)
     return World(rank=rank, local_rank=local_rank, world_size=world_size, backend=backend, device=device)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
 
 from .distributed import World
-from violet_ds.progress import stderr_is_terminal
+from violet_ds.progress import progress as show_progress
+from violet_ds.progress import quiet as quiet_progress
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -77,12 +79,12 @@ def evaluate(task: torch.nn.Module, loaders: Mapping[str, Any], world: World, *,
     of outputs to `evaluate_end` (the task contract: `violet_ds.tasks.base.Task`).
     Metrics of loaders other than the first are prefixed with the loader name.
     """
-    from tqdm.auto import tqdm
-
     was_training = task.training
     task.eval()
-    # evaluation must not shift the training RNG streams (exact resume depends on it)
-    with torch.random.fork_rng(devices=[]):
+    shown = progress and world.is_main
+    # evaluation must not shift the training RNG streams (exact resume depends on it); progress (the task's
+    # own loops included) is shown on the main rank when asked for
+    with torch.random.fork_rng(devices=[]), (contextlib.nullcontext() if shown else quiet_progress()):
         try:
             full = task.evaluate_full(dict(loaders), world, max_batches=max_batches)
             if full is not None:
@@ -91,9 +93,8 @@ def evaluate(task: torch.nn.Module, loaders: Mapping[str, Any], world: World, *,
             for position, (name, loader) in enumerate(loaders.items()):
                 outputs = []
                 total = len(loader) if max_batches is None else min(len(loader), max_batches)
-                # a bar on terminals only: carriage-return redraws do not belong in log files
-                bar = tqdm(total=total, desc=f"eval {name}", leave=False, dynamic_ncols=True,
-                           disable=not (progress and world.is_main and stderr_is_terminal()))
+                # a bar on terminals, dated lines elsewhere: carriage-return redraws do not belong in log files
+                bar = show_progress(total=total, desc=f"eval {name}", unit="batch", leave=False)
                 for number, batch in enumerate(loader):
                     if max_batches is not None and number >= max_batches:
                         break

@@ -12,6 +12,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .checkpoint import COMPLETE_MARKER
+from .logging import library_output, library_progress
 
 
 
@@ -21,15 +22,20 @@ def locate_checkpoint(path: str | Path, tag: Optional[str] = None) -> Tuple[Path
 
 
 def deepspeed_fp32_state_dict(path: str | Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Consolidated fp32 weights of a (ZeRO-partitioned) checkpoint, through DeepSpeed's zero_to_fp32."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """Consolidated fp32 weights of a (ZeRO-partitioned) checkpoint, through DeepSpeed's zero_to_fp32.
 
+    zero_to_fp32's reports (it prints them) go to the library log (`logging.library_output`), its
+    progress through `violet_ds.progress` (a bar on terminals, dated lines elsewhere)."""
     checkpoint_dir, tag = locate_checkpoint(path, tag)
     if not (checkpoint_dir / tag / COMPLETE_MARKER).is_file():
         raise RuntimeError(f"checkpoint {checkpoint_dir / tag} is incomplete (its save was interrupted)")
     # zero_to_fp32 unpickles without limits: every file is checked first
     ckpt.check_tag_dir(checkpoint_dir / tag)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    with library_output("zero_to_fp32"):
+        from deepspeed.utils import zero_to_fp32
+
+        with library_progress(zero_to_fp32, "zero_to_fp32"):
+            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     return {key: value.detach().float().contiguous() if value.is_floating_point() else value.contiguous()
             for key, value in state.items()}
 

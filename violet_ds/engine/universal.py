@@ -124,12 +124,18 @@ def remap_cursor(micro_in_epoch: int, source_world: int, source_batch: int, targ
 
 
 def _run_ds_to_universal(source: Path, output: Path, workers: int) -> None:
-    from deepspeed.checkpoint import ds_to_universal
+    """DeepSpeed's ds_to_universal; what it prints goes to the library log, its progress through
+    `violet_ds.progress` (a bar on terminals, dated lines elsewhere)."""
+    from .logging import library_output, library_progress
 
-    args = argparse.Namespace(input_folder=str(source), output_folder=str(output), num_extract_workers=workers,
-                              num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)
-    ds_to_universal.main(args)
+    with library_output("ds_to_universal"):
+        from deepspeed.checkpoint import ds_to_universal
+
+        args = argparse.Namespace(input_folder=str(source), output_folder=str(output), num_extract_workers=workers,
+                                  num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)
+        with library_progress(ds_to_universal, "ds_to_universal"):
+            ds_to_universal.main(args)
 
 
 # ----------------------------------------------------------------------------------------- command

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from violet_ds.data.vq_clips import VQ_CODEBOOK_SIZE
-from violet_ds.weights import load_strict, read_state_dict
+from violet_ds.weights import load_strict, read_state_dict, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -286,12 +286,8 @@ def load_official_checkpoint(path: str | Path, allow_unmatched: bool = False,
 # ------------------------------------------------------------------------------------------ CLI
 
 def _save_safetensors(state: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    save_safetensors(state, path, metadata=metadata)
 
 
 def _safetensors_metadata(path: Path) -> Dict[str, str]:

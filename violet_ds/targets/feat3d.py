@@ -44,13 +44,12 @@ class VideoSwinFeatureTarget(Target):
 
     @classmethod
     def random_teacher(cls, root: Path, **variant) -> Dict[str, Any]:
-        from safetensors.torch import save_file
-
         from violet_ds.models.video_swin import build_video_swin
+        from violet_ds.weights import save_safetensors
 
         swin = build_video_swin("base", temporal_stride=2, drop_path_rate=0.0)
-        save_file({f"backbone.{k}": v.contiguous() for k, v in swin.state_dict().items()},
-                  str(root / "swin_base_kinetics.safetensors"))
+        save_safetensors({f"backbone.{k}": v for k, v in swin.state_dict().items()},
+                         root / "swin_base_kinetics.safetensors")
         return {"checkpoint": str(root / "swin_base_kinetics.safetensors"), "variant": "base"}
 
     def _compute(self, video: torch.Tensor) -> TargetOutput:

@@ -65,11 +65,12 @@ class OpticalFlowTarget(Target):
 
     @classmethod
     def random_teacher(cls, root: Path, variant: str = "raft_large") -> Dict[str, Any]:
-        from safetensors.torch import save_file
         from torchvision.models import optical_flow
 
+        from violet_ds.weights import save_safetensors
+
         path = root / f"{variant}.safetensors"
-        save_file(getattr(optical_flow, variant)(weights=None, progress=False).state_dict(), str(path))
+        save_safetensors(getattr(optical_flow, variant)(weights=None, progress=False).state_dict(), path)
         return {"checkpoint": str(path), "variant": variant}
 
     def _compute(self, video: torch.Tensor) -> TargetOutput:

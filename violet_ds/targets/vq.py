@@ -178,9 +178,9 @@ class VQTarget(Target):
 
     @classmethod
     def random_teacher(cls, root: Path, **variant) -> Dict[str, Any]:
-        from safetensors.torch import save_file
+        from violet_ds.weights import save_safetensors
 
-        save_file(DalleEncoder().state_dict(), str(root / "dalle_encoder.safetensors"))
+        save_safetensors(DalleEncoder().state_dict(), root / "dalle_encoder.safetensors")
         return {"checkpoint": str(root / "dalle_encoder.safetensors")}
 
     def _compute(self, video: torch.Tensor) -> TargetOutput:

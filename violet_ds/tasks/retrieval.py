@@ -135,7 +135,10 @@ class Retrieval(DownstreamTask):
         video_ids: List[str] = []
         tokens: List[torch.Tensor] = []
         seen = set()
-        for batch in _progress(itertools.islice(loader, max_batches), "retrieval: videos", world):
+        total = len(loader) if hasattr(loader, "__len__") else None
+        if total is not None and max_batches is not None:
+            total = min(total, max_batches)
+        for batch in _progress(itertools.islice(loader, max_batches), "retrieval: videos", world, total):
             index = batch["index"].long().view(-1)
             # keep index % world == rank: with the engine's strided sampler (no shuffle) this is exactly the
             # rank's share without its padding repeats; with an unsharded loader it shards the encoding work
@@ -276,13 +279,10 @@ def build_retrieval_eval_datasets(data_cfg, tokenizer, split: str) -> Dict[str, 
                                 decoder=data_cfg.jpeg_decoder, max_bad_fraction=data_cfg.max_bad_fraction)
 
 
-def _progress(iterable, description: str, world):
-    """tqdm on the main rank only."""
+def _progress(iterable, description: str, world, total: Optional[int] = None):
+    """Progress on the main rank only: a bar on terminals, dated lines elsewhere (log files of batch jobs)."""
     if world is not None and not getattr(world, "is_main", True):
         return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    # disable=None: no bar when the output is not a terminal (log files of batch jobs)
-    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True, disable=None)
+    from violet_ds.progress import progress
+
+    return progress(iterable, total=total, desc=description, unit="batch", leave=False)
