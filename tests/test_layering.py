@@ -16,7 +16,7 @@ FLOORS = {
     "cli": 8, "commands": 8, "predict": 8, "pretrained": 7,
     "tasks": 6, "engine": 5, "targets": 4, "models": 3, "data": 2,
     "masking": 1, "metrics": 1, "config": 1, "registry": 1, "weights": 1, "progress": 1,
-    "errors": 0, "bench_meta": 0,
+    "paths": 1, "errors": 0, "bench_meta": 0, "resources": 0,
 }
 
 

@@ -11,4 +11,4 @@ export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 if [ ! -f data/demo/demo.json ]; then
     violet-ds make-demo-data --out data/demo
 fi
-violet-ds pretrain --config launch/configs/pretrain_demo.yaml "$@"
+violet-ds pretrain --config pretrain_demo "$@"

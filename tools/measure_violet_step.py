@@ -98,7 +98,10 @@ def _apply_mode(model, mode: str) -> None:
         model.video_backbone.register_forward_pre_hook(enter)
         model.video_backbone.register_forward_hook(leave)
     elif mode == "fairscale_offload":
-        from fairscale.nn.checkpoint import checkpoint_wrapper
+        try:
+            from fairscale.nn.checkpoint import checkpoint_wrapper
+        except ImportError:
+            raise SystemExit("mode fairscale_offload needs fairscale: pip install 'violet-ds[fairscale]'") from None
 
         model.set_grad_checkpointing(True)
         model.video_backbone.set_grad_checkpointing(False)

@@ -186,8 +186,9 @@ class OptimConfig:
 class EngineConfig:
     """DeepSpeed engine: ZeRO stage, precision, gradient accumulation, seeding and collectives."""
 
-    ds_config: str = "ds_configs/zero2_bf16.json"
-    """DeepSpeed JSON; its "auto" fields are filled from this run config"""
+    ds_config: str = "zero2_bf16.json"
+    """DeepSpeed JSON: a packaged config by name (cpu_test, zero2_bf16, zero2_fp16, zero2_offload; found inside
+    the installed package) or a path to your own file; its "auto" fields are filled from this run config"""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto: what ds_config says"""
     zero_stage: Optional[int] = None

@@ -353,7 +353,7 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
     """
     if ds_config == "auto":
         on_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-        ds_config = "ds_configs/zero2_bf16.json" if on_cuda else "ds_configs/cpu_test.json"
+        ds_config = "zero2_bf16.json" if on_cuda else "cpu_test.json"
     context = multiprocessing.get_context("spawn")
     rows = []
     for model in models:

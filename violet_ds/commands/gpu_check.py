@@ -194,8 +194,8 @@ def _loader(spec: dict) -> dict:
 def _plan(mode: str, apex: bool, tokenizer: Optional[str]) -> dict:
     if mode == "gpu":
         base = {"frames": 4, "image_size": 224, "text_len": 32, "threads": 8, "strategies": ["rm", "bm"],
-                "tokenizer": tokenizer, "warmup": 2, "steps": 5, "ds_config": "ds_configs/zero2_bf16.json"}
-        fp16 = {"ds_config": "ds_configs/zero2_fp16.json", "precision": "fp16"}
+                "tokenizer": tokenizer, "warmup": 2, "steps": 5, "ds_config": "zero2_bf16.json"}
+        fp16 = {"ds_config": "zero2_fp16.json", "precision": "fp16"}
         # the rows every check needs first; `extra_steps` run after the max-batch search and the loader, so a
         # short device slot still gets the max batch (MFU at scale) before the finer comparisons
         steps = [
@@ -234,7 +234,7 @@ def _plan(mode: str, apex: bool, tokenizer: Optional[str]) -> dict:
                 "loader": {"frames": 4, "image_size": 224, "batch_size": 16, "workers": 8, "batches": 24,
                            "pin_memory": True, "rows": 96, "source_h": 240, "source_w": 320}}
     base = {"frames": 2, "image_size": 64, "text_len": 16, "threads": 2, "strategies": ["rm", "bm"],
-            "tokenizer": tokenizer, "warmup": 1, "steps": 2, "ds_config": "ds_configs/cpu_test.json",
+            "tokenizer": tokenizer, "warmup": 1, "steps": 2, "ds_config": "cpu_test.json",
             "model": "violet-tiny", "batch_size": 2}
     steps = [("violet-tiny fp32", {"precision": "fp32", "checkpointing": False, "profile": True})]
     extra_steps = [("violet-tiny bf16 ckpt+offload", {"precision": "bf16", "checkpointing": True, "offload": True})]

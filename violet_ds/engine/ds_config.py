@@ -27,14 +27,25 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def find_ds_config(path: str) -> Path:
-    """A ds_config path as given, else relative to the repository's `ds_configs/` folder."""
-    candidate = Path(path)
+    """The DeepSpeed JSON that `engine.ds_config` names.
+
+    A bare name (`zero2_bf16`, `cpu_test.json`) is a packaged config (`violet_ds/ds_configs/`), never a file of
+    the working directory; a path with a folder is the user's file, and a missing one falls back to the
+    packaged config of that file name (`ds_configs/cpu_test.json` as older configs wrote it).
+    """
+    from violet_ds import resources
+
+    candidate = Path(path).expanduser()
+    bare = candidate.parent == Path(".") and not str(path).startswith(".")
+    packaged = resources.find_ds_config(path)
+    if bare and packaged is not None:
+        return packaged
     if candidate.is_file():
         return candidate
-    packaged = Path(__file__).resolve().parents[2] / "ds_configs" / candidate.name
-    if packaged.is_file():
+    if packaged is not None:
         return packaged
-    raise FileNotFoundError(f"DeepSpeed config {path!r} not found (also looked for {packaged})")
+    raise FileNotFoundError(f"DeepSpeed config {path!r} not found: not a file, and not one of the packaged "
+                            f"configs ({', '.join(resources.ds_config_names())})")
 
 
 def _fill(section: dict, key: str, value: Any, where: str) -> None:
