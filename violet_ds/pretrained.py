@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from violet_ds.weights import check_keys, load_strict, read_state_dict
+from violet_ds.weights import check_keys, load_strict, read_state_dict, save_safetensors
 if TYPE_CHECKING:
     from violet_ds.tasks.base import Task
 
@@ -121,8 +121,6 @@ def save_pretrained(task: Task, directory: str | Path, *, model_name: Optional[s
         card: extra facts for the model card (`trained_on`, `metrics`, `source`, `steps`, ...).
         state_dict: weights to write instead of `task.state_dict()` (e.g. consolidated fp32 masters).
     """
-    from safetensors.torch import save_file
-
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
@@ -151,9 +149,8 @@ def save_pretrained(task: Task, directory: str | Path, *, model_name: Optional[s
         "heads": sorted(task.heads.keys()),
         "dtype": dtype,
     }
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "violet_ds", "model_name": model_name, "dtype": dtype})
-    tmp.replace(out / WEIGHTS_FILE)
+    save_safetensors(tensors, out / WEIGHTS_FILE,
+                     metadata={"format": "violet_ds", "model_name": model_name, "dtype": dtype})
     tokenizer.hf.save_pretrained(str(out))
     source_dir = Path(getattr(tokenizer, "path", ""))
     for name in ("vocab.txt", "special_tokens_map.json"):
@@ -265,15 +262,13 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu", m
 
 # ------------------------------------------------------------------------------------------ runs
 def read_run_config(run_dir: str | Path):
-    """(ModelConfig, DataConfig, TaskConfig) from a run directory's resolved `config.yaml`."""
-    import yaml
+    """(ModelConfig, DataConfig, TaskConfig) from a run directory's resolved `config.yaml`, its paths as they
+    are now (`violet_ds.paths.read_run_config`: absolute, re-rooted if the run directory moved with its data)."""
+    from violet_ds import paths
 
     from violet_ds.config import DataConfig, DataSource, ModelConfig, TaskConfig
 
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml (not a violet_ds run directory)")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = paths.read_run_config(run_dir)
     model = ModelConfig(**_known_fields(ModelConfig, raw.get("model") or {}))
     data_raw = dict(raw.get("data") or {})
     for split in ("train", "val", "test"):
@@ -283,12 +278,12 @@ def read_run_config(run_dir: str | Path):
     return model, data, task
 
 
-def load_run(run_dir: str | Path, tag: Optional[str] = None, mvm: bool = True):
+def load_run(run_dir: str | Path, tag: Optional[str] = None, mvm: bool = True, tokenizer: Optional[str] = None):
     """(task module with the checkpoint's consolidated fp32 weights, ModelConfig, DataConfig, tokenizer).
 
     The task is rebuilt from the run's config.yaml exactly as training built it; the weights are
     loaded strictly (a key the task lacks, or lacks in the file, is an error naming it). `mvm=False`
-    as in `from_pretrained`.
+    as in `from_pretrained`; `tokenizer` replaces the run's tokenizer directory.
     """
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.engine.export import deepspeed_fp32_state_dict, locate_checkpoint
@@ -300,13 +295,26 @@ def load_run(run_dir: str | Path, tag: Optional[str] = None, mvm: bool = True):
     model_cfg, data_cfg, task_cfg = read_run_config(run_dir)
     # the weights come from the checkpoint: do not read the initial ones again
     model_cfg = dataclasses.replace(model_cfg, weights=None, pretrained_swin=None)
-    tokenizer = Tokenizer(data_cfg.tokenizer)
+    if tokenizer is not None:
+        data_cfg = dataclasses.replace(data_cfg, tokenizer=str(Path(tokenizer).resolve()))
+    tokenizer = _run_tokenizer(data_cfg.tokenizer, run_dir)
     task_cfg = _build_config(task_cfg, mvm)
     task = create_task(task_cfg.name, build_model(model_cfg), task_cfg, tokenizer,
                        tie_mlm_head=model_cfg.tie_mlm_head)
     _load(task, deepspeed_fp32_state_dict(checkpoint_dir, tag), str(checkpoint_dir / tag), mvm)
     task.source_checkpoint = str(checkpoint_dir / tag)
     return task, model_cfg, data_cfg, tokenizer
+
+
+def _run_tokenizer(directory: str, run_dir: Path):
+    """The run's tokenizer, or one line saying how to name another one."""
+    from violet_ds.data.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer(directory)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise FileNotFoundError(f"{run_dir}: the run's tokenizer cannot be read ({error}); pass "
+                                "--tokenizer DIR") from None
 
 
 def _run_card(run_dir: Path, data_cfg, source: str) -> Dict[str, Any]:
@@ -345,13 +353,13 @@ def _run_card(run_dir: Path, data_cfg, source: str) -> Dict[str, Any]:
 
 
 def export_dir(checkpoint: str, output: Optional[str] = None, tag: Optional[str] = None,
-               dtype: str = "fp32") -> Path:
+               dtype: str = "fp32", tokenizer: Optional[str] = None) -> Path:
     """A run's checkpoint -> model directory (the body of `violet-ds export --format dir`)."""
     from violet_ds.engine.export import locate_checkpoint
 
     checkpoint_dir, tag = locate_checkpoint(checkpoint, tag)
     run_dir = checkpoint_dir.parent
-    task, model_cfg, data_cfg, tokenizer = load_run(run_dir, tag)
+    task, model_cfg, data_cfg, tokenizer = load_run(run_dir, tag, tokenizer=tokenizer)
     out = Path(output) if output else run_dir / "export" / tag
     clip = {k: getattr(data_cfg, k) for k in CLIP_FIELDS}
     card = _run_card(run_dir, data_cfg, str(checkpoint_dir / tag))

@@ -31,7 +31,7 @@ def model_name_of(checkpoint_dir: Path, tag: str) -> Optional[str]:
 
 def export(checkpoint: str, output: Optional[str] = None, tag: Optional[str] = None,
            dtype: str = "fp32", backbone_only: bool = False,
-           format: Literal["safetensors", "dir"] = "safetensors") -> None:
+           format: Literal["safetensors", "dir"] = "safetensors", tokenizer: Optional[str] = None) -> None:
     """Export a DeepSpeed training checkpoint to one safetensors file of consolidated weights, or to a
     model directory (`--format dir`: config.json, model.safetensors, tokenizer files, README model card).
 
@@ -43,15 +43,16 @@ def export(checkpoint: str, output: Optional[str] = None, tag: Optional[str] = N
         backbone_only: keep only `model.*` keys (drop task heads).
         format: `safetensors` (one file) or `dir` (a model directory that `violet_ds.from_pretrained`,
             `run.init_from` and `violet-ds predict` load; default output <run dir>/export/<tag>/).
+        tokenizer: with --format dir: the tokenizer directory to ship (default: the run's `data.tokenizer`).
     """
     if format == "dir":
         if backbone_only:
             raise ValueError("--backbone_only applies to --format safetensors (a model directory holds the task)")
         from violet_ds.pretrained import export_dir
 
-        export_dir(checkpoint, output, tag, dtype)
+        export_dir(checkpoint, output, tag, dtype, tokenizer=tokenizer)
         return None
-    from safetensors.torch import save_file
+    from violet_ds.weights import save_safetensors
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
@@ -67,9 +68,7 @@ def export(checkpoint: str, output: Optional[str] = None, tag: Optional[str] = N
     model_name = model_name_of(checkpoint_dir, tag)
     if model_name:
         metadata["model_name"] = model_name
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(out)
+    save_safetensors(state, out, metadata=metadata)
     params = sum(v.numel() for v in state.values())
     print(f"exported {checkpoint_dir / tag} -> {out}\n  {len(state)} tensors, {params / 1e6:.2f}M values, {dtype}"
           + (f", model {model_name} (create_model({model_name!r}, weights={str(out)!r}))" if model_name else ""),

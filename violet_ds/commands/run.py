@@ -166,8 +166,9 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     """
     started = time.time()
     _check_train_config(command, data, engine)
-    config_text = resolved_config or _dump_config(model=model, data=data, task=task, optim=optim, engine=engine,
-                                                  run=run)
+    model, data, engine, run, config_text = _absolute_paths(
+        command, model, data, engine, run,
+        resolved_config or _dump_config(model=model, data=data, task=task, optim=optim, engine=engine, run=run))
     run_dir = Path(run.output_dir) / run.name
     # before any heavy work: a resume that cannot happen is an error now, not after model building
     resume_tag = ckpt.resolve_resume_tag(run_dir / "checkpoints", run.resume) if run.resume else None
@@ -215,6 +216,24 @@ def _check_train_config(command: str, data: DataConfig, engine: EngineConfig) ->
         raise ValueError(f"{command}: data.train is empty (give at least one {{tsv, annotations}} source)")
     if data.batch_size < 1 or engine.grad_accum < 1:
         raise ValueError(f"data.batch_size ({data.batch_size}) and engine.grad_accum ({engine.grad_accum}) must be >= 1")
+
+
+def _absolute_paths(command: str, model: ModelConfig, data: DataConfig, engine: EngineConfig, run: RunConfig,
+                    config_text: str):
+    """Copies of the sections and of the resolved YAML with every path absolute (`violet_ds.paths`), so that
+    the run directory's config.yaml works from any directory; its first line says where the run started."""
+    import copy
+
+    import yaml
+
+    from violet_ds import paths
+
+    sections = copy.deepcopy({"model": model, "data": data, "engine": engine, "run": run})
+    paths.make_absolute(sections)
+    recorded = paths.make_absolute(yaml.safe_load(config_text) or {})
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    text = paths.run_config_header(command, when) + yaml.safe_dump(recorded, sort_keys=False)
+    return sections["model"], sections["data"], sections["engine"], sections["run"], text
 
 
 def _dump_config(**sections: Any) -> str:

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Optional, Tuple
 import numpy as np
 import torch
 
+from violet_ds import paths
 from violet_ds.weights import safe_torch_load, unsafe_globals
 
 from ..data.sampler import SampleCursor
@@ -420,6 +421,10 @@ def check_resume(checkpoint_dir: Path, tag: str, config_text: str, world_size: i
             saved, current = yaml.safe_load(saved_text) or {}, yaml.safe_load(config_text) or {}
         except yaml.YAMLError:
             saved, current = {}, {}
+        if isinstance(saved, dict) and isinstance(current, dict):
+            # the checkpoint's paths as they are now, should the run directory have moved with its data
+            paths.relocate(saved, checkpoint_dir.parent)
+            paths.make_absolute(current)
         keys = list(RESUME_KEYS)
         if universal and info.get("batch_size") is not None:
             # universal-checkpoint remapped the cursor for this batch size
