@@ -6,7 +6,7 @@
 # tools/demo_downstream.sh then finetunes and tests every task family from this checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q -r requirements.txt -e .
+python3 -m pip install -q --root-user-action=ignore -r requirements.txt -e .
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 if [ ! -f data/demo/demo.json ]; then
     violet-ds make-demo-data --out data/demo

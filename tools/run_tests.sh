@@ -3,6 +3,6 @@
 # Extra arguments go to pytest, e.g. `bash tools/run_tests.sh -m slow`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q -r requirements.txt -r requirements-test.txt -e .
+python3 -m pip install -q --root-user-action=ignore -r requirements.txt -r requirements-test.txt -e .
 export DS_ACCELERATOR=cpu
 python3 -m pytest "$@"
