@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,14 @@ def run_cli(config_path: Path, *extra: str, timeout: float = 300) -> subprocess.
                             timeout=timeout, cwd=str(REPO))
     assert result.returncode == 0, f"violet-ds failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run under tmp_path/runs/ (its lock left behind), to change without touching it."""
+    target = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, target)
+    (target / "run.lock").unlink(missing_ok=True)
+    return target
 
 
 def train_records(run_dir: Path) -> list[dict]:

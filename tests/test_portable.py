@@ -148,7 +148,7 @@ def test_official_checkpoint_without_the_vocabulary_names_the_extra(tmp_path, mo
     from violet_ds.predict import Predictor
 
     monkeypatch.setattr(tokenizer_module, "find_packaged_bert", lambda: None)
-    monkeypatch.setattr(checkpoint_io, "load_official_checkpoint", lambda path: (SimpleNamespace(heads={}), None))
+    monkeypatch.setattr(checkpoint_io, "load_official_checkpoint", lambda path: (SimpleNamespace(heads={}, state_dict=dict), None))
     path = tmp_path / "violet_pretrain.pt"
     path.write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"pip install 'violet-ds\[official\]'.*--tokenizer DIR") as error:

@@ -83,7 +83,7 @@ def test_sigkill_then_sigterm_then_resume_matches_uninterrupted(demo, reference,
     stopped_at = int(latest_tag(run_dir).replace("step", ""))
     assert killed_at < stopped_at < MAX_STEPS, (killed_at, stopped_at)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["preempted"] is True and summary["steps"] == stopped_at
+    assert summary["preempted"] is True and summary["steps"] == stopped_at and summary["end"] == "preempted"
 
     run_cli(config, "--run.resume", "latest")
     _assert_continues_exactly(reference, train_records(run_dir), stopped_at)

@@ -1,4 +1,4 @@
-"""Run safety (issue 12): no code runs from a checkpoint, a diverged run stops (or rolls back), one run per
+"""Run safety: no code runs from a checkpoint, a diverged run stops (or rolls back), one run per
 run directory, resume is exact or refused, preflight fails in seconds, user errors are one line."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from engine_support import cli_command, cli_env, tiny_config, write_config, REPO
+from engine_support import REPO, cli_command, cli_env, copy_run, tiny_config, write_config
 
 
 class _Payload:
@@ -57,19 +57,12 @@ def finished(demo, tmp_path_factory) -> tuple[Path, Path]:
     return config, out / "done"
 
 
-def _copy_run(run_dir: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "runs" / run_dir.name
-    shutil.copytree(run_dir, target)
-    (target / "run.lock").unlink(missing_ok=True)
-    return target
-
-
 # ----------------------------------------------------------------------------------------- safe loading
 @pytest.mark.parametrize("pattern", ["mp_rank_00_model_states.pt", "*optim_states.pt", "rng_rank00000.pt"])
 def test_pickle_payload_in_any_checkpoint_file_is_refused(finished, tmp_path, pattern):
     from violet_ds.engine import checkpoint as ckpt
 
-    run_dir = _copy_run(finished[1], tmp_path)
+    run_dir = copy_run(finished[1], tmp_path)
     tag_dir = run_dir / "checkpoints" / "step00000002"
     target = next(tag_dir.glob(pattern))
     marker = tmp_path / "MARKER"
@@ -101,7 +94,7 @@ def test_export_init_from_and_universal_refuse_a_payload(finished, tmp_path):
     from violet_ds.engine.export import read_weights
     from violet_ds.engine.universal import universal_checkpoint
 
-    run_dir = _copy_run(finished[1], tmp_path)
+    run_dir = copy_run(finished[1], tmp_path)
     marker = tmp_path / "MARKER"
     _poison(next((run_dir / "checkpoints" / "step00000002").glob("*optim_states.pt")), marker)
     with pytest.raises(ckpt.UnsafeCheckpointError):
@@ -116,7 +109,7 @@ def test_export_init_from_and_universal_refuse_a_payload(finished, tmp_path):
 
 def test_resume_refuses_a_payload_in_one_line(finished, tmp_path):
     config, source = finished
-    run_dir = _copy_run(source, tmp_path)
+    run_dir = copy_run(source, tmp_path)
     marker = tmp_path / "MARKER"
     _poison(run_dir / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt", marker)
     result = _run(config, "--run.output_dir", str(run_dir.parent), "--run.resume", "latest", "--run.max_steps", "3")
@@ -136,7 +129,7 @@ def test_clean_checkpoints_still_load(finished):
 def test_latest_outside_the_run_dir_is_refused(finished, tmp_path):
     from violet_ds.engine import checkpoint as ckpt
 
-    run_dir = _copy_run(finished[1], tmp_path)
+    run_dir = copy_run(finished[1], tmp_path)
     checkpoints = run_dir / "checkpoints"
     (checkpoints / "latest").write_text("../../other/checkpoints/step00000002")
     with pytest.raises(ckpt.CheckpointError, match="not a checkpoint folder inside"):
@@ -160,7 +153,7 @@ def _config_text(run_dir: Path, **changes) -> str:
 def test_resume_checks_name_each_difference(finished, tmp_path):
     from violet_ds.engine import checkpoint as ckpt
 
-    run_dir = _copy_run(finished[1], tmp_path)
+    run_dir = copy_run(finished[1], tmp_path)
     checkpoints = run_dir / "checkpoints"
     same = _config_text(run_dir)
     assert ckpt.check_resume(checkpoints, "step00000002", same, 1, allow=False, warn=print) == []
@@ -184,7 +177,7 @@ def test_resume_checks_name_each_difference(finished, tmp_path):
 def test_missing_rng_optimizer_or_model_file(finished, tmp_path):
     from violet_ds.engine import checkpoint as ckpt
 
-    run_dir = _copy_run(finished[1], tmp_path)
+    run_dir = copy_run(finished[1], tmp_path)
     checkpoints, tag_dir = run_dir / "checkpoints", run_dir / "checkpoints" / "step00000002"
     same = _config_text(run_dir)
     (tag_dir / "rng_rank00000.pt").unlink()
@@ -229,7 +222,7 @@ def test_run_lock_refuses_a_live_run_and_takes_over_a_stale_one(tmp_path):
 
 def test_fresh_run_into_a_run_with_checkpoints_is_refused(finished, tmp_path):
     config, source = finished
-    run_dir = _copy_run(source, tmp_path)
+    run_dir = copy_run(source, tmp_path)
     metrics = (run_dir / "metrics.jsonl").read_text()
     result = _run(config, "--run.output_dir", str(run_dir.parent))
     assert result.returncode == 1
@@ -252,26 +245,26 @@ def _tsv_copy(demo: Path, tmp_path: Path) -> Path:
 
 def test_preflight_names_a_shifted_index_truncation_and_crlf(demo, tmp_path):
     from violet_ds.data.tsv import lineidx_path
-    from violet_ds.engine.preflight import PreflightError, spot_check_tsv
+    from violet_ds.engine.preflight import PreflightError, check_tsv_index
 
     tsv = _tsv_copy(demo, tmp_path)
-    assert spot_check_tsv(tsv) > 1
+    assert check_tsv_index(tsv) > 1
     index = lineidx_path(tsv)
     offsets = index.read_text().split()
     shifted = [offsets[0]] + [str(int(o) + 7) for o in offsets[1:]]
     index.write_text("\n".join(shifted) + "\n")
     with pytest.raises(PreflightError, match="does not start a row|spans several lines.*lineidx misses a row"):
-        spot_check_tsv(tsv)
+        check_tsv_index(tsv)
     # truncated together with its index: the last indexed row has lost its end
     index.write_text("\n".join(offsets) + "\n")
     data = tsv.read_bytes()
     tsv.write_bytes(data[:-100])
     with pytest.raises(PreflightError, match="truncated"):
-        spot_check_tsv(tsv)
+        check_tsv_index(tsv)
     crlf = tmp_path / "crlf.tsv"
     crlf.write_bytes(data.replace(b"\n", b"\r\n"))
     with pytest.raises(PreflightError, match="CRLF"):
-        spot_check_tsv(crlf)
+        check_tsv_index(crlf)
 
 
 def test_preflight_paths_and_empty_splits(demo, tmp_path):
@@ -353,6 +346,10 @@ def test_diverged_run_stops_without_saving_nonfinite_weights(demo, tmp_path):
     assert (checkpoints / "step00000001" / "violet_ds_diverged.json").is_file()
     records = [json.loads(line) for line in (tmp_path / "diverged" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["event"] == "diverged" and records[-1]["first_bad_step"] == 2
+    # summary.json is written by the stopped run too, with why it ended and the divergence report
+    summary = json.loads((tmp_path / "diverged" / "summary.json").read_text())
+    assert summary["end"] == "diverged" and "the run diverged" in summary["error"] and summary["checkpoint"] is None
+    assert summary["divergence"]["bad_steps"] >= 2
 
 
 def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_window(demo, tmp_path):

@@ -130,17 +130,21 @@ def test_resume_one_to_two_to_one_rank_continues_the_reference(demo_dir):
                 "--world_size", "2", "--batch_size", "2"], work)
     assert "2 micro-batches/rank x 1 -> 2 micro-batches/rank x 2" in out, out
     assert (chain / "checkpoints/latest").read_text() == "step00000002-universal"
+    assert "latest            moved: step00000002 -> step00000002-universal" in out, out
+    assert "resume            not exact: the RNG streams of 1 rank(s) cannot move to 2" in out, out
     _assert_same_fp32(chain / "checkpoints", "step00000002")
     log = _pretrain(work, 2, "chain", 2, 4, universal_on)
-    assert "resumed from runs/chain/checkpoints/step00000002-universal: step 2" in log, log[-3000:]
+    assert "runs/chain/checkpoints/step00000002-universal: step 2" in log, log[-3000:]
     assert "world 2" in log and "ZeRO stage 2" in log
+    assert ("resuming the universal checkpoint step00000002-universal is not an exact continuation: converted "
+            "from 1 rank(s) to 2, the RNG streams could not move") in log, log[-3000:]
 
     # and back to 1 rank x batch 4 for steps 5..6
     out = _run([sys.executable, "-m", "violet_ds.cli", "universal-checkpoint", "--run_dir", str(chain),
                 "--world_size", "1", "--batch_size", "4"], work)
     assert "4 micro-batches/rank x 2 -> 4 micro-batches/rank x 1" in out, out
     log = _pretrain(work, 1, "chain", 4, 6, universal_on)
-    assert "resumed from runs/chain/checkpoints/step00000004-universal: step 4" in log, log[-3000:]
+    assert "runs/chain/checkpoints/step00000004-universal: step 4" in log, log[-3000:]
 
     continued = _steps(chain)
     assert sorted(continued) == [1, 2, 3, 4, 5, 6]

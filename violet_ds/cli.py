@@ -38,12 +38,12 @@ COMMAND_GROUPS: dict[str, dict[str, tuple[str, str]]] = {
         "extract-vq": ("violet_ds.targets.vq:extract_vq", "frame TSVs -> DALL-E dVAE token TSV for VIMPAC (all frames per video)"),
     },
     "train": {
-        "pretrain": ("violet_ds.commands.run:pretrain", "pretrain a model (VIOLET / VIOLETv2 / LAVENDER / VIMPAC) with DeepSpeed"),
-        "finetune": ("violet_ds.commands.run:finetune", "finetune on a downstream task from a checkpoint"),
+        "pretrain": ("violet_ds.commands.train:pretrain", "pretrain a model (VIOLET / VIOLETv2 / LAVENDER / VIMPAC) with DeepSpeed"),
+        "finetune": ("violet_ds.commands.train:finetune", "finetune on a downstream task from a checkpoint"),
         "recipes": ("violet_ds.commands.recipes:recipes", "list the packaged training recipes; `recipes show NAME` prints one"),
     },
     "evaluate and predict": {
-        "evaluate": ("violet_ds.commands.run:evaluate", "evaluate a checkpoint on a task; writes predictions and metrics"),
+        "evaluate": ("violet_ds.commands.train:evaluate", "evaluate a checkpoint on a task; writes predictions and metrics"),
         "predict": ("violet_ds.predict:predict", "answer questions, rank captions, retrieve or caption your own video files"),
     },
     "models and checkpoints": {
@@ -405,6 +405,22 @@ def _run_reporting_user_errors(name: str, rest: list[str]):
 
     try:
         return run_command(name, rest)
+    except KeyboardInterrupt as error:
+        import os
+        import signal
+        import threading
+        import traceback
+
+        # Ctrl-C: exit code 130 and one line, never a traceback (a run saves on the first one and logs that)
+        if errors.debug_enabled():
+            traceback.print_exc()
+        if not isinstance(error, errors.Interrupted):
+            sys.stderr.write(f"violet-ds {name}: interrupted{': ' + str(error) if str(error) else ''}\n")
+            sys.stderr.flush()
+        # another Ctrl-C while the interpreter shuts down ends it at once, without a traceback
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, lambda number, frame: os._exit(130))
+        raise SystemExit(130) from None
     except Exception as error:  # noqa: BLE001 - sorted into user errors and the rest right here
         if not errors.is_user_error(error):
             raise

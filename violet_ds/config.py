@@ -9,7 +9,7 @@ before any heavy work starts. Task-specific options that only one task understan
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
 
 @dataclass
@@ -96,6 +96,8 @@ class DataConfig:
     """JPEG decoder of the frames (auto: simplejpeg if it imports, else pillow)"""
     max_bad_fraction: float = 0.0
     """fraction of undecodable samples tolerated (skipped, counted, reported) before the run stops"""
+    loader_timeout_s: float = 300.0
+    """seconds the run waits for one batch before it stops its DataLoader workers and ends with an error (0 = wait forever)"""
     eval_clips: int = 1
     """clips per video at evaluation (multi-clip testing averages over them)"""
 
@@ -233,7 +235,8 @@ class RunConfig:
     resume: Optional[str] = None
     """auto (latest if any, else fresh), latest, or a checkpoint tag"""
     init_from: Optional[str] = None
-    """module weights to start from (pretraining checkpoint dir, export file or official checkpoint)"""
+    """module weights to start from: a run directory (its latest checkpoint), its checkpoints/ or a tag directory,
+    a model directory (export --format dir), an exported .safetensors or an official checkpoint"""
     progress: bool = True
     """tqdm progress bars when stderr is a terminal; elsewhere (log files, SLURM) plain step lines
     (step, loss, lr, samples/s, ETA) are logged about every 5% of the run either way"""
@@ -261,3 +264,137 @@ class RunConfig:
     preflight: bool = True
     """before step 1 check that the run directory is writable, every configured split is present and
     non-empty, training TSV indexes are sound and init weights are readable"""
+
+
+# ------------------------------------------------------------------------------------------ value checks
+# Bounds of the numeric settings, checked before any heavy work (`check_values`): (lowest, highest), either
+# None for no bound; a None value of an Optional setting is always allowed. Counts and sizes are >= 1.
+BOUNDS: Dict[str, Tuple[Optional[float], Optional[float]]] = {
+    "data.num_frames": (1, None), "data.image_size": (1, None),
+    "data.max_text_len": (3, None),  # [CLS], at least one token, [SEP]
+    "data.batch_size": (1, None), "data.eval_batch_size": (1, None), "data.num_workers": (0, None),
+    "data.prefetch_factor": (1, None), "data.max_bad_fraction": (0, 1), "data.eval_clips": (1, None),
+    "data.loader_timeout_s": (0, None),
+    "optim.lr": (0, None), "optim.eps": (0, None), "optim.weight_decay": (0, None), "optim.video_lr_mult": (0, None),
+    "optim.warmup_ratio": (0, 1), "optim.warmup_steps": (0, None), "optim.min_lr_ratio": (0, 1),
+    "optim.grad_clip": (0, None),
+    "engine.zero_stage": (0, 3), "engine.grad_accum": (1, None), "engine.dist_timeout_s": (1, None),
+    "run.epochs": (1, None), "run.max_steps": (1, None), "run.log_every": (0, None), "run.eval_every": (0, None),
+    "run.save_every": (0, None), "run.keep_last": (0, None), "run.image_every": (0, None),
+    "run.val_max_batches": (1, None), "run.max_bad_steps": (0, None), "run.max_rollbacks": (0, None),
+    "task.vtm_negatives": (0, None), "task.mlm_start_step": (0, None), "task.mlm_probability": (0, 1),
+    "task.mvm_ratio": (0, 1), "task.num_answers": (0, None), "task.num_options": (1, None),
+    "task.num_classes": (0, None),
+}
+# settings whose lowest value is excluded (a zero makes no sense either)
+EXCLUSIVE_LOW = {"optim.eps"}
+
+
+def type_problem(value: Any, hint: Any) -> Optional[str]:
+    """Why `value` does not fit the annotation `hint` (None when it does, or when the hint is not checked).
+
+    Integers fit float annotations; booleans fit only bool ones. Lists and tuples are checked item by item.
+    """
+    import collections.abc
+    import numbers
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or isinstance(hint, (str, typing.TypeVar)):
+        return None
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        problems = [type_problem(value, arg) for arg in args if arg is not type(None)]
+        return None if any(problem is None for problem in problems) else problems[0]
+    if origin is Literal:
+        return None if value in args else f"expected one of {', '.join(map(repr, args))}, got {value!r}"
+    if hint is bool:
+        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+    if hint is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return None if ok else f"expected an integer, got {value!r}"
+    if hint is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return None if ok else f"expected a number, got {value!r}"
+    if hint is str:
+        import os
+
+        return None if isinstance(value, (str, os.PathLike)) else f"expected a string, got {value!r}"
+    if hint is dict or origin is dict:
+        return None if isinstance(value, dict) else f"expected a mapping, got {value!r}"
+    sequences = (list, tuple, collections.abc.Sequence)
+    if hint in sequences or origin in sequences:
+        if not isinstance(value, (list, tuple)):
+            return f"expected a list, got {value!r}"
+        items = args if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis) else args[:1]
+        if origin is tuple and items == args and len(args) != len(value):
+            return f"expected {len(args)} items, got {value!r}"
+        for number, item in enumerate(value):
+            problem = type_problem(item, items[number] if len(items) > 1 else items[0]) if items else None
+            if problem:
+                return f"item {number}: {problem}"
+        return None
+    return None
+
+
+class ConfigValueError(ValueError):
+    """A setting of the wrong type or out of its bounds: `key` names it (dotted), `problem` says what is wrong."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
+def check_field_types(instance: Any, where: str = "") -> None:
+    """Every field of the dataclass `instance` holds a value of its annotated type, else a `ConfigValueError`
+    naming `where.field` (configurations read from files: JSON and YAML carry any type)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(instance))
+    for item in dataclasses.fields(instance):
+        problem = type_problem(getattr(instance, item.name), hints.get(item.name, Any))
+        if problem:
+            raise ConfigValueError(f"{where}.{item.name}" if where else item.name, problem)
+
+
+def check_at_least(instance: Any, lowest: Mapping[str, float], where: str = "") -> None:
+    """Numeric fields of the dataclass `instance` at or above their `lowest` value (a `ConfigValueError`
+    naming the first that is not); a None field passes."""
+    for name, low in lowest.items():
+        value = getattr(instance, name)
+        if value is not None and not isinstance(value, bool) and value < low:
+            raise ConfigValueError(f"{where}.{name}" if where else name, f"must be >= {low:g}, got {value!r}")
+
+
+def bound_problem(key: str, value: Any) -> Optional[str]:
+    """Why `value` is out of the bounds of setting `key` (BOUNDS), or None."""
+    if key not in BOUNDS or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    low, high = BOUNDS[key]
+    if low is not None and (value < low or (value == low and key in EXCLUSIVE_LOW)):
+        relation = "> " if key in EXCLUSIVE_LOW else ">= "
+        wanted = "a positive number" if relation == "> " and low == 0 else f"{relation}{low:g}"
+        if high is not None:
+            wanted = f"between {low:g} and {high:g}"
+        return f"must be {wanted}, got {value!r}"
+    if high is not None and value > high:
+        return f"must be between {low:g} and {high:g}, got {value!r}"
+    return None
+
+
+def check_values(**sections: Any) -> None:
+    """The numeric settings of the given sections (`model=`, `data=`, `run=`, ... dataclasses) within their
+    bounds (`BOUNDS`): a ValueError naming the first setting that is not, and what it must be. Light (no torch):
+    the training commands call it before anything heavy is imported."""
+    import dataclasses
+
+    for section, config in sections.items():
+        if config is None or not dataclasses.is_dataclass(config):
+            continue
+        for item in dataclasses.fields(config):
+            key = f"{section}.{item.name}"
+            problem = bound_problem(key, getattr(config, item.name))
+            if problem:
+                raise ConfigValueError(f"--{key}", problem)

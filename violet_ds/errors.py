@@ -19,6 +19,11 @@ class UserError(Exception):
     """Base for errors whose message is complete for the user (no traceback needed)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C ended a command after it saved what it had and logged that line: exit code 130, nothing more to print
+    (any other KeyboardInterrupt prints one line `violet-ds <command>: interrupted`)."""
+
+
 def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 

@@ -122,17 +122,65 @@ def relocate(config: Any, run_dir: Path) -> Any:
     return config
 
 
-def read_run_config(run_dir: str | Path) -> dict:
-    """A run directory's `config.yaml` as a dict of sections, relocated to where the run directory is now."""
+def _key_at(text: str, line: int, column: int) -> Optional[str]:
+    """The dotted key (`model.name`, `data.train[0].tsv`) of the YAML value that starts at line/column
+    (0-based), found on the composed node tree (no value is constructed); None where there is none."""
     import yaml
 
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+
+    def walk(node: Any, key: str) -> Optional[str]:
+        if (node.start_mark.line, node.start_mark.column) == (line, column):
+            return key or None
+        children = []
+        if isinstance(node, yaml.MappingNode):
+            children = [(f"{key}.{name.value}" if key else str(name.value), value) for name, value in node.value]
+            children += [(key, name) for name, _ in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(f"{key}[{number}]", item) for number, item in enumerate(node.value)]
+        for child_key, child in children:
+            found = walk(child, child_key)
+            if found:
+                return found
+        return None
+
+    return walk(root, "") if root is not None else None
+
+
+def load_yaml_file(path: Path) -> Any:
+    """A YAML file of plain values (`yaml.safe_load`): a syntax error or a tag (`!!python/object...`: violet_ds
+    never constructs objects from a file) is one ValueError naming the file, the line and the key."""
+    import re
+
+    import yaml
+
+    path = Path(path)
+    text = path.read_text()
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f"line {mark.line + 1}" if mark is not None else "somewhere"
+        key = _key_at(text, mark.line, mark.column) if mark is not None else None
+        where = f"{line}, key {key}" if key else line
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        tag = re.search(r"tag '([^']+)'", problem)
+        if isinstance(error, yaml.constructor.ConstructorError) and tag:
+            name = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+            raise ValueError(f"{path}: {where}: the YAML tag {name} is refused (violet_ds reads plain values "
+                             "only and constructs no object from a file); remove the tag") from None
+        raise ValueError(f"{path}: not valid YAML at {where} ({problem})") from None
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """A run directory's `config.yaml` as a dict of sections, relocated to where the run directory is now."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {CONFIG_FILE} (not a violet_ds run directory)")
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({error})") from None
+    config = load_yaml_file(path) or {}
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a mapping of sections (model, data, task, ...)")
     return relocate(config, Path(run_dir))
@@ -152,7 +200,7 @@ def config_argument(value: str) -> str:
 
     - a run directory, or its `config.yaml`: that run's configuration with its paths as they are now
       (`read_run_config`), so `--config RUN_DIR --run.resume auto` continues a run from anywhere, moved or not;
-    - any other existing file: itself;
+    - any other existing file: itself, once it reads as plain YAML (`load_yaml_file`);
     - otherwise a packaged recipe (`violet-ds recipes`), with or without `.yaml`.
     """
     import yaml
@@ -166,6 +214,7 @@ def config_argument(value: str) -> str:
     if path.is_file() and path.name == CONFIG_FILE and is_run_dir(path.parent):
         return yaml.safe_dump(read_run_config(path.parent), sort_keys=False)
     if path.is_file():
+        load_yaml_file(path)  # a syntax error or a YAML tag: named here with its file, line and key
         return value
     if path.is_dir():
         raise UserError(f"--config {value}: a folder without {CONFIG_FILE} and checkpoints/ (not a run directory)")

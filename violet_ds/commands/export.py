@@ -8,6 +8,7 @@ The file holds the task's keys (`model.*` backbone, `heads.*`), loadable by
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -20,13 +21,23 @@ def model_name_of(checkpoint_dir: Path, tag: str) -> Optional[str]:
     """The model name recorded in the run's resolved config (client state is not needed for this)."""
     for candidate in (checkpoint_dir.parent / "config.yaml",):
         if candidate.is_file():
-            import yaml
+            from violet_ds.paths import load_yaml_file
 
-            config = yaml.safe_load(candidate.read_text()) or {}
+            config = load_yaml_file(candidate) or {}
             name = (config.get("model") or {}).get("name")
             if name:
                 return str(name)
     return None
+
+
+def _warn_if_diverged(checkpoint: str, tag: Optional[str]) -> None:
+    """A tag the divergence guard marked (its weights produced a non-finite loss) is exported with a warning."""
+    from violet_ds.engine.checkpoint import DIVERGED_NOTE
+
+    checkpoint_dir, tag = locate_checkpoint(checkpoint, tag)
+    if (checkpoint_dir / tag / DIVERGED_NOTE).is_file():
+        print(f"warning: {checkpoint_dir / tag} is marked diverged ({DIVERGED_NOTE}): the loss went non-finite "
+              "right after it, so these weights may give NaN outputs", file=sys.stderr, flush=True)
 
 
 def export(checkpoint: str, output: Optional[str] = None, tag: Optional[str] = None,
@@ -45,6 +56,7 @@ def export(checkpoint: str, output: Optional[str] = None, tag: Optional[str] = N
             `run.init_from` and `violet-ds predict` load; default output <run dir>/export/<tag>/).
         tokenizer: with --format dir: the tokenizer directory to ship (default: the run's `data.tokenizer`).
     """
+    _warn_if_diverged(checkpoint, tag)
     if format == "dir":
         if backbone_only:
             raise ValueError("--backbone_only applies to --format safetensors (a model directory holds the task)")

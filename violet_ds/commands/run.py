@@ -1,15 +1,18 @@
 """`violet-ds pretrain | finetune | evaluate`: build everything from the run config and hand it to the loop.
 
 Order matters for exact resume: seeds, model, task, data, DeepSpeed engine, then the checkpoint
-(which restores weights, optimizer, schedule, data cursor and RNG states last).
+(which restores weights, optimizer, the schedule's step, data cursor and RNG states last; the LR schedule
+itself is this run's config, see `Trainer.load_checkpoint`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig, TaskConfig
+from ..config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig, TaskConfig, check_values
 from ..data.sampler import SampleCursor
 from ..engine import checkpoint as ckpt
 from ..engine import deepspeed_engine as dse
@@ -53,7 +56,8 @@ def seed_everything(seed: int) -> None:
 
 
 def load_init_weights(task: torch.nn.Module, path: str, logger: Optional[RunLogger] = None) -> dict:
-    """Initialise task weights from a run/checkpoint dir, an exported safetensors or an official .pt.
+    """Initialise task weights from a run / checkpoints / tag dir, a model dir, an exported safetensors or an
+    official .pt (`engine.export.read_weights`; weights with a NaN/Inf value are refused).
 
     Keys are matched by name (`model.*`, `heads.*`); heads absent from the file (a new downstream
     head) are reported, never silently assumed; keys of the file the task lacks are reported too.
@@ -113,10 +117,12 @@ def _loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, world:
         from violet_ds.data.sidecars import SidecarCollate
 
         collate_fn = SidecarCollate(collate, dict(stores))
-    # workers ignore SIGTERM so that a preempted run can finish its step and save
+    # workers ignore SIGTERM / SIGINT so that a preempted or interrupted run can finish its step and save; a
+    # worker's error or a wait over data.loader_timeout_s stops them and ends the run with one line
     return data_loader(dataset, sampler, data, batch_size, seed=seed, drop_last=drop_last,
                        pin_memory=world.device.type == "cuda", collate_fn=collate_fn,
-                       worker_init_fn=ignore_preemption_signals, loader_class=PreemptionSafeLoader)
+                       worker_init_fn=ignore_preemption_signals,
+                       loader_class=functools.partial(PreemptionSafeLoader, stall_s=data.loader_timeout_s))
 
 
 def eval_loaders(datasets: Mapping[str, Dataset], data: DataConfig, world: World, seed: int,
@@ -165,7 +171,7 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     `resolved_config` is the YAML the run records as config.yaml (the CLI's; from Python, the sections dumped).
     """
     started = time.time()
-    _check_train_config(command, data, engine)
+    _check_train_config(command, model, data, task, optim, engine, run)
     model, data, engine, run, config_text = _absolute_paths(
         command, model, data, engine, run,
         resolved_config or _dump_config(model=model, data=data, task=task, optim=optim, engine=engine, run=run))
@@ -187,19 +193,38 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     ds_engine, optimizer, scheduler, groups = _build_engine(task_module, ds_config, optim, run, world, run_dir,
                                                             total_steps)
     logger.info(_run_line(command, model, task, world, train_data, total_steps, groups, ds_config, optimizer))
+    if run.preflight and world.is_main:
+        preflight.check_checkpoint_space(run_dir / "checkpoints", ckpt.expected_checkpoint_bytes(ds_engine.module),
+                                         run.keep_last, logger.warning)
     trainer = Trainer(engine=ds_engine, scheduler=scheduler, make_loader=train_data.make_loader,
                       micro_per_epoch=train_data.micro_per_epoch, world=world, run=run, run_dir=run_dir,
                       logger=logger, batch_size=data.batch_size, grad_accum=engine.grad_accum,
-                      total_steps=total_steps, resolved_config=config_text, val_loaders=train_data.val_loaders)
+                      total_steps=total_steps, resolved_config=config_text, val_loaders=train_data.val_loaders,
+                      command=command)
     try:
         result = trainer.fit(resume=run.resume)
+    except BaseException as error:
+        # summary.json says why the run ended, whatever ended it (no collective here: a peer may be gone)
+        if world.is_main:
+            _summary_on_error(command, run_dir, trainer, train_data, started, error)
+        raise
     finally:
         logger.close()
     summary = _summary(command, run_dir, result, trainer, train_data, world, started)
+    # Ctrl-C: the trainer finished the step, saved and logged that one line; no summary block, exit code 130
+    interrupted = result.stop_signal == "SIGINT"
     if world.is_main:
-        _report(command, run_dir, result, summary, total_steps)
+        if interrupted:
+            if not _did_nothing(run_dir, result):
+                _write_summary(run_dir, summary)
+        else:
+            _report(command, run_dir, result, summary, total_steps)
     if lock is not None:
         lock.release()
+    if interrupted:
+        from violet_ds.errors import Interrupted
+
+        raise Interrupted()
     return summary
 
 
@@ -211,11 +236,12 @@ def _task_class(name: str) -> type:
     return TASKS.get(name)
 
 
-def _check_train_config(command: str, data: DataConfig, engine: EngineConfig) -> None:
+def _check_train_config(command: str, model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimConfig,
+                        engine: EngineConfig, run: RunConfig) -> None:
+    """The value checks the CLI makes before importing torch (`commands.train`), for callers from Python."""
+    check_values(model=model, data=data, task=task, optim=optim, engine=engine, run=run)
     if not data.train:
         raise ValueError(f"{command}: data.train is empty (give at least one {{tsv, annotations}} source)")
-    if data.batch_size < 1 or engine.grad_accum < 1:
-        raise ValueError(f"data.batch_size ({data.batch_size}) and engine.grad_accum ({engine.grad_accum}) must be >= 1")
 
 
 def _absolute_paths(command: str, model: ModelConfig, data: DataConfig, engine: EngineConfig, run: RunConfig,
@@ -370,22 +396,94 @@ def _run_line(command: str, model: ModelConfig, task: TaskConfig, world: World, 
             f"{ds_config['zero_optimization']['stage']}, optimizer {type(inner).__name__}")
 
 
+SUMMARY_FILE = "summary.json"
+
+
+def end_of_run(result: TrainSummary, error: Optional[BaseException] = None) -> str:
+    """Why a run ended, as summary.json's `end` records it: finished, preempted (SIGTERM / SIGUSR1: saved and
+    stopped, resumable), stopped (SIGINT), diverged (the divergence guard) or failed (any other error)."""
+    if result.preempted:
+        return "stopped" if result.stop_signal == "SIGINT" else "preempted"
+    if error is None:
+        return "finished"
+    if isinstance(error, KeyboardInterrupt):
+        return "stopped"
+    if any(cls.__name__ == "DivergenceError" for cls in type(error).__mro__):
+        return "diverged"
+    return "failed"
+
+
+def _latest_checkpoint(run_dir: Path) -> Optional[str]:
+    """The checkpoint `latest` names at the end of the run (what resume, export and predict take), or None."""
+    try:
+        tag = ckpt.read_latest(run_dir / "checkpoints")
+    except ckpt.CheckpointError:
+        return None
+    return str(run_dir / "checkpoints" / tag) if tag else None
+
+
 def _summary(command: str, run_dir: Path, result: TrainSummary, trainer: Trainer, train_data: _TrainData,
-             world: World, started: float) -> Dict[str, Any]:
+             world: Optional[World], started: float, error: Optional[BaseException] = None) -> Dict[str, Any]:
+    """summary.json of a run; `world` None: bad samples of this rank only (no collective)."""
+    from violet_ds import errors
+
+    end = end_of_run(result, error)
     return {
-        "command": command, "run_dir": str(run_dir), "steps": result.steps, "epochs": result.epochs_done,
+        "command": command, "run_dir": str(run_dir), "end": end,
+        "error": errors.message_of(error) if error is not None and end in ("diverged", "failed") else None,
+        "steps": result.steps, "start_step": result.start_step, "epochs": result.epochs_done,
         "first_loss": result.first_loss, "last_loss": result.last_loss, "skipped_steps": result.skipped_steps,
-        "preempted": result.preempted, "checkpoint": str(run_dir / "checkpoints" / result.last_checkpoint)
-        if result.last_checkpoint else None, "tensorboard": str(run_dir / "tensorboard"),
+        "preempted": result.preempted, "checkpoint": _latest_checkpoint(run_dir),
+        "tensorboard": str(run_dir / "tensorboard"),
         "val": result.val_metrics, "wall_s": round(time.time() - started, 1),
+        "train_samples": train_data.samples,
         "divergence": trainer.divergence.report(),
         "stall": trainer.stall.report(),
         "bad_samples": preflight.bad_sample_totals(train_data.datasets, world),
     }
 
 
+def _did_nothing(run_dir: Path, result: TrainSummary) -> bool:
+    """A resumed run that trained no step: the summary.json of the run that did the work stays."""
+    return result.start_step > 0 and result.steps == result.start_step and (run_dir / SUMMARY_FILE).is_file()
+
+
+def _finite_json(value: Any) -> Any:
+    """`value` with every NaN / Inf float replaced by None: JSON has no such numbers (json.dumps would write
+    `NaN`, which strict parsers refuse)."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, Mapping):
+        return {key: _finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(item) for item in value]
+    return value
+
+
+def _write_summary(run_dir: Path, summary: Dict[str, Any]) -> None:
+    tmp = run_dir / f".{SUMMARY_FILE}.tmp"
+    tmp.write_text(json.dumps(_finite_json(summary), indent=2, default=str, allow_nan=False))
+    os.replace(tmp, run_dir / SUMMARY_FILE)
+
+
+def _summary_on_error(command: str, run_dir: Path, trainer: Trainer, train_data: _TrainData, started: float,
+                      error: BaseException) -> None:
+    """Rank 0, when `fit` raised: summary.json with what the run did and why it ended (never masks `error`)."""
+    result = trainer.summary
+    if _did_nothing(run_dir, result):
+        return
+    try:
+        _write_summary(run_dir, _summary(command, run_dir, result, trainer, train_data, None, started, error))
+    except Exception as problem:  # noqa: BLE001 - the run's own error is the one to report
+        print(f"warning: could not write {run_dir / SUMMARY_FILE}: {problem}", file=sys.stderr, flush=True)
+
+
 def _report(command: str, run_dir: Path, result: TrainSummary, summary: Dict[str, Any], total_steps: int) -> None:
-    """Rank 0: the end-of-run summary on stdout and in summary.json."""
+    """Rank 0: the end-of-run summary on stdout and in summary.json (kept when a resumed run had nothing to do)."""
+    if _did_nothing(run_dir, result):
+        print(f"violet-ds {command}: nothing to train: the run is already at step {result.steps}/{total_steps} "
+              f"(checkpoint {summary['checkpoint']}); {run_dir / SUMMARY_FILE} is kept", flush=True)
+        return
     losses = result.losses
     curve = ", ".join(f"{value:.3f}" for value in losses[:: max(1, len(losses) // 10)]) if losses else "-"
     lines = [f"violet-ds {command} finished" + (" (stopped by a signal, resumable)" if result.preempted else ""),
@@ -400,49 +498,12 @@ def _report(command: str, run_dir: Path, result: TrainSummary, summary: Dict[str
         lines.append(_summary_line("validation", metrics))
     lines.append(_summary_line("tensorboard", f"tensorboard --logdir {run_dir / 'tensorboard'}"))
     print("\n".join(lines), flush=True)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _write_summary(run_dir, summary)
 
 
-def pretrain(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimConfig, engine: EngineConfig,
-             run: RunConfig, resolved_config: Optional[str] = None) -> None:
-    """Pretrain a model (VIOLET / VIOLETv2 / LAVENDER / VIMPAC) with DeepSpeed ZeRO-2.
-
-    Recipes are in launch/configs/ (pretrain_demo.yaml runs the tiny model on the demo data on CPU).
-    Writes runs/<run.name>/: config.yaml, ds_config.json, tensorboard/, checkpoints/, metrics.jsonl,
-    log.txt. `--run.resume auto` continues an interrupted run exactly.
-    """
-    from ..engine.guard import run_guarded
-
-    run_guarded(train, model, data, task, optim, engine, run, command="pretrain", resolved_config=resolved_config)
-
-
-def finetune(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimConfig, engine: EngineConfig,
-             run: RunConfig, resolved_config: Optional[str] = None) -> None:
-    """Finetune on a downstream task, starting from `run.init_from` (a pretraining run, export or official
-    checkpoint) or `model.weights`; evaluates on data.val during training and writes the same run dir."""
-    if not run.init_from and not model.weights and not run.resume:
-        print("warning: finetuning from random weights (set run.init_from or model.weights)", flush=True)
-    from ..engine.guard import run_guarded
-
-    run_guarded(train, model, data, task, optim, engine, run, command="finetune", resolved_config=resolved_config)
-
-
-def evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimConfig, engine: EngineConfig,
-             run: RunConfig, split: str = "val") -> None:
-    """Evaluate weights (`run.init_from`: run dir, checkpoint, export or official file; or `model.weights`)
-    on `data.<split>`; writes runs/<run.name>/eval_<split>.json (metrics) and prints them. Takes the same
-    YAML as training (the `optim` section is accepted and unused).
-
-    Args:
-        split: which data sources to evaluate on: train, val or test.
-    """
-    from ..engine.guard import run_guarded
-
-    run_guarded(_evaluate, model, data, task, engine, run, split)
-
-
-def _evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, engine: EngineConfig, run: RunConfig,
-              split: str) -> None:
+def evaluate_weights(model: ModelConfig, data: DataConfig, task: TaskConfig, engine: EngineConfig, run: RunConfig,
+                     split: str) -> None:
+    """The body of `violet-ds evaluate` (commands/train.py): metrics of the weights on `data.<split>`."""
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.tasks import create_task
 
@@ -452,6 +513,7 @@ def _evaluate(model: ModelConfig, data: DataConfig, task: TaskConfig, engine: En
         raise ValueError(f"split must be train, val or test, got {split!r}")
     if not getattr(data, split):
         raise ValueError(f"evaluate: data.{split} is empty")
+    check_values(model=model, data=data, task=task, engine=engine, run=run)
     world = setup_world(engine)
     seed_everything(engine.seed)
     run_dir = Path(run.output_dir) / run.name

@@ -13,6 +13,9 @@ Shards `{prefix}_{NNN}.tsv` (+ `.lineidx`) are written through `TSVWriter` (temp
 so a shard on disk is always complete: a re-run reads the ids already in the shards, skips those
 videos and writes new shards after the existing ones. Videos that fail (corrupt, empty, no video
 stream, unsupported codec) are listed in `{prefix}_failed.json` and the run goes on.
+`{prefix}_settings.json` records the settings the rows were extracted with (frames, fps, short side); a
+run with other settings is refused before it adds rows (for shards written before that file existed,
+the first row's frame count and size are compared), unless `--allow_mixed_settings true`.
 """
 
 from __future__ import annotations
@@ -277,6 +280,80 @@ class ExtractReport:
 
 
 SHARD_PATTERN = r"^{prefix}_(\d+)\.tsv$"
+# `{prefix}_settings.json` next to the shards: the extraction settings their rows were written with
+SETTINGS_FILE = "{prefix}_settings.json"
+SETTINGS_FORMAT = "violet_ds-shard-settings/1"
+
+
+def row_settings(options: ExtractOptions) -> dict:
+    """The options that decide what a row holds (which frames, their size); JPEG quality and seeking do not."""
+    if options.images:
+        return {"kind": "image", "short_side": options.short_side}
+    if options.fps is None:
+        return {"kind": "video", "num_frames": options.num_frames, "short_side": options.short_side}
+    return {"kind": "video", "fps": options.fps, "max_frames": options.max_frames, "short_side": options.short_side}
+
+
+def _describe(settings: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in settings.items() if key != "kind")
+
+
+def _settings_of_row(shard: Path) -> dict:
+    """What the first row of a shard written without a settings file shows: its frame count and short side."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    tsv = TSVFile(shard)
+    try:
+        if not len(tsv):
+            return {}
+        _, frames = tsv.frames(0)
+        with Image.open(io.BytesIO(base64.b64decode(frames[0]))) as image:
+            return {"num_frames": len(frames), "short_side": min(image.size)}
+    except Exception:  # noqa: BLE001 -- an unreadable first row says nothing about the settings
+        return {}
+    finally:
+        tsv.close()
+
+
+def check_shard_settings(out_dir: Path, prefix: str, options: ExtractOptions, shards: Sequence[Path],
+                         allow_mixed: bool = False) -> None:
+    """Refuse to add rows extracted with other settings than the existing shards' (`{prefix}_settings.json`,
+    or for shards written before it, what their first row shows) unless `allow_mixed`; then record them."""
+    path = out_dir / SETTINGS_FILE.format(prefix=prefix)
+    wanted = row_settings(options)
+    recorded: list = []
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text())["settings"]
+            if not isinstance(recorded, list) or not all(isinstance(item, dict) for item in recorded):
+                raise TypeError("`settings` is not a list of objects")
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: unreadable ({type(error).__name__}: {error}); it records the settings of "
+                             f"the shards {prefix}_*.tsv: fix it, or delete it to record this run's") from None
+        mismatch = None if wanted in recorded else "; ".join(_describe(item) for item in recorded)
+    elif shards:
+        seen = _settings_of_row(shards[0])
+        shown = {"num_frames": seen.get("num_frames") if not options.images and options.fps is None else None,
+                 "short_side": seen.get("short_side") if options.short_side > 0 else None}
+        expected = {"num_frames": options.num_frames, "short_side": options.short_side}
+        different = {key: value for key, value in shown.items() if value is not None and value != expected[key]}
+        mismatch = (f"{', '.join(f'{key} {value}' for key, value in different.items())} (their first row, "
+                    f"{shards[0].name})") if different else None
+    else:
+        mismatch = None
+    if mismatch is not None:
+        held = f"{out_dir}/{prefix}_*.tsv hold rows extracted with {mismatch}; this run asks for {_describe(wanted)}"
+        if not allow_mixed:
+            raise ValueError(f"{held}: adding its rows would mix two settings in one dataset. Extract into another "
+                             "--out_dir or --prefix, use the same settings, or pass --allow_mixed_settings true")
+        print(f"warning: {held}; mixing them (--allow_mixed_settings)", file=sys.stderr)
+    if wanted not in recorded:
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"format": SETTINGS_FORMAT, "settings": recorded + [wanted]}, indent=1) + "\n")
+        os.replace(tmp, path)
 
 
 def existing_shards(out_dir: Path, prefix: str) -> list[Path]:
@@ -307,8 +384,9 @@ def remove_stale_temporaries(out_dir: Path, prefix: str) -> list[Path]:
 
 def run_extraction(inputs: Sequence[tuple[str, Path]], out_dir: Path, prefix: str, options: ExtractOptions,
                    shard_size: int = 1000, workers: int = 2, progress: bool = True,
-                   with_keys: bool = False) -> ExtractReport:
-    """Extract every input not already in `out_dir`'s shards; see the module docstring."""
+                   with_keys: bool = False, allow_mixed: bool = False) -> ExtractReport:
+    """Extract every input not already in `out_dir`'s shards; see the module docstring. Shards written with
+    other row settings are refused unless `allow_mixed` (`check_shard_settings`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report = ExtractReport()
     started = time.perf_counter()
@@ -327,6 +405,7 @@ def run_extraction(inputs: Sequence[tuple[str, Path]], out_dir: Path, prefix: st
             done.update(TSVFile(shard).keys())
         except TSVError as err:
             raise TSVError(f"{shard}: existing shard is unreadable ({err}); remove it to re-extract its videos") from err
+    check_shard_settings(out_dir, prefix, options, shards, allow_mixed)
     next_part = max((int(re.findall(r"(\d+)\.tsv$", s.name)[0]) for s in shards), default=-1) + 1
     todo = [(key, path) for key, path in inputs if key not in done]
     report.skipped = len(inputs) - len(todo)
@@ -392,7 +471,8 @@ def _print_report(report: ExtractReport, out_dir: Path, prefix: str) -> int:
 
 def extract_frames(videos: str, out_dir: str, num_frames: int = 5, fps: Optional[float] = None,
                    max_frames: int = 0, short_side: int = 224, quality: int = 90, shard_size: int = 1000,
-                   prefix: str = "frames", workers: int = 2, seek: bool = True, with_keys: bool = False) -> int:
+                   prefix: str = "frames", workers: int = 2, seek: bool = True, with_keys: bool = False,
+                   allow_mixed_settings: bool = False) -> int:
     """Videos -> N sampled JPEG frames per video -> TSV shards `{out_dir}/{prefix}_NNN.tsv` (+ .lineidx).
 
     Resumable (videos already in the shards are skipped); failures are reported in
@@ -411,17 +491,20 @@ def extract_frames(videos: str, out_dir: str, num_frames: int = 5, fps: Optional
         workers: decoding processes.
         seek: jump to key frames near each sampled frame instead of decoding everything.
         with_keys: write `video_id<TAB>offset` .lineidx lines (VIOLETv2 style).
+        allow_mixed_settings: add rows to shards written with other num_frames / fps / max_frames / short_side
+            (recorded in `{prefix}_settings.json`); refused otherwise.
     """
     inputs = list_inputs(videos, VIDEO_EXTENSIONS)
     options = ExtractOptions(num_frames=num_frames, fps=fps, max_frames=max_frames, short_side=short_side,
                              quality=quality, seek=seek)
     out = Path(out_dir)
-    report = run_extraction(inputs, out, prefix, options, shard_size, workers, with_keys=with_keys)
+    report = run_extraction(inputs, out, prefix, options, shard_size, workers, with_keys=with_keys,
+                            allow_mixed=allow_mixed_settings)
     return _print_report(report, out, prefix)
 
 
 def extract_images(images: str, out_dir: str, short_side: int = 224, quality: int = 90, shard_size: int = 10000,
-                   prefix: str = "images", workers: int = 2) -> int:
+                   prefix: str = "images", workers: int = 2, allow_mixed_settings: bool = False) -> int:
     """Images (CC3M style) -> one-frame TSV rows `image_id<TAB>b64 JPEG` in shards `{prefix}_NNN.tsv`.
 
     Args:
@@ -432,9 +515,11 @@ def extract_images(images: str, out_dir: str, short_side: int = 224, quality: in
         shard_size: rows per TSV shard.
         prefix: shard file name prefix.
         workers: decoding processes.
+        allow_mixed_settings: add rows to shards written with another short_side (recorded in
+            `{prefix}_settings.json`); refused otherwise.
     """
     inputs = list_inputs(images, IMAGE_EXTENSIONS)
     options = ExtractOptions(short_side=short_side, quality=quality, images=True)
     out = Path(out_dir)
-    report = run_extraction(inputs, out, prefix, options, shard_size, workers)
+    report = run_extraction(inputs, out, prefix, options, shard_size, workers, allow_mixed=allow_mixed_settings)
     return _print_report(report, out, prefix)

@@ -46,7 +46,7 @@ def _to_bytes(data: Union[bytes, bytearray, memoryview, str]) -> bytes:
         hint = ""
         if data.rstrip(b"\n").endswith(b"\r"):
             hint = ("; it ends with a carriage return: the TSV has Windows (CRLF) line endings - convert it "
-                    "(`sed -i 's/\\r$//' FILE.tsv`) and rebuild its index (`violet-ds build-index --force`)")
+                    "(`sed -i 's/\\r$//' FILE.tsv`) and rebuild its index (`violet-ds build-index --tsv FILE.tsv --force true`)")
         raise FrameDecodeError(f"frame is neither an image nor valid base64 ({err}){hint}") from err
 
 

@@ -130,10 +130,11 @@ def read_clips_as_extracted(datasets: Mapping[str, Dataset], data: DataConfig, s
 def data_loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, *, seed: int, drop_last: bool,
                 pin_memory: bool, collate_fn: Callable = collate,
                 worker_init_fn: Optional[Callable[[int], Any]] = None,
-                loader_class: type = DataLoader) -> DataLoader:
+                loader_class: Callable[..., DataLoader] = DataLoader) -> DataLoader:
     """The DataLoader of a run: `data.num_workers` workers (`worker_init_fn` runs in each), a generator
     seeded with `seed`, batches pinned when `pin_memory` (and `data.pin_memory`), no persistent workers.
-    `loader_class`: a DataLoader subclass (the run's preemption-safe one)."""
+    `loader_class`: a DataLoader subclass or a callable building one (the run's preemption-safe one, with
+    its `data.loader_timeout_s` watchdog)."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     workers = data.num_workers

@@ -204,7 +204,7 @@ class TSVFile:
         if start > 0:
             if data[:1] != b"\n":
                 raise TSVError(f"{self.index_path}: row {row} offset {start} does not start a row of {self.path} "
-                               "(stale or corrupt .lineidx; rebuild it with `violet-ds build-index --force`)")
+                               f"(stale or corrupt .lineidx; rebuild it with `violet-ds build-index --tsv {self.path} --force true`)")
             data = data[1:]
         if len(data) != end - start:
             raise TSVError(f"{self.path}: row {row} is truncated (expected {end - start} bytes, read {len(data)})")

@@ -22,6 +22,8 @@ read with `safe_load` (weights-only as well).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import json
 import os
@@ -59,6 +61,10 @@ DEEPSPEED_GLOBALS = (
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used as asked; the message names the file and what to do."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, quota, read-only or unwritable directory)."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -271,6 +277,114 @@ def _barrier(world: World) -> None:
         torch.distributed.barrier()
 
 
+# bytes per trainable parameter in the ZeRO optimizer files: the fp32 master copy and AdamW's two fp32 moments
+OPTIMIZER_BYTES_PER_PARAM = 12
+# pickled metadata, the client state (with the resolved config) and the RNG files
+CHECKPOINT_OVERHEAD_BYTES = 1 << 20
+
+
+def expected_checkpoint_bytes(module: torch.nn.Module) -> int:
+    """About how many bytes one checkpoint of `module`'s run takes on disk (all ranks together).
+
+    Estimated as the module's state dict at its own dtypes (every parameter and buffer: DeepSpeed's
+    model-states file; bf16 / fp16 training keeps the module in 2 bytes per value) plus
+    `OPTIMIZER_BYTES_PER_PARAM` (fp32 master weights + AdamW's exp_avg and exp_avg_sq) per trainable
+    parameter (the optimizer files, whose ZeRO partitions add up to the whole), plus
+    `CHECKPOINT_OVERHEAD_BYTES`. With ZeRO-2 on the demo's violet-tiny it is within a few percent of
+    the files written.
+    """
+    state = sum(value.numel() * value.element_size() for value in module.state_dict().values()
+                if isinstance(value, torch.Tensor))
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return state + OPTIMIZER_BYTES_PER_PARAM * trainable + CHECKPOINT_OVERHEAD_BYTES
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def free_bytes(path: Path) -> Optional[int]:
+    """Free bytes on the file system holding `path` (or its nearest existing parent); None if unknown."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+# what torch's zip writer (inline_container.cc) says when a write is cut short or a file cannot be created
+_TORCH_WRITE_FAILURES = ("unexpected pos", "inline_container", "iostream error", "file write failed",
+                         "PytorchStreamWriter failed", "cannot be opened")
+
+
+def _write_problem(error: BaseException, directory: Path, needed: int) -> Optional[Tuple[str, str]]:
+    """(why, what to do) when writing into `directory` failed through the file system's doing (full, quota,
+    read-only, not writable); None for any other error."""
+    space = "free space (or lower run.keep_last) or choose another --run.output_dir"
+    access = "make it writable or choose another --run.output_dir"
+    seen = set()
+    current: Optional[BaseException] = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _NO_SPACE | _NOT_WRITABLE:
+            return (current.strerror or os.strerror(current.errno),
+                    space if current.errno in _NO_SPACE else access)
+        current = current.__cause__ or current.__context__
+    if not isinstance(error, (OSError, RuntimeError)):
+        return None
+    # torch's zip writer reports a cut-short write without its errno: ask the file system
+    existing = Path(directory)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    with contextlib.suppress(OSError, AttributeError):
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            return os.strerror(errno.EROFS), access
+    if not os.access(existing, os.W_OK):
+        return os.strerror(errno.EACCES), access
+    free = free_bytes(existing)
+    if free is not None and free < needed:
+        return os.strerror(errno.ENOSPC), space
+    text = " ".join(str(error).split())
+    if isinstance(error, OSError) or any(marker in text for marker in _TORCH_WRITE_FAILURES):
+        return f"the write failed ({text[:200]})", space
+    return None
+
+
+@contextlib.contextmanager
+def _unwritten_tag_removed(engine, checkpoint_dir: Path, tag_dir: Path):
+    """A save that fails before its tag is complete leaves no partial tag (`latest` is never touched here);
+    a failure of the file system (full, quota, read-only, not writable) becomes one CheckpointSaveError
+    line naming the path, the bytes a checkpoint needs and the bytes free."""
+    try:
+        yield
+    except BaseException as error:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        module = getattr(engine, "module", None)
+        needed = expected_checkpoint_bytes(module) if isinstance(module, torch.nn.Module) else 0
+        problem = _write_problem(error, tag_dir, needed)
+        if problem is None:
+            raise
+        why, fix = problem
+        free = free_bytes(tag_dir)
+        try:
+            latest = read_latest(checkpoint_dir)
+        except CheckpointError:
+            latest = None
+        raise CheckpointSaveError(
+            f"cannot write checkpoint {tag_dir}: {why}; a checkpoint of this run needs about {format_bytes(needed)}, "
+            f"{format_bytes(free) if free is not None else 'an unknown amount'} free there. The partial tag was "
+            f"removed and `latest` still names {latest or 'no checkpoint'}: {fix}, then resume with "
+            "--run.resume auto") from error
+
+
 def save_checkpoint(engine, checkpoint_dir: Path, tag: str, client_state: dict, world: World,
                     keep_last: int = 0) -> Path:
     """Save on every rank; mark the tag complete and point `latest` at it only once all ranks are done.
@@ -280,13 +394,17 @@ def save_checkpoint(engine, checkpoint_dir: Path, tag: str, client_state: dict, 
     """
     checkpoint_dir = Path(checkpoint_dir)
     tag_dir = checkpoint_dir / tag
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), rng_file(tag_dir, world.rank))
+    with _unwritten_tag_removed(engine, checkpoint_dir, tag_dir):
+        # made here, so that an unwritable directory raises (DeepSpeed would log it and write on regardless)
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), rng_file(tag_dir, world.rank))
     _barrier(world)
     if world.is_main:
         (tag_dir / DIVERGED_NOTE).unlink(missing_ok=True)
         marker = {"tag": tag, "step": client_state.get("step"), "world_size": world.world_size}
-        (tag_dir / COMPLETE_MARKER).write_text(json.dumps(marker))
+        with _unwritten_tag_removed(engine, checkpoint_dir, tag_dir):
+            (tag_dir / COMPLETE_MARKER).write_text(json.dumps(marker))
         write_latest(checkpoint_dir, tag)
         if keep_last > 0:
             prune_checkpoints(checkpoint_dir, keep_last, protect=tag)
@@ -389,7 +507,9 @@ def check_resume(checkpoint_dir: Path, tag: str, config_text: str, world_size: i
     Errors (always): a world size the checkpoint cannot load on, a missing model-states or optimizer
     file. Errors unless `allow` (then each is passed to `warn`): a missing RNG file (the losses would
     differ from an uninterrupted run) and a changed model, task, data list, batch/clip size, grad_accum
-    or seed.
+    or seed. Always a warning: a universal checkpoint without the ranks' RNG files (converted for another
+    world size). The LR schedule and AdamW settings are not compared: a resume takes them from its own
+    config (the trainer logs each change).
     """
     import yaml
 
@@ -410,10 +530,18 @@ def check_resume(checkpoint_dir: Path, tag: str, config_text: str, world_size: i
         raise CheckpointError(f"cannot resume {tag_dir}: {', '.join(missing)} missing; resume an earlier tag "
                               f"({', '.join(t for t in complete_tags(checkpoint_dir) if t != tag) or 'none'})")
     problems = []
+    missing_rng = [rank for rank in range(world_size) if not rng_file(tag_dir, rank).is_file()]
     if not universal:
-        # a universal checkpoint carries no RNG streams by design (they cannot move to other ranks)
         problems += [f"{rng_file(tag_dir, rank).name} missing: the RNG streams (masking, dropout) would restart"
-                     for rank in range(world_size) if not rng_file(tag_dir, rank).is_file()]
+                     for rank in missing_rng]
+    elif missing_rng:
+        # a universal checkpoint holds the ranks' RNG files only when it was converted for the same world size;
+        # changing the world size is its purpose, so this is said, not refused
+        source = info.get("source_world_size")
+        why = (f"converted from {source} rank(s) to {world_size}, the RNG streams could not move"
+               if source not in (None, world_size) else "it holds no RNG files")
+        warn(f"resuming the universal checkpoint {tag} is not an exact continuation: {why}; masking and dropout "
+             "draws restart from engine.seed (weights, optimizer and data position are exact)")
     states = safe_load(tag_dir / MODEL_STATES, mmap=True)
     saved_text = states.get("config") if isinstance(states, dict) else None
     if saved_text:

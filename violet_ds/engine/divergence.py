@@ -9,7 +9,11 @@ Which checkpoint is good: the loss of step k is computed with the weights after 
 non-finite loss first seen at step b makes the weights of steps >= b-1 suspect. A checkpoint of step
 s <= b-2 is the last good one; later ones get a divergence note (`violet_ds_diverged.json`), which
 keeps them out of `latest` and `--run.resume auto`. A checkpoint is never written while the current
-streak of bad steps is non-zero or when any weight is non-finite.
+streak of bad steps is non-zero or when any weight is non-finite (the weights are checked even with the
+guard off). A save cannot know whether its finite weights give a finite loss: the next steps tell. So the
+end of the run checks too: a shorter streak than `run.max_bad_steps` still running at the last step, or
+non-finite weights after it, is a divergence (marks, `latest` moved back, DivergenceError), never a
+finished run.
 
 `run.on_divergence: rollback` reloads the last good checkpoint (weights, optimizer, schedule; the data
 cursor is kept, so the window of samples that led to the divergence is skipped) and continues, at most
@@ -118,6 +122,17 @@ def weights_finite(module: torch.nn.Module, world: World) -> bool:
     return bool(ok.item() > 0)
 
 
+def _configured_lr(trainer: Any) -> Optional[float]:
+    """optim.lr of the run's resolved config (None when it cannot be read)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(getattr(trainer, "resolved_config", "") or "") or {}
+        return float(config["optim"]["lr"])
+    except (yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
 def last_good_step(saved_steps: List[int], first_bad_step: int) -> Optional[int]:
     """The newest saved step whose weights produced a finite loss (see the module docstring)."""
     good = [s for s in saved_steps if s <= first_bad_step - 2]
@@ -173,20 +188,41 @@ class DivergenceWatch:
         return self._diverged(verdict.first_bad_step or self.trainer.state.step)
 
     def allow_save(self) -> bool:
-        """False (with a warning) while the loss is non-finite or any weight is; may stop or roll back."""
-        if not self.guard.enabled:
-            return True
-        if self.check_window():
-            return False
+        """False (with a warning) while the loss is non-finite or any weight is; may stop or roll back. The weights
+        are checked with the guard off (run.max_bad_steps 0) too."""
         step = self.trainer.state.step
-        if self.guard.streak > 0:
-            self.trainer.logger.warning(f"not saving step {step}: the last {self.guard.streak} step(s) had a "
-                                        "non-finite loss")
-            return False
+        if self.guard.enabled:
+            if self.check_window():
+                return False
+            if self.guard.streak > 0:
+                self.trainer.logger.warning(f"not saving step {step}: the last {self.guard.streak} step(s) had a "
+                                            "non-finite loss")
+                return False
         if not weights_finite(self.trainer.engine.module, self.trainer.world):
             self.trainer.logger.warning(f"not saving step {step}: some weights are not finite")
             return False
         return True
+
+    def check_end(self) -> bool:
+        """At the end of the run: a run never ends `finished` on a non-finite loss or with non-finite weights.
+
+        The loss of step k is computed with the weights of step k-1, so a save can only see that its (finite)
+        weights give a non-finite loss at the next steps: a streak shorter than run.max_bad_steps at the end, or
+        weights that are not finite after the last step, count as a divergence (later checkpoints are marked,
+        `latest` goes back to the last good one, DivergenceError). True: rolled back (run.on_divergence
+        rollback), train on."""
+        if self.guard.enabled:
+            if self.check_window():
+                return True
+            if self.guard.streak > 0:
+                first = self.guard.streak_start or self.trainer.state.step
+                return self._diverged(first, cause=(
+                    f"the loss was non-finite on the last {self.guard.streak} step(s) of the run, from step {first} "
+                    f"(fewer than run.max_bad_steps={self.guard.max_bad_steps}, but the run ended on them)"))
+        if not weights_finite(self.trainer.engine.module, self.trainer.world):
+            step = self.trainer.state.step
+            return self._diverged(step + 1, cause=f"the weights are not finite after the last step ({step})")
+        return False
 
     def report(self) -> dict:
         return {"bad_steps": self.guard.total_bad, "rollbacks": self.rollbacks,
@@ -204,7 +240,7 @@ class DivergenceWatch:
             steps[int(marker.get("step") or 0)] = tag
         return steps
 
-    def _diverged(self, first_bad: int) -> bool:
+    def _diverged(self, first_bad: int, cause: Optional[str] = None) -> bool:
         trainer = self.trainer
         checkpoint_dir = Path(trainer.checkpoint_dir)
         saved = self._saved_steps()
@@ -226,21 +262,39 @@ class DivergenceWatch:
             return True
         limit = (f"; {len(self.rollbacks)} rollback(s) (run.max_rollbacks={self.max_rollbacks}) did not help"
                  if self.mode == "rollback" else "")
-        message = (f"the run diverged: the loss was non-finite on {self.guard.max_bad_steps} consecutive steps "
-                   f"from step {first_bad} (run.max_bad_steps={self.guard.max_bad_steps}){limit}. {where}{marked}. "
-                   f"Resume it with --run.resume {good_tag or '<tag>'} and a lower optim.lr (or more warm-up), "
-                   "or set run.on_divergence rollback")
+        cause = cause or (f"the loss was non-finite on {self.guard.max_bad_steps} consecutive steps from step "
+                          f"{first_bad} (run.max_bad_steps={self.guard.max_bad_steps})")
+        message = (f"the run diverged: {cause}{limit}. {where}{marked}. "
+                   f"{self.advice(good_tag)}")
         trainer.logger.record({"step": trainer.state.step, "event": "diverged", "first_bad_step": first_bad,
                                "last_good_checkpoint": good_tag})
         trainer.logger.flush()
         raise DivergenceError(message)
 
+    def advice(self, good_tag: Optional[str]) -> str:
+        """What to run next: resume `good_tag` with half the learning rate (a resume takes the LR schedule from the
+        current config), or, without a good checkpoint, start the run over with it."""
+        import shlex
+
+        trainer = self.trainer
+        lr = _configured_lr(trainer)
+        lower = f"--optim.lr {lr / 2:g}" if lr else "--optim.lr <lower>"
+        base = f"violet-ds {getattr(trainer, 'command', 'pretrain')} --config {shlex.quote(str(trainer.run_dir))}"
+        rollback = ", or set run.on_divergence rollback" if self.mode != "rollback" else ""
+        if good_tag is not None:
+            return (f"Continue from it with half the learning rate (the resumed run follows the LR schedule of its "
+                    f"own config from that step): {base} --run.resume {good_tag} {lower} (or more warm-up, "
+                    f"--optim.warmup_steps N){rollback}")
+        fresh = " --run.resume null" if trainer.run.resume else ""
+        return (f"Start it over with half the learning rate (this deletes its checkpoints): {base} --run.overwrite "
+                f"true{fresh} {lower} (or more warm-up, --optim.warmup_steps N)")
+
     def _rollback(self, good_tag: str, first_bad: int, marked: str) -> None:
         trainer = self.trainer
         from_step = trainer.state.step
-        client = ckpt.load_checkpoint(trainer.engine, trainer.checkpoint_dir, good_tag, trainer.world)
-        # weights, optimizer and schedule go back; the data cursor does not: the samples between the
-        # checkpoint and now (which led to the divergence) are skipped
+        # weights, optimizer and the schedule's step go back (the schedule itself stays this run's config); the
+        # data cursor does not: the samples between the checkpoint and now (which led to the divergence) are skipped
+        client, _ = trainer.load_checkpoint(good_tag)
         trainer.state.step = int(client["step"])
         self.guard.reset()
         event = {"from_step": from_step, "to_step": trainer.state.step, "tag": good_tag, "first_bad_step": first_bad,

@@ -5,20 +5,47 @@ writes them to files is `violet_ds.commands.export`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
+from violet_ds.weights import check_finite
+
 from . import checkpoint as ckpt
 from .checkpoint import COMPLETE_MARKER
 from .logging import library_output, library_progress
 
+# the weight file of a model directory (`violet_ds.pretrained.WEIGHTS_FILE`, a floor above)
+MODEL_DIR_WEIGHTS = "model.safetensors"
 
 
 def locate_checkpoint(path: str | Path, tag: Optional[str] = None) -> Tuple[Path, str]:
     """(checkpoints dir, tag) from a run dir, a checkpoints dir or a tag dir (+ optional tag)."""
     return ckpt.locate(path, tag)
+
+
+def require_complete(checkpoint_dir: Path, tag: str) -> None:
+    """A tag zero_to_fp32 can consolidate: its completion marker, and one ZeRO optimizer partition (which hold the
+    fp32 weights) per rank of the world that saved it; else a CheckpointError naming the tag and the complete ones."""
+    tag_dir = Path(checkpoint_dir) / tag
+    others = ", ".join(t for t in ckpt.complete_tags(checkpoint_dir) if t != tag)
+    use = f"use a complete tag ({others})" if others else f"{checkpoint_dir} holds no other complete tag"
+    marker = tag_dir / COMPLETE_MARKER
+    if not marker.is_file():
+        raise ckpt.CheckpointError(f"checkpoint {tag_dir} is incomplete: no {COMPLETE_MARKER} (its save was "
+                                   f"interrupted); {use}")
+    try:
+        world_size = int(json.loads(marker.read_text()).get("world_size") or 1)
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
+        raise ckpt.CheckpointError(f"{marker}: unreadable (not the JSON a finished save writes); the tag is "
+                                   f"damaged; {use}") from None
+    partitions = list(tag_dir.glob("*optim_states.pt"))
+    if len(partitions) < world_size:
+        raise ckpt.CheckpointError(
+            f"checkpoint {tag_dir} is incomplete: {len(partitions)} of the {world_size} ZeRO optimizer partitions "
+            f"(*_optim_states.pt, which hold the fp32 weights) are there (files were removed or not copied); {use}")
 
 
 def deepspeed_fp32_state_dict(path: str | Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
@@ -27,8 +54,7 @@ def deepspeed_fp32_state_dict(path: str | Path, tag: Optional[str] = None) -> Di
     zero_to_fp32's reports (it prints them) go to the library log (`logging.library_output`), its
     progress through `violet_ds.progress` (a bar on terminals, dated lines elsewhere)."""
     checkpoint_dir, tag = locate_checkpoint(path, tag)
-    if not (checkpoint_dir / tag / COMPLETE_MARKER).is_file():
-        raise RuntimeError(f"checkpoint {checkpoint_dir / tag} is incomplete (its save was interrupted)")
+    require_complete(checkpoint_dir, tag)
     # zero_to_fp32 unpickles without limits: every file is checked first
     ckpt.check_tag_dir(checkpoint_dir / tag)
     with library_output("zero_to_fp32"):
@@ -36,16 +62,45 @@ def deepspeed_fp32_state_dict(path: str | Path, tag: Optional[str] = None) -> Di
 
         with library_progress(zero_to_fp32, "zero_to_fp32"):
             state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    return {key: value.detach().float().contiguous() if value.is_floating_point() else value.contiguous()
-            for key, value in state.items()}
+    state = {key: value.detach().float().contiguous() if value.is_floating_point() else value.contiguous()
+             for key, value in state.items()}
+    others = [t for t in ckpt.complete_tags(checkpoint_dir) if t != tag]
+    check_finite(state, f"checkpoint {checkpoint_dir / tag}",
+                 hint=f"use an earlier tag ({', '.join(others) or 'none saved'})")
+    return state
+
+
+def weights_source(path: str | Path, tag: Optional[str] = None) -> str:
+    """What `read_weights` finds at `path`: "deepspeed" (a run directory, its checkpoints/ directory or a tag
+    directory), "model_dir" (config.json + model.safetensors, from `violet-ds export --format dir`) or "file"
+    (a violet_ds .safetensors or an official checkpoint). Raises FileNotFoundError naming every accepted kind."""
+    path = Path(path)
+    if path.is_file():
+        return "file"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist")
+    if (path / MODEL_DIR_WEIGHTS).is_file():
+        return "model_dir"
+    try:
+        ckpt.locate(path, tag)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: no weights found there; expected a run directory (its `latest` checkpoint), its checkpoints/ "
+            f"directory or one tag directory, a model directory (config.json + {MODEL_DIR_WEIGHTS}, from "
+            "`violet-ds export --format dir`), a .safetensors file or an official checkpoint (.pt)"
+            + (f"; tag {tag!r} not found" if tag else "")) from None
+    return "deepspeed"
 
 
 def read_weights(path: str | Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Task weights from a run/checkpoint dir (DeepSpeed), a model directory, a violet_ds safetensors,
-    or an official .pt (mapped to `model.*` / `heads.*` names, its frozen teachers dropped)."""
+    """Task weights from a run/checkpoint/tag dir (DeepSpeed), a model directory, a violet_ds safetensors,
+    or an official .pt (mapped to `model.*` / `heads.*` names, its frozen teachers dropped); every tensor
+    finite (`weights.check_finite`)."""
     path = Path(path)
-    if path.is_dir() and not (path / "model.safetensors").is_file():
+    if weights_source(path, tag) == "deepspeed":
         return deepspeed_fp32_state_dict(path, tag)
     from violet_ds.models.checkpoint_io import read_violet_state_dict
 
-    return read_violet_state_dict(path)
+    state = read_violet_state_dict(path)
+    check_finite(state, str(path))
+    return state

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from dataclasses import dataclass
 from typing import Dict, Iterable
 
 import torch
@@ -131,3 +132,95 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_
     warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_ratio * total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupDecay(total_steps, warmup, optim.schedule, optim.min_lr_ratio))
+
+
+# ----------------------------------------------------------------------------------------- resume
+GROUP_SETTINGS = ("weight_decay", "betas", "eps")
+"""AdamW settings of a parameter group that the run's config decides (a checkpoint's are replaced on resume)"""
+
+
+def _plain(value):
+    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """What a run's configuration decides about every optimizer step still to come: the peak LR of each
+    parameter group, the `WarmupDecay` shape (total steps, warm-up, schedule, floor) and AdamW's settings.
+    The optimizer's moments and the step count are not settings: they come from a checkpoint."""
+
+    base_lrs: tuple
+    shape: tuple
+    """sorted (field, value) pairs of the schedule's multiplier"""
+    groups: tuple
+    """per parameter group, sorted (key, value) pairs of GROUP_SETTINGS"""
+
+
+def optimizer_settings(scheduler) -> OptimizerSettings:
+    """The settings `scheduler` (a LambdaLR over one multiplier, as `build_scheduler` makes) and its optimizer hold."""
+    shape = scheduler.lr_lambdas[0]
+    return OptimizerSettings(
+        base_lrs=tuple(float(lr) for lr in scheduler.base_lrs),
+        shape=tuple(sorted((key, _plain(value)) for key, value in vars(shape).items())),
+        groups=tuple(tuple(sorted((key, _plain(group[key])) for key in GROUP_SETTINGS if key in group))
+                     for group in scheduler.optimizer.param_groups))
+
+
+def _number(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def describe_changes(old: OptimizerSettings, new: OptimizerSettings) -> list[str]:
+    """One "what: old -> new" per setting that differs, named by the config options that decide it."""
+    changes = []
+    if old.base_lrs != new.base_lrs:
+        same_ratios = len(old.base_lrs) == len(new.base_lrs) and all(
+            math.isclose(o * new.base_lrs[0], n * old.base_lrs[0], rel_tol=1e-9)
+            for o, n in zip(old.base_lrs, new.base_lrs))
+        if same_ratios:
+            changes.append(f"optim.lr {_number(max(old.base_lrs))} -> {_number(max(new.base_lrs))}")
+        else:
+            changes.append("peak lr per parameter group (optim.lr, optim.video_lr_mult) "
+                           f"[{', '.join(map(_number, old.base_lrs))}] -> [{', '.join(map(_number, new.base_lrs))}]")
+    names = {"total": "total steps (run.max_steps / run.epochs)",
+             "warmup": "warm-up steps (optim.warmup_steps / optim.warmup_ratio)",
+             "schedule": "optim.schedule", "min_ratio": "optim.min_lr_ratio"}
+    before, after = dict(old.shape), dict(new.shape)
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) != after.get(key):
+            changes.append(f"{names.get(key, key)} {_number(before.get(key))} -> {_number(after.get(key))}")
+    for key in GROUP_SETTINGS:
+        values = [{k: v for k, v in group}.get(key) for group in old.groups]
+        wanted = [{k: v for k, v in group}.get(key) for group in new.groups]
+        if values != wanted:
+            # weight decay: the decayed groups carry optim.weight_decay, the others 0
+            pick = max if key == "weight_decay" else (lambda items: items[0])
+            changes.append(f"optim.{key} {_number(pick(values))} -> {_number(pick(wanted))}")
+    return changes
+
+
+def apply_settings(scheduler, settings: OptimizerSettings) -> list[str]:
+    """Make a scheduler loaded from a checkpoint follow `settings` (the current config's) from its own step on.
+
+    The LR of every later step is then the current schedule's at that step: a larger total continues the
+    decay at a non-zero LR, a new peak LR scales it, a new warm-up or schedule shape takes over. Returns
+    `describe_changes` of the loaded settings; with none, nothing is touched (an exact resume stays bitwise).
+    """
+    loaded = optimizer_settings(scheduler)
+    if loaded == settings:
+        return []
+    changes = describe_changes(loaded, settings)
+    groups = scheduler.optimizer.param_groups
+    lr_before = float(groups[0]["lr"])
+    shape = scheduler.lr_lambdas[0]
+    vars(shape).update({key: value for key, value in settings.shape})
+    scheduler.base_lrs = list(settings.base_lrs)
+    for group, base_lr, extra in zip(groups, settings.base_lrs, settings.groups):
+        group.update({key: (tuple(value) if key == "betas" else value) for key, value in extra})
+        group["initial_lr"] = base_lr
+        # LambdaLR's own formula at the step it stands on
+        group["lr"] = base_lr * shape(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
+    if float(groups[0]["lr"]) != lr_before:
+        changes.append(f"lr of the next step {_number(lr_before)} -> {_number(float(groups[0]['lr']))}")
+    return changes

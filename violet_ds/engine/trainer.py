@@ -9,6 +9,7 @@ of what happens per micro-batch and per optimizer step; each step it names does 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .divergence import DivergenceWatch
 from .distributed import World
 from .evaluator import evaluate, to_device
 from .logging import RunLogger, TrainProgress, memory_mb
+from .optim import apply_settings, optimizer_settings
 from .stall import StallDetector
 
 
@@ -57,6 +59,10 @@ class TrainSummary:
     losses: List[float] = field(default_factory=list)
     skipped_steps: int = 0
     preempted: bool = False
+    stop_signal: Optional[str] = None
+    """the signal that stopped the run (with `preempted`)"""
+    start_step: int = 0
+    """the step the run started from (a resumed run: its checkpoint's)"""
     last_checkpoint: Optional[str] = None
     val_metrics: Dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -83,27 +89,39 @@ class _LogWindow:
 
 
 class _StopSignal:
-    """Record SIGTERM/SIGUSR1 instead of dying mid-step; the loop saves and exits at the next boundary."""
+    """Record SIGTERM/SIGUSR1 (with `enabled`: run.save_on_sigterm) and a first SIGINT instead of dying mid-step;
+    the loop saves and exits at the next boundary. A second SIGINT raises KeyboardInterrupt at once (no save)."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
+    INTERRUPT_NOTE = (b"SIGINT: finishing the current step, then saving a checkpoint and stopping "
+                      b"(Ctrl-C again stops at once, without saving)\n")
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, announce: bool = True):
         self.received: Optional[str] = None
+        self.interrupts = 0
+        self._announce = announce
         self._previous: Dict[int, Any] = {}
-        if not enabled:
-            return
-        for name in self.SIGNALS:
+        for name in (self.SIGNALS if enabled else ()) + ("SIGINT",):
             number = getattr(signal, name, None)
             if number is None:
                 continue
             try:
-                self._previous[number] = signal.signal(number, self._handle)
+                self._previous[number] = signal.signal(number, self._interrupt if name == "SIGINT" else self._handle)
             except ValueError:
                 # not the main thread (e.g. called from a worker thread): keep default behaviour
                 pass
 
     def _handle(self, number, frame) -> None:
         self.received = signal.Signals(number).name
+
+    def _interrupt(self, number, frame) -> None:
+        self.interrupts += 1
+        if self.interrupts > 1:
+            raise KeyboardInterrupt("second Ctrl-C: stopped at once, without saving")
+        self.received = self.received or "SIGINT"
+        if self._announce:
+            # a signal handler may run inside a logging call: write the note straight to stderr
+            os.write(2, self.INTERRUPT_NOTE)
 
     def restore(self) -> None:
         for number, handler in self._previous.items():
@@ -121,7 +139,7 @@ class Trainer:
 
     def __init__(self, *, engine, scheduler, make_loader: Callable[[SampleCursor], Any], micro_per_epoch: int,
                  world: World, run: RunConfig, run_dir: Path, logger: RunLogger, batch_size: int,
-                 grad_accum: int, total_steps: int, resolved_config: str = "",
+                 grad_accum: int, total_steps: int, resolved_config: str = "", command: str = "pretrain",
                  val_loaders: Optional[Callable[[], Mapping[str, Any]]] = None):
         self.engine = engine
         self.task = engine.module
@@ -139,6 +157,10 @@ class Trainer:
         self.micro_per_epoch = self.steps_per_epoch * grad_accum
         self.total_steps = total_steps
         self.resolved_config = resolved_config
+        self.command = command
+        # the LR schedule and AdamW settings of this run's config, taken before any checkpoint is loaded: a
+        # loaded checkpoint's schedule is replaced by them (`load_checkpoint`)
+        self._configured = optimizer_settings(scheduler) if scheduler is not None else None
         self.val_loaders = val_loaders
         self.log_every = max(1, run.log_every)
         self.state = TrainState()
@@ -153,6 +175,7 @@ class Trainer:
         self._step_lr = 0.0
         self._pending_rng: Optional[dict] = None
         self._last_saved_step = -1
+        self.summary = TrainSummary()
 
     # ------------------------------------------------------------------ checkpoints
     def client_state(self) -> dict:
@@ -175,32 +198,54 @@ class Trainer:
         if tag is None:
             self.logger.info(f"--run.resume {resume}: no checkpoint in {self.checkpoint_dir}, starting fresh")
             return None
-        client = ckpt.load_checkpoint(self.engine, self.checkpoint_dir, tag, self.world)
+        client, changes = self.load_checkpoint(tag)
         step, cursor = ckpt.train_position(client, tag)
         self.state = TrainState(step=step, cursor=cursor)
+        marker = ckpt.read_marker(self.checkpoint_dir / tag)
+        universal = (f" (a universal checkpoint, converted from {marker.get('source_tag')} of "
+                     f"{marker.get('source_world_size')} rank(s))" if marker.get("universal") else "")
         self.logger.info(f"resumed from {self.checkpoint_dir / tag}: step {step}, epoch {cursor.epoch}, "
-                         f"{cursor.micro_in_epoch} micro-batches into the epoch")
+                         f"{cursor.micro_in_epoch} micro-batches into the epoch{universal}")
+        rng = ("RNG streams" if client.get("rng") is not None else
+               "no RNG streams (masking and dropout draws restart from engine.seed: not an exact continuation)")
+        settings = "; ".join(changes) if changes else "as in the checkpoint"
+        self.logger.info(f"resume: from the checkpoint: weights, optimizer moments, step {step}, data position, {rng}; "
+                         f"from this run's config: the LR schedule and AdamW settings ({settings}) and everything "
+                         "else (run length, logging, evaluation, checkpoint cadence)")
         return client.get("rng")
+
+    def load_checkpoint(self, tag: str) -> tuple[dict, list[str]]:
+        """Load `tag` (weights, optimizer, schedule position, this rank's RNG file) and put this run's LR schedule
+        and AdamW settings in place of the checkpoint's: (client state, "what: old -> new" per changed setting)."""
+        client = ckpt.load_checkpoint(self.engine, self.checkpoint_dir, tag, self.world)
+        changes = apply_settings(self.scheduler, self._configured) if self._configured is not None else []
+        return client, changes
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: Optional[str] = None) -> TrainSummary:
         started = time.time()
-        summary = TrainSummary()
+        # kept on the trainer: what the run did so far is still there when `fit` raises
+        summary = self.summary = TrainSummary()
         self._pending_rng = self.resume(resume) if resume else None
         self._last_saved_step = self.state.step if self.state.step > 0 else -1
+        summary.start_step = self.state.step
         self.logger.truncate_metrics(self.state.step)
-        stop = _StopSignal(self.run.save_on_sigterm)
+        stop = _StopSignal(self.run.save_on_sigterm, announce=self.world.is_main)
         # a tqdm bar on terminals only; step lines (>= one per 5% of the run) everywhere else
         self._bar = TrainProgress(self.total_steps, self.state.step, self.world, self.logger,
                                   enabled=self.run.progress, log_every=self.log_every)
         self._window = _LogWindow()
         self._step_lr = self._current_lr()
         try:
-            while self._more_to_train():
-                if self._train_epoch(stop, summary):
+            while True:
+                while self._more_to_train():
+                    if self._train_epoch(stop, summary):
+                        return summary
+                self._save_if_unsaved(summary)
+                # never `finished` on a non-finite loss or weights: DivergenceError, or rolled back and train on
+                if not self.divergence.check_end():
                     return summary
-            self._save_if_unsaved(summary)
-            return summary
+                self._last_saved_step = self.state.step  # the checkpoint rolled back to
         finally:
             stop.restore()
             self._finish(summary, started)
@@ -338,6 +383,7 @@ class Trainer:
 
     def _report_stop(self, stop: _StopSignal, summary: TrainSummary) -> None:
         summary.preempted = True
+        summary.stop_signal = stop.received
         self.logger.warning(f"{stop.received or 'stop signal'} received: saved step {self.state.step} and "
                             "stopping; resume with --run.resume auto")
 

@@ -13,8 +13,13 @@ for the target world size and batch size, so the resumed run neither skips nor r
 That is only possible when the consumed samples split evenly over the new ranks; otherwise the
 command says which world sizes work.
 
+The RNG streams are per rank: on the same world size every rank's RNG file is copied and the resume is
+exact; on another world size none can carry over, and the resume says in its log that masking and dropout
+draws restart from the run seed.
+
 The converted checkpoint is a new tag `<tag>-universal` next to the original, marked complete and made
-`latest`, so `--run.resume auto` (and a requeued SLURM job) continues from it. Loading it needs
+`latest` (the command's output says from which tag it moved; `--set_latest false` leaves it), so
+`--run.resume auto` (and a requeued SLURM job) continues from it. Loading it needs
 `load_universal` in the DeepSpeed config for that one load: the engine calls `configure_load`, which
 sets it exactly when the tag to resume is universal (later checkpoints are ordinary ones again).
 """
@@ -138,6 +143,17 @@ def _run_ds_to_universal(source: Path, output: Path, workers: int) -> None:
             ds_to_universal.main(args)
 
 
+def copy_rng_streams(source: Path, output: Path, source_world: int, target_world: int) -> bool:
+    """Copy every rank's RNG file of `source` into `output` when the world size stays the same (each rank then
+    continues its own streams); True when they were copied, False on another world size or a missing file."""
+    files = [ckpt.rng_file(source, rank) for rank in range(source_world)]
+    if target_world != source_world or not all(path.is_file() for path in files):
+        return False
+    for path in files:
+        shutil.copy2(path, Path(output) / path.name)
+    return True
+
+
 # ----------------------------------------------------------------------------------------- command
 def universal_checkpoint(run_dir: str, tag: str = "latest", world_size: Optional[int] = None,
                          batch_size: Optional[int] = None, workers: int = 1, set_latest: bool = True,
@@ -147,7 +163,9 @@ def universal_checkpoint(run_dir: str, tag: str = "latest", world_size: Optional
     Writes `<run_dir>/checkpoints/<tag>-universal` (weights, fp32 master copies and optimizer moments
     whole, per parameter) with the data cursor remapped for `world_size` ranks of `batch_size` samples,
     and points `latest` at it: then run the same command again with the new number of ranks and
-    `--run.resume auto`. Exits non-zero when the cursor cannot be remapped exactly.
+    `--run.resume auto`. On the same world size the ranks' RNG files are copied (an exact resume); on another
+    one the resumed ranks restart their RNG streams from the run seed. Exits non-zero when the cursor cannot
+    be remapped exactly.
 
     Args:
         run_dir: the run directory (runs/<name>), which holds checkpoints/.
@@ -207,15 +225,32 @@ def universal_checkpoint(run_dir: str, tag: str = "latest", world_size: Optional
                                    "micro_in_epoch": micro_in_epoch}
     torch.save(converted, staging / f"{MODEL_STATES}.tmp")
     os.replace(staging / f"{MODEL_STATES}.tmp", staging / MODEL_STATES)
-    # per-rank RNG streams cannot carry over to a different set of ranks: none are copied, so the
-    # resumed ranks draw fresh masking/dropout streams from the run seed
+    # per-rank RNG streams carry over to the same set of ranks only; on another world size none are copied and
+    # the resumed ranks draw fresh masking/dropout streams from the run seed (the resume says so)
+    rng_streams = copy_rng_streams(source, staging, source_world, target_world)
     (staging / COMPLETE_MARKER).write_text(json.dumps({
         "tag": output.name, "step": int(states["step"]), "world_size": target_world, "universal": True,
         "source_tag": tag, "source_world_size": source_world, "batch_size": target_batch,
+        "rng_streams": rng_streams,
     }))
     os.replace(staging, output)
+    previous_latest = ckpt.read_latest(checkpoint_dir)
     if set_latest:
         ckpt.write_latest(checkpoint_dir, output.name)
+    if set_latest:
+        latest = (f"moved: {previous_latest or '(none)'} -> {output.name} (`--run.resume auto` resumes the converted "
+                  "tag; --set_latest false leaves `latest` alone)")
+    else:
+        latest = f"unchanged ({previous_latest or 'none'}); resume the converted tag with --run.resume {output.name}"
+    if rng_streams:
+        exact = "exact: the RNG streams of every rank are copied (same world size)"
+    elif target_world != source_world:
+        exact = (f"not exact: the RNG streams of {source_world} rank(s) cannot move to {target_world}; masking and "
+                 "dropout draws restart from engine.seed (weights, optimizer and data position are exact)")
+    else:
+        exact = (f"not exact: {source.name} has no RNG files to copy; masking and dropout draws restart from "
+                 "engine.seed (weights, optimizer and data position are exact)")
+    resume = "auto" if set_latest else output.name
     params = len([p for p in (output / "zero").iterdir() if p.is_dir()]) if (output / "zero").is_dir() else 0
     lines = [
         "violet-ds universal-checkpoint done",
@@ -223,8 +258,9 @@ def universal_checkpoint(run_dir: str, tag: str = "latest", world_size: Optional
         f"  universal         {output} ({params} parameters)",
         f"  data cursor       {micro_in_epoch} micro-batches/rank x {source_world} -> {new_micro} micro-batches/rank "
         f"x {target_world} (sample {consumed} of epoch {states['epoch']})",
-        f"  latest            {'-> ' + output.name if set_latest else 'unchanged'}",
-        f"  resume with       {target_world} ranks, --data.batch_size {target_batch} --run.resume auto",
+        f"  latest            {latest}",
+        f"  resume            {exact}",
+        f"  resume with       {target_world} ranks, --data.batch_size {target_batch} --run.resume {resume}",
         f"  time              {time.perf_counter() - started:.1f} s",
     ]
     print("\n".join(lines), flush=True)

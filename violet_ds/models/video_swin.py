@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, Mlp, trunc_normal_
 
+from violet_ds.config import check_at_least, check_field_types
 from violet_ds.weights import read_state_dict, strip_prefix
 
 Size3 = Tuple[int, int, int]
@@ -61,6 +62,12 @@ class VideoSwinConfig:
     grad_checkpointing: bool = False
     # keep what the encoder saves for backward in CPU memory (`set_grad_checkpointing(offload=True)`)
     offload_activations: bool = False
+
+    def __post_init__(self) -> None:
+        # VIOLET's `swin_overrides` may come from a file (a model directory's config.json): named by key
+        check_field_types(self, "swin_overrides")
+        check_at_least(self, {"embed_dim": 1, "temporal_stride": 1, "in_chans": 1, "mlp_ratio": 0, "drop_rate": 0,
+                              "attn_drop_rate": 0, "drop_path_rate": 0}, "swin_overrides")
 
     @property
     def num_features(self) -> int:
@@ -300,10 +307,10 @@ class WindowAttention3D(nn.Module):
         return table.index_select(1, index.reshape(-1)).view(-1, n, n)
 
     def uses_flex(self, device: torch.device) -> bool:
-        # only when asked: on an H200 (torch 2.11) the compiled FlexAttention was 4% faster than SDPA's
-        # memory-efficient kernel on the backbone alone in one session and 11% slower in another, and the full
-        # violet-v2 bf16 step at batch 16 took 384 ms with it against 311 ms with SDPA (tools/gpu_check.sh,
-        # session 8). FlexAttention has no CPU backward, so CPU training falls back to the default path
+        # only when asked: on an H200 (torch 2.11) the compiled FlexAttention was between 4% faster and 11% slower
+        # than SDPA's memory-efficient kernel on the backbone alone, and the full violet-v2 bf16 step at batch 16
+        # took 384 ms with it against 311 ms with SDPA (docs/benchmarks.md). FlexAttention has no CPU backward,
+        # so CPU training falls back to the default path
         return self.attention == "flex" and (device.type == "cuda" or not torch.is_grad_enabled())
 
     def uses_explicit(self, device: torch.device) -> bool:

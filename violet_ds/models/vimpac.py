@@ -8,7 +8,7 @@ Layout: a clip is a token grid ``(T, H, W)`` (``H = height_px / 8``). Hidden sta
 ``(B, T, H, W, D)`` plus one [CLS] vector ``(B, D)`` per clip, so every axis attention is a reshape
 of the same tensor and never a Python loop over frames or rows.
 
-"T,H|W" attention (REFERENCE.md §3): a temporal attention over the frames of each spatial location,
+"T,H|W" attention (docs/reference.md#3-vimpac): a temporal attention over the frames of each spatial location,
 then a spatial attention whose heads are split into a height half (over the rows of each column) and
 a width half (over the columns of each row); the two halves are concatenated before one shared
 output projection. Each attention and the MLP is a post-LN residual sub-layer. [CLS] is prepended to
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from violet_ds.config import check_field_types
 from violet_ds.data.vq_clips import VQ_CODEBOOK_SIZE, VQ_MASK_ID, VQ_PAD_ID, VQ_VOCAB_ROWS
 from violet_ds.registry import MODELS
 
@@ -68,6 +69,7 @@ class VimpacConfig:
     offload_activations: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # a configuration read from a file is named by key
         _refuse_offload(self.offload_activations)
         if self.num_heads < 2 or self.num_heads % 2:
             raise ValueError(f"num_heads must be even (height and width attention each take half), got {self.num_heads}")

@@ -1,6 +1,6 @@
 """VIOLET backbone (VIOLET, VIOLETv2, LAVENDER): video transformer + BERT embeddings + BERT cross encoder.
 
-Token layout fed to the cross-modal transformer (REFERENCE §1):
+Token layout fed to the cross-modal transformer (docs/reference.md#1-the-violet-family-model):
 ``[CLS_v, p_1 .. p_hw] x T frames  ++  [CLS] text ... [SEP] [PAD]*`` — video first; the pooled output is
 the hidden state of the text [CLS] at index ``T * (1 + h*w)``.
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from violet_ds.config import check_at_least, check_field_types
 from violet_ds.registry import MODELS
 from violet_ds.weights import check_keys, read_state_dict
 
@@ -64,6 +65,14 @@ class VioletConfig:
     grad_checkpointing: bool = False
     # keep what the video encoder saves for backward in CPU memory (`set_grad_checkpointing(offload=True)`)
     offload_activations: bool = False
+
+    def __post_init__(self) -> None:
+        # a configuration read from a file (a model directory's config.json) is named by key, not found by torch
+        check_field_types(self)
+        check_at_least(self, {"max_frames": 1, "max_patch_side": 1, "hidden_size": 1, "num_layers": 1,
+                              "num_heads": 1, "intermediate_size": 1, "vocab_size": 1, "max_position_embeddings": 1,
+                              "type_vocab_size": 1, "pad_token_id": 0, "drop_path": 0, "hidden_dropout": 0,
+                              "attention_dropout": 0, "layer_norm_eps": 0, "initializer_range": 0})
 
 
 @dataclass
