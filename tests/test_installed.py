@@ -83,9 +83,13 @@ def test_installed_copy_runs_the_packaged_recipe_from_anywhere(installed, tmp_pa
     model_dir = elsewhere / "demo_model"
     assert (model_dir / "model.safetensors").is_file()
     clips = _mp4_folder(tmp_path)
-    answers = _run(installed, elsewhere, "predict", "--model", str(model_dir), "--videos", str(clips),
-                   "--captions", '["a red square moves left", "a blue circle"]').stdout
-    rows = [json.loads(line) for line in answers.splitlines() if line.startswith("{")]
+    card = (model_dir / "README.md").read_text()
+    assert "A demo model" in card and str(tmp_path) not in card  # no absolute path of this machine
+    assert "run `demo`, checkpoint `step00000003`" in card and "| training samples | 280 |" in card
+    predicted = _run(installed, elsewhere, "predict", "--model", str(model_dir), "--videos", str(clips),
+                     "--captions", '["a red square moves left", "a blue circle"]')
+    assert predicted.stderr.count("is a demo model") == 1
+    rows = [json.loads(line) for line in predicted.stdout.splitlines() if line.startswith("{")]
     assert sorted(Path(row["video"]).name for row in rows) == ["bikes.mp4", "carphone_pristine.mp4"]
     assert all(len(row["ranking"]) == 2 for row in rows)
 

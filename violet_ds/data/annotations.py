@@ -1,6 +1,6 @@
 """Loaders for every official annotation JSON format, validated with errors naming file and record.
 
-Formats (REFERENCE.md §4):
+Formats (docs/reference.md#4-data-formats):
 - pretraining captions `txt_{cc3m,webvid2.5m}.json`: `{"train": {id: [caption, ...]}, "val": {...}}`;
 - retrieval / captioning: `{"train"|"val"|"test": [{"video", "caption"}]}` (caption: str or list);
 - multiple-choice QA: `[{"question", "option_0".."option_{K-1}", "answer": int, "video"}]` per split

@@ -47,6 +47,8 @@ from typing import Optional
 
 import numpy as np
 
+from .tokenizer import DEMO_MARKER
+
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 220, 40),
           "white": (235, 235, 235)}
 SHAPES = ("circle", "square", "triangle")
@@ -400,6 +402,9 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
     for name, content in files.items():
         (root / name).write_text(json.dumps(content, indent=1))
     train_tokenizer(all_texts(files), root / "tokenizer", vocab_size)
+    words = len((root / "tokenizer" / "vocab.txt").read_text().split())
+    (root / "tokenizer" / DEMO_MARKER).write_text(json.dumps(
+        {"vocabulary": "the synthetic demo data of `violet-ds make-demo-data`", "word_pieces": words}, indent=1) + "\n")
     tokenizer = Tokenizer(root / "tokenizer")
     for vocab_name in ("txt_qaoe.json", "txt_fib.json"):
         for word in files[vocab_name]["vocab"] + ["true", "false"]:

@@ -36,6 +36,11 @@ def find_packaged_bert() -> Optional[Path]:
     return None
 
 
+# written next to the demo's vocabulary by `violet-ds make-demo-data` and copied into every model directory
+# saved with it: a model that only knows the synthetic demo's words says so (model card, `predict`)
+DEMO_MARKER = "violet_ds_demo_vocabulary.json"
+
+
 class Tokenizer:
     """BERT WordPiece tokenizer from a local directory, returning padded id/mask tensors."""
 
@@ -52,6 +57,11 @@ class Tokenizer:
         for name in ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id", "unk_token_id"):
             if getattr(self.hf, name) is None:
                 raise ValueError(f"{self.path}: tokenizer defines no {name[:-3]} (BERT-style vocab required)")
+
+    @property
+    def is_demo(self) -> bool:
+        """The synthetic demo's vocabulary (`violet-ds make-demo-data`), not a real language's."""
+        return (self.path / DEMO_MARKER).is_file()
 
     # ---- special ids (always from the tokenizer)
     @property

@@ -36,7 +36,7 @@ from violet_ds.data.tsv import TSVError, TSVFile, TSVWriter, resolve_tsv_paths
 
 PathLike = Union[str, os.PathLike]
 
-# DALL-E dVAE codebook size and VIMPAC's special rows (REFERENCE.md §3): the token embedding has 8197
+# DALL-E dVAE codebook size and VIMPAC's special rows (docs/reference.md#3-vimpac): the token embedding has 8197
 # rows; [PAD] fills frames missing from short videos, [MASK] replaces masked tokens. Defined here, the
 # lowest floor that speaks VQ tokens, so token files, the vq target and the VIMPAC model share them.
 VQ_CODEBOOK_SIZE = 8192

@@ -1,6 +1,6 @@
 """VIMPAC masking on a VQ-token grid ``(T, H, W)``: 3D block masking and i.i.d. masking.
 
-Block rule (REFERENCE.md §3, following the released code and the paper's ratio table): for each of
+Block rule (docs/reference.md#3-vimpac, following the released code and the paper's ratio table): for each of
 ``K`` blocks draw a temporal length uniform in ``1..floor(2T/3)``, a height uniform in ``1..floor(H/2)``
 and a width uniform in ``1..floor(W/2)`` (all inclusive), then starts uniform so that the block lies
 fully inside the grid; the mask is the union of the blocks, minus excluded ([PAD]) positions.

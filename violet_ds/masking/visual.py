@@ -1,7 +1,7 @@
 """VIOLET masked visual modelling: which video-transformer tokens to hide, and hiding them.
 
 Masks live on the VT token grid `(B, T, h, w)` (one token = one 32x32 pixel block of one frame; the
-per-frame [CLS_v] is never masked). Three strategies (REFERENCE §2):
+per-frame [CLS_v] is never masked). Three strategies (docs/reference.md#2-pretraining-objectives):
 
 - `rm` random: a uniformly random subset of the tokens of each clip;
 - `bm` blockwise: a union of random 3D blocks (temporal length in [1, T-1], height in

@@ -1,6 +1,6 @@
 """VIOLET / VIOLETv2 / LAVENDER pretraining: video-text matching, masked language and visual modeling.
 
-Objectives (REFERENCE §2), each weighted by `task.loss_weights` (a weight of 0 or a missing key turns
+Objectives (docs/reference.md#2-pretraining-objectives), each weighted by `task.loss_weights` (a weight of 0 or a missing key turns
 the objective off and builds no head for it):
 
 - `vtm`: every video is paired with its own text and `min(B, vtm_negatives + 1) - 1` other texts of

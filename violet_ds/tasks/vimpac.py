@@ -1,6 +1,6 @@
 """VIMPAC tasks: pretraining (masked VQ-token prediction + contrastive clips) and action classification.
 
-`vimpac_pretrain` (REFERENCE.md §2, §3): both clips of every video are masked (3D blocks or i.i.d.,
+`vimpac_pretrain` (docs/reference.md#2-pretraining-objectives, §3): both clips of every video are masked (3D blocks or i.i.d.,
 [PAD] never masked, masked tokens replaced by [MASK]) and go through the transformer in one batch;
 the token head predicts the original codes at masked positions (cross-entropy); the contrastive head
 maps each clip's [CLS] to a 256-d feature, and the symmetric InfoNCE treats the two clips of a video
