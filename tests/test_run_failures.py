@@ -169,13 +169,19 @@ def _interrupt(config: Path, signals: int, at_line: str, gap_s: float = 0.05) ->
     return process, "".join(lines)
 
 
-def test_first_ctrl_c_finishes_the_step_saves_and_exits_130(demo, tmp_path):
-    run_dir = tmp_path / "runs" / "ctrl_c"
-    config = write_config(tiny_config(demo, tmp_path / "runs", "ctrl_c", data__num_workers=1, run__max_steps=40,
-                                      run__save_every=0), tmp_path / "ctrl_c.yaml")
-    process, output = _interrupt(config, 1, "step 2/40")
+def _interrupted_run(demo, tmp_path, name: str, signals: int):
+    """(run dir, output) of a 40-step run with a loader worker, sent `signals` Ctrl-Cs after step 2; it must
+    end with exit code 130 and no traceback."""
+    config = write_config(tiny_config(demo, tmp_path / "runs", name, data__num_workers=1, run__max_steps=40,
+                                      run__save_every=0), tmp_path / f"{name}.yaml")
+    process, output = _interrupt(config, signals, "step 2/40")
     assert process.returncode == 130, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+    return tmp_path / "runs" / name, output
+
+
+def test_first_ctrl_c_finishes_the_step_saves_and_exits_130(demo, tmp_path):
+    run_dir, output = _interrupted_run(demo, tmp_path, "ctrl_c", 1)
     assert "SIGINT: finishing the current step" in output, output[-3000:]
     saved = [line for line in output.splitlines() if "SIGINT received: saved step" in line]
     assert len(saved) == 1, output[-3000:]
@@ -188,12 +194,7 @@ def test_first_ctrl_c_finishes_the_step_saves_and_exits_130(demo, tmp_path):
 
 @pytest.mark.slow  # a real run interrupted twice (~14 s); the first Ctrl-C's test runs by default
 def test_second_ctrl_c_exits_at_once_without_saving(demo, tmp_path):
-    run_dir = tmp_path / "runs" / "twice"
-    config = write_config(tiny_config(demo, tmp_path / "runs", "twice", data__num_workers=1, run__max_steps=40,
-                                      run__save_every=0), tmp_path / "twice.yaml")
-    process, output = _interrupt(config, 2, "step 2/40")
-    assert process.returncode == 130, output[-3000:]
-    assert "Traceback" not in output, output[-3000:]
+    run_dir, output = _interrupted_run(demo, tmp_path, "twice", 2)
     assert "interrupted: second Ctrl-C: stopped at once, without saving" in output, output[-3000:]
     assert latest_tag(run_dir) is None and not list((run_dir / "checkpoints").glob("step*")), output[-3000:]
 
