@@ -53,7 +53,7 @@ def _slots(config: Any) -> Iterator[Tuple[Any, str]]:
                 yield source, key
 
 
-def _is_packaged_ds_config(holder: Any, key: str, value: str) -> bool:
+def _is_packaged_ds_config(key: str, value: str) -> bool:
     from violet_ds.resources import find_ds_config
 
     return key == "ds_config" and Path(value).parent == Path(".") and find_ds_config(value) is not None
@@ -62,7 +62,7 @@ def _is_packaged_ds_config(holder: Any, key: str, value: str) -> bool:
 def _map_paths(config: Any, fn: Callable[[str], str]) -> None:
     for holder, key in _slots(config):
         value = _get(holder, key)
-        if not isinstance(value, str) or not value.strip() or _is_packaged_ds_config(holder, key, value):
+        if not isinstance(value, str) or not value.strip() or _is_packaged_ds_config(key, value):
             continue
         _set(holder, key, ",".join(fn(part.strip()) if part.strip() else part for part in value.split(",")))
 

@@ -244,17 +244,9 @@ class Predictor:
         not_official = ValueError(f"{path}: not an official VIOLET-family checkpoint; a violet_ds weight file "
                                   "carries no configuration: use a run directory or `violet-ds export --format dir`")
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
+            from violet_ds.weights import safetensors_keys
 
-            try:
-                with safe_open(str(path), framework="pt") as handle:  # keys only, no tensor read
-                    keys = list(handle.keys())
-            except OSError:
-                raise
-            except Exception as error:  # safetensors' SafetensorError: a header cut short or damaged
-                raise ValueError(f"{path}: not a readable .safetensors file ({error}); it is truncated or damaged "
-                                 f"({path.stat().st_size} bytes): copy or export it again") from None
-            if not is_official_state_dict(dict.fromkeys(keys)):
+            if not is_official_state_dict(dict.fromkeys(safetensors_keys(path))):
                 raise not_official
         try:
             module, _ = load_official_checkpoint(path)

@@ -109,6 +109,25 @@ def _unwrap(obj: Any, path: Path) -> StateDict:
     return obj
 
 
+def _unreadable_safetensors(path: Path, error: Exception) -> ValueError:
+    return ValueError(f"{path}: not a readable .safetensors file ({error}); it is truncated or damaged "
+                      f"({path.stat().st_size} bytes): copy or export it again")
+
+
+def safetensors_keys(path: PathLike) -> list[str]:
+    """The tensor names of a `.safetensors` file, read from its header only (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except OSError:
+        raise
+    except Exception as error:  # safetensors' SafetensorError: a header cut short or damaged
+        raise _unreadable_safetensors(path, error) from None
+
+
 def read_state_dict(path: PathLike) -> StateDict:
     """A state dict from `.safetensors`, a torch file (weights only) or a model directory, unwrapped."""
     path = Path(path)
@@ -124,8 +143,7 @@ def read_state_dict(path: PathLike) -> StateDict:
         except OSError:
             raise
         except Exception as error:  # safetensors' SafetensorError: a header or data region cut short or damaged
-            raise ValueError(f"{path}: not a readable .safetensors file ({error}); it is truncated or damaged "
-                             f"({path.stat().st_size} bytes): copy or export it again") from error
+            raise _unreadable_safetensors(path, error) from error
     try:
         obj = safe_torch_load(path)
     except pickle.UnpicklingError as error:
