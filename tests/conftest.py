@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,18 @@ def demo(tmp_path_factory) -> Path:
     from engine_support import make_small_demo
 
     return make_small_demo(tmp_path_factory.mktemp("shared_demo"))
+
+
+@pytest.fixture(scope="session")
+def finished(demo, tmp_path_factory) -> tuple[Path, Path]:
+    """(config, run dir) of a finished 2-step pretraining run with a checkpoint per step; tests that change it work
+    on a copy (`engine_support.copy_run`)."""
+    from engine_support import cli_command, cli_env, tiny_config, write_config
+
+    out = tmp_path_factory.mktemp("finished_runs")
+    config = write_config(tiny_config(demo, out, "done", run__max_steps=2, run__save_every=1, run__log_every=1),
+                          out / "done.yaml")
+    result = subprocess.run(cli_command(config), env=cli_env(), capture_output=True, text=True, timeout=600,
+                            cwd=str(REPO))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return config, out / "done"

@@ -21,8 +21,7 @@ def make_small_demo(root: Path) -> Path:
 
     out = root / "demo"
     if not (out / "demo.json").is_file():
-        code = make_demo_data(out=str(out), num_videos=48, num_images=16, num_frames=4, size=64, workers=1)
-        assert code == 0
+        make_demo_data(out=str(out), num_videos=48, num_images=16, num_frames=4, size=64, workers=1)
     return out
 
 
@@ -68,6 +67,15 @@ def cli_env() -> dict:
 
 def cli_command(config_path: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "violet_ds.cli", "pretrain", "--config", str(config_path), *extra]
+
+
+NONFINITE_CLI = REPO / "tests" / "nonfinite_cli.py"
+
+
+def nonfinite_command(config_path: Path, steps: str, *extra: str) -> list[str]:
+    """`cli_command` through tests/nonfinite_cli.py: the divergence guard sees a NaN loss at `steps` ("5,6", or
+    "5,6@1" for rank 1 only)."""
+    return [sys.executable, str(NONFINITE_CLI), "--nonfinite", steps, "pretrain", "--config", str(config_path), *extra]
 
 
 def run_cli(config_path: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:

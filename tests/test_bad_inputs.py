@@ -154,7 +154,7 @@ def test_preflight_checks_every_lineidx_offset(demo, tmp_path):
 
 # ------------------------------------------------------------------------------------ extract-frames
 def test_extract_frames_refuses_other_settings_unless_told(demo, tmp_path):
-    from violet_ds.data.extract import extract_frames
+    from violet_ds.commands.data import extract_frames
 
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -280,7 +280,7 @@ def test_yaml_tag_in_a_run_config_is_named(tmp_path):
 
 # ------------------------------------------------------------------------------------ predict cache
 def test_unwritable_retrieval_cache_warns_and_results_are_printed(model_dir, demo, tmp_path, capsys):
-    from violet_ds.predict import predict
+    from violet_ds.commands.predict import predict
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -296,7 +296,7 @@ def test_unwritable_retrieval_cache_warns_and_results_are_printed(model_dir, dem
 
 
 def test_predict_refuses_non_positive_sizes_and_a_truncated_safetensors_file(tmp_path):
-    from violet_ds.predict import predict
+    from violet_ds.commands.predict import predict
 
     with pytest.raises(ValueError, match=r"--num_frames: must be >= 1, got 0"):
         predict(model=str(tmp_path), videos="clip.mp4", num_frames=0)

@@ -90,6 +90,8 @@ def test_predict_runs_every_video_given(clips, capsys, monkeypatch):
     from violet_ds import predict as predict_module
 
     class Unreadable:
+        tokenizer = None
+
         def read(self, path):
             raise predict_module.VideoReadError("not a video")
 
@@ -191,4 +193,4 @@ def test_commands_is_every_group_merged():
     assert cli.COMMANDS == {name: entry for group in cli.COMMAND_GROUPS.values() for name, entry in group.items()}
     assert sum(map(len, cli.COMMAND_GROUPS.values())) == len(cli.COMMANDS)  # no name in two groups
     target, help_ = cli.COMMANDS["predict"]
-    assert target == "violet_ds.predict:predict" and help_
+    assert target == "violet_ds.commands.predict:predict" and help_

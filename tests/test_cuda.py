@@ -35,11 +35,10 @@ def test_violet_tiny_bf16_autocast_matches_fp32():
 def test_engine_step_on_cuda(precision, ds_config, optimizer, monkeypatch):
     """A ZeRO-2 pretraining step through the real engine, in a fresh process on the CUDA accelerator
     (conftest pins DeepSpeed to the CPU one): finite loss, the optimizer asked for."""
-    from violet_ds.commands.bench import _measure
-    from violet_ds.commands.gpu_check import _in_child
+    from violet_ds.bench.train import measure_step, run_in_child
 
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
-    row = _in_child(_measure, {"model": "violet-tiny", "batch_size": 2, "frames": 2, "image_size": 64, "text_len": 16,
+    row = run_in_child(measure_step, {"model": "violet-tiny", "batch_size": 2, "frames": 2, "image_size": 64, "text_len": 16,
                     "checkpointing": True, "steps": 2, "warmup": 1, "precision": precision, "ds_config": ds_config,
                     "tokenizer": None, "strategies": ["rm", "bm"], "threads": 2, "optimizer": optimizer}, timeout_s=600)
     assert math.isfinite(row["loss"])

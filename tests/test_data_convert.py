@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from violet_ds.data.convert import convert_pickle, load_vq_tokens
-from violet_ds.data.safe_pickle import UnsafePickleError, safe_load
+from violet_ds.commands.data import convert_pickle
+from violet_ds.data.convert import load_vq_tokens
+from violet_ds.data.safe_pickle import UnsafePickleError, load_restricted_pickle
 from violet_ds.data.tsv import TSVFile, validate_tsv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,12 +55,12 @@ def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
     payload = tmp_path / "evil.pkl"
     payload.write_bytes(pickle.dumps({"v": _Exploit()}))
     with pytest.raises(UnsafePickleError, match=r"evil.pkl: refuses to load global .*system"):
-        safe_load(payload)
+        load_restricted_pickle(payload)
     assert convert_pickle(str(payload)) == 1
     assert not (tmp_path / "should_not_exist").exists()
     with pytest.raises(pickle.UnpicklingError, match="not a valid pickle"):
         (tmp_path / "junk.pkl").write_bytes(b"\x80\x04junk")
-        safe_load(tmp_path / "junk.pkl")
+        load_restricted_pickle(tmp_path / "junk.pkl")
 
 
 def test_no_plain_pickle_load_in_the_package():

@@ -1,15 +1,12 @@
-"""Demo data generator (deterministic, official formats, motion needs several frames) and `bench data`."""
+"""Demo data generator (deterministic, official formats, motion needs several frames)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
-import torch
-
+from violet_ds.commands.data import make_demo_data
 from violet_ds.data import annotations as ann
-from violet_ds.data.demo import make_demo_data
 from violet_ds.data.tsv import validate_tsv
 
 SMALL = dict(num_videos=25, num_images=6, num_frames=5, size=32, workers=1)
@@ -67,19 +64,6 @@ def test_demo_motion_is_visible_in_frames(tmp_path):
             assert change < 3, change
         else:
             assert change > 3, change
-
-
-def test_bench_data_runs_every_decoder(tmp_path):
-    from violet_ds.data.bench import bench_data
-    from violet_ds.data.frames import available_decoders
-
-    out = tmp_path / "bench.json"
-    torch.set_num_threads(1)
-    assert bench_data(num_frames=2, size=32, batch_size=2, workers=0, batches=2, synthetic_rows=4, out=str(out)) == 0
-    results = json.loads(out.read_text())
-    assert set(results["decoders"]) == set(available_decoders())
-    assert results["meta"]["commit"] and results["meta"]["time_utc"]
-    assert all(r["loader_clips_per_s"] > 0 and r["decode_frames_per_s"] > 0 for r in results["decoders"].values())
 
 
 def test_demo_motion_captions_name_only_the_motion(tmp_path):

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from violet_ds.data.extract import (ExtractOptions, extract_frames, extract_images, fps_indices, list_inputs,
-                                    official_indices, read_video_frames, run_extraction)
+from violet_ds.commands.data import extract_frames, extract_images
+from violet_ds.data.extract import (ExtractOptions, fps_indices, list_inputs, official_indices, read_video_frames,
+                                    run_extraction)
 from violet_ds.data.frames import decode_frames
 from violet_ds.data.tsv import TSVFile, validate_tsv
 

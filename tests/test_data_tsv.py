@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from violet_ds.data.frames import decode_frames, decode_jpeg
-from violet_ds.data.tsv import (TSVError, TSVFile, TSVWriter, build_index_command, build_lineidx, lineidx_path,
-                                read_lineidx, resolve_tsv_paths, validate_command, validate_tsv)
+from violet_ds.commands import data as data_commands
+from violet_ds.data.tsv import (TSVError, TSVFile, TSVWriter, build_lineidx, lineidx_path, read_lineidx,
+                                resolve_tsv_paths, validate_tsv)
 
 
 def _copy_fixture(official_dir: Path, name: str, tmp_path: Path) -> Path:
@@ -63,7 +64,7 @@ def test_validator_accepts_fixtures(official_dir):
         report = validate_tsv(official_dir / name, decode=True, progress=False)
         assert report["ok"], report["error"]
     assert validate_tsv(official_dir / "_tools/msrvtt.tsv", progress=False)["frames"] == 50
-    assert validate_command(str(official_dir / "_tools" / "msrvtt.tsv")) == 0
+    assert data_commands.validate_tsv(str(official_dir / "_tools" / "msrvtt.tsv")) == 0
 
 
 def test_writer_roundtrip_and_atomicity(tmp_path):
@@ -95,7 +96,7 @@ def test_missing_index_is_built_and_keyed_or_json_indexes_read(tmp_path, officia
     mapping = {k: int(o) for k, o in zip(keys, offsets)}
     lineidx_path(target).write_text(json.dumps(mapping))
     assert TSVFile(target).seek("video7019")[0] == "video7019"
-    assert build_index_command(str(target), force=True) == 0
+    assert data_commands.build_index(str(target), force=True) == 0
 
 
 def test_violetv2_layout_extra_column(tmp_path, official_dir):
@@ -140,7 +141,7 @@ def test_lineidx_pointing_mid_row(tmp_path, official_dir):
         tsv[2]
     report = validate_tsv(path, progress=False)
     assert not report["ok"] and "row 3" in report["error"]
-    assert validate_command(str(path)) == 1
+    assert data_commands.validate_tsv(str(path)) == 1
 
 
 def test_lineidx_missing_a_row(tmp_path, official_dir):

@@ -52,11 +52,11 @@ def test_export_then_create_model_and_init_from(trained_run, tmp_path, demo):
     tokenizer = Tokenizer(demo / "tokenizer")
     task = create_task("pretrain", create_model("violet-tiny", vocab_size=384, max_frames=4), TaskConfig(), tokenizer)
     report = load_init_weights(task, str(out))
-    assert report["missing"] == [] and report["unused"] == [] and report["shape_mismatch"] == []
+    assert report.initialised == [] and report.unexpected == [] and report.mismatched == {}
     assert torch.equal(task.state_dict()["heads.mvm.proj.weight"], state["heads.mvm.proj.weight"])
     # a run directory is accepted directly as init_from
     report = load_init_weights(task, str(trained_run))
-    assert report["missing"] == []
+    assert report.initialised == []
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask022", "umask027"])

@@ -1,6 +1,6 @@
 """The floors of docs/architecture.md hold: no module imports a module of a higher floor.
 
-Top to bottom: the CLI and commands (with predict, pretrained), tasks, engine, targets, models, data,
+Top to bottom: the CLI, commands and benchmarks (with predict, pretrained), tasks, engine, targets, models, data,
 then the bottom floor (masking, metrics, config, registry, weights, progress, errors). The engine and
 the tasks are siblings in spirit (neither knows the other); the engine sits below so that a task may
 name an engine type for documentation without the engine ever importing a task.
@@ -13,10 +13,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "violet_ds"
 FLOORS = {
-    "cli": 8, "commands": 8, "predict": 8, "pretrained": 7,
+    "cli": 8, "commands": 8, "bench": 8, "predict": 8, "pretrained": 7,
     "tasks": 6, "engine": 5, "targets": 4, "models": 3, "data": 2,
     "masking": 1, "metrics": 1, "config": 1, "registry": 1, "weights": 1, "progress": 1,
-    "paths": 1, "errors": 0, "bench_meta": 0, "resources": 0,
+    "paths": 1, "errors": 0, "resources": 0,
 }
 
 

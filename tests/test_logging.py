@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import types
@@ -271,9 +272,11 @@ def test_warnings_of_other_ranks_reach_their_stderr_with_the_rank(tmp_path, caps
         logger.close()
     err = capsys.readouterr().err
     assert "rank 0 talks" not in err and "rank 0 only" not in err
-    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[rank 3\] WARNING bad sample on this rank", err)
-    assert "[rank 3] WARNING skipping bad clip 17" in err
-    assert re.search(r"\[rank 3\] WARNING \S+test_logging.py:\d+: UserWarning: a library complains on this rank", err)
+    # every line names the rank and its host
+    tag = re.escape(f"[rank 3 on {socket.gethostname()}]")
+    assert re.search(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d {tag} WARNING bad sample on this rank", err)
+    assert re.search(rf"{tag} WARNING skipping bad clip 17", err)
+    assert re.search(rf"{tag} WARNING \S+test_logging.py:\d+: UserWarning: a library complains on this rank", err)
     assert not (tmp_path / "rank3").exists()   # other ranks write no files
     import warnings
 

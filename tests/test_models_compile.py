@@ -62,3 +62,20 @@ def test_inductor_compiled_blocks_match_eager():
     compile_blocks(compiled)
     with torch.no_grad():
         torch.testing.assert_close(compiled(*_inputs()).hidden, eager(*_inputs()).hidden, rtol=1e-4, atol=1e-5)
+
+
+def test_model_fields_reach_the_module_at_construction():
+    """`model.video_attention` / `offload_activations` are construction fields of the same name; the Video Swin
+    config a caller hands over is left as it was."""
+    from violet_ds.models import build_model
+    from violet_ds.models.video_swin import VideoSwinConfig, VideoSwinTransformer3D
+
+    model = build_model(ModelConfig(name="violet-tiny", video_attention="explicit", grad_checkpointing=True,
+                                    offload_activations=True))
+    assert model.cfg.video_attention == "explicit" and model.cfg.offload_activations
+    assert model.video_backbone.cfg.attention == "explicit" and model.registered_name == "violet-tiny"
+    cfg = VideoSwinConfig(embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=(2, 3, 3))
+    VideoSwinTransformer3D(cfg, attention="sdpa", drop_path_rate=0.5)
+    assert cfg.attention == "auto" and cfg.drop_path_rate == VideoSwinConfig().drop_path_rate
+    with pytest.raises(TypeError, match="video_attention"):
+        build_model(ModelConfig(name="vimpac-small", video_attention="sdpa"))

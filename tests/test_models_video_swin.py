@@ -196,7 +196,7 @@ def test_inflate_microsoft_layout_and_resize_bias(tmp_path):
     torch.save({"model": microsoft}, path)
     model = build_video_swin("tiny", window_size=(2, 5, 5), depths=(2, 2, 6, 2))
     report = load_video_swin_weights(model, str(path))
-    assert report["unexpected"] == []
+    assert report.unexpected == [] and report.ignored == []
     assert model.layers[0].downsample.reduction.weight.dtype == torch.float32
     torch.testing.assert_close(model.layers[0].downsample.reduction.weight,
                                state["layers.1.downsample.reduction.weight"].half().float())
@@ -214,7 +214,7 @@ def test_load_kinetics_checkpoint_with_backbone_prefix(tmp_path):
     torch.save({"state_dict": state, "meta": {"epoch": 30}}, path)
     target = build_video_swin("tiny", **cfg)
     report = load_video_swin_weights(target, str(path))
-    assert report["unexpected"] == ["cls_head.fc_cls.weight"]
+    assert report.ignored == ["cls_head.fc_cls.weight"] and report.unexpected == []
     for key, value in source.state_dict().items():
         expected = value.half().float() if value.is_floating_point() else value
         assert torch.equal(target.state_dict()[key], expected), key

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from violet_ds.models import create_model, list_models, print_models
+from violet_ds.commands import models as model_commands
+from violet_ds.models import create_model, list_models
 from violet_ds.registry import MODELS
 
 torch.set_num_threads(1)
@@ -233,7 +234,7 @@ def test_parameter_counts_match_official(name, listing, state_dict_listings, cap
     assert parts["text"] == official["text"]
     assert parts["cross"] == official["cross_modal"]
     assert parts["total"] == official["total"] - official["heads"]
-    print_models([name])
+    model_commands.list_models([name])
     printed = capsys.readouterr().out
     assert f"video_backbone {official['video_backbone'] / 1e6:.2f}M" in printed
     assert f"cross {official['cross_modal'] / 1e6:.2f}M" in printed

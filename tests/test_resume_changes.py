@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from engine_support import REPO, cli_command, cli_env, tiny_config, train_records, write_config
+from engine_support import REPO, cli_command, cli_env, nonfinite_command, tiny_config, train_records, write_config
 from violet_ds.config import OptimConfig
 from violet_ds.engine import optim
 
@@ -130,7 +130,7 @@ def test_divergence_advice_names_commands_that_work(demo, tmp_path):
                                       run__log_every=1), tmp_path / "run.yaml")
     run_dir = tmp_path / "nan"
     # steps 3..5 report a non-finite loss: step 1 is the last good checkpoint (step 2's weights made step 3's)
-    diverged = _run(cli_command(config), env={"VIOLET_DS_INJECT_NONFINITE": "3,4,5"})
+    diverged = _run(nonfinite_command(config, "3,4,5"))
     assert diverged.returncode == 1, diverged.stderr[-3000:]
     advice = f"violet-ds pretrain --config {run_dir} --run.resume step00000001 --optim.lr 0.0005"
     assert advice in diverged.stderr, diverged.stderr[-3000:]
@@ -204,6 +204,7 @@ def test_universal_same_world_resumes_exactly_and_says_where_latest_went(demo, t
 
 def test_universal_without_set_latest_leaves_latest_and_says_so(tmp_path, monkeypatch, capsys):
     """The conversion itself is DeepSpeed's (tested above); here only the `latest` and exactness lines."""
+    from violet_ds.commands.models import universal_checkpoint
     from violet_ds.engine import checkpoint as ckpt
     from violet_ds.engine import universal
 
@@ -221,7 +222,7 @@ def test_universal_without_set_latest_leaves_latest_and_says_so(tmp_path, monkey
         shutil.copy(src / ckpt.MODEL_STATES, output / ckpt.MODEL_STATES)
 
     monkeypatch.setattr(universal, "_run_ds_to_universal", fake_conversion)
-    assert universal.universal_checkpoint(str(tmp_path), world_size=2, batch_size=1, set_latest=False) == 0
+    assert universal_checkpoint(str(tmp_path), world_size=2, batch_size=1, set_latest=False) == 0
     out = capsys.readouterr().out
     assert ckpt.read_latest(checkpoints) == "step00000002"
     assert ("latest            unchanged (step00000002); resume the converted tag with --run.resume "

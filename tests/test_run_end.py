@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine_support import REPO, cli_command, cli_env, copy_run, latest_tag, tiny_config, write_config
+from engine_support import (REPO, cli_command, cli_env, copy_run, latest_tag, nonfinite_command, tiny_config,
+                            write_config)
 
 
 def _run(config: Path, *extra: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -88,7 +89,8 @@ def test_nonfinite_last_steps_never_become_latest(demo, tmp_path):
     the checkpoint whose weights gave it is marked and `latest` goes back; summary.json says why."""
     config = tiny_config(demo, tmp_path, "nan_end", run__max_steps=3, run__save_every=1, run__max_bad_steps=3,
                          run__log_sample_indices=False)
-    result = _run(write_config(config, tmp_path / "run.yaml"), env={"VIOLET_DS_INJECT_NONFINITE": "3"})
+    result = subprocess.run(nonfinite_command(write_config(config, tmp_path / "run.yaml"), "3"), env=cli_env(),
+                            capture_output=True, text=True, timeout=600, cwd=str(REPO))
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "finished" not in result.stdout
     error = [line for line in result.stderr.splitlines() if "error:" in line]
@@ -119,30 +121,34 @@ class _Log:
         pass
 
 
-def _fake_trainer(tmp_path: Path, max_bad_steps: int, weight: float):
+def _guarded(tmp_path: Path, max_bad_steps: int, weight: float):
+    from violet_ds.config import RunConfig
+    from violet_ds.data.sampler import SampleCursor
     from violet_ds.engine.distributed import World
+    from violet_ds.engine.divergence import GuardedRun
 
     module = torch.nn.Linear(2, 2)
     with torch.no_grad():
         module.weight[0, 0] = weight
     (tmp_path / "checkpoints").mkdir(exist_ok=True)
-    return SimpleNamespace(
-        run=SimpleNamespace(max_bad_steps=max_bad_steps, on_divergence="stop", max_rollbacks=0, resume=None),
-        world=World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
-        engine=SimpleNamespace(module=module), logger=_Log(), state=SimpleNamespace(step=5),
-        checkpoint_dir=tmp_path / "checkpoints", run_dir=tmp_path, resolved_config="optim: {lr: 0.001}")
+    return GuardedRun(
+        run=RunConfig(max_bad_steps=max_bad_steps, on_divergence="stop", max_rollbacks=0, resume=None),
+        world=World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), logger=_Log(),
+        position=SimpleNamespace(step=5, cursor=SampleCursor()), module=module,
+        checkpoint_dir=tmp_path / "checkpoints", restore=lambda tag: 0, run_dir=tmp_path,
+        resolved_config="optim: {lr: 0.001}")
 
 
 @pytest.mark.parametrize("max_bad_steps", [3, 0], ids=["guard_on", "guard_off"])
 def test_nonfinite_weights_are_never_saved_and_end_the_run(tmp_path, max_bad_steps):
     from violet_ds.engine.divergence import DivergenceError, DivergenceWatch
 
-    watch = DivergenceWatch(_fake_trainer(tmp_path, max_bad_steps, float("nan")))
+    watch = DivergenceWatch(_guarded(tmp_path, max_bad_steps, float("nan")))
     assert watch.allow_save() is False
-    assert "some weights are not finite" in watch.trainer.logger.lines[-1]
+    assert "some weights are not finite" in watch.logger.lines[-1]
     with pytest.raises(DivergenceError, match=r"the weights are not finite after the last step \(5\)"):
         watch.check_end()
-    finite = DivergenceWatch(_fake_trainer(tmp_path, max_bad_steps, 1.0))
+    finite = DivergenceWatch(_guarded(tmp_path, max_bad_steps, 1.0))
     assert finite.allow_save() is True and finite.check_end() is False
 
 
@@ -261,7 +267,7 @@ def test_init_from_accepts_every_documented_kind(init_sources, finished, kind):
         for param in task.parameters():
             param.normal_()
     report = load_init_weights(task, str(path))
-    assert report["missing"] == [] and report["unused"] == [] and report["shape_mismatch"] == []
+    assert report.initialised == [] and report.unexpected == [] and report.mismatched == {}
     state = task.state_dict()
     assert all(torch.equal(state[key], value) for key, value in reference.items()), kind
 

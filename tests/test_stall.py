@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,12 +16,13 @@ from violet_ds.engine.distributed import World
 from violet_ds.engine.logging import RunLogger
 from violet_ds.engine.stall import StallDetector, chance_of
 from violet_ds.engine.trainer import Trainer
+from violet_ds.tasks.base import Task
 from violet_ds.tasks.common import chance_loss
 
 K = 5
 
 
-class OptionScorer(nn.Module):
+class OptionScorer(Task):
     """K-way multiple choice over per-option features through a 2-layer head (like `heads.score`).
 
     `collapsed`: the features the head sees do not depend on the option (as when the pooled output has
@@ -28,9 +30,11 @@ class OptionScorer(nn.Module):
     """
 
     def __init__(self, collapsed: bool, dim: int = 16):
-        super().__init__()
-        self.collapsed = collapsed
-        self.head = nn.Sequential(nn.Linear(dim, 32), nn.ReLU(), nn.Linear(32, 1))
+        super().__init__(nn.Identity(), SimpleNamespace(collapsed=collapsed, dim=dim))
+
+    def build(self):
+        self.collapsed = self.cfg.collapsed
+        self.head = nn.Sequential(nn.Linear(self.cfg.dim, 32), nn.ReLU(), nn.Linear(32, 1))
 
     def chance_losses(self):
         return {"loss": chance_loss(K)}
@@ -158,7 +162,7 @@ def test_chance_values_of_the_tasks():
     assert chance_loss(5) == pytest.approx(math.log(5))
     # LAVENDER true/false: the best constant answer is p(true) = 1/K
     assert chance_loss(5, true_false=True) == pytest.approx(-(0.2 * math.log(0.2) + 0.8 * math.log(0.8)))
-    assert chance_of(object()) == {}
+    assert chance_of(Task(nn.Identity(), None)) == {}
     assert chance_of(OptionScorer(True)) == {"loss": pytest.approx(math.log(5))}
 
 

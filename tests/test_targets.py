@@ -17,10 +17,10 @@ def fixture_clip(official_dir):
     """Two real MSRVTT clips from the official fixture TSV: normalised float (2, 3, 3, 64, 64)."""
     from violet_ds.data.frames import normalize
     from violet_ds.data.tsv import TSVFile
-    from violet_ds.targets.extract import read_clip
+    from violet_ds.targets.extract import read_row_clip
 
     tsv = TSVFile(official_dir / "_tools" / "msrvtt.tsv")
-    clips = torch.stack([read_clip(tsv, row, num_frames=3, size=64) for row in (0, 1)])
+    clips = torch.stack([read_row_clip(tsv, row, num_frames=3, size=64) for row in (0, 1)])
     return normalize(clips)
 
 

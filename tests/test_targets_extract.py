@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from violet_ds.targets import TargetSpec, create_target, create_targets
+from violet_ds.commands.targets import extract_targets
 from violet_ds.data.sidecars import SidecarCollate, TargetStore, attach_targets, open_stores
-from violet_ds.targets.extract import extract_targets, read_clip
+from violet_ds.targets import TargetSpec, create_target, create_targets
+from violet_ds.targets.extract import read_row_clip
 
 torch.set_num_threads(2)
 
@@ -25,7 +26,7 @@ def live(target_name: str, tsv_path, rows, **options):
     from violet_ds.data.tsv import TSVFile
 
     table = TSVFile(tsv_path)
-    video = normalize(torch.stack([read_clip(table, row, num_frames=2, size=64) for row in rows]))
+    video = normalize(torch.stack([read_row_clip(table, row, num_frames=2, size=64) for row in rows]))
     return create_target(target_name, **options).compute(video)
 
 

@@ -67,10 +67,10 @@ def make_teacher(name: str, root: Path) -> Dict[str, Any]:
 def batch(official_dir, bert_dir):
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.data.tsv import TSVFile
-    from violet_ds.targets.extract import read_clip
+    from violet_ds.targets.extract import read_row_clip
 
     tsv = TSVFile(official_dir / "_tools" / "msrvtt.tsv")
-    video = torch.stack([read_clip(tsv, row, num_frames=T, size=SIZE) for row in (0, 4)])
+    video = torch.stack([read_row_clip(tsv, row, num_frames=T, size=SIZE) for row in (0, 4)])
     ids, mask = Tokenizer(bert_dir).encode(["a man is cooking in a kitchen", "a cartoon dog runs"], max_len=12)
     return {"video": video, "text_ids": ids, "text_mask": mask}
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from engine_support import run_cli, tiny_config, train_records, write_config
+from violet_ds.commands.targets import extract_targets
 from violet_ds.config import DataConfig, DataSource
 from violet_ds.data.sidecars import TargetStore
-from violet_ds.targets.extract import extract_targets
 
 torch.set_num_threads(2)
 FRAMES, SIZE = 2, 64
@@ -42,7 +42,7 @@ def test_training_clips_read_like_extraction(demo, pixel_sidecar):
     from violet_ds.data.tokenizer import Tokenizer
     from violet_ds.data.tsv import TSVFile
     from violet_ds.commands.run import prepare_sidecars
-    from violet_ds.targets.extract import read_clip
+    from violet_ds.targets.extract import read_row_clip
 
     data = DataConfig(train=[_video_source(demo, targets=str(pixel_sidecar))], num_frames=FRAMES, image_size=SIZE)
     dataset = PretrainDataset(data.train[0].tsv, data.train[0].annotations, "train", Tokenizer(str(demo / "tokenizer")),
@@ -53,7 +53,7 @@ def test_training_clips_read_like_extraction(demo, pixel_sidecar):
     table = TSVFile(data.train[0].tsv)
     row = table.keys().index(dataset.video_of(3))
     for _ in range(3):
-        assert torch.equal(dataset[3]["video"], read_clip(table, row, FRAMES, SIZE))
+        assert torch.equal(dataset[3]["video"], read_row_clip(table, row, FRAMES, SIZE))
 
     # a source read with another spatial mode cannot use the sidecar
     squashed = PretrainDataset(data.train[0].tsv, data.train[0].annotations, "train",

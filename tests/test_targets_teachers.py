@@ -28,10 +28,10 @@ def clip(official_dir):
     """Two real MSRVTT clips, normalised float (2, 3, 3, 64, 64)."""
     from violet_ds.data.frames import normalize
     from violet_ds.data.tsv import TSVFile
-    from violet_ds.targets.extract import read_clip
+    from violet_ds.targets.extract import read_row_clip
 
     tsv = TSVFile(official_dir / "_tools" / "msrvtt.tsv")
-    return normalize(torch.stack([read_clip(tsv, row, num_frames=T, size=SIZE) for row in (2, 5)]))
+    return normalize(torch.stack([read_row_clip(tsv, row, num_frames=T, size=SIZE) for row in (2, 5)]))
 
 
 def check_target(target, video: torch.Tensor) -> TargetOutput:
@@ -309,18 +309,3 @@ def test_2d_feature_teacher_matches_the_official_listing(state_dict_listings):
     ours = {k: tuple(v.shape) for k, v in swin.state_dict().items()}
     assert ours == official
     assert sum(p.numel() for p in swin.parameters()) == listing["param_counts_unique"]["teacher"]
-
-
-def test_bench_targets_command(tmp_path, capsys):
-    import json
-
-    from violet_ds.targets.bench import bench_targets
-
-    out = tmp_path / "bench.json"
-    assert bench_targets(targets=["pixel", "hog"], num_frames=2, size=64, warmup=0, repeats=1, output=str(out)) == 0
-    result = json.loads(out.read_text())
-    assert [r["target"] for r in result["results"]] == ["pixel", "hog"]
-    assert all(r["ms_per_clip"] > 0 and r["teacher_params_m"] == 0 for r in result["results"])
-    assert "| hog | dense |" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="unknown targets"):
-        bench_targets(targets=["pixels"])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from violet_ds.commands.targets import extract_vq
 from violet_ds.config import DataConfig, DataSource, TaskConfig
 from violet_ds.data.datasets import collate
 from violet_ds.data.frames import encode_b64_jpeg
@@ -24,7 +25,7 @@ from violet_ds.data.vq_clips import (
     write_vq_tsv,
 )
 from violet_ds.registry import MODELS
-from violet_ds.targets.vq import extract_vq, write_random_dvae
+from violet_ds.targets.vq import write_random_dvae
 
 torch.set_num_threads(2)
 

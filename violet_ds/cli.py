@@ -1,6 +1,6 @@
 """`violet-ds <command>`: one command-line entry point for every user-facing job.
 
-Each command is a plain, fully type-annotated Python function somewhere in the library; this module
+Each command is a plain, fully type-annotated Python function in `violet_ds/commands/`; this module
 only maps command names to those functions and builds a jsonargparse parser from the chosen
 function's signature. Only the chosen command's module is imported, so `violet-ds extract-frames`
 never pays for importing DeepSpeed.
@@ -28,14 +28,14 @@ from typing import Any, Callable, Optional
 # `violet-ds --help` lists them. Two-word names ("bench data") are called as `violet-ds bench data`.
 COMMAND_GROUPS: dict[str, dict[str, tuple[str, str]]] = {
     "prepare data": {
-        "make-demo-data": ("violet_ds.data.demo:make_demo_data", "generate the synthetic demo videos, annotations, TSVs and vocabulary"),
-        "extract-frames": ("violet_ds.data.extract:extract_frames", "videos -> N sampled JPEG frames per video -> TSV shards"),
-        "extract-images": ("violet_ds.data.extract:extract_images", "images (CC3M style) -> one-frame TSV rows"),
-        "build-index": ("violet_ds.data.tsv:build_index_command", "write the .lineidx of a TSV that has none"),
-        "validate-tsv": ("violet_ds.data.tsv:validate_command", "check a TSV + .lineidx: every offset starts a row; count rows/frames"),
-        "convert-pickle": ("violet_ds.data.convert:convert_pickle", "official frame / VQ pickles -> TSV / .npz (restricted unpickler)"),
-        "extract-targets": ("violet_ds.targets.extract:extract_targets", "pre-compute an MVM target (teacher output) for a frame TSV"),
-        "extract-vq": ("violet_ds.targets.vq:extract_vq", "frame TSVs -> DALL-E dVAE token TSV for VIMPAC (all frames per video)"),
+        "make-demo-data": ("violet_ds.commands.data:make_demo_data", "generate the synthetic demo videos, annotations, TSVs and vocabulary"),
+        "extract-frames": ("violet_ds.commands.data:extract_frames", "videos -> N sampled JPEG frames per video -> TSV shards"),
+        "extract-images": ("violet_ds.commands.data:extract_images", "images (CC3M style) -> one-frame TSV rows"),
+        "build-index": ("violet_ds.commands.data:build_index", "write the .lineidx of a TSV that has none"),
+        "validate-tsv": ("violet_ds.commands.data:validate_tsv", "check a TSV + .lineidx: every offset starts a row; count rows/frames"),
+        "convert-pickle": ("violet_ds.commands.data:convert_pickle", "official frame / VQ pickles -> TSV / .npz (restricted unpickler)"),
+        "extract-targets": ("violet_ds.commands.targets:extract_targets", "pre-compute an MVM target (teacher output) for a frame TSV"),
+        "extract-vq": ("violet_ds.commands.targets:extract_vq", "frame TSVs -> DALL-E dVAE token TSV for VIMPAC (all frames per video)"),
     },
     "train": {
         "pretrain": ("violet_ds.commands.train:pretrain", "pretrain a model (VIOLET / VIOLETv2 / LAVENDER / VIMPAC) with DeepSpeed"),
@@ -44,19 +44,19 @@ COMMAND_GROUPS: dict[str, dict[str, tuple[str, str]]] = {
     },
     "evaluate and predict": {
         "evaluate": ("violet_ds.commands.train:evaluate", "evaluate a checkpoint on a task; writes predictions and metrics"),
-        "predict": ("violet_ds.predict:predict", "answer questions, rank captions, retrieve or caption your own video files"),
+        "predict": ("violet_ds.commands.predict:predict", "answer questions, rank captions, retrieve or caption your own video files"),
     },
     "models and checkpoints": {
-        "list-models": ("violet_ds.models:print_models", "list registered models with their parameter counts"),
+        "list-models": ("violet_ds.commands.models:list_models", "list registered models with their parameter counts"),
         "export": ("violet_ds.commands.export:export", "DeepSpeed checkpoint -> one safetensors file of fp32 weights"),
-        "convert-checkpoint": ("violet_ds.models.checkpoint_io:convert_checkpoint", "official VIOLET / VIOLETv2 / LAVENDER checkpoint <-> violet_ds safetensors"),
-        "universal-checkpoint": ("violet_ds.engine.universal:universal_checkpoint", "convert a checkpoint to DeepSpeed's universal format (resume on another world size)"),
+        "convert-checkpoint": ("violet_ds.commands.models:convert_checkpoint", "official VIOLET / VIOLETv2 / LAVENDER checkpoint <-> violet_ds safetensors"),
+        "universal-checkpoint": ("violet_ds.commands.models:universal_checkpoint", "convert a checkpoint to DeepSpeed's universal format (resume on another world size)"),
     },
     "benchmarks and checks": {
-        "bench data": ("violet_ds.data.bench:bench_data", "data-loader throughput (clips/s) per JPEG decoder"),
+        "bench data": ("violet_ds.commands.bench:bench_data", "data-loader throughput (clips/s) per JPEG decoder"),
         "bench train": ("violet_ds.commands.bench:bench_train", "forward+backward+step time, samples/s, peak memory, FLOPs"),
-        "bench gpu": ("violet_ds.commands.gpu_check:bench_gpu", "one-shot check of every CUDA path (CPU mode for CI): one table"),
-        "bench targets": ("violet_ds.targets.bench:bench_targets", "time per clip of each MVM teacher"),
+        "bench gpu": ("violet_ds.commands.bench:bench_gpu", "one-shot check of every CUDA path (CPU mode for CI): one table"),
+        "bench targets": ("violet_ds.commands.bench:bench_targets", "time per clip of each MVM teacher"),
     },
 }
 

@@ -19,7 +19,8 @@ class ModelConfig:
     name: str = "violet-tiny"
     """registered model name (`violet-ds list-models`)"""
     weights: Optional[str] = None
-    """initial weights: a violet_ds safetensors file, an official checkpoint (.pt) or a run's checkpoint dir"""
+    """initial backbone weights: a violet_ds safetensors file, a model directory, an official checkpoint (.pt), or a
+    run / checkpoints / tag directory (its consolidated fp32 weights); a task file's heads are left out"""
     pretrained_swin: Optional[str] = None
     """Video Swin Kinetics checkpoint or timm 2D Swin state dict to initialise the video encoder"""
     text_config_dir: Optional[str] = None
@@ -28,7 +29,7 @@ class ModelConfig:
     """tie the MLM decoder to the word embeddings (BERT default); the official code does not"""
     grad_checkpointing: bool = False
     """checkpoint every video-encoder and cross-modal block (recompute in backward)"""
-    offload_video_activations: bool = False
+    offload_activations: bool = False
     """keep the video encoder's saved activations on the CPU (with grad_checkpointing)"""
     compile: bool = False
     """torch.compile every transformer block in place (regional compilation; first steps pay the compile time)"""
@@ -100,6 +101,13 @@ class DataConfig:
     """seconds the run waits for one batch before it stops its DataLoader workers and ends with an error (0 = wait forever)"""
     eval_clips: int = 1
     """clips per video at evaluation (multi-clip testing averages over them)"""
+
+    def sources(self, split: str) -> List[DataSource]:
+        """The sources of `split` (train, val or test)."""
+        splits = {"train": self.train, "val": self.val, "test": self.test}
+        if split not in splits:
+            raise ValueError(f"split must be train, val or test, got {split!r}")
+        return splits[split]
 
 
 @dataclass
@@ -247,7 +255,8 @@ class RunConfig:
     log_sample_indices: bool = False
     """record the dataset indices of every optimizer step in metrics.jsonl (resume audits)"""
     save_on_sigterm: bool = True
-    """on SIGTERM (SLURM preemption) finish the current step, save a checkpoint and exit cleanly"""
+    """on SIGTERM (SLURM preemption) finish the current step, save a checkpoint and exit cleanly (with several
+    ranks every rank stops together at the next logging window or checkpoint, at most run.log_every steps later)"""
     max_bad_steps: int = 3
     """consecutive optimizer steps with a non-finite loss (on any rank) after which the run counts as diverged
     (checked at each logging window and before each save; 0 disables the guard)"""
@@ -336,6 +345,40 @@ def type_problem(value: Any, hint: Any) -> Optional[str]:
                 return f"item {number}: {problem}"
         return None
     return None
+
+
+# deprecated spellings of section keys that YAML files (a run's config.yaml) may hold: {section: {deprecated: name}}
+DEPRECATED_KEYS: Dict[str, Dict[str, str]] = {"model": {"offload_video_activations": "offload_activations"}}
+
+
+def deprecated_keys(config: Any) -> List[str]:
+    """The dotted deprecated keys (`DEPRECATED_KEYS`) of a mapping of sections."""
+    if not isinstance(config, Mapping):
+        return []
+    return [f"{section}.{key}" for section, names in DEPRECATED_KEYS.items()
+            if isinstance(config.get(section), Mapping) for key in names if key in config[section]]
+
+
+def upgrade_deprecated_keys(config: Any, source: str) -> Any:
+    """`config` (a mapping of sections read from `source`) with every deprecated key under its name, each said
+    once in a FutureWarning; both spellings with different values are a ValueError naming them."""
+    import warnings
+
+    found = deprecated_keys(config)
+    if not found:
+        return config
+    config = {name: dict(value) if isinstance(value, Mapping) else value for name, value in config.items()}
+    for dotted in found:
+        section, key = dotted.split(".")
+        name = DEPRECATED_KEYS[section][key]
+        value = config[section].pop(key)
+        if name in config[section] and config[section][name] != value:
+            raise ValueError(f"{source}: {section}.{key} ({value!r}) and {section}.{name} "
+                             f"({config[section][name]!r}) differ; keep {section}.{name} only")
+        config[section][name] = value
+        warnings.warn(f"{source}: {dotted} is deprecated; it is read as {section}.{name} (write that name)",
+                      FutureWarning, stacklevel=2)
+    return config
 
 
 class ConfigValueError(ValueError):

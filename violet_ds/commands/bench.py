@@ -1,323 +1,15 @@
-"""`violet-ds bench train`: time of one training step (forward + backward + optimizer step) through the real
-DeepSpeed ZeRO-2 engine and the pretraining task, with activation checkpointing off and on.
-
-Each configuration runs in a fresh process, so its peak memory is its own (CUDA allocator peak on GPU,
-peak RSS on CPU). Model FLOPs per step are counted by torch's FlopCounterMode over one forward+backward
-(matmuls/convolutions/attention, the attended-masking pass included; recomputation under
-checkpointing is counted too, so compare "model FLOPs" with checkpointing off).
-"""
+"""`violet-ds bench train|gpu|data|targets`: the benchmark commands. Each calls its benchmark in
+`violet_ds.bench`, prints the table and names the JSON file of the results."""
 
 from __future__ import annotations
 
-import json
-import multiprocessing
-import os
-import time
-from pathlib import Path
-from types import SimpleNamespace
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
-import torch
-
-
-FLOP_PROBE_BATCH = 16
-"""FLOPs of a step are counted on at most this many samples and scaled to the batch."""
-
-
-def _flop_probe_size(batch_size: int, task) -> int:
-    """Samples the FLOPs are counted on: FLOP_PROBE_BATCH, but no fewer than the task's VTM group (each sample
-    with its `vtm_negatives` in-batch negatives), below which the FLOPs per sample shrink."""
-    negatives = getattr(getattr(task, "cfg", None), "vtm_negatives", 0) or 0
-    return min(batch_size, max(FLOP_PROBE_BATCH, negatives + 1))
-
-
-def _synthetic_batch(batch_size: int, frames: int, image_size: int, text_len: int, tokenizer, seed: int = 0) -> dict:
-    """Random clips and texts of the real layout (uint8 video, `[CLS] ... [SEP] [PAD]*`)."""
-    generator = torch.Generator().manual_seed(seed)
-    video = torch.randint(0, 256, (batch_size, frames, 3, image_size, image_size), dtype=torch.uint8,
-                          generator=generator)
-    special = torch.tensor(tokenizer.special_ids)
-    ids = torch.randint(0, tokenizer.vocab_size, (batch_size, text_len), generator=generator)
-    # replace special ids drawn by chance with [UNK]-free ordinary tokens
-    ids = torch.where(torch.isin(ids, special), torch.full_like(ids, tokenizer.vocab_size - 1), ids)
-    lengths = torch.randint(text_len // 2, text_len + 1, (batch_size,), generator=generator)
-    positions = torch.arange(text_len)[None]
-    mask = (positions < lengths[:, None]).long()
-    ids[:, 0] = tokenizer.cls_id
-    ids[torch.arange(batch_size), lengths - 1] = tokenizer.sep_id
-    ids = torch.where(mask.bool(), ids, torch.full_like(ids, tokenizer.pad_id))
-    return {"video": video, "text_ids": ids, "text_mask": mask, "index": torch.arange(batch_size)}
-
-
-def _build(spec: dict) -> SimpleNamespace:
-    """Model + pretraining task + DeepSpeed engine of one configuration, in this process."""
-    from violet_ds.config import DataConfig, EngineConfig, ModelConfig, OptimConfig, TaskConfig
-    from violet_ds.data.tokenizer import load_tokenizer
-    from violet_ds.commands.run import seed_everything, setup_world
-    from violet_ds.models import build_model
-    from violet_ds.engine import deepspeed_engine as dse
-    from violet_ds.engine.ds_config import resolve_ds_config
-    from violet_ds.tasks import create_task
-
-    torch.set_num_threads(spec["threads"])
-    engine_cfg = EngineConfig(ds_config=spec["ds_config"], precision=spec["precision"],
-                              keep_host_memory=spec.get("keep_host_memory", True))
-    world = setup_world(engine_cfg)
-    seed_everything(0)
-    tokenizer = load_tokenizer(spec["tokenizer"])
-    model_cfg = ModelConfig(name=spec["model"], grad_checkpointing=spec["checkpointing"],
-                            offload_video_activations=spec.get("offload", False), compile=spec.get("compile", False),
-                            overrides={"vocab_size": max(tokenizer.vocab_size, 8), "max_frames": max(spec["frames"], 4)})
-    model = build_model(model_cfg)
-    if spec.get("attention") and hasattr(model, "video_backbone"):
-        model.video_backbone.set_attention(spec["attention"])
-    task_cfg = TaskConfig(name="pretrain", mvm_targets={"pixel": 1.0}, mvm_strategies=spec["strategies"])
-    task = create_task("pretrain", model, task_cfg, tokenizer)
-    if world.device.type == "cuda":
-        task.to(world.device)
-    data_cfg = DataConfig(batch_size=spec["batch_size"])
-    optim_cfg = OptimConfig(warmup_steps=0, schedule="constant", optimizer=spec.get("optimizer", "auto"))
-    ds_config = resolve_ds_config(engine_cfg, optim_cfg, data_cfg, world)
-    engine, optimizer, _, groups = dse.initialize(task, ds_config, optim_cfg, total_steps=10_000, world=world)
-    return SimpleNamespace(engine=engine, optimizer=optimizer, groups=groups, model=model, world=world,
-                           tokenizer=tokenizer, ds_config=ds_config)
-
-
-def _measure(spec: dict) -> dict:
-    """One configuration, in this process: build, warm up, time `steps` steps, count FLOPs."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from violet_ds.engine import host_memory
-    from violet_ds.engine.ds_config import precision_of
-    from violet_ds.engine.evaluator import to_device
-    from violet_ds.engine.logging import memory_mb
-
-    if spec.get("search"):
-        return _search_max_batch(spec)
-    built = _build(spec)
-    engine, optimizer, groups, model, world, tokenizer, ds_config = (
-        built.engine, built.optimizer, built.groups, built.model, built.world, built.tokenizer, built.ds_config)
-    batch = to_device(_synthetic_batch(spec["batch_size"], spec["frames"], spec["image_size"], spec["text_len"],
-                                       tokenizer), world.device)
-
-    from violet_ds.engine.divergence import DivergenceGuard
-
-    guard = DivergenceGuard(3, world) if spec.get("guard") else None
-    done = [0]
-
-    def step() -> None:
-        loss = engine(batch)["loss"]
-        if guard is not None:
-            guard.observe(loss)
-        engine.backward(loss)
-        engine.step()
-        if guard is not None:
-            # what the trainer does: flag per step, one check per logging window (10 steps)
-            done[0] += 1
-            guard.end_step(done[0])
-            if done[0] % 10 == 0:
-                guard.check()
-
-    def sync() -> None:
-        if world.device.type == "cuda":
-            torch.cuda.synchronize()
-
-
-    for _ in range(spec["warmup"]):
-        step()
-    sync()
-    if world.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    faults = host_memory.minor_page_faults()
-    for _ in range(spec["steps"]):
-        started = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - started)
-    faults = (host_memory.minor_page_faults() - faults) / spec["steps"]
-    peak = memory_mb(world.device)
-    profile = _profile_step(step, world.device) if spec.get("profile") else None
-    timed_attention = model.video_backbone.cfg.attention if hasattr(model, "video_backbone") else None
-    if spec.get("count_flops", True):
-        # FlopCounterMode cannot see inside FlexAttention: count with SDPA (same FLOPs, dense windows)
-        if hasattr(model, "video_backbone"):
-            model.video_backbone.set_attention("sdpa")
-        # counted on a probe batch and scaled: the step's FLOPs are linear in the batch once every sample has
-        # all its in-batch VTM negatives (violet-v2 bf16 on an H200 counted 24811.7 GFLOP at 16 and 99253.3 at
-        # 64, 4.0003x), and a counting pass at the largest batches ran out of memory (256 with checkpointing)
-        probe = _flop_probe_size(spec["batch_size"], engine.module)
-        probe_batch = batch if probe == spec["batch_size"] else to_device(
-            _synthetic_batch(probe, spec["frames"], spec["image_size"], spec["text_len"], tokenizer), world.device)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            loss = engine(probe_batch)["loss"]
-            engine.backward(loss)
-        engine.step()
-        flops = counter.get_total_flops() * spec["batch_size"] / probe
-    else:
-        loss, flops, probe = engine(batch)["loss"], 0, None
-    guard_us = None
-    if guard is not None:
-        # the guard's own work per step, isolated from the (noisy) step time: observe + end_step, and a
-        # check every 10 steps, on a loss tensor of the run's device
-        probe = loss.detach()
-        sync()
-        started = time.perf_counter()
-        for number in range(1, 2001):
-            guard.observe(probe)
-            guard.end_step(number)
-            if number % 10 == 0:
-                guard.check()
-        sync()
-        guard_us = (time.perf_counter() - started) / 2000 * 1e6
-    times.sort()
-    median = times[len(times) // 2]
-    return {
-        "model": spec["model"], "batch_size": spec["batch_size"], "frames": spec["frames"],
-        "image_size": spec["image_size"], "text_len": spec["text_len"], "checkpointing": spec["checkpointing"],
-        "precision": precision_of(ds_config), "device": str(world.device),
-        "device_name": torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else "cpu",
-        "threads": spec["threads"], "params_m": sum(g["num_params"] for g in groups) / 1e6,
-        "step_s_median": median, "step_s_min": times[0], "samples_per_s": spec["batch_size"] / median,
-        "peak_memory_mb": peak, "gflops_per_step": flops / 1e9,
-        "achieved_tflops": flops / median / 1e12, "steps": spec["steps"],
-        "flops_counted_at_batch": probe,
-        "offload": spec.get("offload", False), "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,
-        "attention": timed_attention, "profile": profile,
-        "loss": float(loss.detach().float()),
-        "divergence_guard": bool(spec.get("guard")), "guard_us_per_step": guard_us,
-        "compile": bool(spec.get("compile")),
-        "keep_host_memory": bool(spec.get("keep_host_memory", True)), "host_memory": host_memory.describe(),
-        "page_faults_per_step": faults,
-    }
-
-
-def _profile_step(step, device: torch.device, top: int = 15) -> dict:
-    """One step under torch.profiler: the top ops by device (or CPU) self time, and host-sync counts."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-    events = prof.key_averages()
-    attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
-    ranked = sorted(events, key=lambda e: getattr(e, attribute, 0.0), reverse=True)[:top]
-    syncs = {e.key: e.count for e in events
-             if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense", "aten::item")}
-    return {"top_ops_ms": [(e.key, round(getattr(e, attribute, 0.0) / 1000, 2), e.count) for e in ranked],
-            "host_syncs": syncs}
-
-
-def largest_fitting(fits, start: int, limit: int, bisect: int = 3):
-    """Largest size in [start, limit] for which `fits(size)` returns a result (None: it does not fit):
-    doubling from `start`, then up to `bisect` bisection steps between the last fit and the first failure.
-    Returns (largest fitting size or 0, first failing size or None, the largest fit's result)."""
-    low, high, best = 0, None, None
-    size = start
-    while size <= limit:
-        result = fits(size)
-        if result is None:
-            high = size
-            break
-        low, best = size, result
-        size *= 2
-    if high is not None and low:
-        for _ in range(bisect):
-            if high - low <= max(1, low // 16):
-                break
-            mid = (low + high) // 2
-            result = fits(mid)
-            if result is None:
-                high = mid
-            else:
-                low, best = mid, result
-    return low, high, best
-
-
-def _search_max_batch(spec: dict) -> dict:
-    """Largest micro-batch whose step fits (:func:`largest_fitting`), then the median step time there over
-    `spec["timed_steps"]` (default 2) steps after one warm-up. An out-of-memory error inside backward leaves ZeRO's reduction
-    state half done, so the engine is rebuilt after every failed try."""
-    import gc
-
-    from violet_ds.engine.evaluator import to_device
-
-    state = {"built": _build(spec)}
-
-    def one_step(batch_size: int) -> dict:
-        built = state["built"]
-        batch = to_device(_synthetic_batch(batch_size, spec["frames"], spec["image_size"], spec["text_len"],
-                                           built.tokenizer), built.world.device)
-        torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        loss = built.engine(batch)["loss"]
-        built.engine.backward(loss)
-        built.engine.step()
-        torch.cuda.synchronize()
-        return {"step_s": time.perf_counter() - started, "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
-
-    def fits(batch_size: int):
-        out_of_memory = False
-        try:
-            return one_step(batch_size)
-        except torch.cuda.OutOfMemoryError:
-            out_of_memory = True
-        finally:
-            torch.cuda.empty_cache()
-        # rebuilt only here, outside the except block: while it runs, the exception's traceback still holds
-        # the failed step's frames and activations (a rebuild in there ran out of memory itself on an H200)
-        if out_of_memory:
-            destroy = getattr(state["built"].engine, "destroy", None)
-            if destroy is not None:
-                destroy()
-            state["built"] = None
-            gc.collect()
-            torch.cuda.empty_cache()
-            state["built"] = _build(spec)
-        return None
-
-    low, high, best = largest_fitting(fits, spec["batch_size"], spec["limit"], spec.get("bisect", 3))
-    if not low:
-        return {"max_batch": 0, "bounded_by": "memory", "note": f"batch {spec['batch_size']} does not fit"}
-    # the search's own step at `low` ran once, cold (allocator growth, kernel choice): time it again, warm
-    times = []
-    for _ in range(1 + max(1, spec.get("timed_steps", 2))):
-        best = fits(low)
-        if best is None:
-            return {"max_batch": low, "bounded_by": "memory", "note": f"batch {low} fitted once, then ran out of memory"}
-        times.append(best["step_s"])
-    step_s = sorted(times[1:])[len(times[1:]) // 2]
-    return {"max_batch": low, "bounded_by": "memory" if high is not None else f"limit {spec['limit']}",
-            "step_s": round(step_s, 3), "samples_per_s": round(low / step_s, 1),
-            "peak_memory_mb": round(best["peak_memory_mb"])}
-
-
-def _child(spec: dict, queue) -> None:
-    try:
-        queue.put(("ok", _measure(spec)))
-    except Exception as error:  # reported by the parent with the configuration that failed
-        import traceback
-
-        queue.put(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
-
-
-def _table(rows: List[dict]) -> str:
-    header = (f"{'model':<12} {'batch':>5} {'frames':>6} {'size':>5} {'ckpt':>5} {'guard':>5} {'comp':>5} {'heap':>5} "
-              f"{'prec':>5} {'params M':>9} {'step s':>8} {'samples/s':>10} {'peak MB':>9} {'GFLOP/step':>11} {'TFLOP/s':>8}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(f"{r['model']:<12} {r['batch_size']:>5} {r['frames']:>6} {r['image_size']:>5} "
-                     f"{'on' if r['checkpointing'] else 'off':>5} {'on' if r.get('divergence_guard') else 'off':>5} "
-                     f"{'on' if r.get('compile') else 'off':>5} "
-                     f"{'keep' if r.get('keep_host_memory', True) else 'free':>5} "
-                     f"{r['precision']:>5} {r['params_m']:>9.2f} "
-                     f"{r['step_s_median']:>8.3f} {r['samples_per_s']:>10.2f} {r['peak_memory_mb']:>9.0f} "
-                     f"{r['gflops_per_step']:>11.1f} {r['achieved_tflops']:>8.3f}")
-    return "\n".join(lines)
+from violet_ds.bench import data as data_bench
+from violet_ds.bench import gpu as gpu_check
+from violet_ds.bench import targets as targets_bench
+from violet_ds.bench import train as train_bench
+from violet_ds.bench.meta import results_json
 
 
 def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames: int = 4, image_size: int = 224,
@@ -351,42 +43,107 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
         threads: torch CPU threads.
         output: JSON file of the results.
     """
-    if ds_config == "auto":
-        on_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-        ds_config = "zero2_bf16.json" if on_cuda else "cpu_test.json"
-    context = multiprocessing.get_context("spawn")
-    rows = []
-    for model in models:
-        for flag, guarded, compiled, keep in [(f, g, c, k) for f in checkpointing for g in divergence_guard
-                                              for c in compile for k in keep_host_memory]:
-            spec = {"model": model, "batch_size": batch_size, "frames": frames, "image_size": image_size,
-                    "text_len": text_len, "checkpointing": flag, "steps": steps, "warmup": warmup,
-                    "precision": precision, "ds_config": ds_config, "tokenizer": tokenizer,
-                    "strategies": strategies, "threads": threads, "guard": guarded, "compile": compiled,
-                    "keep_host_memory": keep}
-            queue = context.Queue()
-            process = context.Process(target=_child, args=(spec, queue))
-            # each child is a fresh single-rank job: no launcher variables from the parent
-            saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-                     if k in os.environ}
-            process.start()
-            os.environ.update(saved)
-            status, result = queue.get()
-            process.join()
-            if status != "ok":
-                raise RuntimeError(f"bench train {model} (checkpointing={flag}) failed: {result}")
-            rows.append(result)
-            print(f"  {model} checkpointing={'on' if flag else 'off'} guard={'on' if guarded else 'off'} "
-                  f"compile={'on' if compiled else 'off'} heap={'keep' if keep else 'free'}: "
-                  f"{result['step_s_median']:.3f} s/step, {result['peak_memory_mb']:.0f} MB"
-                  + (f", guard {result['guard_us_per_step']:.1f} us/step" if guarded else ""), flush=True)
-    print(_table(rows), flush=True)
-    from violet_ds.bench_meta import bench_meta
+    rows = train_bench.bench_train(
+        models=models, batch_size=batch_size, frames=frames, image_size=image_size, text_len=text_len,
+        checkpointing=checkpointing, steps=steps, warmup=warmup, precision=precision, ds_config=ds_config,
+        divergence_guard=divergence_guard, compile=compile, keep_host_memory=keep_host_memory, tokenizer=tokenizer,
+        strategies=strategies, threads=threads, output=output)
+    print(train_bench.format_table(rows), flush=True)
+    print(f"results: {output}", flush=True)
 
-    meta = bench_meta()
-    for row in rows:
-        row["meta"] = meta
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=2))
-    print(f"results: {path}", flush=True)
+
+def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", peak_tflops: Optional[float] = None,
+              tokenizer: Optional[str] = None, budget_s: float = 480.0,
+              sections: List[str] = ["env", "attention", "steps", "max_batch", "loader"],
+              rows: Optional[List[str]] = None) -> int:
+    """One-shot check of every CUDA path: engine steps (bf16/fp16, FusedAdam/torch/apex, checkpointing off/on/offload),
+    attention kernels, max batch, data loader; prints one table and writes JSON.
+
+    Args:
+        mode: gpu, cpu (toy sizes, what CI runs) or auto (gpu when CUDA is available).
+        output: JSON results file (rewritten after every section).
+        peak_tflops: dense bf16 peak of the card for MFU (default: looked up from the device name).
+        tokenizer: BERT vocabulary folder (default: the packaged one).
+        budget_s: skip the sections still to come once this many seconds have passed.
+        sections: which sections to run.
+        rows: run only the engine-step and max-batch rows whose name contains one of these strings (e.g.
+            `--rows '[fp16, ckpt]'` for a rerun of what a short device slot left out); default: every row.
+    Returns 0 when every section ran, 1 when one failed (the table says which).
+    """
+    check = gpu_check.bench_gpu(mode=mode, output=output, peak_tflops=peak_tflops, tokenizer=tokenizer,
+                                budget_s=budget_s, sections=sections, rows=rows)
+    print(gpu_check.format_table(check.results), flush=True)
+    print(f"results: {check.path}", flush=True)
+    return 1 if check.failed else 0
+
+
+def bench_data(tsv: Optional[str] = None, num_frames: int = 5, size: int = 224, batch_size: int = 8,
+               workers: int = 2, batches: int = 16, decoders: Optional[list[str]] = None,
+               train: bool = True, synthetic_rows: int = 64, video: Optional[str] = None,
+               out: Optional[str] = "runs/bench/bench_data.json") -> int:
+    """Data-loader throughput in clips/s for each JPEG decoder (real Dataset + DataLoader).
+
+    Args:
+        tsv: frame TSV(s) to read (path, glob or comma list); default: a synthetic 320x240 TSV.
+        num_frames: frames per clip.
+        size: output frame size (square).
+        batch_size: clips per batch.
+        workers: DataLoader worker processes.
+        batches: timed batches per decoder (after two warm-up batches).
+        decoders: decoders to compare (default: every installed one of simplejpeg, pillow).
+        train: training transforms (random temporal offset + random crop) instead of eval ones.
+        synthetic_rows: rows (videos of 8 frames) of the synthetic TSV when no --tsv is given.
+        video: also time frame extraction from this video file, seeking vs decoding straight through.
+        out: JSON results file (time, host, versions and commit included, to compare runs over time).
+    """
+    results = data_bench.bench_data(tsv=tsv, num_frames=num_frames, size=size, batch_size=batch_size,
+                                    workers=workers, batches=batches, decoders=decoders, train=train,
+                                    synthetic_rows=synthetic_rows, video=video, out=out)
+    print(f"source: {results['source']}; default decoder (auto): {results['default_decoder']}")
+    if video:
+        timing = results["extraction"]
+        print(f"extraction of {num_frames} frames from {video}: seek {timing['seek_s']:.3f}s, "
+              f"full decode {timing['full_decode_s']:.3f}s, identical frames: {timing['identical']}")
+    if out:
+        print(f"results: {out}")
+    return 0
+
+
+def bench_targets(
+    targets: Optional[List[str]] = None,
+    num_frames: int = 4,
+    size: int = 224,
+    batch_size: int = 1,
+    warmup: int = 1,
+    repeats: int = 2,
+    device: str = "cpu",
+    dtype: str = "float32",
+    threads: Optional[int] = None,
+    weights: Optional[Dict[str, Dict[str, Any]]] = None,
+    output: Optional[str] = "runs/bench/bench_targets.json",
+) -> int:
+    """Time per clip of each MVM target's teacher (real architectures, random weights unless --weights).
+
+    Args:
+        targets: which to time (default: every registered target; `optical_flow_small` = RAFT-small).
+        num_frames: frames per clip.
+        size: square frame side (multiple of 32).
+        batch_size: clips per call (the time reported is per clip).
+        warmup: untimed calls first.
+        repeats: timed calls; the best is reported.
+        device: cpu, cuda, cuda:1.
+        dtype: teacher dtype (float32, bf16, fp16).
+        threads: torch CPU threads (default: torch's choice).
+        weights: per-target options of real local teacher files, used instead of random ones.
+        output: JSON file for the results (also printed).
+    """
+    result = targets_bench.bench_targets(targets=targets, num_frames=num_frames, size=size, batch_size=batch_size,
+                                         warmup=warmup, repeats=repeats, device=device, dtype=dtype, threads=threads,
+                                         weights=weights, output=output)
+    lines = [f"| target | kind | teacher params (M) | ms / clip ({num_frames}x{size}px) | clips/s |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['target']} | {r['kind']} | {r['teacher_params_m']} | {r['ms_per_clip']} | {r['clips_per_s']} |"
+              for r in result["results"]]
+    print("\n".join(lines))
+    print(results_json(result))
+    return 0

@@ -27,22 +27,19 @@ from ..engine import checkpoint as ckpt
 from ..engine import deepspeed_engine as dse
 from ..engine import host_memory, preflight
 from ..engine.ds_config import precision_of, resolve_ds_config
-from ..engine.distributed import World, free_port, in_slurm_step, init_distributed
+from ..engine.distributed import World, env_single_process, init_distributed
+from ..engine.export import read_weights
 from ..engine.logging import RunLogger
 from ..engine.trainer import Trainer, TrainSummary, steps_per_epoch
 from ..models import build_model
+from ..weights import KeyReport, load_checked
 
 
 # ----------------------------------------------------------------------------------------- setup
 def setup_world(engine: EngineConfig) -> World:
     """init_distributed; a single process still gets a (1-rank) process group, which DeepSpeed needs. A CPU run
     keeps freed host memory (`engine.keep_host_memory`) before it allocates anything large."""
-    if "WORLD_SIZE" not in os.environ and not in_slurm_step():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
+    env_single_process()
     world = init_distributed(timeout_s=engine.dist_timeout_s)
     if world.device.type == "cpu" and engine.keep_host_memory:
         host_memory.keep_freed_memory()
@@ -55,37 +52,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_init_weights(task: torch.nn.Module, path: str, logger: Optional[RunLogger] = None) -> dict:
+def load_init_weights(task: torch.nn.Module, path: str, logger: Optional[RunLogger] = None) -> KeyReport:
     """Initialise task weights from a run / checkpoints / tag dir, a model dir, an exported safetensors or an
-    official .pt (`engine.export.read_weights`; weights with a NaN/Inf value are refused).
+    official .pt (the weights entry `engine.export.read_weights`; weights with a NaN/Inf value are refused).
 
-    Keys are matched by name (`model.*`, `heads.*`); heads absent from the file (a new downstream
-    head) are reported, never silently assumed; keys of the file the task lacks are reported too.
+    Keys are matched by name (`model.*`, `heads.*`); heads absent from the file (a new downstream head) or
+    of another shape there are initialised and reported (`report.initialised`), never silently assumed; keys
+    of the file the task lacks are reported too (`report.unexpected`). A backbone key that does not fit is an
+    error naming it.
     """
-    from violet_ds.weights import WeightsMismatchError, compare_keys
-
-    from ..engine.export import read_weights
-
-    state = read_weights(path)
+    state = read_weights(path).state
     if not any(key.startswith(("model.", "heads.")) for key in state):
         state = {f"model.{key}": value for key, value in state.items()}
-    keys = compare_keys(state, task.state_dict())
-    mismatched = sorted(keys.mismatched)
-    unusable = set(keys.unexpected) | set(mismatched)
-    loadable = {k: v for k, v in state.items() if k not in unusable}
-    # a re-initialised (shape-mismatched) tensor is as new as a missing one
-    missing = sorted(keys.missing + mismatched)
-    unused = keys.unexpected
-    model_missing = [k for k in missing if k.startswith("model.")]
-    if model_missing:
-        raise WeightsMismatchError(f"{path}: backbone weights missing for {model_missing[:10]} ({len(model_missing)} keys)")
-    task.load_state_dict(loadable, strict=False)
-    report = {"loaded": len(loadable), "missing": missing, "unused": unused, "shape_mismatch": mismatched}
+    report = load_checked(task, state, f"{path}: backbone weights", allow_unexpected=True,
+                          initialise=lambda key: not key.startswith("model."))
     if logger is not None:
-        logger.info(f"init_from {path}: {len(loadable)} tensors loaded; newly initialised: "
-                    f"{missing[:8]}{'...' if len(missing) > 8 else ''}; unused: {unused[:8]}"
-                    f"{'...' if len(unused) > 8 else ''}; shape mismatch (re-initialised): {mismatched}")
+        new, unused, reshaped = report.initialised, report.unexpected, sorted(report.mismatched)
+        logger.info(f"init_from {path}: {report.loaded} tensors loaded; newly initialised: "
+                    f"{new[:8]}{'...' if len(new) > 8 else ''}; unused: {unused[:8]}"
+                    f"{'...' if len(unused) > 8 else ''}; shape mismatch (re-initialised): {reshaped}")
     return report
+
+
+def build_backbone(model: ModelConfig) -> torch.nn.Module:
+    """`models.build_model` with `model.weights` read by the weights entry (any kind `run.init_from` takes)."""
+    return build_model(model, weights=read_weights(model.weights) if model.weights else None)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -96,7 +87,7 @@ def prepare_sidecars(datasets: Mapping[str, Dataset], data: DataConfig, split: s
     from violet_ds.data.loaders import read_clips_as_extracted, sidecar_paths
     from violet_ds.data.sidecars import open_sidecars
 
-    paths = [path for source in getattr(data, split) for path in sidecar_paths(source)]
+    paths = [path for source in data.sources(split) for path in sidecar_paths(source)]
     if not paths:
         return {}
     stores = open_sidecars(paths, data.num_frames, data.image_size)
@@ -300,7 +291,7 @@ def _build_task(model: ModelConfig, task: TaskConfig, data: DataConfig, engine: 
 
     seed_everything(engine.seed)
     tokenizer = Tokenizer(data.tokenizer)
-    backbone = build_model(model)
+    backbone = build_backbone(model)
     task_module = create_task(task.name, backbone, task, tokenizer, tie_mlm_head=model.tie_mlm_head)
     if run.init_from and not resuming:
         load_init_weights(task_module, run.init_from, logger)
@@ -511,7 +502,7 @@ def evaluate_weights(model: ModelConfig, data: DataConfig, task: TaskConfig, eng
 
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
-    if not getattr(data, split):
+    if not data.sources(split):
         raise ValueError(f"evaluate: data.{split} is empty")
     check_values(model=model, data=data, task=task, engine=engine, run=run)
     world = setup_world(engine)
@@ -519,7 +510,7 @@ def evaluate_weights(model: ModelConfig, data: DataConfig, task: TaskConfig, eng
     run_dir = Path(run.output_dir) / run.name
     logger = RunLogger(run_dir, world, level=run.log_level)
     tokenizer = Tokenizer(data.tokenizer)
-    task_module = create_task(task.name, build_model(model), task, tokenizer,
+    task_module = create_task(task.name, build_backbone(model), task, tokenizer,
                               tie_mlm_head=model.tie_mlm_head)
     if run.init_from:
         load_init_weights(task_module, run.init_from, logger)
@@ -529,7 +520,7 @@ def evaluate_weights(model: ModelConfig, data: DataConfig, task: TaskConfig, eng
     if world.device.type == "cuda" and engine.precision in ("bf16", "auto"):
         task_module.to(torch.bfloat16)
     datasets = task_module.build_datasets(data, tokenizer, split)
-    preflight.check_split_sizes(split, datasets, getattr(data, split))
+    preflight.check_split_sizes(split, datasets, data.sources(split))
     loaders = eval_loaders(datasets, data, world, engine.seed, split)
     metrics = run_evaluation(task_module, loaders, world, max_batches=run.val_max_batches, progress=run.progress)
     if world.is_main:

@@ -4,14 +4,13 @@
 
 from __future__ import annotations
 
-import pickle
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import numpy as np
 
-from violet_ds.data.safe_pickle import safe_load
+from violet_ds.data.safe_pickle import load_restricted_pickle
 from violet_ds.data.tsv import TSVWriter
 
 
@@ -74,26 +73,27 @@ def load_vq_tokens(path: Union[str, Path]) -> dict[str, np.ndarray]:
         return {key: archive[key] for key in archive.files}
 
 
-def convert_pickle(src: str, out: Optional[str] = None, kind: Literal["auto", "frames", "vq"] = "auto") -> int:
-    """Convert an official pickle with a restricted unpickler (numpy arrays only, never arbitrary code).
+@dataclass
+class ConvertResult:
+    """What `convert_pickle` wrote: the file, how many videos, and what the pickle held (frames or vq)."""
 
-    Args:
-        src: the `.pkl` file (frames `{id: [b64, ...]}` or VQ tokens `{id: int16 (N,h,w)}`).
-        out: output path (default: `src` with `.tsv` for frames, `.npz` for VQ tokens).
-        kind: what the pickle holds; `auto` looks at its first value.
-    """
+    source: Path
+    target: Path
+    videos: int
+    kind: str
+
+
+def convert_pickle(src: str, out: Optional[str] = None,
+                   kind: Literal["auto", "frames", "vq"] = "auto") -> ConvertResult:
+    """Convert an official pickle with a restricted unpickler (`violet-ds convert-pickle` documents the
+    arguments). Raises ConvertError, OSError, ValueError or pickle.UnpicklingError for a file it refuses."""
     source = Path(src)
-    try:
-        data = safe_load(source)
-        detected = _detect_kind(data, str(source)) if kind == "auto" else kind
-        if detected == "frames":
-            target = Path(out) if out else source.with_suffix(".tsv")
-            count = frames_pickle_to_tsv(data, target, str(source))
-        else:
-            target = Path(out) if out else source.with_suffix(".npz")
-            count = vq_pickle_to_npz(data, target, str(source))
-    except (ConvertError, OSError, ValueError, pickle.UnpicklingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"{source} -> {target}: {count} videos ({detected})")
-    return 0
+    data = load_restricted_pickle(source)
+    detected = _detect_kind(data, str(source)) if kind == "auto" else kind
+    if detected == "frames":
+        target = Path(out) if out else source.with_suffix(".tsv")
+        count = frames_pickle_to_tsv(data, target, str(source))
+    else:
+        target = Path(out) if out else source.with_suffix(".npz")
+        count = vq_pickle_to_npz(data, target, str(source))
+    return ConvertResult(source, target, count, detected)

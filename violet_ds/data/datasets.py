@@ -191,7 +191,8 @@ class VideoTextDataset(Dataset):
         ids, mask = self.tokenizer.encode([text], max_len or self.max_text_len, None if pair is None else [pair])
         return ids[0], mask[0]
 
-    def read_clip(self, video_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def clip_of_video(self, video_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clip of `video_id` (from this dataset's TSVs through its `ClipReader`) and its frame indices."""
         return self.reader(self.source.frames(video_id))
 
     def load(self, index: int) -> dict[str, Any]:
@@ -336,7 +337,7 @@ class MCQADataset(VideoTextDataset):
 
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        video, _ = self.read_clip(record.video)
+        video, _ = self.clip_of_video(record.video)
         if record.question.strip():
             ids, mask = self.tokenizer.encode([record.question] * len(record.options), self.max_text_len,
                                               pairs=record.options)
@@ -375,7 +376,7 @@ class OEQADataset(VideoTextDataset):
 
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        video, _ = self.read_clip(record.video)
+        video, _ = self.clip_of_video(record.video)
         text_ids, text_mask = self.encode_text(self.question_text(record))
         if record.answer_text is not None:
             answer_token = self.tokenizer.token_id(record.answer_text)
@@ -405,7 +406,7 @@ class RetrievalDataset(VideoTextDataset):
 
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        video, _ = self.read_clip(record.video)
+        video, _ = self.clip_of_video(record.video)
         text_ids, text_mask = self.encode_text(record.caption)
         return {"video": video, "text_ids": text_ids, "text_mask": text_mask, "video_id": record.video}
 
@@ -531,7 +532,7 @@ class CaptionDataset(VideoTextDataset):
 
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        video, _ = self.read_clip(record.video)
+        video, _ = self.clip_of_video(record.video)
         if self.train:
             ids, mask = self.encode_text(record.caption)
             return {"video": video, "caption_ids": ids, "caption_mask": mask, "video_id": record.video}
@@ -556,7 +557,7 @@ class ActionDataset(VideoTextDataset):
 
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        video, _ = self.read_clip(record.video)
+        video, _ = self.clip_of_video(record.video)
         return {"video": video, "label": record.label, "video_id": record.video}
 
 

@@ -341,28 +341,23 @@ def train_tokenizer(texts: list[str], folder: Path, vocab_size: int = 384) -> No
          "strip_accents": None, "tokenize_chinese_chars": True}, indent=1))
 
 
-# ---------------------------------------------------------------- command
+# ---------------------------------------------------------------- building the demo
+
+@dataclass
+class DemoSummary:
+    """What `make_demo_data` built: its folder, the contents of its `demo.json`, the annotation files written."""
+
+    root: Path
+    meta: dict
+    annotation_files: int
+    seconds: float
+
 
 def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: int = 100, num_frames: int = 8,
                    render_frames: int = 16, size: int = 64, seed: int = 0, workers: int = 2,
-                   vocab_size: int = 384, motion_captions: int = 0, force: bool = False) -> int:
-    """Generate the synthetic demo dataset (videos, frame TSVs, annotations in every official format,
-    WordPiece tokenizer); the layout is documented in violet_ds/data/demo.py.
-
-    Args:
-        out: output folder.
-        num_videos: synthetic videos to render.
-        num_images: still images for the image-text part.
-        num_frames: frames extracted per video into the TSVs (the real extraction rule).
-        render_frames: frames rendered per video (8 fps).
-        size: frame size in pixels (square; rounded up to even for the mp4 encoder).
-        seed: everything is a function of it.
-        workers: processes for rendering and extraction.
-        vocab_size: WordPiece vocabulary size cap (special + character tokens + whole words by frequency).
-        motion_captions: motion-only captions per video added to the pretraining captions ("something
-            moves left"): video-text matching and MLM can then only be solved from the motion.
-        force: delete an existing output folder first.
-    """
+                   vocab_size: int = 384, motion_captions: int = 0, force: bool = False) -> DemoSummary:
+    """Generate the synthetic demo dataset in `out` (`violet-ds make-demo-data` documents the arguments); an
+    existing, non-empty `out` is refused (FileExistsError) unless `force`, which deletes it first."""
     from violet_ds.data.extract import ExtractOptions, list_inputs, run_extraction
     from violet_ds.data.tokenizer import Tokenizer
 
@@ -370,8 +365,7 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
     root = Path(out)
     if root.exists() and any(root.iterdir()):
         if not force:
-            print(f"{root} exists and is not empty; pass --force true to rebuild it")
-            return 1
+            raise FileExistsError(f"{root} exists and is not empty; pass --force true to rebuild it")
         shutil.rmtree(root)
     side = size + (size % 2)
     (root / "videos").mkdir(parents=True)
@@ -419,10 +413,7 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
             "tokenizer_vocab_size": tokenizer.vocab_size, "motions": list(MOTIONS), "colors": list(COLORS),
             "shapes": list(SHAPES), "sizes": list(SIZES)}
     (root / "demo.json").write_text(json.dumps(meta, indent=1))
-    print(f"demo data in {root}: {num_videos} videos ({num_frames} frames of {side}x{side} in "
-          f"{len(video_report.shards)} shards), {num_images} images, {len(files)} annotation files, "
-          f"vocabulary {tokenizer.vocab_size} ({time.perf_counter() - started:.1f}s)")
-    return 0
+    return DemoSummary(root, meta, len(files), time.perf_counter() - started)
 
 
 def default_demo_dir() -> Optional[Path]:

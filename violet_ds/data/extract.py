@@ -16,11 +16,25 @@ stream, unsupported codec) are listed in `{prefix}_failed.json` and the run goes
 `{prefix}_settings.json` records the settings the rows were extracted with (frames, fps, short side); a
 run with other settings is refused before it adds rows (for shards written before that file existed,
 the first row's frame count and size are compared), unless `--allow_mixed_settings true`.
+
+Parts. `num_parts` N > 1 splits the video list over N independent runs (one per host or SLURM array task):
+a video belongs to part `sha1(id) mod N`, so its part depends only on its id and N (a re-run, a re-ordered
+or a grown list keeps every video in its part). Part K writes under the prefix `{prefix}_pKKKofNNN`:
+shards `{prefix}_pKKKofNNN_MMM.tsv` (a `{prefix}_*.tsv` glob reads every part), its own failures and
+settings files, and `{prefix}_pKKKofNNN_done.json` once it has finished (removed when it starts). A run
+refuses an output folder that holds shards of the same prefix split another way. `check_parts` checks
+the union: every part finished and unchanged since, every video in exactly one row (or failed).
+
+Resume. Shards are renamed into place only when complete, so a killed run leaves complete shards plus
+temporaries of its current shard; the next run deletes the temporaries, skips the videos of the complete
+shards and extracts the rest. A shard that does not end with a complete row (a copy cut short, a full
+disk) is cut back to its last complete row and re-indexed; a shard without `.lineidx` is re-indexed.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import multiprocessing
 import os
@@ -277,6 +291,11 @@ class ExtractReport:
     failed: dict[str, str] = field(default_factory=dict)
     shards: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    part: int = 0
+    num_parts: int = 1
+    prefix: str = ""        # the file prefix this run wrote (`{prefix}_pKKKofNNN` for a part)
+    assigned: int = 0       # inputs of this part (all inputs when num_parts is 1)
+    repaired: list[str] = field(default_factory=list)  # shards cut back to their last complete row
 
 
 SHARD_PATTERN = r"^{prefix}_(\d+)\.tsv$"
@@ -364,11 +383,13 @@ def existing_shards(out_dir: Path, prefix: str) -> list[Path]:
 def remove_stale_temporaries(out_dir: Path, prefix: str) -> list[Path]:
     """Delete `{prefix}_*.tmpPID` files (shards and indexes being written) whose process is gone."""
     removed = []
+    # this prefix's own files only: another part's (`{prefix}_pKKKofNNN_...`) may be written on another host
+    own = re.compile(rf"^{re.escape(prefix)}_(\d+\.tsv|\d+\.lineidx|settings\.json)\.tmp(\d+)$")
     for path in sorted(out_dir.glob(f"{prefix}_*.tmp*")):
-        match = re.search(r"\.tmp(\d+)$", path.name)
+        match = own.match(path.name)
         if not match or not path.is_file():
             continue
-        pid = int(match.group(1))
+        pid = int(match.group(2))
         alive = True
         try:
             os.kill(pid, 0)
@@ -382,29 +403,203 @@ def remove_stale_temporaries(out_dir: Path, prefix: str) -> list[Path]:
     return removed
 
 
+def recover_shard(shard: Path) -> Optional[str]:
+    """Make an existing shard readable for a resume; returns what was done (None when it was fine).
+
+    A shard without `.lineidx` is re-indexed. One that does not end with a complete row is cut back to its
+    last complete row (its videos after that are extracted again) and re-indexed; one with no complete row
+    is deleted. An index that disagrees with its shard's tail is rebuilt."""
+    from violet_ds.data.tsv import build_lineidx, lineidx_path
+
+    index = lineidx_path(shard)
+    with_keys = index.is_file() and "\t" in index.read_text()[:4096].split("\n", 1)[0]
+    size = shard.stat().st_size
+    with open(shard, "rb") as handle:
+        handle.seek(max(size - 1, 0))
+        last = handle.read(1)
+    if size and last != b"\n":
+        # find the end of the last complete row, reading backwards
+        cut, block = 0, 1 << 20
+        with open(shard, "rb") as handle:
+            position = size
+            while position > 0:
+                start = max(position - block, 0)
+                handle.seek(start)
+                found = handle.read(position - start).rfind(b"\n")
+                if found >= 0:
+                    cut = start + found + 1
+                    break
+                position = start
+        if cut == 0:
+            shard.unlink()
+            index.unlink(missing_ok=True)
+            return f"{shard.name}: no complete row, deleted"
+        with open(shard, "r+b") as handle:
+            handle.truncate(cut)
+            handle.flush()
+            os.fsync(handle.fileno())
+        build_lineidx(shard, with_keys=with_keys)
+        return f"{shard.name}: cut from {size} to {cut} bytes (its last row was incomplete), re-indexed"
+    if not size:
+        shard.unlink()
+        index.unlink(missing_ok=True)
+        return f"{shard.name}: empty, deleted"
+    if not index.is_file():
+        build_lineidx(shard, with_keys=with_keys)
+        return f"{shard.name}: no {index.name}, re-indexed"
+    tsv = TSVFile(shard)
+    try:
+        if len(tsv):
+            tsv.read_bytes(len(tsv) - 1)  # the last indexed row ends exactly at the end of the file
+    except TSVError:
+        build_lineidx(shard, with_keys=with_keys)
+        return f"{shard.name}: {index.name} did not match the shard, re-indexed"
+    finally:
+        tsv.close()
+    return None
+
+
+# ---------------------------------------------------------------- parts
+
+PART_TAG = "p{part:03d}of{num_parts:03d}"
+PART_SHARD_PATTERN = r"^{prefix}_p(\d+)of(\d+)_(\d+)\.tsv$"
+DONE_FILE = "{prefix}_done.json"          # with the part's prefix: the part finished
+PARTS_FILE = "{prefix}_parts.json"        # written by check_parts: the union of every part
+DONE_FORMAT = "violet_ds-extract-part/1"
+PARTS_FORMAT = "violet_ds-extract-parts/1"
+
+
+class PartError(ValueError):
+    """Part numbers that cannot be used (out of range, a SLURM array that is not 0..N-1)."""
+
+
+def part_of(key: str, num_parts: int) -> int:
+    """The part of video `key` among `num_parts`: sha1(id) mod N, independent of the list it comes in."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") % num_parts
+
+
+def split_inputs(inputs: Sequence[tuple[str, Path]], part: int, num_parts: int) -> list[tuple[str, Path]]:
+    """The inputs of part `part` of `num_parts` (all of them for one part), in their listed order."""
+    if num_parts == 1:
+        return list(inputs)
+    return [(key, path) for key, path in inputs if part_of(key, num_parts) == part]
+
+
+def part_prefix(prefix: str, part: int, num_parts: int) -> str:
+    """File prefix of a part's outputs: `prefix` itself for one part, else `{prefix}_pKKKofNNN`."""
+    return prefix if num_parts == 1 else f"{prefix}_{PART_TAG.format(part=part, num_parts=num_parts)}"
+
+
+def resolve_part(part: Optional[int] = None, num_parts: Optional[int] = None,
+                 environ: Optional[dict] = None) -> tuple[int, int]:
+    """(part, num_parts) from the arguments, else from a SLURM array task, else (0, 1).
+
+    In an array task the part is `SLURM_ARRAY_TASK_ID` and the number of parts, unless given, the array's
+    size, which needs an array of 0..N-1 (`--array=0-7`); a task resubmitted alone (`--array=3`) must be given
+    `num_parts`."""
+    env = os.environ if environ is None else environ
+    task = env.get("SLURM_ARRAY_TASK_ID")
+    if num_parts is None:
+        if part is not None:
+            raise PartError(f"--part {part} needs --num_parts")
+        if task is None:
+            return 0, 1
+        count = env.get("SLURM_ARRAY_TASK_COUNT")
+        low, high = env.get("SLURM_ARRAY_TASK_MIN"), env.get("SLURM_ARRAY_TASK_MAX")
+        if count is None and low is not None and high is not None:
+            count = str(int(high) - int(low) + 1)
+        if count is None or low not in (None, "0") or (high is not None and int(high) != int(count) - 1) \
+                or env.get("SLURM_ARRAY_TASK_STEP", "1") != "1":
+            raise PartError(f"SLURM array task {task} of an array {low}-{high} ({count} tasks): the part number is "
+                            "SLURM_ARRAY_TASK_ID, so the number of parts follows from the array only for an array "
+                            "0-(N-1); pass --num_parts N (e.g. when resubmitting one part with --array=K)")
+        num_parts = int(count)
+    if part is None:
+        if num_parts == 1:
+            part = 0
+        elif task is None:
+            raise PartError(f"--num_parts {num_parts} needs --part K (0..{num_parts - 1}) outside a SLURM array task")
+        else:
+            part = int(task)
+    if num_parts < 1:
+        raise PartError(f"--num_parts must be at least 1, got {num_parts}")
+    if not 0 <= part < num_parts:
+        raise PartError(f"part {part} is not among 0..{num_parts - 1} (--num_parts {num_parts})")
+    return part, num_parts
+
+
+def _layouts(out_dir: Path, prefix: str) -> dict[int, list[Path]]:
+    """Shards of `prefix` in `out_dir` by number of parts (1: the unsplit `{prefix}_NNN.tsv`)."""
+    found: dict[int, list[Path]] = {}
+    plain = existing_shards(out_dir, prefix)
+    if plain:
+        found[1] = plain
+    pattern = re.compile(PART_SHARD_PATTERN.format(prefix=re.escape(prefix)))
+    for path in sorted(out_dir.glob(f"{prefix}_p*of*_*.tsv")):
+        match = pattern.match(path.name)
+        if match:
+            found.setdefault(int(match.group(2)), []).append(path)
+    return found
+
+
+def _ids_digest(keys: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(keys)).encode("utf-8")).hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def run_extraction(inputs: Sequence[tuple[str, Path]], out_dir: Path, prefix: str, options: ExtractOptions,
                    shard_size: int = 1000, workers: int = 2, progress: bool = True,
-                   with_keys: bool = False, allow_mixed: bool = False) -> ExtractReport:
-    """Extract every input not already in `out_dir`'s shards; see the module docstring. Shards written with
-    other row settings are refused unless `allow_mixed` (`check_shard_settings`)."""
+                   with_keys: bool = False, allow_mixed: bool = False, part: int = 0,
+                   num_parts: int = 1) -> ExtractReport:
+    """Extract every input (of part `part` of `num_parts`) not already in `out_dir`'s shards; see the module
+    docstring. Shards written with other row settings are refused unless `allow_mixed` (`check_shard_settings`)."""
+    if num_parts < 1 or not 0 <= part < num_parts:
+        raise PartError(f"part {part} of {num_parts}: need 0 <= part < num_parts")
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = ExtractReport()
+    base, prefix = prefix, part_prefix(prefix, part, num_parts)
+    report = ExtractReport(part=part, num_parts=num_parts, prefix=prefix)
     started = time.perf_counter()
+    other = {count: paths for count, paths in _layouts(out_dir, base).items() if count != num_parts}
+    if other:
+        count, paths = sorted(other.items())[0]
+        split = "unsplit" if count == 1 else f"split into {count} parts"
+        raise PartError(f"{out_dir} holds shards of {base} {split} ({paths[0].name}, {len(paths)} shard(s)); this run "
+                        f"is split into {num_parts}: its videos would be extracted a second time. Use "
+                        f"{'no --num_parts' if count == 1 else f'--num_parts {count}'}, or another --out_dir / --prefix")
+    done_file = out_dir / DONE_FILE.format(prefix=prefix)
+    done_file.unlink(missing_ok=True)  # the part is not finished while it runs
     removed = remove_stale_temporaries(out_dir, prefix)
     if removed:
         print(f"removed {len(removed)} temporary file(s) left by an interrupted run: "
               f"{', '.join(p.name for p in removed[:5])}{' ...' if len(removed) > 5 else ''}", file=sys.stderr)
+    inputs = split_inputs(inputs, part, num_parts)
+    report.assigned = len(inputs)
     unusable = [(key, path) for key, path in inputs if "\t" in key or "\n" in key or "\r" in key]
     for key, path in unusable:
         report.failed[key] = "the file name contains a tab or newline, which a TSV row cannot hold: rename the file"
     inputs = [(key, path) for key, path in inputs if (key, path) not in unusable]
     done: set[str] = set()
+    for shard in existing_shards(out_dir, prefix):
+        try:
+            repaired = recover_shard(shard)
+        except (OSError, TSVError) as err:
+            raise TSVError(f"{shard}: existing shard is unreadable ({err}); remove it to re-extract its videos") from err
+        if repaired:
+            report.repaired.append(repaired)
+            print(f"resuming: {repaired}", file=sys.stderr)
     shards = existing_shards(out_dir, prefix)
+    shard_keys: list[str] = []
     for shard in shards:
         try:
-            done.update(TSVFile(shard).keys())
+            shard_keys.extend(TSVFile(shard).keys())
         except TSVError as err:
             raise TSVError(f"{shard}: existing shard is unreadable ({err}); remove it to re-extract its videos") from err
+    done.update(shard_keys)
     check_shard_settings(out_dir, prefix, options, shards, allow_mixed)
     next_part = max((int(re.findall(r"(\d+)\.tsv$", s.name)[0]) for s in shards), default=-1) + 1
     todo = [(key, path) for key, path in inputs if key not in done]
@@ -455,71 +650,43 @@ def run_extraction(inputs: Sequence[tuple[str, Path]], out_dir: Path, prefix: st
                                            for k, e in sorted(report.failed.items())}, indent=1))
     elif failed_path.exists():
         failed_path.unlink()
+    if num_parts > 1:
+        rows = shard_keys + [key for key in _written_keys(report.shards)]
+        _write_json(done_file, {
+            "format": DONE_FORMAT, "prefix": base, "part": part, "num_parts": num_parts, "split": "sha1(id) mod N",
+            "videos": report.assigned, "rows": len(rows), "failed": len(report.failed),
+            "shards": [p.name for p in existing_shards(out_dir, prefix)], "settings": row_settings(options),
+            "contents_sha256": _ids_digest(set(rows) | set(report.failed))})
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _print_report(report: ExtractReport, out_dir: Path, prefix: str) -> int:
-    print(f"wrote {report.written} rows in {len(report.shards)} new shard(s), skipped {report.skipped} already "
-          f"extracted, {len(report.failed)} failed ({report.seconds:.1f}s)")
-    for key, error in sorted(report.failed.items())[:20]:
-        print(f"  failed {key}: {error}", file=sys.stderr)
-    if report.failed:
-        print(f"  full list: {out_dir / (prefix + '_failed.json')}", file=sys.stderr)
-    return 1 if report.failed and not report.written and not report.skipped else 0
+def _written_keys(shards: Sequence[str]) -> list[str]:
+    keys: list[str] = []
+    for shard in shards:
+        keys.extend(TSVFile(shard).keys())
+    return keys
 
 
 def extract_frames(videos: str, out_dir: str, num_frames: int = 5, fps: Optional[float] = None,
                    max_frames: int = 0, short_side: int = 224, quality: int = 90, shard_size: int = 1000,
                    prefix: str = "frames", workers: int = 2, seek: bool = True, with_keys: bool = False,
-                   allow_mixed_settings: bool = False) -> int:
-    """Videos -> N sampled JPEG frames per video -> TSV shards `{out_dir}/{prefix}_NNN.tsv` (+ .lineidx).
-
-    Resumable (videos already in the shards are skipped); failures are reported in
-    `{prefix}_failed.json` without stopping the run.
-
-    Args:
-        videos: a folder (searched recursively), a glob, a list file (`path` or `id<TAB>path` per line) or one video.
-        out_dir: output folder for the shards.
-        num_frames: frames per video, evenly spaced by the official rule int(len/(N+1)*(i+1)).
-        fps: sample at this rate instead of a fixed count (VIMPAC); capped by max_frames.
-        max_frames: with fps, keep at most this many frames (evenly thinned); 0 = no cap.
-        short_side: resize so the shorter side has this many pixels (0 keeps the original size).
-        quality: JPEG quality.
-        shard_size: rows per TSV shard.
-        prefix: shard file name prefix.
-        workers: decoding processes.
-        seek: jump to key frames near each sampled frame instead of decoding everything.
-        with_keys: write `video_id<TAB>offset` .lineidx lines (VIOLETv2 style).
-        allow_mixed_settings: add rows to shards written with other num_frames / fps / max_frames / short_side
-            (recorded in `{prefix}_settings.json`); refused otherwise.
-    """
+                   allow_mixed_settings: bool = False) -> ExtractReport:
+    """Videos -> N sampled JPEG frames per video -> TSV shards `{out_dir}/{prefix}_NNN.tsv` (+ .lineidx);
+    `violet-ds extract-frames` documents the arguments. Resumable; failures are listed in the report and in
+    `{prefix}_failed.json`."""
     inputs = list_inputs(videos, VIDEO_EXTENSIONS)
     options = ExtractOptions(num_frames=num_frames, fps=fps, max_frames=max_frames, short_side=short_side,
                              quality=quality, seek=seek)
-    out = Path(out_dir)
-    report = run_extraction(inputs, out, prefix, options, shard_size, workers, with_keys=with_keys,
-                            allow_mixed=allow_mixed_settings)
-    return _print_report(report, out, prefix)
+    return run_extraction(inputs, Path(out_dir), prefix, options, shard_size, workers, with_keys=with_keys,
+                          allow_mixed=allow_mixed_settings)
 
 
 def extract_images(images: str, out_dir: str, short_side: int = 224, quality: int = 90, shard_size: int = 10000,
-                   prefix: str = "images", workers: int = 2, allow_mixed_settings: bool = False) -> int:
-    """Images (CC3M style) -> one-frame TSV rows `image_id<TAB>b64 JPEG` in shards `{prefix}_NNN.tsv`.
-
-    Args:
-        images: a folder (recursive), a glob, a list file (`path` or `id<TAB>path` per line) or one image.
-        out_dir: output folder for the shards.
-        short_side: resize so the shorter side has this many pixels (0 keeps the original size).
-        quality: JPEG quality.
-        shard_size: rows per TSV shard.
-        prefix: shard file name prefix.
-        workers: decoding processes.
-        allow_mixed_settings: add rows to shards written with another short_side (recorded in
-            `{prefix}_settings.json`); refused otherwise.
-    """
+                   prefix: str = "images", workers: int = 2, allow_mixed_settings: bool = False) -> ExtractReport:
+    """Images (CC3M style) -> one-frame TSV rows `image_id<TAB>b64 JPEG` in shards `{prefix}_NNN.tsv`;
+    `violet-ds extract-images` documents the arguments."""
     inputs = list_inputs(images, IMAGE_EXTENSIONS)
     options = ExtractOptions(short_side=short_side, quality=quality, images=True)
-    out = Path(out_dir)
-    report = run_extraction(inputs, out, prefix, options, shard_size, workers, allow_mixed=allow_mixed_settings)
-    return _print_report(report, out, prefix)
+    return run_extraction(inputs, Path(out_dir), prefix, options, shard_size, workers,
+                          allow_mixed=allow_mixed_settings)

@@ -15,10 +15,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from violet_ds.config import DataConfig, DataSource
-from violet_ds.data.datasets import ClipReader, MixedDataset, collate
+from violet_ds.data.datasets import ClipReader, MixedDataset, VideoTextDataset, collate
 
 
 class SeededSamples(Dataset):
@@ -142,3 +142,13 @@ def data_loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, *,
                       worker_init_fn=worker_init_fn if workers > 0 else None,
                       pin_memory=data.pin_memory and pin_memory, drop_last=drop_last, generator=generator,
                       prefetch_factor=data.prefetch_factor if workers > 0 else None, persistent_workers=False)
+
+
+def reading_datasets(dataset: Dataset) -> List[VideoTextDataset]:
+    """The datasets inside `dataset` that read samples (and count the unreadable ones), through the wrappers a
+    run puts around them: SeededSamples, MixedDataset and torch's Subset / ConcatDataset."""
+    if isinstance(dataset, (SeededSamples, Subset)):
+        return reading_datasets(dataset.dataset)
+    if isinstance(dataset, (MixedDataset, ConcatDataset)):
+        return [part for sub in dataset.datasets for part in reading_datasets(sub)]
+    return [dataset] if isinstance(dataset, VideoTextDataset) else []

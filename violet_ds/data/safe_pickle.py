@@ -41,7 +41,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             "containers are allowed in data pickles)")
 
 
-def safe_load(path_or_bytes: Union[str, os.PathLike, bytes]) -> Any:
+def load_restricted_pickle(path_or_bytes: Union[str, os.PathLike, bytes]) -> Any:
     """Load a data pickle with the restricted unpickler."""
     if isinstance(path_or_bytes, (bytes, bytearray)):
         return RestrictedUnpickler(io.BytesIO(path_or_bytes)).load()

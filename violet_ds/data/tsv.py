@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
@@ -474,51 +473,3 @@ def validate_tsv(path: PathLike, frame_column: Optional[int] = None, decode: boo
     report.update(rows=row + 1, frames=int(counts.sum()), min_frames=int(counts.min()),
                   max_frames=int(counts.max()), ok=True)
     return report
-
-
-def build_index_command(tsv: str, force: bool = False, with_keys: bool = False) -> int:
-    """Write the `.lineidx` (byte offset of each row) of TSV files that have none.
-
-    Args:
-        tsv: a TSV path, a glob, or a comma-separated list of them.
-        force: rebuild even when a `.lineidx` exists (e.g. after it went stale).
-        with_keys: write `video_id<TAB>offset` lines (VIOLETv2 style) instead of bare offsets.
-    """
-    for path in resolve_tsv_paths(tsv):
-        index = lineidx_path(path)
-        if index.exists() and not force:
-            print(f"{index}: exists (use --force to rebuild)")
-            continue
-        try:
-            build_lineidx(path, with_keys=with_keys, progress=True)
-        except TSVError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        print(f"{index}: written")
-    return 0
-
-
-def validate_command(tsv: str, frame_column: Optional[int] = None, decode: bool = False) -> int:
-    """Check TSV shards: every `.lineidx` offset starts a row, every row ends, count rows and frames.
-
-    Prints one line per shard and the first bad row; exits 1 when any shard is bad.
-
-    Args:
-        tsv: a TSV path, a glob, or a comma-separated list of them.
-        frame_column: first frame column (default: detected; 1 official, 2 VIOLETv2/LAVENDER).
-        decode: also decode every JPEG frame (slow, catches corrupt frames).
-    """
-    status = 0
-    total_rows = total_frames = 0
-    for path in resolve_tsv_paths(tsv):
-        report = validate_tsv(path, frame_column=frame_column, decode=decode)
-        if report["ok"]:
-            total_rows += report["rows"]
-            total_frames += report["frames"]
-            print(f"ok   {path}: {report['rows']} rows, {report['frames']} frames "
-                  f"({report['min_frames']}-{report['max_frames']} per row, frames from column {report['frame_column']})")
-        else:
-            status = 1
-            print(f"BAD  {report['error']}")
-    print(f"total: {total_rows} rows, {total_frames} frames; {'all valid' if status == 0 else 'errors found'}")
-    return status

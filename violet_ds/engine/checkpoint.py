@@ -272,7 +272,8 @@ def locate(path: str | Path, tag: Optional[str] = None) -> Tuple[Path, str]:
 
 
 # ----------------------------------------------------------------------------------------- save / prune
-def _barrier(world: World) -> None:
+def barrier(world: World) -> None:
+    """Every rank reaches this point before any goes on (nothing with one rank)."""
     if world.distributed and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -399,7 +400,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, tag: str, client_state: dict, 
         tag_dir.mkdir(parents=True, exist_ok=True)
         engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), rng_file(tag_dir, world.rank))
-    _barrier(world)
+    barrier(world)
     if world.is_main:
         (tag_dir / DIVERGED_NOTE).unlink(missing_ok=True)
         marker = {"tag": tag, "step": client_state.get("step"), "world_size": world.world_size}
@@ -408,7 +409,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, tag: str, client_state: dict, 
         write_latest(checkpoint_dir, tag)
         if keep_last > 0:
             prune_checkpoints(checkpoint_dir, keep_last, protect=tag)
-    _barrier(world)
+    barrier(world)
     return tag_dir
 
 

@@ -88,6 +88,23 @@ def env_from_slurm() -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
 
 
+def _default_master(port: str) -> None:
+    """MASTER_ADDR / MASTER_PORT where no launcher set them: this host, at `port`."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", port)
+
+
+def env_single_process() -> None:
+    """A process that no launcher started (no WORLD_SIZE, not an `srun` task) becomes rank 0 of a 1-rank world
+    with this host as master at a free port (DeepSpeed needs a process group even then)."""
+    if "WORLD_SIZE" in os.environ or in_slurm_step():
+        return
+    _default_master(str(free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+
+
 def _tasks_on_this_node() -> str:
     """SLURM writes tasks per node as `2(x3),1`; this node's count is the entry covering SLURM_NODEID."""
     spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE") or "1"
@@ -135,8 +152,7 @@ def init_distributed(timeout_s: int = 1800, backend: str = "auto") -> World:
     else:
         device = torch.device("cpu")
     if world_size > 1 or "MASTER_ADDR" in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        _default_master("29500")
         from .logging import library_output
 
         # DeepSpeed's import and its communication op build print to stdout: into the run's log instead

@@ -22,14 +22,19 @@ cursor is kept, so the window of samples that led to the divergence is skipped) 
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Callable, List, Optional, Protocol
 
 import torch
+import yaml
 
+from ..config import RunConfig
+from ..data.sampler import SampleCursor
 from . import checkpoint as ckpt
 from .distributed import World
+from .logging import RunLogger
 
 
 class DivergenceError(RuntimeError):
@@ -122,12 +127,10 @@ def weights_finite(module: torch.nn.Module, world: World) -> bool:
     return bool(ok.item() > 0)
 
 
-def _configured_lr(trainer: Any) -> Optional[float]:
+def _configured_lr(resolved_config: str) -> Optional[float]:
     """optim.lr of the run's resolved config (None when it cannot be read)."""
-    import yaml
-
     try:
-        config = yaml.safe_load(getattr(trainer, "resolved_config", "") or "") or {}
+        config = yaml.safe_load(resolved_config or "") or {}
         return float(config["optim"]["lr"])
     except (yaml.YAMLError, KeyError, TypeError, ValueError):
         return None
@@ -139,67 +142,90 @@ def last_good_step(saved_steps: List[int], first_bad_step: int) -> Optional[int]
     return max(good) if good else None
 
 
+class Position(Protocol):
+    """Where the guarded loop stands (the trainer's `TrainState`), read by the guard, never written."""
+
+    step: int
+    cursor: SampleCursor
+
+
+@dataclass
+class GuardedRun:
+    """What `DivergenceWatch` is given by the loop it guards (the trainer)."""
+
+    run: RunConfig
+    """run.max_bad_steps, run.on_divergence, run.max_rollbacks, run.resume"""
+    world: World
+    logger: RunLogger
+    position: Position
+    module: torch.nn.Module
+    """the trained module: its weights are checked before every save and at the end"""
+    checkpoint_dir: Path
+    restore: Callable[[str], int]
+    """reload a checkpoint tag (weights, optimizer, schedule position) and put the loop at its step, which it
+    returns; the data cursor stays where it is"""
+    run_dir: Path
+    command: str = "pretrain"
+    """the violet-ds command of the run, named in the advice"""
+    resolved_config: str = ""
+    """the run's resolved config (YAML): its optim.lr is halved in the advice"""
+
+
+# A test hook, None in every real run: `loss_fault(step, rank, loss) -> loss` replaces the loss the guard sees (never
+# the one trained on), so tests and drills can make chosen optimizer steps non-finite (tests/nonfinite_cli.py).
+LossFault = Callable[[int, int, torch.Tensor], torch.Tensor]
+loss_fault: Optional[LossFault] = None
+
+
 class DivergenceWatch:
     """The trainer's side of the guard: observe, check at the logging window, gate saves, stop or roll back.
 
     The trainer calls `observe(loss)` per micro-batch, `end_step(step)` per optimizer step,
     `check_window()` where it logs (True: a rollback happened, skip the rest of this step), and asks
-    `allow_save()` before every checkpoint and `saved(step)` after it.
+    `allow_save()` before every checkpoint.
     """
 
-    def __init__(self, trainer: Any):
-        run = trainer.run
-        self.trainer = trainer
-        self.guard = DivergenceGuard(getattr(run, "max_bad_steps", 3), trainer.world)
-        self.mode = getattr(run, "on_divergence", "stop")
-        self.max_rollbacks = int(getattr(run, "max_rollbacks", 3))
+    def __init__(self, guarded: GuardedRun):
+        self.guarded = guarded
+        self.logger = guarded.logger
+        self.guard = DivergenceGuard(guarded.run.max_bad_steps, guarded.world)
+        self.mode = guarded.run.on_divergence
+        self.max_rollbacks = guarded.run.max_rollbacks
         self.rollbacks: List[dict] = []
-        # fault injection for tests and drills: VIOLET_DS_INJECT_NONFINITE="5,6" treats the loss of those
-        # optimizer steps as non-finite (each step number once), exercising the stop/rollback paths;
-        # "5,6@1" does so on rank 1 only (the other ranks must still stop or roll back with it)
-        import os
-
-        spec, _, rank = os.environ.get("VIOLET_DS_INJECT_NONFINITE", "").partition("@")
-        here = not rank.strip() or int(rank) == trainer.world.rank
-        self._inject = {int(part) for part in spec.split(",") if part.strip()} if here else set()
 
     # ---- per step (no host sync)
     def observe(self, loss: torch.Tensor) -> None:
-        step = self.trainer.state.step + 1
-        if step in self._inject:
-            self._injected = step
-            loss = torch.full_like(loss.detach(), float("nan"))
+        if loss_fault is not None:
+            loss = loss_fault(self.guarded.position.step + 1, self.guarded.world.rank, loss)
         self.guard.observe(loss)
 
     def end_step(self, step: int) -> None:
-        if getattr(self, "_injected", None) == step:
-            self._inject.discard(step)
         self.guard.end_step(step)
 
     # ---- at the logging window / before a save
     def check_window(self) -> bool:
         verdict = self.guard.check()
         if verdict.bad_steps:
-            self.trainer.logger.warning(f"step {self.trainer.state.step}: {verdict.bad_steps} step(s) with a "
+            self.logger.warning(f"step {self.guarded.position.step}: {verdict.bad_steps} step(s) with a "
                                         f"non-finite loss since the last check ({verdict.streak} in a row now, "
                                         f"run.max_bad_steps={self.guard.max_bad_steps})")
         if not verdict.diverged:
             return False
-        return self._diverged(verdict.first_bad_step or self.trainer.state.step)
+        return self._diverged(verdict.first_bad_step or self.guarded.position.step)
 
     def allow_save(self) -> bool:
         """False (with a warning) while the loss is non-finite or any weight is; may stop or roll back. The weights
         are checked with the guard off (run.max_bad_steps 0) too."""
-        step = self.trainer.state.step
+        step = self.guarded.position.step
         if self.guard.enabled:
             if self.check_window():
                 return False
             if self.guard.streak > 0:
-                self.trainer.logger.warning(f"not saving step {step}: the last {self.guard.streak} step(s) had a "
+                self.logger.warning(f"not saving step {step}: the last {self.guard.streak} step(s) had a "
                                             "non-finite loss")
                 return False
-        if not weights_finite(self.trainer.engine.module, self.trainer.world):
-            self.trainer.logger.warning(f"not saving step {step}: some weights are not finite")
+        if not weights_finite(self.guarded.module, self.guarded.world):
+            self.logger.warning(f"not saving step {step}: some weights are not finite")
             return False
         return True
 
@@ -215,12 +241,12 @@ class DivergenceWatch:
             if self.check_window():
                 return True
             if self.guard.streak > 0:
-                first = self.guard.streak_start or self.trainer.state.step
+                first = self.guard.streak_start or self.guarded.position.step
                 return self._diverged(first, cause=(
                     f"the loss was non-finite on the last {self.guard.streak} step(s) of the run, from step {first} "
                     f"(fewer than run.max_bad_steps={self.guard.max_bad_steps}, but the run ended on them)"))
-        if not weights_finite(self.trainer.engine.module, self.trainer.world):
-            step = self.trainer.state.step
+        if not weights_finite(self.guarded.module, self.guarded.world):
+            step = self.guarded.position.step
             return self._diverged(step + 1, cause=f"the weights are not finite after the last step ({step})")
         return False
 
@@ -230,7 +256,7 @@ class DivergenceWatch:
 
     # ---- divergence
     def _saved_steps(self) -> dict:
-        checkpoint_dir = Path(self.trainer.checkpoint_dir)
+        checkpoint_dir = self.guarded.checkpoint_dir
         steps = {}
         for tag in ckpt.complete_tags(checkpoint_dir):
             try:
@@ -241,19 +267,19 @@ class DivergenceWatch:
         return steps
 
     def _diverged(self, first_bad: int, cause: Optional[str] = None) -> bool:
-        trainer = self.trainer
-        checkpoint_dir = Path(trainer.checkpoint_dir)
+        guarded = self.guarded
+        checkpoint_dir = guarded.checkpoint_dir
         saved = self._saved_steps()
         good_step = last_good_step(sorted(saved), first_bad)
         good_tag = saved.get(good_step) if good_step is not None else None
         suspect = [tag for step, tag in sorted(saved.items()) if step >= first_bad - 1]
-        if trainer.world.is_main:
+        if guarded.world.is_main:
             ckpt.mark_diverged(checkpoint_dir, suspect, first_bad)
             if good_tag is not None:
                 ckpt.write_latest(checkpoint_dir, good_tag)
             else:
                 (checkpoint_dir / ckpt.LATEST_FILE).unlink(missing_ok=True)
-        ckpt._barrier(trainer.world)
+        ckpt.barrier(guarded.world)
         where = (f"Last good checkpoint: {checkpoint_dir / good_tag} (now `latest`)" if good_tag
                  else "No good checkpoint was saved before it")
         marked = f"; marked diverged (never resumed by `auto`): {', '.join(suspect)}" if suspect else ""
@@ -266,42 +292,39 @@ class DivergenceWatch:
                           f"{first_bad} (run.max_bad_steps={self.guard.max_bad_steps})")
         message = (f"the run diverged: {cause}{limit}. {where}{marked}. "
                    f"{self.advice(good_tag)}")
-        trainer.logger.record({"step": trainer.state.step, "event": "diverged", "first_bad_step": first_bad,
+        self.logger.record({"step": guarded.position.step, "event": "diverged", "first_bad_step": first_bad,
                                "last_good_checkpoint": good_tag})
-        trainer.logger.flush()
+        self.logger.flush()
         raise DivergenceError(message)
 
     def advice(self, good_tag: Optional[str]) -> str:
         """What to run next: resume `good_tag` with half the learning rate (a resume takes the LR schedule from the
         current config), or, without a good checkpoint, start the run over with it."""
-        import shlex
-
-        trainer = self.trainer
-        lr = _configured_lr(trainer)
+        guarded = self.guarded
+        lr = _configured_lr(guarded.resolved_config)
         lower = f"--optim.lr {lr / 2:g}" if lr else "--optim.lr <lower>"
-        base = f"violet-ds {getattr(trainer, 'command', 'pretrain')} --config {shlex.quote(str(trainer.run_dir))}"
+        base = f"violet-ds {guarded.command} --config {shlex.quote(str(guarded.run_dir))}"
         rollback = ", or set run.on_divergence rollback" if self.mode != "rollback" else ""
         if good_tag is not None:
             return (f"Continue from it with half the learning rate (the resumed run follows the LR schedule of its "
                     f"own config from that step): {base} --run.resume {good_tag} {lower} (or more warm-up, "
                     f"--optim.warmup_steps N){rollback}")
-        fresh = " --run.resume null" if trainer.run.resume else ""
+        fresh = " --run.resume null" if guarded.run.resume else ""
         return (f"Start it over with half the learning rate (this deletes its checkpoints): {base} --run.overwrite "
                 f"true{fresh} {lower} (or more warm-up, --optim.warmup_steps N)")
 
     def _rollback(self, good_tag: str, first_bad: int, marked: str) -> None:
-        trainer = self.trainer
-        from_step = trainer.state.step
+        position = self.guarded.position
+        from_step = position.step
         # weights, optimizer and the schedule's step go back (the schedule itself stays this run's config); the
         # data cursor does not: the samples between the checkpoint and now (which led to the divergence) are skipped
-        client, _ = trainer.load_checkpoint(good_tag)
-        trainer.state.step = int(client["step"])
+        to_step = self.guarded.restore(good_tag)
         self.guard.reset()
-        event = {"from_step": from_step, "to_step": trainer.state.step, "tag": good_tag, "first_bad_step": first_bad,
-                 "epoch": trainer.state.cursor.epoch, "micro_in_epoch": trainer.state.cursor.micro_in_epoch}
+        cursor = position.cursor
+        event = {"from_step": from_step, "to_step": to_step, "tag": good_tag, "first_bad_step": first_bad,
+                 "epoch": cursor.epoch, "micro_in_epoch": cursor.micro_in_epoch}
         self.rollbacks.append(event)
-        trainer.logger.warning(f"rollback {len(self.rollbacks)}/{self.max_rollbacks}: non-finite loss from step "
-                               f"{first_bad}; reloaded {good_tag} (step {trainer.state.step}) and skip the data "
-                               f"seen since (cursor stays at epoch {trainer.state.cursor.epoch}, micro-batch "
-                               f"{trainer.state.cursor.micro_in_epoch}){marked}")
-        trainer.logger.record({"step": trainer.state.step, "event": "rollback", **event})
+        self.logger.warning(f"rollback {len(self.rollbacks)}/{self.max_rollbacks}: non-finite loss from step "
+                            f"{first_bad}; reloaded {good_tag} (step {to_step}) and skip the data seen since (cursor "
+                            f"stays at epoch {cursor.epoch}, micro-batch {cursor.micro_in_epoch}){marked}")
+        self.logger.record({"step": to_step, "event": "rollback", **event})

@@ -1,6 +1,7 @@
-"""Consolidated task weights out of a DeepSpeed (ZeRO) checkpoint, and the one reader of task weights
-for `run.init_from` (run dir, model dir, safetensors, official .pt). The `violet-ds export` command that
-writes them to files is `violet_ds.commands.export`.
+"""Consolidated task weights out of a DeepSpeed (ZeRO) checkpoint, and `read_weights`, the one entry through
+which weights reach violet_ds (`model.weights`, `run.init_from`, `from_pretrained`, `load_run`, `predict`): a run,
+checkpoints or tag directory, a model directory, a `.safetensors` file or an official .pt. The `violet-ds export`
+command that writes them to files is `violet_ds.commands.export`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,12 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from violet_ds.weights import check_finite
+from violet_ds.models.checkpoint_io import read_weights_file
+from violet_ds.weights import MODEL_DIR_WEIGHTS, Weights, check_finite
 
 from . import checkpoint as ckpt
 from .checkpoint import COMPLETE_MARKER
 from .logging import library_output, library_progress
-
-# the weight file of a model directory (`violet_ds.pretrained.WEIGHTS_FILE`, a floor above)
-MODEL_DIR_WEIGHTS = "model.safetensors"
 
 
 def locate_checkpoint(path: str | Path, tag: Optional[str] = None) -> Tuple[Path, str]:
@@ -92,15 +91,14 @@ def weights_source(path: str | Path, tag: Optional[str] = None) -> str:
     return "deepspeed"
 
 
-def read_weights(path: str | Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Task weights from a run/checkpoint/tag dir (DeepSpeed), a model directory, a violet_ds safetensors,
-    or an official .pt (mapped to `model.*` / `heads.*` names, its frozen teachers dropped); every tensor
-    finite (`weights.check_finite`)."""
-    path = Path(path)
-    if weights_source(path, tag) == "deepspeed":
-        return deepspeed_fp32_state_dict(path, tag)
-    from violet_ds.models.checkpoint_io import read_violet_state_dict
-
-    state = read_violet_state_dict(path)
-    check_finite(state, str(path))
-    return state
+def read_weights(source: str | Path, tag: Optional[str] = None) -> Weights:
+    """The weights at `source` and what they were: a run directory (its `latest` tag), its checkpoints/ directory
+    or a tag directory ("deepspeed": consolidated fp32, `tag` picks one), a model directory ("model_dir"), a
+    violet_ds `.safetensors` ("safetensors"), an official VIOLET / VIOLETv2 / LAVENDER checkpoint ("official":
+    mapped to `model.*` / `heads.*` names, its frozen teachers dropped) or another torch file ("torch"). Every
+    tensor is finite (`weights.check_finite`); FileNotFoundError names every accepted kind."""
+    path = Path(source)
+    if weights_source(path, tag) != "deepspeed":
+        return read_weights_file(path)
+    checkpoint_dir, tag = locate_checkpoint(path, tag)
+    return Weights(deepspeed_fp32_state_dict(checkpoint_dir, tag), "deepspeed", checkpoint_dir / tag)

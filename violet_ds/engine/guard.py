@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 import torch
 from torch.utils.data import DataLoader
 
+from violet_ds.data.loaders import reading_datasets
 from violet_ds.errors import UserError
 
 T = TypeVar("T")
@@ -273,10 +274,10 @@ def worker_error_message(error: BaseException) -> tuple:
 def _sample_report(dataset: Any) -> str:
     """"; samples read so far: N, skipped as bad: M" (over this process and its workers), or "" for a
     dataset that does not count them."""
-    from .preflight import _parts, bad_sample_totals
+    from .preflight import bad_sample_totals
 
     try:
-        if not any(callable(getattr(part, "bad_sample_counts", None)) for part in _parts(dataset)):
+        if not reading_datasets(dataset):
             return ""
         totals = bad_sample_totals({"data": dataset}, None)
     except Exception:  # noqa: BLE001 - the report only adds to the message
@@ -285,9 +286,7 @@ def _sample_report(dataset: Any) -> str:
 
 
 def _skips_bad_samples(dataset: Any) -> bool:
-    from .preflight import _parts
-
-    return any(getattr(part, "max_bad_fraction", 0.0) > 0 for part in _parts(dataset))
+    return any(part.max_bad_fraction > 0 for part in reading_datasets(dataset))
 
 
 class _StallInterrupt(Exception):

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -52,8 +53,8 @@ LIBRARY_SOURCES = {
 DEEPSPEED_DUPLICATES = frozenset({"Train/Samples/lr", "Train/Samples/loss_scale"})
 
 def log_format(world: World) -> logging.Formatter:
-    """`2026-11-27 09:49:49 INFO message`; `[rank r]` after the time when several ranks run."""
-    rank = f"[rank {world.rank}] " if world.distributed else ""
+    """`2026-11-27 09:49:49 INFO message`; `[rank r on host]` after the time when several ranks run."""
+    rank = f"[rank {world.rank} on {socket.gethostname()}] " if world.distributed else ""
     return logging.Formatter(f"%(asctime)s {rank}%(levelname)s %(message)s", DATE_FORMAT)
 
 

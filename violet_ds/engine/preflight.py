@@ -130,10 +130,10 @@ def preflight_paths(data: Any, run: Any, model: Any, run_dir: Path, splits: Iter
     _writable(run_dir / "checkpoints", "checkpoint directory")
     checked = {}
     for split in splits:
-        for number, source in enumerate(getattr(data, split, None) or []):
+        for number, source in enumerate(data.sources(split)):
             where = f"data.{split}[{number}]"
             if not reads_frames:
-                key, tokens = ("vq", source.vq) if getattr(source, "vq", None) else ("tsv", source.tsv)
+                key, tokens = ("vq", source.vq) if source.vq else ("tsv", source.tsv)
                 if not glob.glob(str(tokens)):
                     raise PreflightError(f"{where}.{key}: no file matches {tokens!r}")
                 if source.annotations:
@@ -151,7 +151,7 @@ def preflight_paths(data: Any, run: Any, model: Any, run_dir: Path, splits: Iter
                 else:
                     _readable(path, f"{where}.tsv")
     _readable(Path(data.tokenizer), "data.tokenizer")
-    if getattr(model, "weights", None):
+    if model.weights:
         _readable(Path(model.weights), "model.weights")
     if run.init_from and not resuming:
         _check_init_from(run.init_from)
@@ -215,29 +215,20 @@ class preserved_rng:
         torch.set_rng_state(torch_state)
 
 
-def _parts(dataset: Any) -> list:
-    inner = getattr(dataset, "dataset", None)
-    if inner is not None and inner is not dataset:
-        return _parts(inner)
-    if hasattr(dataset, "datasets") and not hasattr(dataset, "bad_sample_report"):
-        return [part for sub in dataset.datasets for part in _parts(sub)]
-    return [dataset]
-
-
 def bad_sample_totals(datasets: Mapping[str, Any], world: Any) -> dict:
     """Samples skipped as unreadable, summed over DataLoader workers (shared counters) and ranks."""
     import torch
 
+    from violet_ds.data.loaders import reading_datasets
+
     totals = [0, 0]
     for dataset in datasets.values():
-        for part in _parts(dataset):
-            counts = getattr(part, "bad_sample_counts", None)
-            if callable(counts):
-                bad, seen = counts()
-                totals[0] += bad
-                totals[1] += seen
+        for part in reading_datasets(dataset):
+            bad, seen = part.bad_sample_counts()
+            totals[0] += bad
+            totals[1] += seen
     values = torch.tensor(totals, dtype=torch.float64)
-    if getattr(world, "distributed", False) and torch.distributed.is_initialized():
+    if world is not None and world.distributed and torch.distributed.is_initialized():
         values = values.to(world.device)
         torch.distributed.all_reduce(values)
     bad, seen = (int(v) for v in values.cpu().tolist())

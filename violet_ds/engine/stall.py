@@ -53,12 +53,8 @@ COMPONENT_ADVICE = (
 
 
 def chance_of(task) -> Dict[str, float]:
-    """The task's `{term: chance loss}` (empty when it declares none)."""
-    method = getattr(task, "chance_losses", None)
-    if method is None:
-        return {}
-    values = method() if callable(method) else method
-    return {str(k): float(v) for k, v in dict(values or {}).items() if v and math.isfinite(float(v))}
+    """The task's `{term: chance loss}` (its `chance_losses()` hook; empty when it declares none)."""
+    return {str(k): float(v) for k, v in task.chance_losses().items() if v and math.isfinite(float(v))}
 
 
 class StallDetector:

@@ -22,7 +22,7 @@ from ..config import RunConfig
 from ..data.sampler import SampleCursor
 from . import checkpoint as ckpt
 from . import deepspeed_engine as dse
-from .divergence import DivergenceWatch
+from .divergence import DivergenceWatch, GuardedRun
 from .distributed import World
 from .evaluator import evaluate, to_device
 from .logging import RunLogger, TrainProgress, memory_mb
@@ -166,7 +166,10 @@ class Trainer:
         self.state = TrainState()
         # wandb / csv through the ds_config's monitor blocks get the same scalars as TensorBoard
         logger.attach_monitor(getattr(engine, "monitor", None))
-        self.divergence = DivergenceWatch(self)
+        self.divergence = DivergenceWatch(GuardedRun(
+            run=run, world=world, logger=logger, position=self.state, module=self.task,
+            checkpoint_dir=self.checkpoint_dir, restore=self.restore, run_dir=self.run_dir, command=command,
+            resolved_config=resolved_config))
         # warns once when a loss sits at its chance value (ln #candidates) with a vanishing gradient
         self.stall = StallDetector.for_task(self.task, self.logger.warning, info=self.logger.info)
         # what one `fit` carries from step to step
@@ -175,6 +178,8 @@ class Trainer:
         self._step_lr = 0.0
         self._pending_rng: Optional[dict] = None
         self._last_saved_step = -1
+        # every rank's stop flag, combined where the loop closes a logging window (None: no window this step)
+        self._window_stop: Optional[bool] = None
         self.summary = TrainSummary()
 
     # ------------------------------------------------------------------ checkpoints
@@ -200,7 +205,8 @@ class Trainer:
             return None
         client, changes = self.load_checkpoint(tag)
         step, cursor = ckpt.train_position(client, tag)
-        self.state = TrainState(step=step, cursor=cursor)
+        # in place: the divergence guard reads the same state object
+        self.state.step, self.state.cursor = step, cursor
         marker = ckpt.read_marker(self.checkpoint_dir / tag)
         universal = (f" (a universal checkpoint, converted from {marker.get('source_tag')} of "
                      f"{marker.get('source_world_size')} rank(s))" if marker.get("universal") else "")
@@ -220,6 +226,13 @@ class Trainer:
         client = ckpt.load_checkpoint(self.engine, self.checkpoint_dir, tag, self.world)
         changes = apply_settings(self.scheduler, self._configured) if self._configured is not None else []
         return client, changes
+
+    def restore(self, tag: str) -> int:
+        """Roll back to `tag`: its weights, optimizer and schedule position, and its step (returned); the data cursor
+        stays where it is, so the samples seen since the checkpoint are skipped."""
+        client, _ = self.load_checkpoint(tag)
+        self.state.step = int(client["step"])
+        return self.state.step
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: Optional[str] = None) -> TrainSummary:
@@ -261,12 +274,12 @@ class Trainer:
         for batch in self._next_batches():
             if not self._train_micro_batch(batch):
                 continue  # inside an accumulation window
-            if self._log_step(summary):
+            if self._log_step(summary, stop):
                 continue  # rolled back to the last good checkpoint; the data cursor moves on
             self._maybe_log_images(batch)
             end_of_epoch = self.state.cursor.micro_in_epoch >= self.micro_per_epoch
             self._maybe_evaluate(summary)
-            stopping = self._any_rank(stop.received is not None)
+            stopping = self._stop_agreed(stop, end_of_epoch)
             if end_of_epoch:
                 self._end_epoch(summary)
             self._maybe_save(summary, end_of_epoch, stopping)
@@ -297,9 +310,7 @@ class Trainer:
         """Forward, backward and DeepSpeed step of one micro-batch; True when it completed an optimizer step."""
         if self.run.log_sample_indices and isinstance(batch, Mapping) and "index" in batch:
             self._window.indices.extend(int(i) for i in batch["index"].tolist())
-        set_step = getattr(self.task, "set_step", None)  # a task hook: any module without it trains as before
-        if set_step is not None:
-            set_step(self.state.step)
+        self.task.set_step(self.state.step)
         outputs = self.engine(batch)
         loss = outputs["loss"]
         self.divergence.observe(loss)
@@ -319,13 +330,14 @@ class Trainer:
         self._bar.update()
         return True
 
-    def _log_step(self, summary: TrainSummary) -> bool:
+    def _log_step(self, summary: TrainSummary, stop: _StopSignal) -> bool:
         """Close the log window when it is due; True when the divergence guard rolled the run back."""
         step = self.state.step
+        self._window_stop = None
         if not (step % self.log_every == 0 or self._bar.line_due(step) or step == self.total_steps):
             return False
         window, self._window = self._window, _LogWindow()
-        terms = self._window_means(window)
+        terms, self._window_stop = self._window_means(window, stop.received is not None)
         summary.losses.append(terms.get("loss", float("nan")))
         if not math.isfinite(terms.get("loss", 0.0)):
             self.logger.warning(f"step {step}: non-finite loss {terms.get('loss')}")
@@ -347,11 +359,26 @@ class Trainer:
         self._bar.report(step, terms.get("loss", float("nan")), self._step_lr, record["samples_per_s"])
         return self.divergence.check_window()
 
-    def _window_means(self, window: _LogWindow) -> Dict[str, float]:
-        """Each scalar output averaged over the window's micro-batches and over ranks."""
+    def _window_means(self, window: _LogWindow, stop_here: bool) -> tuple[Dict[str, float], bool]:
+        """Each scalar output averaged over the window's micro-batches and over ranks, and whether any rank was
+        asked to stop: the stop flag rides in the same all-reduce (its mean is > 0 when any rank's flag is set)."""
         keys = sorted(window.sums)
-        means = self._reduce_mean(torch.stack([window.sums[k] for k in keys]) / window.micro_batches)
-        return {k: float(v) for k, v in zip(keys, means.tolist())}
+        local = torch.stack([window.sums[k] for k in keys]) / window.micro_batches
+        flag = torch.ones(1, device=local.device) if stop_here else torch.zeros(1, device=local.device)
+        *means, stop_any = self._reduce_mean(torch.cat([local, flag])).tolist()
+        return {k: float(v) for k, v in zip(keys, means)}, stop_any > 0
+
+    def _stop_agreed(self, stop: _StopSignal, end_of_epoch: bool) -> bool:
+        """Whether every rank stops (saving) after this step. With several ranks the flags are combined only where
+        the stop is acted on: in the logging window's all-reduce, or by one small all-reduce before a save that falls
+        outside a window; other steps make no collective and no host sync, and a stop waits for the next of those."""
+        if not self.world.distributed:
+            return stop.received is not None
+        if self._window_stop is not None:
+            return self._window_stop
+        if self._save_due(end_of_epoch):
+            return self._any_rank(stop.received is not None)
+        return False
 
     def _maybe_log_images(self, batch: Mapping[str, Any]) -> None:
         if not self.run.image_every or self.state.step % self.run.image_every or not self.world.is_main:
@@ -374,10 +401,14 @@ class Trainer:
         if not self.run.eval_every:
             summary.val_metrics = self._validate()
 
-    def _maybe_save(self, summary: TrainSummary, end_of_epoch: bool, stopping: bool) -> None:
+    def _save_due(self, end_of_epoch: bool) -> bool:
+        """A checkpoint is due after this step (run.save_every, the end of an epoch without it, the last step)."""
         periodic = bool(self.run.save_every) and self.state.step % self.run.save_every == 0
         epoch_save = end_of_epoch and not self.run.save_every
-        if periodic or epoch_save or stopping or self.state.step >= self.total_steps:
+        return periodic or epoch_save or self.state.step >= self.total_steps
+
+    def _maybe_save(self, summary: TrainSummary, end_of_epoch: bool, stopping: bool) -> None:
+        if stopping or self._save_due(end_of_epoch):
             summary.last_checkpoint = self.save() or summary.last_checkpoint
             self._last_saved_step = self.state.step
 

@@ -1,4 +1,4 @@
-"""`violet-ds universal-checkpoint`: make a run's checkpoint loadable on a different number of ranks.
+"""Make a run's checkpoint loadable on a different number of ranks (`violet-ds universal-checkpoint`).
 
 A ZeRO-2 checkpoint is cut into one optimizer shard per data-parallel rank, so it only loads on the
 world size that wrote it. DeepSpeed's universal format (`deepspeed.checkpoint.ds_to_universal`)
@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -154,28 +155,35 @@ def copy_rng_streams(source: Path, output: Path, source_world: int, target_world
     return True
 
 
-# ----------------------------------------------------------------------------------------- command
+# ----------------------------------------------------------------------------------------- conversion
+@dataclass
+class UniversalConversion:
+    """What `universal_checkpoint` did: the tags, the ranks and batch sizes, the data cursor before and after
+    (micro-batches per rank in the epoch), where `latest` pointed, and whether the RNG streams were copied."""
+
+    source: Path
+    output: Path
+    step: int
+    epoch: int
+    parameters: int
+    source_world: int
+    target_world: int
+    source_batch: int
+    target_batch: int
+    micro_in_epoch: int
+    new_micro: int
+    samples_in_epoch: int
+    previous_latest: Optional[str]
+    set_latest: bool
+    rng_streams: bool
+    seconds: float
+
+
 def universal_checkpoint(run_dir: str, tag: str = "latest", world_size: Optional[int] = None,
                          batch_size: Optional[int] = None, workers: int = 1, set_latest: bool = True,
-                         force: bool = False) -> int:
-    """Convert a run's checkpoint to DeepSpeed's universal format so it resumes on another number of ranks.
-
-    Writes `<run_dir>/checkpoints/<tag>-universal` (weights, fp32 master copies and optimizer moments
-    whole, per parameter) with the data cursor remapped for `world_size` ranks of `batch_size` samples,
-    and points `latest` at it: then run the same command again with the new number of ranks and
-    `--run.resume auto`. On the same world size the ranks' RNG files are copied (an exact resume); on another
-    one the resumed ranks restart their RNG streams from the run seed. Exits non-zero when the cursor cannot
-    be remapped exactly.
-
-    Args:
-        run_dir: the run directory (runs/<name>), which holds checkpoints/.
-        tag: checkpoint tag to convert, or `latest`.
-        world_size: number of ranks the run resumes on (default: the checkpoint's).
-        batch_size: per-rank micro-batch size of the resumed run (default: the checkpoint's data.batch_size).
-        workers: processes for DeepSpeed's shard extraction.
-        set_latest: point checkpoints/latest at the converted tag.
-        force: replace an existing converted tag.
-    """
+                         force: bool = False) -> UniversalConversion:
+    """Convert a run's checkpoint to DeepSpeed's universal format as `<tag>-universal` (`violet-ds
+    universal-checkpoint` documents the arguments); raises when the data cursor cannot be remapped exactly."""
     started = time.perf_counter()
     checkpoint_dir = Path(run_dir) / "checkpoints"
     if not checkpoint_dir.is_dir():
@@ -237,32 +245,10 @@ def universal_checkpoint(run_dir: str, tag: str = "latest", world_size: Optional
     previous_latest = ckpt.read_latest(checkpoint_dir)
     if set_latest:
         ckpt.write_latest(checkpoint_dir, output.name)
-    if set_latest:
-        latest = (f"moved: {previous_latest or '(none)'} -> {output.name} (`--run.resume auto` resumes the converted "
-                  "tag; --set_latest false leaves `latest` alone)")
-    else:
-        latest = f"unchanged ({previous_latest or 'none'}); resume the converted tag with --run.resume {output.name}"
-    if rng_streams:
-        exact = "exact: the RNG streams of every rank are copied (same world size)"
-    elif target_world != source_world:
-        exact = (f"not exact: the RNG streams of {source_world} rank(s) cannot move to {target_world}; masking and "
-                 "dropout draws restart from engine.seed (weights, optimizer and data position are exact)")
-    else:
-        exact = (f"not exact: {source.name} has no RNG files to copy; masking and dropout draws restart from "
-                 "engine.seed (weights, optimizer and data position are exact)")
-    resume = "auto" if set_latest else output.name
     params = len([p for p in (output / "zero").iterdir() if p.is_dir()]) if (output / "zero").is_dir() else 0
-    lines = [
-        "violet-ds universal-checkpoint done",
-        f"  source            {source} (step {states['step']}, epoch {states['epoch']}, {source_world} ranks)",
-        f"  universal         {output} ({params} parameters)",
-        f"  data cursor       {micro_in_epoch} micro-batches/rank x {source_world} -> {new_micro} micro-batches/rank "
-        f"x {target_world} (sample {consumed} of epoch {states['epoch']})",
-        f"  latest            {latest}",
-        f"  resume            {exact}",
-        f"  resume with       {target_world} ranks, --data.batch_size {target_batch} --run.resume {resume}",
-        f"  time              {time.perf_counter() - started:.1f} s",
-    ]
-    print("\n".join(lines), flush=True)
-    return 0
-
+    return UniversalConversion(
+        source=source, output=output, step=int(states["step"]), epoch=states["epoch"], parameters=params,
+        source_world=source_world, target_world=target_world, source_batch=source_batch, target_batch=target_batch,
+        micro_in_epoch=micro_in_epoch, new_micro=new_micro, samples_in_epoch=consumed,
+        previous_latest=previous_latest, set_latest=set_latest, rng_streams=rng_streams,
+        seconds=time.perf_counter() - started)

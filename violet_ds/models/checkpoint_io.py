@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from violet_ds.data.vq_clips import VQ_CODEBOOK_SIZE
-from violet_ds.weights import load_strict, read_state_dict, save_safetensors
+from violet_ds.weights import (MODEL_DIR_WEIGHTS, Weights, check_finite, load_strict, read_state_dict,
+                               save_safetensors)
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +70,38 @@ _DENSE_DECODER = re.compile(r"^decoder_(?P<target>[a-z0-9_]+)\.0\.(?P<param>weig
 
 # ------------------------------------------------------------------------------------------ reading
 
-def read_violet_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
-    """violet_ds-keyed weights of any weight file (`violet_ds.weights.read_state_dict`); an official
-    VIOLET / VIOLETv2 / LAVENDER checkpoint comes back converted (`model.*`, `heads.*`, teachers dropped)."""
+@dataclass
+class OfficialWeights(Weights):
+    """Weights of an official checkpoint, converted; `conversion` says what it holds and what was dropped."""
+
+    conversion: Optional["ConversionReport"] = None
+
+
+def read_weights_file(path: str | Path, allow_unmatched: bool = False) -> Weights:
+    """violet_ds-keyed, finite weights of a weight file or a model directory, with their kind ("model_dir",
+    "safetensors", "torch", or "official": an official VIOLET / VIOLETv2 / LAVENDER checkpoint converted to
+    `model.*` / `heads.*`, teachers dropped). The file half of `engine.export.read_weights`, which adds
+    DeepSpeed checkpoints; the models floor (`create_model(weights=...)`) reads through it."""
+    path, kind = _weight_file(Path(path))
     state = read_state_dict(path)
     if is_official_state_dict(state):
-        report = convert_official_state_dict(state)
+        report = convert_official_state_dict(state, allow_unmatched=allow_unmatched)
         log.info("%s: official checkpoint: %s", path, report.summary())
-        state = report.state_dict
-    return state
+        check_finite(report.state_dict, str(path))
+        return OfficialWeights(report.state_dict, "official", path, conversion=report)
+    check_finite(state, str(path))
+    return Weights(state, kind, path)
+
+
+def _weight_file(path: Path) -> tuple[Path, str]:
+    """(the file to read, its kind) of a weight file or a model directory."""
+    if not path.is_dir():
+        return path, "safetensors" if path.suffix == ".safetensors" else "torch"
+    if not (path / MODEL_DIR_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path}: a folder without {MODEL_DIR_WEIGHTS}: not a model directory; a run or "
+                                "checkpoint directory is read by `violet_ds.engine.export.read_weights` "
+                                "(`model.weights`, `run.init_from`)")
+    return path / MODEL_DIR_WEIGHTS, "model_dir"
 
 
 def is_official_state_dict(state: Dict[str, torch.Tensor]) -> bool:
@@ -268,9 +292,17 @@ class OfficialModel(nn.Module):
 def load_official_checkpoint(path: str | Path, allow_unmatched: bool = False,
                              **model_overrides) -> tuple[OfficialModel, ConversionReport]:
     """Build the backbone and heads an official checkpoint describes and load it strictly."""
+    weights = read_weights_file(path, allow_unmatched=allow_unmatched)
+    if not isinstance(weights, OfficialWeights):
+        raise ValueError(f"{path}: not an official VIOLET-family checkpoint (no `enc_img.*` / `trsfr.*` keys)")
+    return official_model(weights, **model_overrides), weights.conversion
+
+
+def official_model(weights: OfficialWeights, **model_overrides) -> OfficialModel:
+    """The backbone and heads an official checkpoint (read by `read_weights_file`) describes, loaded strictly."""
     from . import create_model
 
-    report = convert_official_state_dict(read_state_dict(path), allow_unmatched=allow_unmatched)
+    report = weights.conversion
     description_frames = report.state_dict.get("model.video_temporal_pos")
     overrides = dict(model_overrides)
     if description_frames is not None:
@@ -279,11 +311,11 @@ def load_official_checkpoint(path: str | Path, allow_unmatched: bool = False,
         overrides.setdefault("vocab_size", int(report.state_dict["model.text_embeddings.word_embeddings.weight"].shape[0]))
     model = create_model(report.model_name, **overrides)
     module = OfficialModel(model, build_heads(report.heads, model))
-    load_strict(module, report.state_dict, source=str(path))
-    return module, report
+    load_strict(module, report.state_dict, source=str(weights.path))
+    return module
 
 
-# ------------------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------------------------------ conversion of whole files
 
 def _save_safetensors(state: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -301,21 +333,10 @@ def _safetensors_metadata(path: Path) -> Dict[str, str]:
 
 def convert_checkpoint(src: str, dst: str, direction: Literal["auto", "to_ours", "to_official"] = "auto",
                        mvm_target: Optional[str] = None, allow_unmatched: bool = False,
-                       legacy_position_ids: bool = True, half: bool = False) -> None:
-    """Convert an official VIOLET / VIOLETv2 / LAVENDER checkpoint to violet_ds safetensors, or back.
-
-    Args:
-        src: input file: an official `.pt`/`.pth` (read with `torch.load(weights_only=True)`) or a
-            violet_ds `.safetensors` (keys `model.*`, `heads.*`).
-        dst: output file: `.safetensors` for violet_ds weights, `.pt` for the official layout.
-        direction: `auto` picks from the input: official keys -> to_ours, violet_ds keys -> to_official.
-        mvm_target: name of the official dense MVM decoder (`decoder_<target>`) when writing official keys
-            (default: the one recorded when the file was converted to ours, else `pixel`).
-        allow_unmatched: keep going (with a report) when official keys have no counterpart.
-        legacy_position_ids: add `enc_txt.emb_txt.position_ids` when writing official keys (the
-            official code's transformers < 4.31 expects it).
-        half: store fp16 in the official file (the released checkpoints' precision).
-    """
+                       legacy_position_ids: bool = True, half: bool = False) -> str:
+    """Convert an official VIOLET / VIOLETv2 / LAVENDER checkpoint to violet_ds safetensors, or back
+    (`violet-ds convert-checkpoint` documents the arguments); returns the one-line summary
+    `src -> dst: what was written`."""
     src_path, dst_path = Path(src), Path(dst)
     state = read_state_dict(src_path)
     if direction == "auto":
@@ -328,8 +349,7 @@ def convert_checkpoint(src: str, dst: str, direction: Literal["auto", "to_ours",
         if "target" in report.heads.get("mvm", {}):
             metadata["mvm_target"] = report.heads["mvm"]["target"]
         _save_safetensors(report.state_dict, dst_path, metadata)
-        print(f"{src_path} -> {dst_path}: {report.summary()}")
-        return None
+        return f"{src_path} -> {dst_path}: {report.summary()}"
     mvm_target = mvm_target or _safetensors_metadata(src_path).get("mvm_target", "pixel")
     official = to_official_state_dict(_upcast(state), mvm_target=mvm_target,
                                       legacy_position_ids=legacy_position_ids)
@@ -339,12 +359,12 @@ def convert_checkpoint(src: str, dst: str, direction: Literal["auto", "to_ours",
     tmp = dst_path.with_suffix(dst_path.suffix + ".tmp")
     torch.save(official, tmp)
     tmp.replace(dst_path)
-    print(f"{src_path} -> {dst_path}: {len(official)} official tensors")
-    return None
+    return f"{src_path} -> {dst_path}: {len(official)} official tensors"
 
 
 __all__ = [
-    "read_violet_state_dict", "is_official_state_dict", "map_official_key", "describe_official", "convert_official_state_dict",
+    "read_weights_file", "official_model", "OfficialWeights", "is_official_state_dict", "map_official_key",
+    "describe_official", "convert_official_state_dict",
     "to_official_state_dict", "build_heads", "load_official_checkpoint", "convert_checkpoint",
     "ConversionReport", "OfficialModel", "TEACHER_PREFIXES",
 ]

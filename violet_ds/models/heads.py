@@ -57,10 +57,10 @@ class MLMHead(nn.Module):
         return F.linear(x, self.decoder_weight, self.bias)
 
 
-def head_dropout(model: nn.Module, default: float = 0.1) -> float:
-    """Dropout for task heads: the backbone's hidden dropout (0.1 in BERT / the official heads; 0 in violet-tiny)."""
-    cfg = getattr(model, "cfg", None)
-    return float(getattr(cfg, "hidden_dropout", default))
+def head_dropout(model: nn.Module) -> float:
+    """Dropout for task heads: the VIOLET backbone's hidden dropout (0.1 in BERT / the official heads; 0 in
+    violet-tiny)."""
+    return float(model.cfg.hidden_dropout)
 
 
 class ScoreHead(nn.Sequential):

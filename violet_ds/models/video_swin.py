@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -29,7 +30,9 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
 
 from violet_ds.config import check_at_least, check_field_types
-from violet_ds.weights import read_state_dict, strip_prefix
+from violet_ds.weights import KeyReport, load_checked, strip_prefix
+
+from .checkpoint_io import read_weights_file
 
 Size3 = Tuple[int, int, int]
 log = logging.getLogger(__name__)
@@ -162,12 +165,12 @@ def shifted_window_regions(grid: Size3, window: Size3, shift: Size3, device: tor
     return window_partition(region, window).squeeze(-1).long()
 
 
-def shifted_window_mask(grid: Size3, window: Size3, shift: Size3, device: torch.device) -> torch.Tensor:
-    """(num_windows, N, N) additive mask: -inf-like between tokens from different regions after the roll."""
-    region_windows = shifted_window_regions(grid, window, shift, device)
-    diff = region_windows[:, None, :] - region_windows[:, :, None]
+def shifted_window_mask(regions: torch.Tensor) -> torch.Tensor:
+    """(num_windows, N, N) additive mask of the region labels `shifted_window_regions` gives: -inf-like between
+    tokens from different regions after the roll."""
+    diff = regions[:, None, :] - regions[:, :, None]
     # a large finite value instead of -inf keeps half-precision softmax free of NaN
-    return torch.zeros(diff.shape, device=device).masked_fill_(diff != 0, -100.0)
+    return torch.zeros(diff.shape, device=regions.device).masked_fill_(diff != 0, -100.0)
 
 
 def explicit_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -440,9 +443,8 @@ class SwinStage(nn.Module):
         geometry = self._mask_cache.get(key)
         if geometry is None:
             regions = shifted_window_regions(padded, window, shift, device)
-            diff = regions[:, None, :] - regions[:, :, None]
-            mask = torch.zeros(diff.shape, device=device).masked_fill_(diff != 0, -100.0)
-            geometry = ShiftGeometry(regions, mask, *shifted_window_order(padded, window, shift, device))
+            geometry = ShiftGeometry(regions, shifted_window_mask(regions),
+                                     *shifted_window_order(padded, window, shift, device))
             self._mask_cache[key] = geometry
         return geometry
 
@@ -503,11 +505,11 @@ class VideoSwinTransformer3D(nn.Module):
 
     def __init__(self, cfg: Optional[VideoSwinConfig] = None, **overrides):
         super().__init__()
-        cfg = cfg or VideoSwinConfig()
-        for key, value in overrides.items():
-            if not hasattr(cfg, key):
-                raise TypeError(f"VideoSwinConfig has no field {key!r}")
-            setattr(cfg, key, value)
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(VideoSwinConfig)})
+        if unknown:
+            raise TypeError(f"VideoSwinConfig has no field {unknown[0]!r}")
+        # the caller's configuration is left as it is: this module keeps its own copy
+        cfg = dataclasses.replace(cfg or VideoSwinConfig(), **overrides)
         if len(cfg.depths) != len(cfg.num_heads):
             raise ValueError(f"depths {tuple(cfg.depths)} and num_heads {tuple(cfg.num_heads)} differ in length")
         self.cfg = cfg
@@ -659,15 +661,18 @@ def inflate_2d_swin_state_dict(state_dict_2d: Dict[str, torch.Tensor],
     return out
 
 
-def load_video_swin_weights(model: VideoSwinTransformer3D, path: str) -> Dict[str, list]:
-    """Load official Video Swin (Kinetics, `backbone.` prefix or bare), timm 2D Swin, or our own weights.
+def load_video_swin_weights(model: VideoSwinTransformer3D, path: str) -> KeyReport:
+    """Load official Video Swin (Kinetics, `backbone.` prefix or bare), timm 2D Swin, VIOLET-family
+    (official or violet_ds) or our own weights, through `checkpoint_io.read_weights_file`.
 
-    `.safetensors` or torch pickles (read with `weights_only=True`). Returns the report
-    `{"missing": [...], "unexpected": [...]}`; raises if any model weight stays uninitialised.
+    Returns the `weights.KeyReport`: `ignored` = the file's keys outside the backbone (a Kinetics `cls_head`, the
+    rest of a VIOLET model), `unexpected` = backbone keys the model lacks (logged, not loaded); a missing weight
+    or a shape that differs is an error naming the key (the relative-position index buffers are geometry: the
+    model keeps its own).
     """
-    state = read_state_dict(path)
+    state = read_weights_file(path, allow_unmatched=True).state
     outside_prefix: list = []
-    for prefix in ("backbone.", "enc_img.swin."):
+    for prefix in ("backbone.", "model.video_backbone."):
         if any(k.startswith(prefix) for k in state):
             # Kinetics checkpoints also carry `cls_head.*`, VIOLET ones the rest of the model: reported
             outside_prefix = sorted(k for k in state if not k.startswith(prefix))
@@ -676,24 +681,13 @@ def load_video_swin_weights(model: VideoSwinTransformer3D, path: str) -> Dict[st
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     if "patch_embed.proj.weight" in state and state["patch_embed.proj.weight"].dim() == 4:
         state = inflate_2d_swin_state_dict(state, model)
-    target = model.state_dict()
-    unexpected = outside_prefix + sorted(k for k in state if k not in target)
-    missing = sorted(k for k in target if k not in state)
-    for key in list(state):
-        if key in target and tuple(state[key].shape) != tuple(target[key].shape):
-            raise ValueError(f"{path}: key {key!r} has shape {tuple(state[key].shape)}, "
-                             f"model expects {tuple(target[key].shape)}")
-    weight_missing = [k for k in missing if not k.endswith("relative_position_index")]
-    if weight_missing:
-        raise KeyError(f"{path}: Video Swin weights missing: {weight_missing}")
-    model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
-    if unexpected:
-        log.info("%s: %d keys not used by the video backbone: %s", path, len(unexpected), unexpected[:10])
-    return {"missing": missing, "unexpected": unexpected}
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    report = load_checked(model, state, f"{path}: Video Swin weights", allow_unexpected=True,
+                          initialise=lambda key: key.endswith("relative_position_index"))
+    report.ignored = outside_prefix
+    if report.unexpected or outside_prefix:
+        log.info("%s: %d keys not used by the video backbone: %s", path, len(report.unexpected) + len(outside_prefix),
+                 (outside_prefix + report.unexpected)[:10])
+    return report
 
 
 __all__ = [
@@ -701,5 +695,4 @@ __all__ = [
     "load_video_swin_weights", "window_partition", "window_reverse", "relative_position_index",
     "shifted_window_mask", "shifted_window_regions", "explicit_window_attention",
     "SWIN_VARIANTS",
-    "count_parameters",
 ]

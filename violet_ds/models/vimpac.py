@@ -32,12 +32,14 @@ from violet_ds.config import check_field_types
 from violet_ds.data.vq_clips import VQ_CODEBOOK_SIZE, VQ_MASK_ID, VQ_PAD_ID, VQ_VOCAB_ROWS
 from violet_ds.registry import MODELS
 
+from .common import count_parameters
+
 log = logging.getLogger(__name__)
 
 
 def _refuse_offload(offload: bool) -> None:
     if offload:
-        raise ValueError("VIMPAC does not offload activations; unset model.offload_video_activations")
+        raise ValueError("VIMPAC does not offload activations; unset model.offload_activations")
 
 
 @dataclass
@@ -332,9 +334,11 @@ class VimpacTransformer(nn.Module):
 class VimpacModel(nn.Module):
     """The registered VIMPAC model: ``.backbone`` is the transformer; heads belong to tasks."""
 
-    def __init__(self, config: VimpacConfig):
+    def __init__(self, config: VimpacConfig, registered_name: Optional[str] = None):
+        """`registered_name`: the registered size this is (its factory passes it)."""
         super().__init__()
         self.config = config
+        self.registered_name = registered_name
         self.backbone = VimpacTransformer(config)
 
     @property
@@ -357,7 +361,7 @@ class VimpacModel(nn.Module):
 
 def _register(name: str):
     def factory(**overrides) -> VimpacModel:
-        return VimpacModel(make_config(name, **overrides))
+        return VimpacModel(make_config(name, **overrides), registered_name=name)
 
     return MODELS.add(name, factory, f"{name}: {VIMPAC_SIZES[name]} (override any VimpacConfig field).")
 
@@ -442,10 +446,6 @@ class VimpacClassifier(nn.Module):
 
 
 # --------------------------------------------------------------------------- sizes
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
 
 def parameter_counts(name: str, **overrides) -> dict[str, int]:
     """Parameters per part of a registered VIMPAC size (built on the meta device: no memory).

@@ -25,6 +25,7 @@ from violet_ds.config import check_at_least, check_field_types
 from violet_ds.registry import MODELS
 from violet_ds.weights import check_keys, read_state_dict
 
+from .common import count_parameters
 from .video_swin import SWIN_VARIANTS, VideoSwinConfig, VideoSwinTransformer3D, load_video_swin_weights
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class VioletConfig:
     grad_checkpointing: bool = False
     # keep what the video encoder saves for backward in CPU memory (`set_grad_checkpointing(offload=True)`)
     offload_activations: bool = False
+    # Video Swin window-attention kernel (`VideoSwinConfig.attention`): auto, sdpa, explicit or flex
+    video_attention: str = "auto"
 
     def __post_init__(self) -> None:
         # a configuration read from a file (a model directory's config.json) is named by key, not found by torch
@@ -172,15 +175,17 @@ class CrossModalEncoder(nn.Module):
 class VioletModel(nn.Module):
     """Video transformer + text embeddings + cross-modal BERT encoder (no task heads)."""
 
-    def __init__(self, cfg: VioletConfig):
+    def __init__(self, cfg: VioletConfig, registered_name: Optional[str] = None):
+        """`registered_name`: the registered variant this is (its factory passes it; a model directory names it)."""
         super().__init__()
         self.cfg = cfg
+        self.registered_name = registered_name
         bert_cfg = _bert_config(cfg)
         self.bert_config = bert_cfg
         hidden = bert_cfg.hidden_size
 
         swin_kwargs = {**SWIN_VARIANTS.get(cfg.swin_variant, {}), "drop_path_rate": cfg.drop_path,
-                       **cfg.swin_overrides}
+                       **cfg.swin_overrides, "attention": cfg.video_attention}
         if cfg.swin_variant not in SWIN_VARIANTS and cfg.swin_variant != "custom":
             raise KeyError(f"unknown swin_variant {cfg.swin_variant!r}; known: {', '.join(SWIN_VARIANTS)}, custom")
         self.video_backbone = VideoSwinTransformer3D(VideoSwinConfig(**swin_kwargs))
@@ -213,7 +218,7 @@ class VioletModel(nn.Module):
             self.load_text_weights(cfg.text_config_dir)
         if cfg.pretrained_swin:
             report = load_video_swin_weights(self.video_backbone, cfg.pretrained_swin)
-            log.info("video backbone from %s (unexpected keys: %s)", cfg.pretrained_swin, report["unexpected"])
+            log.info("video backbone from %s (unexpected keys: %s)", cfg.pretrained_swin, report.unexpected)
         self.set_grad_checkpointing(cfg.grad_checkpointing, offload=cfg.offload_activations)
 
     # ------------------------------------------------------------------ construction helpers
@@ -273,6 +278,11 @@ class VioletModel(nn.Module):
     @property
     def vocab_size(self) -> int:
         return self.text_embeddings.word_embeddings.num_embeddings
+
+    @property
+    def video_patch_stride(self) -> int:
+        """Pixels per video token along each side (32 for every registered variant)."""
+        return int(self.video_backbone.cfg.stride)
 
     def video_token_grid(self, t: int, h: int, w: int) -> Tuple[int, int, int]:
         """Token grid `(T, h/32, w/32)` of a clip of `t` frames at `h` x `w` pixels."""
@@ -375,20 +385,13 @@ class VioletModel(nn.Module):
 
     def parameter_breakdown(self) -> dict:
         """Parameter counts per part, grouped as in the official listings."""
-        def count(module) -> int:
-            if module is None:
-                return 0
-            if isinstance(module, nn.Parameter):
-                return module.numel()
-            return sum(p.numel() for p in module.parameters())
-
-        swin = count(self.video_backbone)
-        video = swin + sum(count(m) for m in (self.video_proj, self.video_cls, self.video_spatial_pos,
-                                               self.video_temporal_pos, self.video_order, self.video_norm))
-        text = count(self.text_embeddings)
-        cross = count(self.cross_encoder)
+        swin = count_parameters(self.video_backbone)
+        video = swin + sum(count_parameters(m) for m in (self.video_proj, self.video_cls, self.video_spatial_pos,
+                                                          self.video_temporal_pos, self.video_order, self.video_norm))
+        text = count_parameters(self.text_embeddings)
+        cross = count_parameters(self.cross_encoder)
         return {"video_backbone": video, "video_swin": swin, "text": text, "cross": cross,
-                "total": count(self)}
+                "total": count_parameters(self)}
 
 
 def config_dict(cfg: VioletConfig) -> dict:
@@ -432,7 +435,7 @@ def _register(name: str):
         # swin_overrides merge rather than replace, so `swin_overrides={"depths": ...}` tweaks one field
         if "swin_overrides" in overrides:
             base["swin_overrides"] = {**base.get("swin_overrides", {}), **(overrides.pop("swin_overrides") or {})}
-        return VioletModel(VioletConfig(**{**base, **overrides}))
+        return VioletModel(VioletConfig(**{**base, **overrides}), registered_name=name)
 
     return MODELS.add(name, factory, f"Build the {name} backbone (overrides: any VioletConfig field).")
 

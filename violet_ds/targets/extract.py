@@ -1,4 +1,4 @@
-"""`violet-ds extract-targets`: run an expensive MVM teacher once over a frame TSV into a sidecar store.
+"""Run an expensive MVM teacher once over a frame TSV into a sidecar store.
 
 The store (`violet_ds.data.sidecars.TargetStore`) is a folder of memory-mapped NumPy arrays, one row
 per video. A second run with the same settings resumes: rows whose `done` flag is set are skipped. A
@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -27,7 +28,7 @@ from .base import create_target, resolve_dtype
 
 # ---------------------------------------------------------------------------------------- reading
 
-def read_clip(tsv, row: int, num_frames: int, size: int, decoder: str = "auto") -> torch.Tensor:
+def read_row_clip(tsv, row: int, num_frames: int, size: int, decoder: str = "auto") -> torch.Tensor:
     """uint8 `(num_frames, 3, size, size)` of one TSV row: evenly spaced frames, resize + centre crop.
 
     The training datasets' own clip reader in its `sampling="fixed"` mode, so a sidecar holds the
@@ -47,7 +48,22 @@ def _jsonable(options: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(options, default=str, sort_keys=True))
 
 
-# ---------------------------------------------------------------------------------------- command
+# ---------------------------------------------------------------------------------------- extraction
+
+@dataclass
+class TargetExtraction:
+    """What one `extract_targets` run did: clips computed now and found done, the store's fill, the cost."""
+
+    target: str
+    output: Path
+    new_clips: int
+    already_done: int
+    stored: int
+    store_rows: int
+    ms_per_clip: float
+    value_shape: Tuple[int, ...]
+    value_dtype: str
+
 
 def extract_targets(
     tsv: str,
@@ -65,26 +81,9 @@ def extract_targets(
     decoder: str = "auto",
     frame_column: Optional[int] = None,
     threads: Optional[int] = None,
-) -> int:
-    """Pre-compute an MVM target for every clip of a frame TSV into a resumable sidecar store.
-
-    Args:
-        tsv: frame TSV (`video_id<TAB>b64 JPEG ...`, with its .lineidx or one is built).
-        target: registered target name (optical_flow, depth, vq, 2d_feature, 2d_clip_feature, 3d_feature, hog, pixel).
-        output: sidecar folder to create or resume (meta.json, keys.txt, values.npy, valid.npy, done.npy).
-        options: the target's options, e.g. {"checkpoint": "raft_large.pth"} or {"model_dir": "dpt-large/"}.
-        num_frames: frames per clip (evenly spaced, segment centres).
-        size: square frame side after short-side resize and centre crop (multiple of 32).
-        batch_size: clips per teacher call.
-        device: where the teacher runs (cpu, cuda, cuda:1).
-        dtype: teacher compute dtype (float32, bf16, fp16).
-        store_dtype: float16 or float32 for regression targets (token ids are always int16).
-        limit: only the first N rows (smoke runs).
-        overwrite: delete an existing store made with other settings instead of refusing.
-        decoder: JPEG decoder (auto, simplejpeg, pillow).
-        frame_column: first frame column (default: detected; 1 official layout, 2 VIOLETv2's).
-        threads: torch CPU threads (default: torch's own choice).
-    """
+) -> TargetExtraction:
+    """Pre-compute an MVM target for every clip of a frame TSV into a resumable sidecar store
+    (`violet-ds extract-targets` documents the arguments); returns what the run did."""
     from violet_ds.progress import progress as tqdm  # a bar on terminals, lines in log files
 
     from violet_ds.data.frames import normalize
@@ -116,15 +115,13 @@ def extract_targets(
     with tqdm(total=rows, initial=rows - len(todo), desc=f"extract {target}", unit="clip") as progress:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            clips = torch.stack([read_clip(table, row, num_frames, size, decoder) for row in chunk])
+            clips = torch.stack([read_row_clip(table, row, num_frames, size, decoder) for row in chunk])
             video = normalize(clips.to(device), dtype=resolve_dtype(dtype) or torch.float32)
             store.write(chunk, teacher.compute(video))
             progress.update(len(chunk))
-    elapsed = time.perf_counter() - started
-    per_clip = elapsed / max(len(todo), 1)
-    print(f"extract-targets: {target} -> {out}: {len(todo)} new clips, {rows - len(todo)} already done, "
-          f"{store.num_done()}/{len(store)} in store; {per_clip * 1000:.1f} ms/clip; value {tuple(value_shape)} {value_dtype}")
-    return 0
+    per_clip = (time.perf_counter() - started) / max(len(todo), 1)
+    return TargetExtraction(target, out, len(todo), rows - len(todo), store.num_done(), len(store),
+                            per_clip * 1000, tuple(value_shape), value_dtype)
 
 
 def _open_or_create(out: Path, meta: Dict[str, Any], keys: List[str], value_shape, value_dtype: str,

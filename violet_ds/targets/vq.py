@@ -35,6 +35,7 @@ import os
 import re
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Union
 
@@ -215,6 +216,17 @@ def write_random_dvae(path: Union[str, os.PathLike], n_hid: int = 16, blocks_per
     return path
 
 
+@dataclass
+class VQExtraction:
+    """What `extract_vq` wrote: the token TSV, its videos and frames, the token grid side, the time taken."""
+
+    output: str
+    videos: int
+    frames: int
+    grid: int
+    seconds: float
+
+
 def _frames_to_codes(encoder: DalleEncoder, frames: torch.Tensor, batch_frames: int) -> np.ndarray:
     """uint8 ``(N, 3, S, S)`` -> int16 codes ``(N, S/8, S/8)``, ``batch_frames`` frames per encoder call."""
     codes = []
@@ -226,24 +238,9 @@ def _frames_to_codes(encoder: DalleEncoder, frames: torch.Tensor, batch_frames: 
 
 def extract_vq(tsv: str, encoder: str, output: str, size: int = 128, batch_frames: int = 64,
                frame_column: Optional[int] = None, decoder: str = "auto", limit: Optional[int] = None,
-               threads: Optional[int] = None) -> int:
-    """Frame TSV(s) -> VIMPAC VQ-token TSV: every stored frame through the DALL-E dVAE encoder.
-
-    Each frame is resized (short side) and centre-cropped to `size` pixels, then encoded to a
-    `(size/8, size/8)` grid of the codebook's codes; a video keeps all its frames (clips are cut at
-    training time, and short videos are padded then). Rows: `video_id<TAB>N,h,w<TAB>base64(int16)`.
-
-    Args:
-        tsv: frame TSV path, glob or comma-separated list (`video_id<TAB>b64 JPEG ...`).
-        encoder: DALL-E dVAE encoder state dict (`.pt`/`.pth` read with weights_only, or `.safetensors`).
-        output: the VQ TSV to write (its `.lineidx` is written next to it, atomically).
-        size: square frame side in pixels before encoding (multiple of 8: 128 -> 16x16 tokens).
-        batch_frames: frames per encoder call.
-        frame_column: first frame column (default: detected).
-        decoder: JPEG decoder (auto, simplejpeg, pillow).
-        limit: only the first N videos (smoke runs).
-        threads: torch CPU threads (default: torch's own choice).
-    """
+               threads: Optional[int] = None) -> VQExtraction:
+    """Frame TSV(s) -> VIMPAC VQ-token TSV, every stored frame through the DALL-E dVAE encoder (`violet-ds
+    extract-vq` documents the arguments); returns what was written."""
     from violet_ds.progress import progress as tqdm  # a bar on terminals, lines in log files
 
     if size < DOWNSAMPLE or size % DOWNSAMPLE:
@@ -277,7 +274,4 @@ def extract_vq(tsv: str, encoder: str, output: str, size: int = 128, batch_frame
                 progress.update(1)
 
     rows = write_vq_tsv(output, encoded())
-    elapsed = time.perf_counter() - started
-    print(f"extract-vq: {rows} videos, {frames_done} frames -> {output} ({size // DOWNSAMPLE}x{size // DOWNSAMPLE} "
-          f"tokens per frame; {1000 * elapsed / max(frames_done, 1):.1f} ms/frame, {elapsed:.1f} s)")
-    return 0
+    return VQExtraction(output, rows, frames_done, size // DOWNSAMPLE, time.perf_counter() - started)

@@ -13,12 +13,13 @@ from .base import Task
 import_submodules(__name__)
 
 
-def create_task(name: str, model, cfg, tokenizer, *, tie_mlm_head: bool = False) -> Task:
+def create_task(name: str, model, cfg, tokenizer, *, tie_mlm_head: bool = False, clip=None) -> Task:
     """Build the registered task `name` around `model` (see `Task` and docs/architecture.md, "Tasks").
 
-    `tie_mlm_head` (the run's `model.tie_mlm_head`) ties an MLM head's decoder to the word embeddings.
+    `tie_mlm_head` (the run's `model.tie_mlm_head`) ties an MLM head's decoder to the word embeddings;
+    `clip`: a model directory's clip settings (`Task.clip`).
     """
-    return TASKS.create(name, model=model, cfg=cfg, tokenizer=tokenizer, tie_mlm_head=tie_mlm_head)
+    return TASKS.create(name, model=model, cfg=cfg, tokenizer=tokenizer, tie_mlm_head=tie_mlm_head, clip=clip)
 
 
 def list_tasks() -> list[str]:

@@ -29,15 +29,18 @@ class Task(nn.Module):
     # preflight then checks the token files instead of the frames
     reads_frames: bool = True
 
-    def __init__(self, model: nn.Module, cfg, tokenizer=None, *, tie_mlm_head: bool = False):
+    def __init__(self, model: nn.Module, cfg, tokenizer=None, *, tie_mlm_head: bool = False,
+                 clip: Optional[Mapping[str, int]] = None):
         """`model`: the backbone (`create_model`); `cfg`: the run's TaskConfig; `tokenizer`: the run's
         tokenizer (VIMPAC's token inputs need none); `tie_mlm_head` (the run's `model.tie_mlm_head`): an
-        MLM head shares its decoder weight with the word embeddings."""
+        MLM head shares its decoder weight with the word embeddings; `clip`: the clip settings a model
+        directory records (num_frames, image_size, max_text_len), for inference on raw videos."""
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.tie_mlm_head = bool(tie_mlm_head)
+        self.clip: Dict[str, int] = dict(clip or {})
         self.heads = nn.ModuleDict()
         # tasks this one combines (multitask), by key; a plain dict, their modules are registered here
         self.subtasks: Dict[str, Task] = {}

@@ -41,7 +41,7 @@ def word_id(tokenizer, word: str, purpose: str) -> int:
     token = tokenizer.token_id(word)
     if token < 0:
         raise ValueError(f"{purpose}: the word {word!r} is not a single word piece of tokenizer "
-                         f"{getattr(tokenizer, 'path', tokenizer)}")
+                         f"{tokenizer.path}")
     return token
 
 
@@ -194,7 +194,7 @@ def true_false_logits(mlm_logits: torch.Tensor, true_id: int, false_id: int) -> 
 # ---------------------------------------------------------------------------------- evaluation I/O
 def gather_objects(items: List[Any], world) -> List[Any]:
     """Concatenate per-rank lists on every rank (identity when not distributed)."""
-    if world is None or not getattr(world, "distributed", False):
+    if world is None or not world.distributed:
         return list(items)
     import torch.distributed as dist
 

@@ -190,7 +190,7 @@ class MultiTask(Task):
 
     # ------------------------------------------------------------------ data
     def _sources(self, data_cfg, key: str, split: str):
-        sources = getattr(data_cfg, split)
+        sources = data_cfg.sources(split)
         picked = []
         for position in self.specs[key][split]:
             if not 0 <= int(position) < len(sources):

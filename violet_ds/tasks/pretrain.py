@@ -88,7 +88,7 @@ class PretrainTask(VideoTextTask):
         if tokenizer.vocab_size > model.vocab_size:
             raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, the model's text "
                              f"vocabulary only {model.vocab_size}: set model.overrides.vocab_size")
-        self.patch = int(getattr(getattr(getattr(model, "video_backbone", None), "cfg", None), "stride", 32))
+        self.patch = model.video_patch_stride
 
         from violet_ds.models.heads import MVMHead, head_dropout
 

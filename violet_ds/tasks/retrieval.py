@@ -270,7 +270,7 @@ def _texts_of_videos(texts: Dict[str, Any], videos: set) -> Dict[str, Any]:
 def build_retrieval_eval_datasets(data_cfg, tokenizer, split: str) -> Dict[str, Any]:
     """`texts` and `videos` datasets of the single source in `data.<split>` (columns follow first mention),
     each video as `data.eval_clips` clips."""
-    sources = getattr(data_cfg, split)
+    sources = data_cfg.sources(split)
     if len(sources) != 1:
         raise ValueError(f"retrieval: data.{split} needs exactly one source for evaluation, got {len(sources)}")
     source = sources[0]
@@ -281,7 +281,7 @@ def build_retrieval_eval_datasets(data_cfg, tokenizer, split: str) -> Dict[str, 
 
 def _progress(iterable, description: str, world, total: Optional[int] = None):
     """Progress on the main rank only: a bar on terminals, dated lines elsewhere (log files of batch jobs)."""
-    if world is not None and not getattr(world, "is_main", True):
+    if world is not None and not world.is_main:
         return iterable
     from violet_ds.progress import progress
 

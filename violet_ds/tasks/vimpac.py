@@ -130,7 +130,7 @@ def symmetric_infonce(feat_a: torch.Tensor, feat_b: torch.Tensor, temperature: f
 
 def _vq_sources(data_cfg, split: str) -> list:
     """The data sources of a split; a source's VQ tokens are ``vq`` (or ``tsv`` when ``vq`` is unset)."""
-    sources = list(getattr(data_cfg, split) or [])
+    sources = list(data_cfg.sources(split))
     for source in sources:
         if not (source.vq or source.tsv):
             raise ValueError(f"data.{split}: a VIMPAC source needs `vq` (VQ token TSV/.npz/sidecar), got {source}")
@@ -329,7 +329,7 @@ class VimpacActionTask(Task):
         parts = []
         for source in sources:
             dataset = VQActionDataset(source.vq or source.tsv, source.annotations, split=source.split,
-                                      train=split == "train", eval_clips=int(getattr(data_cfg, "eval_clips", 1) or 1),
+                                      train=split == "train", eval_clips=data_cfg.eval_clips,
                                       eval_crops=int(self.options["eval_crops"]), pad_id=self.model.config.pad_id,
                                       **geometry)
             if dataset.num_classes > self.num_classes:

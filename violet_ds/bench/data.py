@@ -1,4 +1,4 @@
-"""`violet-ds bench data`: data-loader throughput (clips/s) per JPEG decoder.
+"""Data-loader throughput (clips/s) per JPEG decoder (`violet-ds bench data`).
 
 Runs the real `VideoDataset` + `DataLoader` (worker processes, pinned memory when CUDA is present,
 `collate`) over a frame TSV, once per decoder, and also times bare decoding (frames/s, one
@@ -8,22 +8,25 @@ content, quality 90) to a temporary folder so the command runs anywhere.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from violet_ds.bench.meta import bench_meta, write_results
+from violet_ds.data.datasets import VideoDataset, collate
+from violet_ds.data.extract import read_video_frames
+from violet_ds.data.frames import available_decoders, decode_jpeg, encode_b64_jpeg, resolve_decoder
+from violet_ds.data.tsv import TSVFile, TSVWriter, resolve_tsv_paths
 
 
 def write_synthetic_tsv(path: Path, rows: int = 64, frames: int = 8, height: int = 240, width: int = 320,
                         quality: int = 90, seed: int = 0) -> Path:
     """A TSV of textured moving frames (JPEG sizes close to real 320x240 video frames)."""
-    from violet_ds.data.frames import encode_b64_jpeg
-    from violet_ds.data.tsv import TSVWriter
-
     rng = np.random.default_rng(seed)
     grid_y, grid_x = np.mgrid[0:height, 0:width].astype(np.float32)
     with TSVWriter(path) as writer:
@@ -43,8 +46,6 @@ def write_synthetic_tsv(path: Path, rows: int = 64, frames: int = 8, height: int
 
 def time_decoder(frames: list[str], decoder: str, repeats: int = 5) -> float:
     """Bare decoding speed, frames per second, in this process (best of `repeats` rounds)."""
-    from violet_ds.data.frames import decode_jpeg
-
     decode_jpeg(frames[0], decoder)
     best = 0.0
     # best of several rounds: a shared machine's other load only ever slows a round down
@@ -58,8 +59,6 @@ def time_decoder(frames: list[str], decoder: str, repeats: int = 5) -> float:
 
 def time_extraction(video: Path, num_frames: int, repeats: int = 2) -> dict:
     """Seconds to extract `num_frames` frames of one video with and without seeking (best of repeats)."""
-    from violet_ds.data.extract import read_video_frames
-
     timings, outputs = {}, {}
     for seek in (True, False):
         best = float("inf")
@@ -75,10 +74,6 @@ def time_extraction(video: Path, num_frames: int, repeats: int = 2) -> dict:
 def time_loader(tsv: str, decoder: str, num_frames: int, size: int, batch_size: int, workers: int,
                 batches: int, pin_memory: bool, train: bool) -> float:
     """Clips per second through Dataset + DataLoader (after two warm-up batches)."""
-    from torch.utils.data import DataLoader, RandomSampler
-
-    from violet_ds.data.datasets import VideoDataset, collate
-
     dataset = VideoDataset(tsv, num_frames=num_frames, size=size, train=train, decoder=decoder)
     sampler = RandomSampler(dataset, replacement=True, num_samples=batch_size * (batches + 2))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -97,29 +92,13 @@ def time_loader(tsv: str, decoder: str, num_frames: int, size: int, batch_size: 
 
 
 def bench_data(tsv: Optional[str] = None, num_frames: int = 5, size: int = 224, batch_size: int = 8,
-               workers: int = 2, batches: int = 16, decoders: Optional[list[str]] = None,
+               workers: int = 2, batches: int = 16, decoders: Optional[Sequence[str]] = None,
                train: bool = True, synthetic_rows: int = 64, video: Optional[str] = None,
-               out: Optional[str] = "runs/bench/bench_data.json") -> int:
-    """Data-loader throughput in clips/s for each JPEG decoder (real Dataset + DataLoader).
-
-    Args:
-        tsv: frame TSV(s) to read (path, glob or comma list); default: a synthetic 320x240 TSV.
-        num_frames: frames per clip.
-        size: output frame size (square).
-        batch_size: clips per batch.
-        workers: DataLoader worker processes.
-        batches: timed batches per decoder (after two warm-up batches).
-        decoders: decoders to compare (default: every installed one of simplejpeg, pillow).
-        train: training transforms (random temporal offset + random crop) instead of eval ones.
-        synthetic_rows: rows (videos of 8 frames) of the synthetic TSV when no --tsv is given.
-        video: also time frame extraction from this video file, seeking vs decoding straight through.
-        out: JSON results file (time, host, versions and commit included, to compare runs over time).
-    """
-    from violet_ds.data.frames import available_decoders, resolve_decoder
-    from violet_ds.data.tsv import TSVFile, resolve_tsv_paths
-
+               out: Optional[str] = "runs/bench/bench_data.json") -> dict:
+    """Decode and loader speed of each decoder (`violet-ds bench data` documents the arguments), a line per
+    decoder as it finishes; with `video`, also the extraction timing (`time_extraction`). The results, with the
+    run's `meta`, are written to `out` (when given) and returned."""
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    names = decoders or available_decoders()
     pin_memory = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as scratch:
         if tsv is None:
@@ -132,24 +111,16 @@ def bench_data(tsv: Optional[str] = None, num_frames: int = 5, size: int = 224, 
         results = {"source": source, "num_frames": num_frames, "size": size, "batch_size": batch_size,
                    "workers": workers, "pin_memory": pin_memory, "train": train, "default_decoder": resolve_decoder("auto"),
                    "decoders": {}}
-        for name in names:
+        for name in decoders or available_decoders():
             decode_fps = time_decoder(sample_frames, name)
             clips_per_s = time_loader(tsv, name, num_frames, size, batch_size, workers, batches, pin_memory, train)
             results["decoders"][name] = {"decode_frames_per_s": round(decode_fps, 1),
                                          "loader_clips_per_s": round(clips_per_s, 1)}
             print(f"{name:12s} decode {decode_fps:8.1f} frames/s (1 process)   loader {clips_per_s:7.1f} clips/s "
                   f"({num_frames}x{size}x{size}, {workers} workers, batch {batch_size})", flush=True)
-    print(f"source: {source}; default decoder (auto): {results['default_decoder']}")
     if video:
         results["extraction"] = time_extraction(Path(video), num_frames)
-        timing = results["extraction"]
-        print(f"extraction of {num_frames} frames from {video}: seek {timing['seek_s']:.3f}s, "
-              f"full decode {timing['full_decode_s']:.3f}s, identical frames: {timing['identical']}")
+    results["meta"] = bench_meta()
     if out:
-        from violet_ds.bench_meta import bench_meta
-
-        results["meta"] = bench_meta()
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=1))
-        print(f"results: {out}")
-    return 0
+        write_results(out, results)
+    return results
