@@ -16,13 +16,30 @@ directory); the parameter is not an option.
 
 from __future__ import annotations
 
+import collections.abc
+import difflib
 import functools
 import importlib
 import inspect
+import json
+import os
 import re
+import signal
 import sys
+import threading
+import traceback
+import typing
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any, Callable, Optional
+
+import yaml
+
+from violet_ds import __version__, errors
+from violet_ds.paths import config_argument
+
+# jsonargparse (0.2-0.3 s of imports) is imported where a command's parser is built, so that the overview,
+# `--version` and an unknown command answer without it
 
 # heading -> {name -> ("module:function", one-line help)}: the commands grouped by job, in the order
 # `violet-ds --help` lists them. Two-word names ("bench data") are called as `violet-ds bench data`.
@@ -30,6 +47,7 @@ COMMAND_GROUPS: dict[str, dict[str, tuple[str, str]]] = {
     "prepare data": {
         "make-demo-data": ("violet_ds.commands.data:make_demo_data", "generate the synthetic demo videos, annotations, TSVs and vocabulary"),
         "extract-frames": ("violet_ds.commands.data:extract_frames", "videos -> N sampled JPEG frames per video -> TSV shards"),
+        "check-parts": ("violet_ds.commands.data:check_parts", "check the parts of a split extract-frames: all complete, every video once"),
         "extract-images": ("violet_ds.commands.data:extract_images", "images (CC3M style) -> one-frame TSV rows"),
         "build-index": ("violet_ds.commands.data:build_index", "write the .lineidx of a TSV that has none"),
         "validate-tsv": ("violet_ds.commands.data:validate_tsv", "check a TSV + .lineidx: every offset starts a row; count rows/frames"),
@@ -88,10 +106,6 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
 
 def version_text() -> str:
     """`violet-ds --version`: our version and those of the libraries a bug report needs (no imports)."""
-    from importlib import metadata
-
-    from violet_ds import __version__
-
     parts = []
     for package in ("torch", "deepspeed", "transformers"):
         try:
@@ -131,8 +145,6 @@ def resolve(argv: list[str]) -> tuple[str, list[str]]:
             raise SystemExit(0 if rest and rest[0] in ("-h", "--help") else 2)
         name, rest = f"{name} {rest[0]}", rest[1:]
     if name not in COMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(name, COMMANDS, n=3)
         hint = f" (did you mean: {', '.join(close)}?)" if close else ""
         print(f"violet-ds: unknown command {name!r}{hint}\n\n{_overview()}", file=sys.stderr)
@@ -178,9 +190,6 @@ def _read_field_docstrings() -> None:
 
 def _list_members(typehint: Any) -> tuple[bool, bool]:
     """(whether a list is accepted, whether only lists or None are) for List/Sequence/Union/Optional types."""
-    import collections.abc
-    import typing
-
     members = typing.get_args(typehint) if typing.get_origin(typehint) is typing.Union else (typehint,)
     members = [member for member in members if member is not type(None)]
     lists = [typing.get_origin(member) in (list, collections.abc.Sequence, collections.abc.MutableSequence)
@@ -201,8 +210,6 @@ def _is_value(token: str) -> bool:
 
 def _is_scalar(value: str) -> bool:
     """Whether a value reads as one item, not as a YAML list, mapping or null."""
-    import yaml
-
     try:
         loaded = yaml.safe_load(value)
     except yaml.YAMLError:
@@ -220,8 +227,6 @@ def gather_list_values(parser, argv: list[str]) -> list[str]:
     for an option that takes only lists becomes a one-item list (`--names violet-v1`).
     Options that are not list-typed are untouched.
     """
-    import json
-
     list_only = {}
     for action in parser._actions:
         accepts_list, only_lists = _list_members(getattr(action, "_typehint", None))
@@ -254,8 +259,6 @@ def gather_list_values(parser, argv: list[str]) -> list[str]:
 def _closest_options(option: str, known: list[str]) -> list[str]:
     """Valid options that `option` was probably meant to be: the same last key under another group
     (`--lr` -> `--optim.lr`), else the closest spellings."""
-    import difflib
-
     leaf = option.lstrip("-").split(".")[-1]
     same_leaf = [candidate for candidate in known if candidate.lstrip("-").split(".")[-1] == leaf]
     if same_leaf:
@@ -299,8 +302,6 @@ def _parser_class():
     """jsonargparse's ArgumentParser whose errors are one line plus a pointer to --help (no usage dump)."""
     from jsonargparse import ArgumentParser
 
-    from violet_ds import errors
-
     class CommandParser(ArgumentParser):
         def error(self, message: str, ex: Optional[Exception] = None):
             # inner parsers (exit_on_error=False) raise for jsonargparse to handle; --debug shows everything
@@ -332,8 +333,6 @@ def build_parser(name: str, func: Callable):
 def expand_config_values(argv: list[str]) -> list[str]:
     """Every `--config VALUE` as jsonargparse will read it (`violet_ds.paths.config_argument`): a file as
     given, a run directory as its configuration (paths as they are now), else a packaged recipe name."""
-    from violet_ds.paths import config_argument
-
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -378,19 +377,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     from_console = argv is None
     argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if "--debug" in argv:
-        import os
-
-        from violet_ds.errors import DEBUG_ENV
-
         argv = [arg for arg in argv if arg != "--debug"]
-        os.environ[DEBUG_ENV] = "1"
+        os.environ[errors.DEBUG_ENV] = "1"
     name, rest = resolve(argv)
     if from_console:
         try:
             result = _run_reporting_user_errors(name, rest)
         except BrokenPipeError:  # `violet-ds recipes | head`: the reader left; stop quietly
-            import os
-
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise SystemExit(0) from None
     else:
@@ -401,16 +394,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 def _run_reporting_user_errors(name: str, rest: list[str]):
     """User errors (violet_ds.errors) end the command with their one-line message and exit code 1."""
-    from violet_ds import errors
-
     try:
         return run_command(name, rest)
     except KeyboardInterrupt as error:
-        import os
-        import signal
-        import threading
-        import traceback
-
         # Ctrl-C: exit code 130 and one line, never a traceback (a run saves on the first one and logs that)
         if errors.debug_enabled():
             traceback.print_exc()

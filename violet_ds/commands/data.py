@@ -1,6 +1,6 @@
-"""The data-preparation commands: `make-demo-data`, `extract-frames`, `extract-images`, `build-index`,
-`validate-tsv`, `convert-pickle`. Each checks its arguments, calls the library in `violet_ds.data` and prints a
-summary; the exit code is 1 when nothing usable came out."""
+"""The data-preparation commands: `make-demo-data`, `extract-frames`, `check-parts`, `extract-images`,
+`build-index`, `validate-tsv`, `convert-pickle`. Each checks its arguments, calls the library in
+`violet_ds.data` and prints a summary; the exit code is 1 when nothing usable came out."""
 
 from __future__ import annotations
 
@@ -53,8 +53,12 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
 
 def _print_extraction(report, out_dir: str, prefix: str) -> int:
     """The summary of an extraction (and its first failures); 1 when nothing was extracted and something failed."""
-    print(f"wrote {report.written} rows in {len(report.shards)} new shard(s), skipped {report.skipped} already "
-          f"extracted, {len(report.failed)} failed ({report.seconds:.1f}s)")
+    prefix = report.prefix or prefix
+    where = (f"part {report.part}/{report.num_parts} ({report.assigned} videos, files {prefix}_*): "
+             if report.num_parts > 1 else "")
+    repaired = f", {len(report.repaired)} shard(s) cut back to their last complete row" if report.repaired else ""
+    print(f"{where}wrote {report.written} rows in {len(report.shards)} new shard(s), skipped {report.skipped} already "
+          f"extracted, {len(report.failed)} failed{repaired} ({report.seconds:.1f}s)")
     for key, error in sorted(report.failed.items())[:20]:
         print(f"  failed {key}: {error}", file=sys.stderr)
     if report.failed:
@@ -65,11 +69,14 @@ def _print_extraction(report, out_dir: str, prefix: str) -> int:
 def extract_frames(videos: str, out_dir: str, num_frames: int = 5, fps: Optional[float] = None,
                    max_frames: int = 0, short_side: int = 224, quality: int = 90, shard_size: int = 1000,
                    prefix: str = "frames", workers: int = 2, seek: bool = True, with_keys: bool = False,
-                   allow_mixed_settings: bool = False) -> int:
+                   allow_mixed_settings: bool = False, part: Optional[int] = None,
+                   num_parts: Optional[int] = None) -> int:
     """Videos -> N sampled JPEG frames per video -> TSV shards `{out_dir}/{prefix}_NNN.tsv` (+ .lineidx).
 
     Resumable (videos already in the shards are skipped); failures are reported in
-    `{prefix}_failed.json` without stopping the run.
+    `{prefix}_failed.json` without stopping the run. With `--num_parts N` each of N runs (hosts, SLURM array
+    tasks) extracts part K of the list into `{prefix}_pKKKofNNN_MMM.tsv`; `violet-ds check-parts` then checks
+    the union.
 
     Args:
         videos: a folder (searched recursively), a glob, a list file (`path` or `id<TAB>path` per line) or one video.
@@ -86,15 +93,51 @@ def extract_frames(videos: str, out_dir: str, num_frames: int = 5, fps: Optional
         with_keys: write `video_id<TAB>offset` .lineidx lines (VIOLETv2 style).
         allow_mixed_settings: add rows to shards written with other num_frames / fps / max_frames / short_side
             (recorded in `{prefix}_settings.json`); refused otherwise.
+        part: which part of the video list to extract, 0..num_parts-1 (default: SLURM_ARRAY_TASK_ID in a
+            SLURM array task, else 0); a video's part is sha1(its id) mod num_parts.
+        num_parts: split the video list into this many parts, one per run (default: the size of the SLURM
+            array 0-(N-1) in an array task, else 1 = no split); give it when resubmitting one part alone.
     """
     # imported when the command runs: the extraction module imports torch, the other commands here do not
     from violet_ds.data import extract
 
-    report = extract.extract_frames(videos, out_dir, num_frames=num_frames, fps=fps, max_frames=max_frames,
-                                    short_side=short_side, quality=quality, shard_size=shard_size, prefix=prefix,
-                                    workers=workers, seek=seek, with_keys=with_keys,
-                                    allow_mixed_settings=allow_mixed_settings)
+    try:
+        report = extract.extract_frames(videos, out_dir, num_frames=num_frames, fps=fps, max_frames=max_frames,
+                                        short_side=short_side, quality=quality, shard_size=shard_size,
+                                        prefix=prefix, workers=workers, seek=seek, with_keys=with_keys,
+                                        allow_mixed_settings=allow_mixed_settings, part=part, num_parts=num_parts)
+    except extract.PartError as refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     return _print_extraction(report, out_dir, prefix)
+
+
+def check_parts(out_dir: str, prefix: str = "frames", videos: Optional[str] = None) -> int:
+    """Check the parts of `extract-frames --num_parts N` as one dataset and list its shards.
+
+    Every part must have finished (its `{prefix}_pKKKofNNN_done.json`) and be unchanged since, all parts must
+    share their settings, and every video must be in exactly one row over all parts (or in a failures file).
+    Prints one line per part and the problems; exits 1 naming the missing or incomplete parts. When all is
+    well, writes `{prefix}_parts.json` (parts, shards, counts).
+
+    Args:
+        out_dir: the folder the parts wrote to.
+        prefix: the `--prefix` the parts were given.
+        videos: the `--videos` the parts were given: also check that every listed video is in its part.
+    """
+    from violet_ds.data import extract
+
+    report = extract.check_parts(out_dir, prefix=prefix, videos=videos)
+    for line in report.lines:
+        print(line)
+    for problem in report.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not report.ok:
+        return 1
+    print(f"all {report.num_parts} parts complete: {report.rows} videos in {len(report.shards)} shards, each once; "
+          f"{report.failed} failed. Read them with tsv: {Path(out_dir) / (prefix + '_*.tsv')} "
+          f"(list in {report.manifest})")
+    return 0
 
 
 def extract_images(images: str, out_dir: str, short_side: int = 224, quality: int = 90, shard_size: int = 10000,

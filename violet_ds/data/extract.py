@@ -570,7 +570,8 @@ def run_extraction(inputs: Sequence[tuple[str, Path]], out_dir: Path, prefix: st
         split = "unsplit" if count == 1 else f"split into {count} parts"
         raise PartError(f"{out_dir} holds shards of {base} {split} ({paths[0].name}, {len(paths)} shard(s)); this run "
                         f"is split into {num_parts}: its videos would be extracted a second time. Use "
-                        f"{'no --num_parts' if count == 1 else f'--num_parts {count}'}, or another --out_dir / --prefix")
+                        f"{'no --num_parts' if count == 1 else f'--num_parts {count}'}, or another --out_dir or "
+                        "--prefix")
     done_file = out_dir / DONE_FILE.format(prefix=prefix)
     done_file.unlink(missing_ok=True)  # the part is not finished while it runs
     removed = remove_stale_temporaries(out_dir, prefix)
@@ -595,10 +596,13 @@ def run_extraction(inputs: Sequence[tuple[str, Path]], out_dir: Path, prefix: st
     shards = existing_shards(out_dir, prefix)
     shard_keys: list[str] = []
     for shard in shards:
+        tsv = TSVFile(shard)
         try:
-            shard_keys.extend(TSVFile(shard).keys())
+            shard_keys.extend(tsv.keys())
         except TSVError as err:
             raise TSVError(f"{shard}: existing shard is unreadable ({err}); remove it to re-extract its videos") from err
+        finally:
+            tsv.close()
     done.update(shard_keys)
     check_shard_settings(out_dir, prefix, options, shards, allow_mixed)
     next_part = max((int(re.findall(r"(\d+)\.tsv$", s.name)[0]) for s in shards), default=-1) + 1
@@ -664,22 +668,184 @@ def run_extraction(inputs: Sequence[tuple[str, Path]], out_dir: Path, prefix: st
 def _written_keys(shards: Sequence[str]) -> list[str]:
     keys: list[str] = []
     for shard in shards:
-        keys.extend(TSVFile(shard).keys())
+        tsv = TSVFile(shard)
+        keys.extend(tsv.keys())
+        tsv.close()
     return keys
 
 
 def extract_frames(videos: str, out_dir: str, num_frames: int = 5, fps: Optional[float] = None,
                    max_frames: int = 0, short_side: int = 224, quality: int = 90, shard_size: int = 1000,
                    prefix: str = "frames", workers: int = 2, seek: bool = True, with_keys: bool = False,
-                   allow_mixed_settings: bool = False) -> ExtractReport:
+                   allow_mixed_settings: bool = False, part: Optional[int] = None,
+                   num_parts: Optional[int] = None) -> ExtractReport:
     """Videos -> N sampled JPEG frames per video -> TSV shards `{out_dir}/{prefix}_NNN.tsv` (+ .lineidx);
     `violet-ds extract-frames` documents the arguments. Resumable; failures are listed in the report and in
-    `{prefix}_failed.json`."""
+    `{prefix}_failed.json`. `part` / `num_parts` (default: the SLURM array task, else the whole list) extract
+    one part of the list into `{prefix}_pKKKofNNN_MMM.tsv`; `check_parts` checks the union."""
+    part, num_parts = resolve_part(part, num_parts)
     inputs = list_inputs(videos, VIDEO_EXTENSIONS)
     options = ExtractOptions(num_frames=num_frames, fps=fps, max_frames=max_frames, short_side=short_side,
                              quality=quality, seek=seek)
     return run_extraction(inputs, Path(out_dir), prefix, options, shard_size, workers, with_keys=with_keys,
-                          allow_mixed=allow_mixed_settings)
+                          allow_mixed=allow_mixed_settings, part=part, num_parts=num_parts)
+
+
+# ---------------------------------------------------------------- the union of the parts
+
+@dataclass
+class PartsReport:
+    num_parts: int = 0
+    lines: list[str] = field(default_factory=list)      # one per part: its state and counts
+    problems: list[str] = field(default_factory=list)   # empty: every part complete, every video once
+    rows: int = 0
+    failed: int = 0
+    shards: list[str] = field(default_factory=list)
+    manifest: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _failed_keys(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: unreadable ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object of failed videos")
+    return data
+
+
+def check_parts(out_dir: str, prefix: str = "frames", videos: Optional[str] = None, write: bool = True) -> PartsReport:
+    """Check that the parts of a split extraction make one dataset: every part finished (its done file) and
+    unchanged since (the ids in its shards and failures file are the ones it finished with), all parts
+    extracted with the same settings, and every video in exactly one row over all parts, or failed. With
+    `videos` (the list given to the parts), also that every listed video is in its part. When all is well
+    (and `write`), `{prefix}_parts.json` lists the parts, their shards and the counts."""
+    root = Path(out_dir)
+    report = PartsReport()
+    if not root.is_dir():
+        report.problems.append(f"{root}: no such folder")
+        return report
+    layouts = _layouts(root, prefix)
+    done_pattern = re.compile(rf"^{re.escape(prefix)}_p(\d+)of(\d+)_done\.json$")
+    counts = set(layouts) - {1}
+    for path in root.glob(f"{prefix}_p*of*_done.json"):
+        match = done_pattern.match(path.name)
+        if match:
+            counts.add(int(match.group(2)))
+    if not counts:
+        report.problems.append(f"{root} holds no parts of {prefix} ({prefix}_pKKKofNNN_MMM.tsv, "
+                               f"{prefix}_pKKKofNNN_done.json): run `violet-ds extract-frames --num_parts N` first")
+        return report
+    if len(counts) > 1:
+        report.problems.append(f"{root} holds parts of {prefix} from splits into {sorted(counts)} parts: one dataset "
+                               "must come from one split; delete the shards of the others")
+        return report
+    num_parts = report.num_parts = counts.pop()
+    if 1 in layouts:
+        report.problems.append(f"{root} also holds unsplit shards {prefix}_NNN.tsv ({layouts[1][0].name}, ...), which "
+                               f"a {prefix}_*.tsv glob reads too: move them away")
+    by_part: dict[int, list[Path]] = {}
+    pattern = re.compile(PART_SHARD_PATTERN.format(prefix=re.escape(prefix)))
+    for path in layouts.get(num_parts, []):
+        by_part.setdefault(int(pattern.match(path.name).group(1)), []).append(path)
+    seen: dict[str, str] = {}          # video id -> the shard holding it
+    duplicates: list[str] = []
+    failed_of: dict[str, int] = {}
+    settings: dict[str, list[int]] = {}
+    parts_out = []
+    unfinished = False
+    for part in range(num_parts):
+        own = part_prefix(prefix, part, num_parts)
+        shards = by_part.get(part, [])
+        done_path = root / DONE_FILE.format(prefix=own)
+        name = f"part {part}/{num_parts} ({own})"
+        rerun = f"rerun it (it resumes): `violet-ds extract-frames ... --part {part} --num_parts {num_parts}`"
+        if not done_path.is_file():
+            state = (f"incomplete: {len(shards)} shard(s) but no {done_path.name} (killed, failed or still running)"
+                     if shards else f"missing: no shards and no {done_path.name} (not run yet, or it stopped before "
+                                    "its first shard)")
+            report.lines.append(f"{name}: {state}")
+            unfinished = True
+            report.problems.append(f"{name} is {state.split(':')[0]}; {rerun}")
+            continue
+        try:
+            done = json.loads(done_path.read_text())
+            failed = _failed_keys(root / f"{own}_failed.json")
+            keys: list[str] = []
+            for shard in shards:
+                tsv = TSVFile(shard)
+                try:
+                    shard_keys = tsv.keys()
+                    if len(tsv):
+                        tsv.read_bytes(len(tsv) - 1)  # the shard ends with a complete row
+                finally:
+                    tsv.close()
+                keys.extend(shard_keys)
+                for key in shard_keys:
+                    if key in seen:
+                        duplicates.append(f"{key!r} in {seen[key]} and {shard.name}")
+                    else:
+                        seen[key] = shard.name
+        except (OSError, ValueError) as err:  # TSVError is a ValueError
+            report.lines.append(f"{name}: unreadable")
+            report.problems.append(f"{name}: {err}; delete the bad file and {rerun}")
+            continue
+        for key in failed:
+            failed_of[key] = part
+        changed = []
+        if done.get("shards") != [p.name for p in shards]:
+            changed.append(f"its shards are {[p.name for p in shards]}, it finished with {done.get('shards')}")
+        if done.get("contents_sha256") != _ids_digest(set(keys) | set(failed)):
+            changed.append("the video ids in its shards and failures file are not the ones it finished with")
+        if changed:
+            report.lines.append(f"{name}: changed since it finished")
+            report.problems.append(f"{name} changed since it finished ({'; '.join(changed)}); {rerun}")
+            continue
+        settings.setdefault(json.dumps(done.get("settings"), sort_keys=True), []).append(part)
+        report.rows += len(keys)
+        report.failed += len(failed)
+        report.shards += [p.name for p in shards]
+        parts_out.append({"part": part, "prefix": own, "videos": done.get("videos"), "rows": len(keys),
+                          "failed": len(failed), "shards": [p.name for p in shards]})
+        report.lines.append(f"{name}: complete, {len(keys)} row(s) in {len(shards)} shard(s), {len(failed)} failed")
+    if duplicates:
+        report.problems.append(f"{len(duplicates)} video(s) in more than one row: {'; '.join(duplicates[:10])}"
+                               f"{' ...' if len(duplicates) > 10 else ''}")
+    both = sorted(set(failed_of) & set(seen))
+    if both:
+        report.problems.append(f"{len(both)} video(s) both in a shard and in a failures file: {both[:10]}")
+    if len(settings) > 1:
+        report.problems.append("the parts were extracted with different settings: " + "; ".join(
+            f"parts {parts}: {_describe(json.loads(item) or {})}" for item, parts in settings.items()))
+    if videos is not None and not unfinished:
+        missing, misplaced = [], []
+        for key, _ in list_inputs(videos, VIDEO_EXTENSIONS):
+            want = part_of(key, num_parts)
+            where = seen.get(key)
+            if where is None and key not in failed_of:
+                missing.append(f"{key!r} (part {want})")
+            elif (where is not None and not where.startswith(part_prefix(prefix, want, num_parts) + "_")) or \
+                    (where is None and failed_of[key] != want):
+                misplaced.append(f"{key!r} (belongs to part {want}, found in {where or 'a failures file'})")
+        if missing:
+            report.problems.append(f"{len(missing)} listed video(s) in no shard and no failures file: "
+                                   f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}; rerun their parts")
+        if misplaced:
+            report.problems.append(f"{len(misplaced)} video(s) in another part than theirs: "
+                                   f"{', '.join(misplaced[:10])}")
+    if report.ok and write:
+        manifest = root / PARTS_FILE.format(prefix=prefix)
+        _write_json(manifest, {"format": PARTS_FORMAT, "prefix": prefix, "num_parts": num_parts,
+                               "rows": report.rows, "failed": report.failed, "tsv": str(root / f"{prefix}_*.tsv"),
+                               "parts": parts_out, "shards": report.shards})
+        report.manifest = str(manifest)
+    return report
 
 
 def extract_images(images: str, out_dir: str, short_side: int = 224, quality: int = 90, shard_size: int = 10000,
