@@ -7,6 +7,8 @@ itself is this run's config, see `Trainer.load_checkpoint`).
 
 from __future__ import annotations
 
+import atexit
+import copy
 import dataclasses
 import functools
 import json
@@ -19,19 +21,31 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
+from .. import errors, paths
 from ..config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig, TaskConfig, check_values
-from ..data.sampler import SampleCursor
+from ..data.datasets import collate
+from ..data.loaders import SeededSamples, data_loader, read_clips_as_extracted, sidecar_paths
+from ..data.sampler import ResumableDistributedSampler, SampleCursor
+from ..data.sidecars import SidecarCollate, open_sidecars
+from ..data.tokenizer import Tokenizer
 from ..engine import checkpoint as ckpt
 from ..engine import deepspeed_engine as dse
 from ..engine import host_memory, preflight
-from ..engine.ds_config import precision_of, resolve_ds_config
 from ..engine.distributed import World, env_single_process, init_distributed
+from ..engine.ds_config import precision_of, resolve_ds_config
+from ..engine.evaluator import evaluate as run_evaluation
 from ..engine.export import read_weights
+from ..engine.guard import PreemptionSafeLoader, ignore_preemption_signals
 from ..engine.logging import RunLogger
+from ..engine.rundir import RunLock, check_fresh_run
 from ..engine.trainer import Trainer, TrainSummary, steps_per_epoch
+from ..engine.universal import configure_load
 from ..models import build_model
+from ..registry import TASKS
+from ..tasks import create_task
 from ..weights import KeyReport, load_checked
 
 
@@ -84,9 +98,6 @@ def prepare_sidecars(datasets: Mapping[str, Dataset], data: DataConfig, split: s
     """Open the split's `targets:` sidecars and make the clips they describe read the way extraction read
     them (`violet_ds.data.loaders.read_clips_as_extracted`). Returns {target name: TargetStore}, empty
     without sidecars."""
-    from violet_ds.data.loaders import read_clips_as_extracted, sidecar_paths
-    from violet_ds.data.sidecars import open_sidecars
-
     paths = [path for source in data.sources(split) for path in sidecar_paths(source)]
     if not paths:
         return {}
@@ -98,15 +109,8 @@ def prepare_sidecars(datasets: Mapping[str, Dataset], data: DataConfig, split: s
 def _loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, world: World, seed: int,
             drop_last: bool, stores: Optional[Mapping[str, Any]] = None) -> DataLoader:
     """`violet_ds.data.loaders.data_loader` with the sidecar targets of `stores` attached to each batch."""
-    from violet_ds.data.datasets import collate
-    from violet_ds.data.loaders import data_loader
-
-    from ..engine.guard import PreemptionSafeLoader, ignore_preemption_signals
-
     collate_fn = collate
     if stores:
-        from violet_ds.data.sidecars import SidecarCollate
-
         collate_fn = SidecarCollate(collate, dict(stores))
     # workers ignore SIGTERM / SIGINT so that a preempted or interrupted run can finish its step and save; a
     # worker's error or a wait over data.loader_timeout_s stops them and ends the run with one line
@@ -118,8 +122,6 @@ def _loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, world:
 
 def eval_loaders(datasets: Mapping[str, Dataset], data: DataConfig, world: World, seed: int,
                  split: str = "val") -> Dict[str, DataLoader]:
-    from violet_ds.data.sampler import ResumableDistributedSampler
-
     stores = prepare_sidecars(datasets, data, split)
     loaders = {}
     for name, dataset in datasets.items():
@@ -135,9 +137,6 @@ def _claim_run_dir(run_dir: Path, run: RunConfig, command: str, world: World):
     """Rank 0 locks the run directory (refusing a live one) and refuses to silently replace checkpoints."""
     if not world.is_main:
         return None
-    import atexit
-
-    from ..engine.rundir import RunLock, check_fresh_run
 
     lock = RunLock(run_dir, command=f"violet-ds {command} (run {run.name})",
                    warn=lambda message: print(f"warning: {message}", flush=True)).acquire()
@@ -213,17 +212,12 @@ def train(model: ModelConfig, data: DataConfig, task: TaskConfig, optim: OptimCo
     if lock is not None:
         lock.release()
     if interrupted:
-        from violet_ds.errors import Interrupted
-
-        raise Interrupted()
+        raise errors.Interrupted()
     return summary
 
 
 def _task_class(name: str) -> type:
     """The registered task class (its declared attributes, before anything is built)."""
-    import violet_ds.tasks  # noqa: F401  (registers every task)
-    from violet_ds.registry import TASKS
-
     return TASKS.get(name)
 
 
@@ -239,12 +233,6 @@ def _absolute_paths(command: str, model: ModelConfig, data: DataConfig, engine: 
                     config_text: str):
     """Copies of the sections and of the resolved YAML with every path absolute (`violet_ds.paths`), so that
     the run directory's config.yaml works from any directory; its first line says where the run started."""
-    import copy
-
-    import yaml
-
-    from violet_ds import paths
-
     sections = copy.deepcopy({"model": model, "data": data, "engine": engine, "run": run})
     paths.make_absolute(sections)
     recorded = paths.make_absolute(yaml.safe_load(config_text) or {})
@@ -255,8 +243,6 @@ def _absolute_paths(command: str, model: ModelConfig, data: DataConfig, engine: 
 
 def _dump_config(**sections: Any) -> str:
     """The run's configuration as YAML when no resolved YAML was handed in (a run started from Python)."""
-    import yaml
-
     return yaml.safe_dump({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
                            for k, v in sections.items()}, sort_keys=False)
 
@@ -286,9 +272,6 @@ def _open_run(run_dir: Path, run: RunConfig, model: ModelConfig, data: DataConfi
 def _build_task(model: ModelConfig, task: TaskConfig, data: DataConfig, engine: EngineConfig, run: RunConfig,
                 world: World, logger: RunLogger, resuming: bool):
     """(task module, tokenizer): identical initial weights on every rank, then per-rank random streams."""
-    from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.tasks import create_task
-
     seed_everything(engine.seed)
     tokenizer = Tokenizer(data.tokenizer)
     backbone = build_backbone(model)
@@ -315,9 +298,6 @@ class _TrainData:
 
 def _train_data(task_module, tokenizer, data: DataConfig, engine: EngineConfig, run: RunConfig, world: World,
                 logger: RunLogger) -> _TrainData:
-    from violet_ds.data.loaders import SeededSamples
-    from violet_ds.data.sampler import ResumableDistributedSampler
-
     datasets = task_module.build_datasets(data, tokenizer, "train")
     preflight.check_split_sizes("train", datasets, data.train)
     train_stores = prepare_sidecars(datasets, data, "train")
@@ -366,8 +346,6 @@ def _val_loaders(task_module, tokenizer, data: DataConfig, engine: EngineConfig,
 def _build_engine(task_module, ds_config: dict, optim: OptimConfig, run: RunConfig, world: World, run_dir: Path,
                   total_steps: int):
     """deepspeed.initialize of the task on its device: (engine, optimizer, scheduler, parameter groups)."""
-    from ..engine.universal import configure_load
-
     frozen = task_module.frozen_modules()
     if world.device.type == "cuda":
         task_module.to(world.device)
@@ -416,8 +394,6 @@ def _latest_checkpoint(run_dir: Path) -> Optional[str]:
 def _summary(command: str, run_dir: Path, result: TrainSummary, trainer: Trainer, train_data: _TrainData,
              world: Optional[World], started: float, error: Optional[BaseException] = None) -> Dict[str, Any]:
     """summary.json of a run; `world` None: bad samples of this rank only (no collective)."""
-    from violet_ds import errors
-
     end = end_of_run(result, error)
     return {
         "command": command, "run_dir": str(run_dir), "end": end,
@@ -495,11 +471,6 @@ def _report(command: str, run_dir: Path, result: TrainSummary, summary: Dict[str
 def evaluate_weights(model: ModelConfig, data: DataConfig, task: TaskConfig, engine: EngineConfig, run: RunConfig,
                      split: str) -> None:
     """The body of `violet-ds evaluate` (commands/train.py): metrics of the weights on `data.<split>`."""
-    from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.tasks import create_task
-
-    from ..engine.evaluator import evaluate as run_evaluation
-
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     if not data.sources(split):

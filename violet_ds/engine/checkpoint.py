@@ -35,12 +35,14 @@ from typing import Any, Callable, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
+import yaml
 
 from violet_ds import paths
 from violet_ds.weights import safe_torch_load, unsafe_globals
 
 from ..data.sampler import SampleCursor
 from .distributed import World
+
 
 COMPLETE_MARKER = "violet_ds_complete.json"
 LATEST_FILE = "latest"
@@ -512,8 +514,6 @@ def check_resume(checkpoint_dir: Path, tag: str, config_text: str, world_size: i
     world size). The LR schedule and AdamW settings are not compared: a resume takes them from its own
     config (the trainer logs each change).
     """
-    import yaml
-
     checkpoint_dir = Path(checkpoint_dir)
     tag_dir = checkpoint_dir / tag
     info = read_marker(tag_dir)

@@ -41,8 +41,12 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 import torch
 from torch.utils.data import DataLoader
 
+from violet_ds import errors
 from violet_ds.data.loaders import reading_datasets
-from violet_ds.errors import UserError
+from violet_ds.errors import UserError, is_user_error, message_of
+
+from .preflight import bad_sample_totals
+
 
 T = TypeVar("T")
 
@@ -100,7 +104,6 @@ def report_failure(error: BaseException, rank: int, world: int, stream=None) -> 
     """Print the failing rank's traceback, every line prefixed so interleaved logs stay readable."""
     stream = stream or sys.stderr
     prefix = f"[violet-ds rank {rank}/{world} on {socket.gethostname()} pid {os.getpid()}]"
-    from violet_ds import errors
 
     if isinstance(error, KeyboardInterrupt) and not errors.debug_enabled():
         # Ctrl-C: one line (none after a run that saved on it and logged so), never a traceback
@@ -255,8 +258,6 @@ def worker_error_message(error: BaseException) -> tuple:
     PyTorch re-raises the worker's exception type with "Caught X in DataLoader worker process N" and the
     worker's whole traceback as its message; the message the dataset wrote is the traceback's last entry.
     """
-    from violet_ds.errors import message_of
-
     text = message_of(error)
     found = re.search(r"in DataLoader worker process (\d+)", text)
     if found is None:
@@ -274,8 +275,6 @@ def worker_error_message(error: BaseException) -> tuple:
 def _sample_report(dataset: Any) -> str:
     """"; samples read so far: N, skipped as bad: M" (over this process and its workers), or "" for a
     dataset that does not count them."""
-    from .preflight import bad_sample_totals
-
     try:
         if not reading_datasets(dataset):
             return ""
@@ -345,8 +344,6 @@ class _GuardedIterator:
 
     def _failure(self, error: BaseException) -> BaseException:
         """Stop the workers; the error to raise in place of `error`."""
-        from violet_ds.errors import is_user_error
-
         multiprocess = hasattr(self._inner, "_workers")
         if multiprocess:
             stop_loader_workers(self._inner, orderly=not self._stalled)

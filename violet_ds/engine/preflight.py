@@ -13,10 +13,22 @@ checkpoint directory's file system has room for a checkpoint of this run.
 from __future__ import annotations
 
 import glob
+import mmap
 import os
 import random
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
+
+import numpy as np
+import torch
+
+from violet_ds.data.loaders import reading_datasets
+from violet_ds.data.tsv import TSVError, TSVFile, resolve_tsv_paths
+
+from . import checkpoint as ckpt
+from .checkpoint import complete_tags, format_bytes, free_bytes
+from .export import MODEL_DIR_WEIGHTS, weights_source
+
 
 SAMPLED_ROWS = 6
 
@@ -42,10 +54,6 @@ def first_misplaced_offset(path: Path, offsets: Any) -> Optional[int]:
     costs one page touched: under 1 ms for a demo shard (128 rows); for 100k rows 5 ms (0.2 GB file) to 75 ms
     (2 GB) with the file in the page cache, 0.4 s to 2 s from a cold disk (one 4 KiB read per row), next to
     ~0.1 s for parsing the `.lineidx` itself."""
-    import mmap
-
-    import numpy as np
-
     starts = np.asarray(offsets, dtype=np.int64)[1:]
     if not len(starts):
         return None
@@ -59,8 +67,6 @@ def first_misplaced_offset(path: Path, offsets: Any) -> Optional[int]:
 def check_tsv_index(path: Path, rows: int = SAMPLED_ROWS, seed: int = 0) -> int:
     """Every `.lineidx` offset of a TSV starts a row (`first_misplaced_offset`), and the first, last and `rows`
     sampled rows read back whole; returns the row count."""
-    from violet_ds.data.tsv import TSVError, TSVFile
-
     tsv = TSVFile(path)
     try:
         count = len(tsv)
@@ -98,9 +104,6 @@ def _readable(path: Path, what: str) -> None:
 
 
 def _check_init_from(path: str) -> None:
-    from . import checkpoint as ckpt
-    from .export import MODEL_DIR_WEIGHTS, weights_source
-
     target = Path(path)
     _readable(target, "run.init_from")
     try:
@@ -123,8 +126,6 @@ def preflight_paths(data: Any, run: Any, model: Any, run_dir: Path, splits: Iter
 
     `reads_frames=False` (a task that reads only pre-extracted VQ tokens, e.g. VIMPAC): a source's token
     file (`vq`, else `tsv`) must exist; its frame TSV is not read, so it is not checked."""
-    from violet_ds.data.tsv import resolve_tsv_paths
-
     run_dir = Path(run_dir)
     _writable(run_dir, "run directory")
     _writable(run_dir / "checkpoints", "checkpoint directory")
@@ -167,8 +168,6 @@ def check_checkpoint_space(checkpoint_dir: Path, needed: int, keep_last: int = 0
     (`keep_last` + 1, the kept ones plus the one written before the oldest is pruned, less those already
     there) is a warning through `warn`.
     """
-    from .checkpoint import complete_tags, format_bytes, free_bytes
-
     free = free_bytes(Path(checkpoint_dir))
     if free is None or needed <= 0:
         return
@@ -199,16 +198,10 @@ class preserved_rng:
     """Context manager: the python/numpy/torch RNG states are the same after the block as before it."""
 
     def __enter__(self):
-        import numpy as np
-        import torch
-
         self._states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
         return self
 
     def __exit__(self, *exc) -> None:
-        import numpy as np
-        import torch
-
         python_state, numpy_state, torch_state = self._states
         random.setstate(python_state)
         np.random.set_state(numpy_state)
@@ -217,10 +210,6 @@ class preserved_rng:
 
 def bad_sample_totals(datasets: Mapping[str, Any], world: Any) -> dict:
     """Samples skipped as unreadable, summed over DataLoader workers (shared counters) and ranks."""
-    import torch
-
-    from violet_ds.data.loaders import reading_datasets
-
     totals = [0, 0]
     for dataset in datasets.values():
         for part in reading_datasets(dataset):

@@ -25,8 +25,8 @@ from violet_ds.data.annotations import load_word_list
 from violet_ds.data.datasets import ActionDataset
 from violet_ds.metrics import accuracy, topk_accuracy
 from violet_ds.registry import TASKS
-from violet_ds.tasks.common import (DownstreamTask, append_answer_mask, encode_video, fuse_pairs,
-                                    gather_positions, gather_step_outputs, pooled_of)
+from violet_ds.tasks.common import (DownstreamTask, append_answer_mask, encode_video, fuse_pairs, gather_positions,
+                                    gather_step_outputs, pooled_of)
 
 
 def pick_class_words(labels: List[str], tokenizer) -> List[str]:

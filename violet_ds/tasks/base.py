@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from violet_ds.data.loaders import build_split
+
 
 class Task(nn.Module):
     """Base class of every task; subclasses are registered with `@TASKS.register("name")`."""
@@ -83,8 +85,6 @@ class Task(nn.Module):
         The default is one `dataset_class` per source (`violet_ds.data.loaders.build_split`); a task
         whose data has another shape (two-clip VQ tokens, texts and videos apart) overrides this.
         """
-        from violet_ds.data.loaders import build_split
-
         if self.dataset_class is None:
             raise NotImplementedError(f"{type(self).__name__} sets no dataset_class and does not override "
                                       "build_datasets")

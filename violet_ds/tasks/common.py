@@ -13,15 +13,20 @@ Every helper works on whole batches with tensor operations; nothing loops over t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from violet_ds.data.frames import normalize
+from violet_ds.engine.distributed import World
+from violet_ds.engine.evaluator import gather_outputs
 from violet_ds.masking.text import IGNORE_INDEX
+from violet_ds.models.heads import MLMHead, ScoreHead, TaskEmbedding, head_dropout
 from violet_ds.tasks.base import Task
 
 
@@ -113,8 +118,6 @@ def task_embedding_head(model: nn.Module, trainable: bool) -> nn.Module:
     `task.task_token`, otherwise frozen (like `video_order`, kept for checkpoint compatibility). Its
     random init runs on a forked RNG so that adding it leaves every other initial weight unchanged.
     """
-    from violet_ds.models.heads import TaskEmbedding
-
     with torch.random.fork_rng(devices=[]):
         head = TaskEmbedding(TASK_TOKEN_TABLE, model.hidden_size)
     head.weight.requires_grad_(bool(trainable))
@@ -196,7 +199,6 @@ def gather_objects(items: List[Any], world) -> List[Any]:
     """Concatenate per-rank lists on every rank (identity when not distributed)."""
     if world is None or not world.distributed:
         return list(items)
-    import torch.distributed as dist
 
     out: List[Optional[List[Any]]] = [None] * world.world_size
     dist.all_gather_object(out, list(items))
@@ -205,9 +207,6 @@ def gather_objects(items: List[Any], world) -> List[Any]:
 
 def gather_step_outputs(outputs: Sequence[Mapping[str, Any]], world) -> Dict[str, Any]:
     """Merge per-step outputs across ranks, deduplicated by `index` (the engine's gathering)."""
-    from violet_ds.engine.distributed import World
-    from violet_ds.engine.evaluator import gather_outputs
-
     return gather_outputs(outputs, world if world is not None else World())
 
 
@@ -225,8 +224,6 @@ def chance_loss(num_candidates: int, true_false: bool = False) -> float:
     Softmax over the candidates: ln K. True/false at [MASK] (LAVENDER): the best constant answer says
     "true" with probability 1/K, so the loss is the binary entropy of 1/K (0.500 for K = 5).
     """
-    import math
-
     k = max(int(num_candidates), 1)
     if k == 1:
         return 0.0
@@ -270,8 +267,6 @@ class VideoTextTask(Task):
 
     # ---- heads
     def _mlm_head(self) -> nn.Module:
-        from violet_ds.models.heads import MLMHead
-
         vocab = self.model.vocab_size
         if self.tokenizer.vocab_size > vocab:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} entries but the model's text vocabulary "
@@ -279,8 +274,6 @@ class VideoTextTask(Task):
         return MLMHead(self.model.hidden_size, vocab, tie_to=self.model.word_embeddings if self.tie_mlm_head else None)
 
     def _score_head(self, out: int = 1) -> nn.Module:
-        from violet_ds.models.heads import ScoreHead, head_dropout
-
         return ScoreHead(self.model.hidden_size, out, dropout=head_dropout(self.model))
 
     def _true_false_ids(self) -> Tuple[int, int]:

@@ -41,9 +41,13 @@ from typing import Any, Dict, List, Mapping, Optional, Set
 
 import torch
 
+from violet_ds.data import annotations as ann
+from violet_ds.data.datasets import MixedDataset
+from violet_ds.engine.evaluator import to_device
 from violet_ds.registry import TASKS
 from violet_ds.tasks.base import Task
 from violet_ds.tasks.common import parse_options
+
 
 MAIN_METRIC = {"qa_mc": "acc", "qa_oe": "acc", "action_cls": "acc", "retrieval": "t2v_R@1", "caption": "CIDEr"}
 SPEC_KEYS = {"task", "key", "train", "val", "test", "weight", "head_style", "options", "num_answers", "num_options",
@@ -52,8 +56,6 @@ SPEC_KEYS = {"task", "key", "train", "val", "test", "weight", "head_style", "opt
 
 def annotation_videos(path: str, split: str) -> Set[str]:
     """Video ids named by an annotation file's split, whatever its official format."""
-    from violet_ds.data import annotations as ann
-
     kind, loaded = ann.load_any(path, split)
     records = loaded.records if hasattr(loaded, "records") else loaded
     return {record.video for record in records}
@@ -61,8 +63,6 @@ def annotation_videos(path: str, split: str) -> Set[str]:
 
 def filter_videos(dataset, banned: Set[str]):
     """Drop the records of `banned` videos from a dataset (or each part of a mix); returns the dataset."""
-    from violet_ds.data.datasets import MixedDataset
-
     if isinstance(dataset, MixedDataset):
         weights = [length / max(1, len(part)) for length, part in zip(dataset.lengths, dataset.datasets)]
         parts = [filter_videos(part, banned) for part in dataset.datasets]
@@ -233,8 +233,6 @@ class MultiTask(Task):
     @torch.no_grad()
     def evaluate_full(self, loaders: Dict[str, Any], world, max_batches: Optional[int] = None) -> Dict[str, float]:
         """Each task on its own loaders (`<key>/<name>`); metrics `<key>/<metric>` and `mean_main`."""
-        from violet_ds.engine.evaluator import to_device
-
         device = next(self.model.parameters()).device
         metrics: Dict[str, float] = {}
         mains = []

@@ -30,11 +30,13 @@ from torch import nn
 
 from violet_ds.data.datasets import PretrainDataset
 from violet_ds.data.frames import denormalize, normalize
+from violet_ds.engine.evaluator import gather_outputs
 from violet_ds.masking.text import IGNORE_INDEX, mask_text
-from violet_ds.masking.visual import (apply_video_mask, mask_video_tokens, needs_attention,
-                                      video_attention_grid)
+from violet_ds.masking.visual import apply_video_mask, mask_video_tokens, needs_attention, video_attention_grid
+from violet_ds.models.heads import MVMHead, head_dropout
 from violet_ds.registry import TASKS
 from violet_ds.tasks.common import VideoTextTask, chance_loss, cross_entropy_or_zero, task_embedding_head
+
 
 OBJECTIVES = ("vtm", "mlm", "mvm")
 
@@ -89,8 +91,6 @@ class PretrainTask(VideoTextTask):
             raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, the model's text "
                              f"vocabulary only {model.vocab_size}: set model.overrides.vocab_size")
         self.patch = model.video_patch_stride
-
-        from violet_ds.models.heads import MVMHead, head_dropout
 
         if self.weights["mlm"] or (self.weights["vtm"] and self.lavender):
             self.heads["mlm"] = self._mlm_head()
@@ -355,8 +355,6 @@ class PretrainTask(VideoTextTask):
         return step
 
     def evaluate_end(self, outputs: List[Dict[str, Any]], world) -> Dict[str, float]:
-        from violet_ds.engine.evaluator import gather_outputs
-
         merged = gather_outputs(outputs, world)
         sizes = merged.pop("batch_size", None)
         if sizes is None or not len(sizes):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from violet_ds.data.datasets import RetrievalDataset, build_retrieval_eval
 from violet_ds.metrics import retrieval_metrics
+from violet_ds.progress import progress
 from violet_ds.registry import TASKS
 from violet_ds.tasks.common import (DownstreamTask, chunks, encode_video, gather_objects, gather_step_outputs,
                                     repeat_rows)
@@ -283,6 +284,5 @@ def _progress(iterable, description: str, world, total: Optional[int] = None):
     """Progress on the main rank only: a bar on terminals, dated lines elsewhere (log files of batch jobs)."""
     if world is not None and not world.is_main:
         return iterable
-    from violet_ds.progress import progress
 
     return progress(iterable, total=total, desc=description, unit="batch", leave=False)

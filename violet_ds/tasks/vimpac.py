@@ -27,11 +27,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from violet_ds.data.datasets import MixedDataset
+from violet_ds.data.vq_clips import VQActionDataset, VQPretrainDataset
 from violet_ds.masking.blocks3d import mask_vq_tokens
 from violet_ds.models.vimpac import VimpacClassifier, VimpacContrastiveHead, VimpacModel, VimpacTokenHead
 from violet_ds.registry import TASKS
 from violet_ds.tasks.base import Task
 from violet_ds.tasks.common import gather_step_outputs, parse_options
+
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +150,6 @@ def _clip_geometry(options: dict, data_cfg) -> dict:
 
 
 def _one_dataset(parts: list, sources: list, split: str) -> dict:
-    from violet_ds.data.datasets import MixedDataset
-
     if len(parts) == 1 and sources[0].weight == 1.0:
         return {split: parts[0]}
     return {split: MixedDataset(parts, [source.weight for source in sources])}
@@ -211,8 +212,6 @@ class VimpacPretrainTask(Task):
     def build_datasets(self, data_cfg, tokenizer, split: str) -> dict:
         """Two clips per video (``vq_tokens``, ``vq_tokens_b``) from each source's VQ tokens; the videos
         are those of ``annotations`` (any annotation format) for ``source.split``."""
-        from violet_ds.data.vq_clips import VQPretrainDataset
-
         sources = _vq_sources(data_cfg, split)
         geometry = _clip_geometry(self.options, data_cfg)
         parts = [VQPretrainDataset(source.vq or source.tsv, annotations=source.annotations, split=source.split,
@@ -322,8 +321,6 @@ class VimpacActionTask(Task):
 
     def build_datasets(self, data_cfg, tokenizer, split: str) -> dict:
         """One random clip per video when training; ``data.eval_clips`` x ``eval_crops`` views otherwise."""
-        from violet_ds.data.vq_clips import VQActionDataset
-
         sources = _vq_sources(data_cfg, split)
         geometry = _clip_geometry(self.options, data_cfg)
         parts = []

@@ -22,9 +22,11 @@ import dataclasses
 import itertools
 from typing import Any, Dict, List, Optional
 
+from violet_ds.engine.evaluator import to_device
 from violet_ds.registry import TASKS
 from violet_ds.tasks.base import Task
 from violet_ds.tasks.common import parse_options
+
 
 ZERO_SHOT_STYLES = {"retrieval": ("head", "mlm"), "qa_mc": ("head", "mlm"), "qa_oe": ("mlm",),
                     "caption": ("mlm",), "action_cls": ("mlm",)}
@@ -95,7 +97,6 @@ class ZeroShot(Task):
         full = self.inner.evaluate_full(loaders, world, max_batches=max_batches)
         if full is not None:
             return full
-        from violet_ds.engine.evaluator import to_device
 
         device = next(self.model.parameters()).device
         metrics: Dict[str, float] = {}
