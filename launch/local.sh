@@ -46,6 +46,9 @@ if [ -z "$port" ]; then
 fi
 
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=launch/network.sh
+source "$root/launch/network.sh"
+violet_ds_fail_fast_env
 if [ "${DS_ACCELERATOR:-}" = cpu ]; then
     # N ranks share the machine's cores instead of each taking all of them
     cores="$(nproc)"

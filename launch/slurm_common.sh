@@ -11,6 +11,9 @@
 #                        directory sbatch was called from)
 #   VIOLET_DS_PYTHON     interpreter with violet_ds installed (default: python3)
 #   VIOLET_DS_NO_REQUEUE=1  never requeue (e.g. for debugging a preemption)
+#   GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME   kept when set; else every task picks its host's interface
+#                        towards the master (launch/network.sh)
+#   TORCH_NCCL_ASYNC_ERROR_HANDLING (default 1), TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC (default 300)
 
 violet_ds_log() { echo "[violet-ds slurm $(date -u +%FT%TZ)] $*"; }
 
@@ -68,11 +71,19 @@ PY
 
     local task="$root/launch/srun_task.sh"
     local step=()
+    # the address every rank meets at (the same function the ranks call); each task picks its network
+    # interface towards it (launch/network.sh, logged by every task)
+    local master_addr master_port
+    read -r master_addr master_port < <("$python" -m violet_ds.engine.distributed master)
+    export VIOLET_DS_MASTER_ADDR="$master_addr"
+    # shellcheck source=launch/network.sh
+    source "$root/launch/network.sh"
+    violet_ds_fail_fast_env
+    violet_ds_log "master $master_addr:$master_port; TORCH_NCCL_ASYNC_ERROR_HANDLING=$TORCH_NCCL_ASYNC_ERROR_HANDLING" \
+        "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=$TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"
     if [ "${LAUNCHER:-srun}" = deepspeed ]; then
         local hostfile="$(cd "$run_dir" && pwd)/hostfile-${SLURM_JOB_ID:-local}"
         bash "$root/launch/make_hostfile.sh" "$hostfile"
-        local master_addr master_port
-        read -r master_addr master_port < <("$python" -m violet_ds.engine.distributed master)
         violet_ds_log "DeepSpeed launcher: hostfile $hostfile ($(wc -l <"$hostfile") node(s)), master $master_addr:$master_port"
         export VIOLET_DS_TASK_IGNORE_TERM=1
         # one launcher per node; each learns its node rank from its own task's SLURM_NODEID
@@ -103,6 +114,20 @@ PY
     trap - TERM USR1
     violet_ds_log "ranks finished with exit status $status"
 
+    # a task that failed by itself (srun_task.sh wrote FAILED) makes the job fail, even when the other tasks
+    # were then signalled by srun --kill-on-bad-exit: that is no preemption, and a requeue would fail again
+    local failed=""
+    [ ! -f "$VIOLET_DS_PREEMPT_MARKER" ] || failed="$(grep '^FAILED ' "$VIOLET_DS_PREEMPT_MARKER" || true)"
+    if [ -n "$failed" ]; then
+        while read -r _ _ what; do
+            violet_ds_log "lost $what"
+        done <<<"$failed"
+        violet_ds_log "the job failed (not a preemption, not requeued); resume it with --run.resume auto from the" \
+            "last complete checkpoint in $run_dir/checkpoints"
+        rm -f "$VIOLET_DS_PREEMPT_MARKER"
+        [ "$status" != 0 ] || status=1
+        return "$status"
+    fi
     if [ -s "$VIOLET_DS_PREEMPT_MARKER" ]; then
         violet_ds_log "preempted: $(tr '\n' ';' <"$VIOLET_DS_PREEMPT_MARKER")"
         rm -f "$VIOLET_DS_PREEMPT_MARKER"

@@ -342,10 +342,6 @@ class RunLogger:
         for handler in self._handlers:
             py_warnings.addHandler(handler)
 
-    @property
-    def tensorboard_dir(self) -> Path:
-        return self.run_dir / "tensorboard"
-
     def info(self, message: str) -> None:
         if self.world.is_main:
             self.log.info(message)
