@@ -144,13 +144,14 @@ def test_official_checkpoint_without_the_vocabulary_names_the_extra(tmp_path, mo
     from types import SimpleNamespace
 
     import violet_ds.data.tokenizer as tokenizer_module
-    import violet_ds.engine.export as export_module
     import violet_ds.models.checkpoint_io as checkpoint_io
+    import violet_ds.predict as predict_module
     from violet_ds.predict import Predictor
 
-    monkeypatch.setattr(tokenizer_module, "find_packaged_bert", lambda: None)
-    monkeypatch.setattr(export_module, "read_weights", lambda path: checkpoint_io.OfficialWeights({}, "official", path))
-    monkeypatch.setattr(checkpoint_io, "official_model", lambda weights: SimpleNamespace(heads={}))
+    for module in (tokenizer_module, predict_module):
+        monkeypatch.setattr(module, "find_packaged_bert", lambda: None)
+    monkeypatch.setattr(predict_module, "read_weights", lambda path: checkpoint_io.OfficialWeights({}, "official", path))
+    monkeypatch.setattr(predict_module, "official_model", lambda weights: SimpleNamespace(heads={}))
     path = tmp_path / "violet_pretrain.pt"
     path.write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"pip install 'violet-ds\[official\]'.*--tokenizer DIR") as error:

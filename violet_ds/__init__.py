@@ -5,6 +5,9 @@ The library is importable without DeepSpeed; only ``violet_ds.engine`` needs it.
 
 __version__ = "0.1.0"
 
+# `violet_ds.pretrained` (torch, the models) is imported inside these two: every import of a violet_ds module runs
+# this file first, the CLI's light parse path included
+
 
 def from_pretrained(directory, device="cpu"):
     """Load a model directory (`violet-ds export --format dir`, `save_pretrained`): the task module, eval mode."""

@@ -8,6 +8,12 @@ before any heavy work starts. Task-specific options that only one task understan
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import numbers
+import os
+import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
@@ -304,10 +310,6 @@ def type_problem(value: Any, hint: Any) -> Optional[str]:
 
     Integers fit float annotations; booleans fit only bool ones. Lists and tuples are checked item by item.
     """
-    import collections.abc
-    import numbers
-    import typing
-
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any or isinstance(hint, (str, typing.TypeVar)):
         return None
@@ -327,8 +329,6 @@ def type_problem(value: Any, hint: Any) -> Optional[str]:
         ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
         return None if ok else f"expected a number, got {value!r}"
     if hint is str:
-        import os
-
         return None if isinstance(value, (str, os.PathLike)) else f"expected a string, got {value!r}"
     if hint is dict or origin is dict:
         return None if isinstance(value, dict) else f"expected a mapping, got {value!r}"
@@ -362,8 +362,6 @@ def deprecated_keys(config: Any) -> List[str]:
 def upgrade_deprecated_keys(config: Any, source: str) -> Any:
     """`config` (a mapping of sections read from `source`) with every deprecated key under its name, each said
     once in a FutureWarning; both spellings with different values are a ValueError naming them."""
-    import warnings
-
     found = deprecated_keys(config)
     if not found:
         return config
@@ -392,9 +390,6 @@ class ConfigValueError(ValueError):
 def check_field_types(instance: Any, where: str = "") -> None:
     """Every field of the dataclass `instance` holds a value of its annotated type, else a `ConfigValueError`
     naming `where.field` (configurations read from files: JSON and YAML carry any type)."""
-    import dataclasses
-    import typing
-
     hints = typing.get_type_hints(type(instance))
     for item in dataclasses.fields(instance):
         problem = type_problem(getattr(instance, item.name), hints.get(item.name, Any))
@@ -431,8 +426,6 @@ def check_values(**sections: Any) -> None:
     """The numeric settings of the given sections (`model=`, `data=`, `run=`, ... dataclasses) within their
     bounds (`BOUNDS`): a ValueError naming the first setting that is not, and what it must be. Light (no torch):
     the training commands call it before anything heavy is imported."""
-    import dataclasses
-
     for section, config in sections.items():
         if config is None or not dataclasses.is_dataclass(config):
             continue

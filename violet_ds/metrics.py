@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from typing import Dict, List, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Literal, Mapping, Sequence, Tuple
 
 import torch
 
@@ -242,10 +242,3 @@ def caption_metrics(hypotheses: Mapping[str, str], references: Mapping[str, Sequ
     out = {f"BLEU-{i + 1}": 100.0 * s for i, s in enumerate(bleu_scores)}
     out["CIDEr"] = 100.0 * cider
     return out
-
-
-def merge_prefixed(metrics: Mapping[str, float], prefix: Optional[str]) -> Dict[str, float]:
-    """Prefix metric names (multi-task evaluation reports `task/metric`)."""
-    if not prefix:
-        return dict(metrics)
-    return {f"{prefix}/{k}": v for k, v in metrics.items()}

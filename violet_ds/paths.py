@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Tuple
 
+import yaml
+
 from violet_ds.config import deprecated_keys, upgrade_deprecated_keys
+from violet_ds.errors import UserError
+from violet_ds.resources import close_recipes, find_ds_config, find_recipe
 
 # dotted keys holding one path (or a comma-separated list of paths)
 PATH_KEYS = ("model.weights", "model.pretrained_swin", "model.text_config_dir", "data.tokenizer", "run.init_from",
@@ -56,8 +61,6 @@ def _slots(config: Any) -> Iterator[Tuple[Any, str]]:
 
 
 def _is_packaged_ds_config(key: str, value: str) -> bool:
-    from violet_ds.resources import find_ds_config
-
     return key == "ds_config" and Path(value).parent == Path(".") and find_ds_config(value) is not None
 
 
@@ -127,8 +130,6 @@ def relocate(config: Any, run_dir: Path) -> Any:
 def _key_at(text: str, line: int, column: int) -> Optional[str]:
     """The dotted key (`model.name`, `data.train[0].tsv`) of the YAML value that starts at line/column
     (0-based), found on the composed node tree (no value is constructed); None where there is none."""
-    import yaml
-
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
@@ -155,10 +156,6 @@ def _key_at(text: str, line: int, column: int) -> Optional[str]:
 def load_yaml_file(path: Path) -> Any:
     """A YAML file of plain values (`yaml.safe_load`): a syntax error or a tag (`!!python/object...`: violet_ds
     never constructs objects from a file) is one ValueError naming the file, the line and the key."""
-    import re
-
-    import yaml
-
     path = Path(path)
     text = path.read_text()
     try:
@@ -205,11 +202,6 @@ def config_argument(value: str) -> str:
     - any other existing file: itself, once it reads as plain YAML (`load_yaml_file`);
     - otherwise a packaged recipe (`violet-ds recipes`), with or without `.yaml`.
     """
-    import yaml
-
-    from violet_ds.errors import UserError
-    from violet_ds.resources import close_recipes, find_recipe
-
     path = Path(value).expanduser()
     if path.is_dir() and is_run_dir(path):
         return yaml.safe_dump(read_run_config(path), sort_keys=False)

@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -41,6 +42,19 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
+
+from violet_ds.config import TaskConfig
+from violet_ds.data.extract import read_video_frames
+from violet_ds.data.frames import VideoTransform, sample_frame_indices
+from violet_ds.data.tokenizer import Tokenizer, find_packaged_bert
+from violet_ds.engine.export import read_weights
+from violet_ds.models.checkpoint_io import OfficialWeights, is_official_state_dict, official_model
+from violet_ds.pretrained import WEIGHTS_FILE, from_pretrained, is_model_dir, load_run
+from violet_ds.progress import progress
+from violet_ds.tasks.caption import Captioning
+from violet_ds.tasks.common import (TASK_TOKEN_ROWS, DownstreamTask, SpecialIds, append_answer_mask, encode_video,
+                                    fuse_pairs, gather_positions, pooled_of)
+from violet_ds.weights import safetensors_keys
 
 TASKS = ("qa_mc", "qa_oe", "rank", "retrieve", "caption")
 # official downstream clip (docs/reference.md#5-training-recipes), used for official checkpoints
@@ -59,9 +73,6 @@ def read_video_clip(path: str | Path, num_frames: int, image_size: int, stored_f
     The same two stages as training data: extraction's frame sampling (`read_video_frames`), then the
     evaluation clip of `ClipReader` (segment-centre indices, `VideoTransform` without augmentation).
     """
-    from violet_ds.data.extract import read_video_frames
-    from violet_ds.data.frames import VideoTransform, sample_frame_indices
-
     path = Path(path)
     if not path.is_file():
         raise VideoReadError(f"{path}: no such file")
@@ -148,8 +159,6 @@ class FeatureCache:
 def _os_reason(error: BaseException) -> str:
     """What went wrong writing a file, in a few words: the OS's reason (+ the path it names), also out of
     torch.save's RuntimeError (`... open file failed with strerror: ...`)."""
-    import re
-
     if isinstance(error, OSError) and error.strerror:
         return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
     found = re.search(r"strerror: ([^\n)]+)", str(error))
@@ -164,9 +173,6 @@ class Predictor:
                  num_frames: int = 5, image_size: int = 224, max_text_len: int = 32,
                  stored_frames: Optional[int] = None, answer_vocab: Optional[Sequence[str]] = None,
                  task_token: bool = False, device: str | torch.device = "cpu", fingerprint: str = ""):
-        from violet_ds.config import TaskConfig
-        from violet_ds.tasks.common import DownstreamTask
-
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.heads = heads.to(self.device).eval()
@@ -201,8 +207,6 @@ class Predictor:
              max_text_len: Optional[int] = None, stored_frames: Optional[int] = None,
              answer_vocab: Optional[Sequence[str]] = None) -> "Predictor":
         """From a model directory, a run directory or an official checkpoint file (see the module docstring)."""
-        from violet_ds.pretrained import WEIGHTS_FILE, from_pretrained, is_model_dir, load_run
-
         path = Path(source)
         if is_model_dir(path):
             task = from_pretrained(path, mvm=False)  # no MVM teacher is built for inference
@@ -220,8 +224,6 @@ class Predictor:
         else:
             raise FileNotFoundError(f"{source}: no model directory, run directory or checkpoint file there")
         if tokenizer is not None:
-            from violet_ds.data.tokenizer import Tokenizer
-
             tok = Tokenizer(tokenizer)
         heads, task_vocab = task_heads(task)
         vocab = answer_vocab if answer_vocab is not None else task_vocab
@@ -237,11 +239,6 @@ class Predictor:
     @classmethod
     def _load_official(cls, path: Path, *, tokenizer, device, num_frames, image_size, max_text_len, stored_frames,
                        answer_vocab) -> "Predictor":
-        from violet_ds.data.tokenizer import Tokenizer, find_packaged_bert
-        from violet_ds.engine.export import read_weights
-        from violet_ds.models.checkpoint_io import OfficialWeights, is_official_state_dict, official_model
-        from violet_ds.weights import safetensors_keys
-
         not_official = ValueError(f"{path}: not an official VIOLET-family checkpoint; a violet_ds weight file "
                                   "carries no configuration: use a run directory or `violet-ds export --format dir`")
         # a .safetensors file says from its header alone whether it is one (no tensor is read)
@@ -272,8 +269,6 @@ class Predictor:
     @torch.no_grad()
     def encode(self, clips: torch.Tensor) -> torch.Tensor:
         """uint8 clips `(B, T, 3, S, S)` -> video encoder outputs `(B, Nv, D)` (what retrieval caches)."""
-        from violet_ds.tasks.common import encode_video
-
         tokens, _ = encode_video(self.model, clips.to(self.device))
         return tokens
 
@@ -323,8 +318,6 @@ class Predictor:
     @torch.no_grad()
     def open_ended(self, video_tokens: torch.Tensor, question: str, top_k: int = 5) -> List[Dict[str, Any]]:
         """Top-k answers with probabilities: answer head over its vocabulary, or MLM at an appended [MASK]."""
-        from violet_ds.tasks.common import SpecialIds, append_answer_mask, fuse_pairs, gather_positions, pooled_of
-
         ids, mask = self._texts([question])
         video_mask = torch.ones(video_tokens.shape[:2], dtype=torch.long, device=self.device)
         num_video = video_tokens.shape[1]
@@ -342,8 +335,6 @@ class Predictor:
         ids, mask, position = append_answer_mask(ids, mask, SpecialIds.of(self.tokenizer))
         vector = None
         if self.task_token:
-            from violet_ds.tasks.common import TASK_TOKEN_ROWS
-
             vector = self.heads["task_embedding"].weight[TASK_TOKEN_ROWS["oe"]]
         hidden = fuse_pairs(self.model, video_tokens, video_mask, ids, mask, vector)
         logits = self.heads["mlm"](gather_positions(hidden, position + num_video)).float()[0].cpu()
@@ -366,8 +357,6 @@ class Predictor:
         """Captions of uint8 clips `(B, T, 3, S, S)` by the captioning task's [MASK] decoding."""
         if "mlm" not in self.heads:
             raise ValueError(f"captioning needs an MLM head (heads.mlm); this model has {sorted(self.heads)}")
-        from violet_ds.config import TaskConfig
-        from violet_ds.tasks.caption import Captioning
 
         options = {"beam_size": int(beam_size), "max_gen_len": int(max_gen_len)}
         if self._captioner is None or any(self._captioner.options[k] != v for k, v in options.items()):
@@ -440,8 +429,6 @@ def _bar(items: Iterable, description: str, enabled: bool):
     """Progress over the videos on stderr: a bar on terminals, dated lines elsewhere (a log file)."""
     if not enabled:
         return items
-    from violet_ds.progress import progress
-
     return progress(items, desc=description, unit="video", leave=False)
 
 

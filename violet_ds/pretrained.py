@@ -28,9 +28,14 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, NamedTuple, Optional
 import torch
 from torch import nn
 
-from violet_ds.data.tokenizer import DEMO_MARKER
+from violet_ds import __version__, paths
+from violet_ds.config import (ConfigValueError, DataConfig, DataSource, ModelConfig, TaskConfig, check_field_types,
+                              check_values)
+from violet_ds.data.tokenizer import DEMO_MARKER, Tokenizer
 from violet_ds.engine.export import locate_checkpoint, read_weights
-from violet_ds.errors import UserError
+from violet_ds.errors import UserError, message_of
+from violet_ds.models import build_model, create_model
+from violet_ds.tasks import create_task
 from violet_ds.weights import MODEL_DIR_WEIGHTS, KeyReport, check_keys, load_strict, save_safetensors
 if TYPE_CHECKING:
     from violet_ds.tasks.base import Task
@@ -188,8 +193,6 @@ def save_pretrained(task: Task, directory: str | Path, *, model_name: Optional[s
 
 
 def _version() -> str:
-    from violet_ds import __version__
-
     return str(__version__)
 
 
@@ -316,12 +319,6 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu", m
     `.clip` (the recorded clip settings). `mvm=False` builds a pretraining task without its MVM
     objective (no teacher is built or read; the MVM heads' weights are skipped), for inference.
     """
-    from violet_ds.config import ConfigValueError, TaskConfig, check_field_types, check_values
-    from violet_ds.data.tokenizer import Tokenizer
-    from violet_ds.errors import message_of
-    from violet_ds.models import create_model
-    from violet_ds.tasks import create_task
-
     directory = Path(directory)
     if not is_model_dir(directory):
         raise FileNotFoundError(f"{directory}: not a model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
@@ -361,10 +358,6 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu", m
 def read_run_config(run_dir: str | Path):
     """(ModelConfig, DataConfig, TaskConfig) from a run directory's resolved `config.yaml`, its paths as they
     are now (`violet_ds.paths.read_run_config`: absolute, re-rooted if the run directory moved with its data)."""
-    from violet_ds import paths
-
-    from violet_ds.config import DataConfig, DataSource, ModelConfig, TaskConfig
-
     raw = paths.read_run_config(run_dir)
     where = f"{Path(run_dir) / paths.CONFIG_FILE}:"
     model = ModelConfig(**_known_fields(ModelConfig, raw.get("model") or {}, f"{where} model"))
@@ -396,9 +389,6 @@ def load_run(run_dir: str | Path, tag: Optional[str] = None, mvm: bool = True,
     loaded strictly (a key the task lacks, or lacks in the file, is an error naming it). `mvm=False`
     as in `from_pretrained`; `tokenizer` replaces the run's tokenizer directory.
     """
-    from violet_ds.models import build_model
-    from violet_ds.tasks import create_task
-
     checkpoint_dir, tag = locate_checkpoint(run_dir, tag)
     run_dir = checkpoint_dir.parent
     model_cfg, data_cfg, task_cfg = read_run_config(run_dir)
@@ -417,8 +407,6 @@ def load_run(run_dir: str | Path, tag: Optional[str] = None, mvm: bool = True,
 
 def _run_tokenizer(directory: str, run_dir: Path):
     """The run's tokenizer, or one line saying how to name another one."""
-    from violet_ds.data.tokenizer import Tokenizer
-
     try:
         return Tokenizer(directory)
     except (FileNotFoundError, ValueError, OSError) as error:

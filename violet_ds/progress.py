@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any, Optional
 
+from tqdm.auto import tqdm
+
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 # lines per job at least (one per 5%)
 STEP_LINES = 20
@@ -74,9 +76,6 @@ class LineProgress:
     def set_postfix(self, **values: Any) -> None:
         self._postfix = " " + " ".join(f"{key}={value}" for key, value in values.items()) if values else ""
 
-    def set_description(self, desc: str) -> None:
-        self.desc = desc
-
     def _line(self) -> None:
         elapsed = time.time() - self.started
         done = self.n - self.initial
@@ -125,11 +124,7 @@ def progress(iterable=None, *, total: Optional[int] = None, desc: str = "", unit
     nothing when not `enabled` or inside `quiet()`."""
     enabled = enabled and not _QUIET[0]
     if enabled and stderr_is_terminal():
-        from tqdm.auto import tqdm
-
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave, dynamic_ncols=True)
     if not enabled:
-        from tqdm.auto import tqdm
-
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, disable=True)
     return LineProgress(iterable, total=total, desc=desc, unit=unit, initial=initial)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 RECIPES_DIR = PACKAGE_DIR / "recipes"
 DS_CONFIGS_DIR = PACKAGE_DIR / "ds_configs"
@@ -83,8 +85,6 @@ def _summary(text: str) -> str:
 
 
 def recipe_info(path: Path) -> RecipeInfo:
-    import yaml
-
     text = path.read_text()
     config = yaml.safe_load(text) or {}
     model = (config.get("model") or {}).get("name", "violet-tiny")

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from violet_ds.errors import UserError
@@ -85,8 +88,6 @@ def unsafe_globals(path: PathLike) -> List[str]:
 
 def _pickle_globals(data: bytes) -> List[str]:
     """`module.name` of every GLOBAL / STACK_GLOBAL opcode of one pickle (torch's own storage types aside)."""
-    import pickletools
-
     found, strings = [], []
     for opcode, arg, _ in pickletools.genops(data):
         if isinstance(arg, str) and "UNICODE" in opcode.name:
@@ -119,8 +120,6 @@ def _unreadable_safetensors(path: Path, error: Exception) -> ValueError:
 
 def safetensors_keys(path: PathLike) -> list[str]:
     """The tensor names of a `.safetensors` file, read from its header only (no tensor is loaded)."""
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -139,8 +138,6 @@ def read_state_dict(path: PathLike) -> StateDict:
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except OSError:
@@ -305,8 +302,6 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
                      metadata: Dict[str, str] | None = None) -> Path:
     """Write a `.safetensors` file atomically (a `.tmp` file renamed over `path`) with the mode any new file
     gets under the user's umask (0644 with umask 022): safetensors itself creates its files 0600."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file({key: value.contiguous() for key, value in tensors.items()}, str(tmp), metadata=metadata)

@@ -14,15 +14,17 @@ from typing import Literal, Optional
 
 import torch
 
+from violet_ds.engine.checkpoint import DIVERGED_NOTE
 from violet_ds.engine.export import deepspeed_fp32_state_dict, locate_checkpoint
+from violet_ds.paths import load_yaml_file
+from violet_ds.pretrained import export_dir
+from violet_ds.weights import save_safetensors
 
 
 def model_name_of(checkpoint_dir: Path, tag: str) -> Optional[str]:
     """The model name recorded in the run's resolved config (client state is not needed for this)."""
     for candidate in (checkpoint_dir.parent / "config.yaml",):
         if candidate.is_file():
-            from violet_ds.paths import load_yaml_file
-
             config = load_yaml_file(candidate) or {}
             name = (config.get("model") or {}).get("name")
             if name:
@@ -32,8 +34,6 @@ def model_name_of(checkpoint_dir: Path, tag: str) -> Optional[str]:
 
 def _warn_if_diverged(checkpoint: str, tag: Optional[str]) -> None:
     """A tag the divergence guard marked (its weights produced a non-finite loss) is exported with a warning."""
-    from violet_ds.engine.checkpoint import DIVERGED_NOTE
-
     checkpoint_dir, tag = locate_checkpoint(checkpoint, tag)
     if (checkpoint_dir / tag / DIVERGED_NOTE).is_file():
         print(f"warning: {checkpoint_dir / tag} is marked diverged ({DIVERGED_NOTE}): the loss went non-finite "
@@ -60,11 +60,8 @@ def export(checkpoint: str, output: Optional[str] = None, tag: Optional[str] = N
     if format == "dir":
         if backbone_only:
             raise ValueError("--backbone_only applies to --format safetensors (a model directory holds the task)")
-        from violet_ds.pretrained import export_dir
-
         export_dir(checkpoint, output, tag, dtype, tokenizer=tokenizer)
         return None
-    from violet_ds.weights import save_safetensors
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:

@@ -8,6 +8,8 @@ from typing import List, Literal, Optional
 
 from violet_ds.engine import universal
 
+# the models registry is imported inside the commands that use it: it takes seconds (timm, torchvision)
+
 
 def list_models(names: Optional[List[str]] = None) -> None:
     """List the registered models with their parameter counts per part (in millions).
@@ -17,7 +19,6 @@ def list_models(names: Optional[List[str]] = None) -> None:
     Args:
         names: only these models (default: all registered).
     """
-    # imported when the command runs: importing the models registry takes seconds (timm, torchvision)
     from violet_ds.models import model_sizes
 
     for name, parts in model_sizes(names).items():
@@ -43,7 +44,6 @@ def convert_checkpoint(src: str, dst: str, direction: Literal["auto", "to_ours",
             official code's transformers < 4.31 expects it).
         half: store fp16 in the official file (the released checkpoints' precision).
     """
-    # imported when the command runs: importing the models registry takes seconds (timm, torchvision)
     from violet_ds.models import checkpoint_io
 
     print(checkpoint_io.convert_checkpoint(src, dst, direction=direction, mvm_target=mvm_target,

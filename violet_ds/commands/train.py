@@ -17,6 +17,9 @@ from typing import Literal, Optional
 
 from ..config import DataConfig, EngineConfig, ModelConfig, OptimConfig, RunConfig, TaskConfig, check_values
 
+# engine.guard and .run import torch and DeepSpeed (5-8 s): each command imports them after its checks; the lock
+# check (engine.rundir: socket, threading) is imported where it runs, so that --help and the parser go without it
+
 
 def _launcher_rank() -> int:
     """This process's rank as the launcher set it (torchrun / DeepSpeed: RANK; srun: SLURM_PROCID), 0 alone."""

@@ -16,6 +16,7 @@ their own samples (each worker process holds its copy of the dataset).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import random
 from collections import Counter
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from violet_ds.data import annotations as ann
+from violet_ds.data.convert import load_vq_tokens
 from violet_ds.data.frames import FrameDecodeError, VideoTransform, decode_frames, sample_frame_indices
 from violet_ds.data.tokenizer import Tokenizer
 from violet_ds.data.tsv import TSVError, TSVFile, resolve_tsv_paths
@@ -121,8 +123,6 @@ class SharedCounts:
     """
 
     def __init__(self):
-        import multiprocessing
-
         try:
             self.values = multiprocessing.Array("q", 2)
         except (OSError, ImportError):  # no shared memory (some sandboxes): counts stay per process
@@ -265,8 +265,6 @@ class PretrainDataset(VideoTextDataset):
         self.records = self._keep_present(ann.load_pretrain_captions(annotations, split), annotations, split)
         self.vq_tokens = None
         if vq is not None:
-            from violet_ds.data.convert import load_vq_tokens
-
             self.vq_tokens = load_vq_tokens(vq)
             absent = [r.video for r in self.records if r.video not in self.vq_tokens]
             if absent:

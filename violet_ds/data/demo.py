@@ -41,13 +41,17 @@ import json
 import multiprocessing
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
+import av
 import numpy as np
+import tokenizers
+from PIL import Image
 
-from .tokenizer import DEMO_MARKER
+from .extract import ExtractOptions, list_inputs, run_extraction
+from .tokenizer import DEMO_MARKER, Tokenizer
 
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 220, 40),
           "white": (235, 235, 235)}
@@ -105,8 +109,6 @@ def render_clip(color: str, shape: str, size: str, motion: str, frames: int, sid
 
 
 def encode_mp4(clip: np.ndarray, path: Path, fps: int = 8) -> None:
-    import av
-
     frames, height, width, _ = clip.shape
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "crf": "16",
@@ -128,8 +130,6 @@ def _render_job(job: tuple) -> str:
 
 
 def _image_job(job: tuple) -> str:
-    from PIL import Image
-
     item, side, seed, index, folder = job
     rng = np.random.default_rng([seed, 1_000_000 + index])
     image = render_clip(item.color, item.shape, item.size, "still", 1, side, rng)[0]
@@ -302,12 +302,8 @@ def train_tokenizer(texts: list[str], folder: Path, vocab_size: int = 384) -> No
     from run to run, which would make the demo depend on luck; counting here keeps it a function of
     the seed.
     """
-    from collections import Counter
-
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
-    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+    pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
     counts: Counter = Counter()
     for text in texts:
         counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
@@ -323,13 +319,14 @@ def train_tokenizer(texts: list[str], folder: Path, vocab_size: int = 384) -> No
             tokens.append(word)
             known.add(word)
     vocab = {token: index for index, token in enumerate(tokens)}
-    tokenizer = HFTokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab=vocab, unk_token="[UNK]",
+                                                                 max_input_chars_per_word=100))
     tokenizer.normalizer = normalizer
     tokenizer.pre_tokenizer = pre_tokenizer
-    tokenizer.post_processor = processors.TemplateProcessing(
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    tokenizer.decoder = tokenizers.decoders.WordPiece(prefix="##")
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "vocab.txt").write_text("".join(token + "\n" for token in tokens))
@@ -358,9 +355,6 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
                    vocab_size: int = 384, motion_captions: int = 0, force: bool = False) -> DemoSummary:
     """Generate the synthetic demo dataset in `out` (`violet-ds make-demo-data` documents the arguments); an
     existing, non-empty `out` is refused (FileExistsError) unless `force`, which deletes it first."""
-    from violet_ds.data.extract import ExtractOptions, list_inputs, run_extraction
-    from violet_ds.data.tokenizer import Tokenizer
-
     started = time.perf_counter()
     root = Path(out)
     if root.exists() and any(root.iterdir()):
@@ -414,9 +408,3 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
             "shapes": list(SHAPES), "sizes": list(SIZES)}
     (root / "demo.json").write_text(json.dumps(meta, indent=1))
     return DemoSummary(root, meta, len(files), time.perf_counter() - started)
-
-
-def default_demo_dir() -> Optional[Path]:
-    """`data/demo` in the working directory when it has been generated."""
-    path = Path("data/demo")
-    return path if (path / "demo.json").is_file() else None

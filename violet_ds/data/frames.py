@@ -16,10 +16,22 @@ import base64
 import binascii
 import io
 import math
-from typing import Callable, Literal, Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+# each JPEG library is optional on its own (`available_decoders` lists the installed ones, `auto` takes the first)
+try:
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
+try:
+    from PIL import Image
+except ImportError:
+    Image = None
+# torchvision (a second or more on top of torch) is imported by `resize` only: extraction, validate-tsv and
+# predict's file reading import this module without it
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,30 +63,17 @@ def _to_bytes(data: Union[bytes, bytearray, memoryview, str]) -> bytes:
 
 
 def _decode_pillow(raw: bytes) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(io.BytesIO(raw)) as image:
         return np.array(image.convert("RGB"))
 
 
 def _decode_simplejpeg(raw: bytes, min_height: int = 0, min_width: int = 0) -> np.ndarray:
-    import simplejpeg
-
     return simplejpeg.decode_jpeg(raw, colorspace="RGB", min_height=min_height, min_width=min_width)
 
 
 def available_decoders() -> list[str]:
-    names = []
-    for name in DECODERS:
-        try:
-            if name == "simplejpeg":
-                import simplejpeg  # noqa: F401
-            else:
-                import PIL  # noqa: F401
-        except ImportError:
-            continue
-        names.append(name)
-    return names
+    installed = {"simplejpeg": simplejpeg, "pillow": Image}
+    return [name for name in DECODERS if installed[name] is not None]
 
 
 _AUTO: Optional[str] = None
@@ -283,14 +282,8 @@ def denormalize(video: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
     """uint8 `(H, W, 3)` RGB -> JPEG bytes (simplejpeg when present, else Pillow)."""
     image = np.ascontiguousarray(image, dtype=np.uint8)
-    try:
-        import simplejpeg
-    except ImportError:
-        simplejpeg = None
     if simplejpeg is not None:
         return simplejpeg.encode_jpeg(image, quality=quality, colorspace="RGB", colorsubsampling="420")
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
@@ -298,6 +291,3 @@ def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
 
 def encode_b64_jpeg(image: np.ndarray, quality: int = 90) -> str:
     return base64.b64encode(encode_jpeg(image, quality)).decode("ascii")
-
-
-Decoder = Callable[[Union[bytes, str]], torch.Tensor]

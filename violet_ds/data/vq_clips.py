@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from violet_ds.data import annotations as ann
 from violet_ds.data.sidecars import TargetStore
 from violet_ds.data.tsv import TSVError, TSVFile, TSVWriter, resolve_tsv_paths
 
@@ -274,8 +275,6 @@ class _ClipMixin:
 
 
 def _video_ids_from_annotations(path: PathLike, split: str) -> list[str]:
-    from violet_ds.data import annotations as ann
-
     _, loaded = ann.load_any(path, split)
     records = getattr(loaded, "records", loaded)
     seen: dict[str, None] = {}
@@ -344,8 +343,6 @@ class VQActionDataset(_ClipMixin, Dataset):
                  clip_frames: int = 5, grid: Optional[tuple[int, int]] = None, frame_stride: int = 1,
                  train: bool = True, eval_clips: int = 1, eval_crops: int = 1,
                  pad_id: int = VQ_PAD_ID, seed: Optional[int] = None):
-        from violet_ds.data import annotations as ann
-
         if clip_frames < 1 or frame_stride < 1 or eval_clips < 1 or eval_crops < 1:
             raise ValueError("clip_frames, frame_stride, eval_clips and eval_crops must be >= 1")
         self.store = tokens if isinstance(tokens, VQTokenStore) else VQTokenStore(tokens)

@@ -36,11 +36,16 @@ from pathlib import Path
 from typing import Dict, List, Literal, Optional
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from violet_ds.data.vq_clips import VQ_CODEBOOK_SIZE
 from violet_ds.weights import (MODEL_DIR_WEIGHTS, Weights, check_finite, load_strict, read_state_dict,
                                save_safetensors)
+
+from .heads import MLMHead, MVMHead, ScoreHead, TaskEmbedding, head_dropout
+
+# `official_model` imports create_model from the package when called: models/__init__ imports this module
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +266,6 @@ def to_official_state_dict(state: Dict[str, torch.Tensor], mvm_target: str = "pi
 
 def build_heads(heads: Dict[str, dict], model: nn.Module, tie_mlm: bool = False) -> nn.ModuleDict:
     """A heads ModuleDict matching a description from `describe_official` (or written by hand)."""
-    from .heads import MLMHead, MVMHead, ScoreHead, TaskEmbedding, head_dropout
-
     hidden = model.hidden_size
     built = nn.ModuleDict()
     for name, spec in heads.items():
@@ -325,7 +328,6 @@ def _save_safetensors(state: Dict[str, torch.Tensor], path: Path, metadata: Dict
 def _safetensors_metadata(path: Path) -> Dict[str, str]:
     if path.suffix != ".safetensors":
         return {}
-    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})

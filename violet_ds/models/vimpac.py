@@ -366,9 +366,9 @@ def _register(name: str):
     return MODELS.add(name, factory, f"{name}: {VIMPAC_SIZES[name]} (override any VimpacConfig field).")
 
 
-vimpac_small = _register("vimpac-small")
-vimpac_base = _register("vimpac-base")
-vimpac_large_half = _register("vimpac-large-half")
+_register("vimpac-small")
+_register("vimpac-base")
+_register("vimpac-large-half")
 
 
 # --------------------------------------------------------------------------- heads

@@ -13,7 +13,7 @@ can supply the configuration and weights of the text embeddings and the cross en
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -27,6 +27,10 @@ from violet_ds.weights import check_keys, read_state_dict
 
 from .common import count_parameters
 from .video_swin import SWIN_VARIANTS, VideoSwinConfig, VideoSwinTransformer3D, load_video_swin_weights
+
+# transformers' BERT (1-4 s of imports on top of the models package) is imported when a VIOLET model is built:
+# importing any model module imports this one, and VIMPAC, the Video Swin teacher and `list-models --names
+# vimpac-*` need no BERT
 
 log = logging.getLogger(__name__)
 
@@ -394,10 +398,6 @@ class VioletModel(nn.Module):
                 "total": count_parameters(self)}
 
 
-def config_dict(cfg: VioletConfig) -> dict:
-    return asdict(cfg)
-
-
 # ------------------------------------------------------------------ registered variants
 # Each variant is a small dict of VioletConfig fields; overrides at create time win.
 VIOLET_VARIANTS: Dict[str, dict] = {
@@ -440,6 +440,6 @@ def _register(name: str):
     return MODELS.add(name, factory, f"Build the {name} backbone (overrides: any VioletConfig field).")
 
 
-violet_tiny = _register("violet-tiny")
-violet_v1 = _register("violet-v1")
-violet_v2 = _register("violet-v2")
+_register("violet-tiny")
+_register("violet-v1")
+_register("violet-v2")

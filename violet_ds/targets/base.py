@@ -280,7 +280,7 @@ def mvm_loss(pred: torch.Tensor, target: TargetOutput, token_mask: torch.Tensor,
 # --------------------------------------------------------------------------------- factory and mix
 
 def _ensure_registered() -> None:
-    # importing the package registers every target module
+    # importing the package registers every target module (imported here: the package imports this module)
     import violet_ds.targets  # noqa: F401
 
 

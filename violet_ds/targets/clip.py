@@ -23,6 +23,8 @@ from violet_ds.registry import TARGETS
 from .base import (Target, TargetOutput, TargetSpec, load_hf_model, pool_to_grid, preprocessor_mean_std,
                    renormalize)
 
+# transformers' CLIP is imported when the teacher is built (importing the package imports every target)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

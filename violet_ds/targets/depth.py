@@ -25,6 +25,8 @@ from violet_ds.registry import TARGETS
 from .base import (Target, TargetOutput, TargetSpec, load_hf_model, preprocessor_mean_std, renormalize,
                    resize_frames)
 
+# transformers' DPT is imported when the teacher is built (importing the package imports every target)
+
 DPT_MEAN = (0.5, 0.5, 0.5)
 DPT_STD = (0.5, 0.5, 0.5)
 

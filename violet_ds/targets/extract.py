@@ -21,7 +21,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from violet_ds.data.datasets import ClipReader
+from violet_ds.data.frames import normalize
 from violet_ds.data.sidecars import TargetStore, clip_geometry
+from violet_ds.data.tsv import TSVFile
+from violet_ds.progress import progress as progress_bar
 
 from .base import create_target, resolve_dtype
 
@@ -34,8 +38,6 @@ def read_row_clip(tsv, row: int, num_frames: int, size: int, decoder: str = "aut
     The training datasets' own clip reader in its `sampling="fixed"` mode, so a sidecar holds the
     target of exactly the clip a training run with that mode feeds the model.
     """
-    from violet_ds.data.datasets import ClipReader
-
     key, frames = tsv.frames(row)
     reader = ClipReader(num_frames, size, train=False, spatial="crop", decoder=decoder, sampling="fixed")
     try:
@@ -84,11 +86,6 @@ def extract_targets(
 ) -> TargetExtraction:
     """Pre-compute an MVM target for every clip of a frame TSV into a resumable sidecar store
     (`violet-ds extract-targets` documents the arguments); returns what the run did."""
-    from violet_ds.progress import progress as tqdm  # a bar on terminals, lines in log files
-
-    from violet_ds.data.frames import normalize
-    from violet_ds.data.tsv import TSVFile
-
     if threads:
         torch.set_num_threads(threads)
     if store_dtype not in ("float16", "float32"):
@@ -112,7 +109,7 @@ def extract_targets(
     store = _open_or_create(out, meta, keys, value_shape, value_dtype, num_frames, overwrite)
     todo = [row for row in range(rows) if not store.done[row]]
     started = time.perf_counter()
-    with tqdm(total=rows, initial=rows - len(todo), desc=f"extract {target}", unit="clip") as progress:
+    with progress_bar(total=rows, initial=rows - len(todo), desc=f"extract {target}", unit="clip") as progress:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             clips = torch.stack([read_row_clip(table, row, num_frames, size, decoder) for row in chunk])

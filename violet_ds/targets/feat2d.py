@@ -25,6 +25,8 @@ from violet_ds.weights import load_strict, read_state_dict
 from .base import (Target, TargetOutput, TargetSpec, load_hf_model, pool_to_grid, preprocessor_mean_std,
                    renormalize, resize_frames)
 
+# timm / transformers' Swin is imported when the teacher is built (the package imports every target)
+
 
 # transformers SwinConfig fields of the official teacher (Swin-B, 224, window 7): the same keys and
 # shapes as `feature_model.*` in VIOLETv2's 2d_feature pretraining state dict

@@ -18,8 +18,11 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from violet_ds.registry import TARGETS
+from violet_ds.weights import save_safetensors
 
 from .base import Target, TargetOutput, TargetSpec, pool_to_grid
+
+# violet_ds.models (timm, torchvision) is imported when the teacher is built (the package imports every target)
 
 
 @TARGETS.register("3d_feature")
@@ -45,7 +48,6 @@ class VideoSwinFeatureTarget(Target):
     @classmethod
     def random_teacher(cls, root: Path, **variant) -> Dict[str, Any]:
         from violet_ds.models.video_swin import build_video_swin
-        from violet_ds.weights import save_safetensors
 
         swin = build_video_swin("base", temporal_stride=2, drop_path_rate=0.0)
         save_safetensors({f"backbone.{k}": v for k, v in swin.state_dict().items()},

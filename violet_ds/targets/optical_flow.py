@@ -23,9 +23,11 @@ import torch.nn.functional as F
 
 from violet_ds.data.frames import to_unit_range
 from violet_ds.registry import TARGETS
-from violet_ds.weights import load_strict, read_state_dict
+from violet_ds.weights import load_strict, read_state_dict, save_safetensors
 
 from .base import Target, TargetOutput, TargetSpec, resize_frames
+
+# torchvision's RAFT is imported when the teacher is built (importing the package imports every target)
 
 RAFT_VARIANTS = ("raft_large", "raft_small")
 MIN_RAFT_SIDE = 128
@@ -66,8 +68,6 @@ class OpticalFlowTarget(Target):
     @classmethod
     def random_teacher(cls, root: Path, variant: str = "raft_large") -> Dict[str, Any]:
         from torchvision.models import optical_flow
-
-        from violet_ds.weights import save_safetensors
 
         path = root / f"{variant}.safetensors"
         save_safetensors(getattr(optical_flow, variant)(weights=None, progress=False).state_dict(), path)

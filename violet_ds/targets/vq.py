@@ -47,8 +47,9 @@ from torch import nn
 from violet_ds.data.frames import VideoTransform, decode_frames, to_unit_range
 from violet_ds.data.tsv import TSVFile, resolve_tsv_paths
 from violet_ds.data.vq_clips import VQ_CODEBOOK_SIZE, VQTokenError, write_vq_tsv
+from violet_ds.progress import progress as progress_bar
 from violet_ds.registry import TARGETS
-from violet_ds.weights import load_strict, read_state_dict
+from violet_ds.weights import load_strict, read_state_dict, save_safetensors
 
 from .base import Target, TargetOutput, TargetSpec, resize_frames
 
@@ -179,8 +180,6 @@ class VQTarget(Target):
 
     @classmethod
     def random_teacher(cls, root: Path, **variant) -> Dict[str, Any]:
-        from violet_ds.weights import save_safetensors
-
         save_safetensors(DalleEncoder().state_dict(), root / "dalle_encoder.safetensors")
         return {"checkpoint": str(root / "dalle_encoder.safetensors")}
 
@@ -241,8 +240,6 @@ def extract_vq(tsv: str, encoder: str, output: str, size: int = 128, batch_frame
                threads: Optional[int] = None) -> VQExtraction:
     """Frame TSV(s) -> VIMPAC VQ-token TSV, every stored frame through the DALL-E dVAE encoder (`violet-ds
     extract-vq` documents the arguments); returns what was written."""
-    from violet_ds.progress import progress as tqdm  # a bar on terminals, lines in log files
-
     if size < DOWNSAMPLE or size % DOWNSAMPLE:
         raise ValueError(f"size must be a positive multiple of {DOWNSAMPLE}, got {size}")
     if threads:
@@ -259,7 +256,7 @@ def extract_vq(tsv: str, encoder: str, output: str, size: int = 128, batch_frame
 
     def encoded() -> Iterator[tuple[str, np.ndarray]]:
         nonlocal frames_done
-        with torch.inference_mode(), tqdm(total=len(jobs), desc="extract-vq", unit="video") as progress:
+        with torch.inference_mode(), progress_bar(total=len(jobs), desc="extract-vq", unit="video") as progress:
             for table, row in jobs:
                 key, frames = table.frames(row)
                 if key in seen:
