@@ -153,9 +153,9 @@ def init_distributed(timeout_s: int = 1800, backend: str = "auto") -> World:
         device = torch.device("cpu")
     if world_size > 1 or "MASTER_ADDR" in os.environ:
         _default_master("29500")
-        from .logging import library_output
+        from .logging import library_output  # engine.logging imports this module: a top-level import would be circular
 
-        # DeepSpeed's import and its communication op build print to stdout: into the run's log instead
+        # DeepSpeed's import (deferred to here: single-process tools never pay for it) and its communication op build print to stdout: into the run's log instead
         with library_output("deepspeed"):
             import deepspeed
 

@@ -56,7 +56,7 @@ def deepspeed_fp32_state_dict(path: str | Path, tag: Optional[str] = None) -> Di
     require_complete(checkpoint_dir, tag)
     # zero_to_fp32 unpickles without limits: every file is checked first
     ckpt.check_tag_dir(checkpoint_dir / tag)
-    with library_output("zero_to_fp32"):
+    with library_output("zero_to_fp32"):  # imported inside: what the import prints goes to the library log
         from deepspeed.utils import zero_to_fp32
 
         with library_progress(zero_to_fp32, "zero_to_fp32"):

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.data._utils import signal_handling
 
 from violet_ds import errors
 from violet_ds.data.loaders import reading_datasets
@@ -216,8 +217,6 @@ def _kill_processes(processes: list) -> None:
 def _forget_worker_pids(iterator: Any) -> None:
     """Take the iterator's workers off PyTorch's SIGCHLD check (a killed worker must not raise in the main thread)."""
     if getattr(iterator, "_worker_pids_set", False):
-        from torch.utils.data._utils import signal_handling
-
         with contextlib.suppress(Exception):
             signal_handling._remove_worker_pids(id(iterator))
         iterator._worker_pids_set = False

@@ -20,24 +20,32 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import datetime
 import io
 import json
 import logging
 import math
 import os
+import resource
 import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping, Optional
 
 import torch
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from tqdm.auto import tqdm as tqdm_auto
 
-from violet_ds.progress import DATE_FORMAT, STEP_LINES, format_duration, stderr_is_terminal
+from violet_ds.progress import DATE_FORMAT, STEP_LINES, format_duration, progress, stderr_is_terminal
 
 from .distributed import World
+
 
 LOGGER_NAME = "violet_ds"
 # libraries' output (DeepSpeed, torch C++ extensions, stdout of library calls): log.txt only, as DEBUG
@@ -78,8 +86,6 @@ class _Console(logging.StreamHandler):
             super().emit(record)
             return
         try:
-            from tqdm import tqdm
-
             tqdm.write(self.format(record), file=self.stream)
         except Exception:  # noqa: BLE001 - logging must not raise
             self.handleError(record)
@@ -164,8 +170,6 @@ def capture_library_logs() -> None:
 def _flush_c_stdout() -> None:
     """Flush the C library's stdout buffer (C++ extensions print through it)."""
     try:
-        import ctypes
-
         ctypes.CDLL(None).fflush(None)
     except Exception:  # noqa: BLE001 - no libc to flush (another platform): nothing was buffered there
         pass
@@ -216,10 +220,6 @@ def library_progress(module: Any, label: str, attribute: str = "tqdm"):
     """While the block runs, a library module's `tqdm` (the class, or the tqdm module itself) draws through
     `violet_ds.progress.progress`: a bar on terminals, dated lines elsewhere; `label` names a bar that
     the library leaves without a description."""
-    from types import SimpleNamespace
-
-    from violet_ds.progress import progress
-
     def bar(iterable=None, *args: Any, desc: Optional[str] = None, total: Optional[int] = None, unit: str = "it",
             initial: int = 0, leave: bool = True, disable: Optional[bool] = False, **options: Any):
         # tqdm's other options (file, ncols, position, ...) concern the drawing, which progress() owns
@@ -317,8 +317,6 @@ class RunLogger:
             if record.levelno >= self.library.level:
                 log_file.handle(record)
         self._capture_python_warnings()
-        from torch.utils.tensorboard import SummaryWriter
-
         # purge_step drops events past the resumed step that an interrupted run had already written
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
         if config_text:
@@ -376,8 +374,7 @@ class RunLogger:
             return
         self.monitor = monitor
         if getattr(monitor, "wandb_monitor", None) is not None and self.config_text:
-            import wandb
-            import yaml
+            import wandb  # optional dependency (the [wandb] extra): imported only when a wandb monitor is on
 
             if wandb.run is not None:
                 wandb.run.config.update(yaml.safe_load(self.config_text) or {}, allow_val_change=True)
@@ -437,7 +434,7 @@ class RunLogger:
             self.writer = None
         if self.monitor is not None and getattr(self.monitor, "wandb_monitor", None) is not None:
             # DeepSpeed starts the wandb run but never finishes it; unfinished offline runs lack their summary
-            import wandb
+            import wandb  # optional dependency, see above
 
             wandb.finish()
         self.monitor = None
@@ -482,9 +479,7 @@ class TrainProgress:
         self.started = time.time()
         self.bar = None
         if enabled and self.terminal and world.is_main:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+            self.bar = tqdm_auto(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
         logger.console.bar_active = self.bar is not None
 
     def line_due(self, step: int) -> bool:
@@ -522,8 +517,6 @@ def memory_mb(device: torch.device) -> float:
     """Peak memory so far: CUDA allocator peak on GPU, process peak RSS on CPU (MiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes
     return rss / (2**20 if sys.platform == "darwin" else 2**10)

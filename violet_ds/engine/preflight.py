@@ -26,7 +26,6 @@ from violet_ds.data.loaders import reading_datasets
 from violet_ds.data.tsv import TSVError, TSVFile, resolve_tsv_paths
 
 from . import checkpoint as ckpt
-from .checkpoint import complete_tags, format_bytes, free_bytes
 from .export import MODEL_DIR_WEIGHTS, weights_source
 
 
@@ -168,18 +167,18 @@ def check_checkpoint_space(checkpoint_dir: Path, needed: int, keep_last: int = 0
     (`keep_last` + 1, the kept ones plus the one written before the oldest is pruned, less those already
     there) is a warning through `warn`.
     """
-    free = free_bytes(Path(checkpoint_dir))
+    free = ckpt.free_bytes(Path(checkpoint_dir))
     if free is None or needed <= 0:
         return
     if free < needed:
-        raise PreflightError(f"checkpoint directory {checkpoint_dir}: {format_bytes(free)} free, but a checkpoint of "
-                             f"this run needs about {format_bytes(needed)}; free space or choose another "
+        raise PreflightError(f"checkpoint directory {checkpoint_dir}: {ckpt.format_bytes(free)} free, but a checkpoint of "
+                             f"this run needs about {ckpt.format_bytes(needed)}; free space or choose another "
                              "--run.output_dir")
     if keep_last > 0 and warn is not None:
-        more = max(1, keep_last + 1 - len(complete_tags(Path(checkpoint_dir))))
+        more = max(1, keep_last + 1 - len(ckpt.complete_tags(Path(checkpoint_dir))))
         if free < needed * more:
-            warn(f"checkpoint directory {checkpoint_dir}: {format_bytes(free)} free holds {free // needed} more "
-                 f"checkpoint(s) of about {format_bytes(needed)}, run.keep_last {keep_last} needs {more}: a later "
+            warn(f"checkpoint directory {checkpoint_dir}: {ckpt.format_bytes(free)} free holds {free // needed} more "
+                 f"checkpoint(s) of about {ckpt.format_bytes(needed)}, run.keep_last {keep_last} needs {more}: a later "
                  "save may fail")
 
 

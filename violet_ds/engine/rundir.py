@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
+
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0
@@ -200,6 +202,7 @@ class RunLock:
 
 def check_fresh_run(run_dir: Path, overwrite: bool, warn: Callable[[str], None] = print) -> None:
     """A run without --run.resume must not silently replace a run directory that holds checkpoints."""
+    # engine.checkpoint imports torch: this module is on the CLI's light parse path (commands/train.py)
     from .checkpoint import complete_tags, has_checkpoints, read_latest
 
     checkpoint_dir = Path(run_dir) / "checkpoints"
@@ -215,7 +218,5 @@ def check_fresh_run(run_dir: Path, overwrite: bool, warn: Callable[[str], None] 
             f"{run_dir} already holds checkpoints ({', '.join(tags[-3:]) or 'none complete'}"
             f"{', latest -> ' + latest if latest else ''}). Continue that run with --run.resume auto (or latest, "
             "or a tag), choose another --run.name, or start over with --run.overwrite true (deletes its checkpoints)")
-    import shutil
-
     warn(f"--run.overwrite: deleting the checkpoints of the previous run in {checkpoint_dir} ({', '.join(tags)})")
     shutil.rmtree(checkpoint_dir)

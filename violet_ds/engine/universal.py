@@ -43,6 +43,7 @@ from violet_ds.data.sampler import SampleCursor
 
 from . import checkpoint as ckpt
 from .checkpoint import COMPLETE_MARKER, LATEST_FILE, MODEL_STATES, UNIVERSAL_SUFFIX  # noqa: F401
+from .logging import library_output, library_progress
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -132,9 +133,7 @@ def remap_cursor(micro_in_epoch: int, source_world: int, source_batch: int, targ
 def _run_ds_to_universal(source: Path, output: Path, workers: int) -> None:
     """DeepSpeed's ds_to_universal; what it prints goes to the library log, its progress through
     `violet_ds.progress` (a bar on terminals, dated lines elsewhere)."""
-    from .logging import library_output, library_progress
-
-    with library_output("ds_to_universal"):
+    with library_output("ds_to_universal"):  # imported inside: what the import prints goes to the library log
         from deepspeed.checkpoint import ds_to_universal
 
         args = argparse.Namespace(input_folder=str(source), output_folder=str(output), num_extract_workers=workers,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from violet_ds.data.annotations import load_word_list
 from violet_ds.data.datasets import ActionDataset
 from violet_ds.metrics import accuracy, topk_accuracy
+from violet_ds.models.heads import Classifier
 from violet_ds.registry import TASKS
 from violet_ds.tasks.common import (DownstreamTask, append_answer_mask, encode_video, fuse_pairs, gather_positions,
                                     gather_step_outputs, pooled_of)
@@ -88,8 +89,6 @@ class ActionClassification(DownstreamTask):
             prompt_ids, prompt_mask, _ = append_answer_mask(prompt_ids, prompt_mask, self.special)
             self.heads["mlm"] = self._mlm_head()
         else:
-            from violet_ds.models.heads import Classifier
-
             self.heads["classifier"] = Classifier(self.model.hidden_size, num_classes,
                                                   zero_init=bool(self.options["zero_init"]))
         self.register_buffer("prompt_ids", prompt_ids[0], persistent=False)

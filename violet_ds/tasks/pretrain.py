@@ -35,6 +35,7 @@ from violet_ds.masking.text import IGNORE_INDEX, mask_text
 from violet_ds.masking.visual import apply_video_mask, mask_video_tokens, needs_attention, video_attention_grid
 from violet_ds.models.heads import MVMHead, head_dropout
 from violet_ds.registry import TASKS
+from violet_ds.targets import create_targets
 from violet_ds.tasks.common import VideoTextTask, chance_loss, cross_entropy_or_zero, task_embedding_head
 
 
@@ -108,8 +109,6 @@ class PretrainTask(VideoTextTask):
             if not cfg.mvm_strategies:
                 raise ValueError("task pretrain: mvm_strategies is empty")
             _check_known("target_options keys", cfg.target_options, cfg.mvm_targets)
-            from violet_ds.targets import create_targets
-
             # a plain attribute: teachers inside targets never become submodules (optimizer, checkpoints)
             self.targets = create_targets(cfg.mvm_targets, cfg.target_options, patch=self.patch)
             if not len(self.targets):
