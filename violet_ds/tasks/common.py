@@ -50,19 +50,6 @@ def word_id(tokenizer, word: str, purpose: str) -> int:
     return token
 
 
-def device_of(module: nn.Module) -> torch.device:
-    for param in module.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
-def dtype_of(module: nn.Module) -> torch.dtype:
-    for param in module.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return torch.float32
-
-
 # ---------------------------------------------------------------------------------------- video
 def encode_video(model: nn.Module, video: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """uint8 (or float) video -> (video_tokens `(B, Nv, D)`, video_mask long `(B, Nv)`).
