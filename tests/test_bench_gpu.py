@@ -46,13 +46,20 @@ def test_gpu_check_script_cpu_mode_runs_every_section(tmp_path):
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert results["mode"] == "cpu" and results["env"]["device"] == "cpu"
     assert results["meta"]["torch"] == torch.__version__ and results["meta"]["time_utc"]
-    assert set(results["steps"]) == {"violet-tiny fp32", "violet-tiny bf16 ckpt+offload"}
+    assert set(results["steps"]) == {"violet-tiny fp32", "violet-tiny bf16", "violet-tiny bf16 overflow-scan",
+                                     "violet-tiny bf16 ckpt+offload"}
     for row in results["steps"].values():
         assert row["step_s_median"] > 0 and row["samples_per_s"] > 0 and row["gflops_per_step"] > 0
+    # the previous path (DeepSpeed's per-gradient scan) and the default one side by side, ops counted
+    scan, default = results["steps"]["violet-tiny bf16 overflow-scan"], results["steps"]["violet-tiny bf16"]
+    assert scan["overflow_check"] is True and default["overflow_check"] is False and default["nonfinite_skip"]
+    # (on the CPU the block-masking loop's reads of host tensors count too: compare, not zero)
+    assert default["ops_per_step"] < scan["ops_per_step"]
+    assert default["host_syncs_per_step"] + 4 <= scan["host_syncs_per_step"]
     assert results["attention"]["sdpa"]["kernels"], results["attention"]
     assert results["loader"]["clips_per_s"] > 0
     assert results["steps"]["violet-tiny fp32"]["profile"]["top_ops_ms"]
-    assert "engine step" in printed and "violet-tiny fp32" in printed and "gpu_check: tests rc=0, bench rc=0" in printed
+    assert "engine step" in printed and "violet-tiny fp32" in printed and "ops/step" in printed and "gpu_check: tests rc=0, bench rc=0" in printed
     assert "passed" in (tmp_path / "gpu_check_tests.log").read_text()
 
 
@@ -94,3 +101,20 @@ def test_step_rows_are_checked_like_the_cuda_engine_tests():
     assert "precision fp16" in _row_problem({**good, "precision": "fp16"}, spec, cuda=True)
     assert "optimizer AdamW" in _row_problem({**good, "optimizer": "AdamW"}, spec, cuda=True)
     assert _row_problem({**good, "optimizer": "AdamW"}, {"precision": "bf16"}, cuda=True) is None  # auto: either
+
+
+def test_switches_pick_the_code_paths_to_compare():
+    """`--overflow_check` / `--compile`: which code paths of the violet-v2 rows run side by side on one card."""
+    from violet_ds.bench.gpu import _plan
+
+    plan = _plan("gpu", False, None, overflow_check=["on", "off"], compile=["off", "on"])
+    names = [name for name, _ in plan["steps"] + plan["extra_steps"]]
+    assert "violet-v2 bf16 torch-fused-AdamW" in names and "violet-v2 bf16 torch-fused-AdamW overflow-scan" in names
+    assert "violet-v2 bf16 compiled blocks" in names
+    timed = [name for name, _ in plan["max_batch"][0][1]["timed_rows"]]
+    assert timed == ["violet-v2 bf16 largest batch", "violet-v2 bf16 largest batch overflow-scan"]
+    plan = _plan("gpu", False, None, overflow_check=["off"], compile=["off"])
+    names = [name for name, _ in plan["steps"] + plan["extra_steps"]]
+    assert not any("overflow-scan" in name or "compiled" in name for name in names)
+    with pytest.raises(ValueError, match="on / off"):
+        _plan("gpu", False, None, overflow_check=["maybe"])

@@ -41,3 +41,26 @@ def test_flops_counted_on_a_probe_batch_scale_to_the_full_batch(monkeypatch):
     # never fewer samples than a VTM group (the default 3 negatives + the own text), where FLOPs stay linear
     assert full["flops_counted_at_batch"] == 8 and scaled["flops_counted_at_batch"] == 4
     assert scaled["gflops_per_step"] == pytest.approx(full["gflops_per_step"], rel=0.01)
+
+
+def test_op_counter_counts_ops_host_syncs_and_copies():
+    """`bench train --count_ops`: every aten op of the step, host syncs (`.item()` and data-dependent shapes as ops,
+    `.cpu()` / `.tolist()` where they are called: on the CPU they dispatch nothing) and copies."""
+    import torch
+
+    from violet_ds.bench.train import OpCounter
+
+    x = torch.randn(4, 3, requires_grad=True)
+    counter = OpCounter()
+    with counter:
+        y = (x * 2).t().contiguous()
+        y.sum().backward()
+        float(y.sum())
+        y.detach().cpu()
+        torch.nonzero(y > 0).tolist()
+    assert counter.ops["mul"] >= 1 and counter.ops["clone"] == 1  # `.contiguous()` of the transpose
+    assert counter.syncs == {"_local_scalar_dense": 1, "nonzero": 1, "cpu": 1, "tolist": 1}
+    summary = counter.summary(top=3)
+    assert summary["ops_per_step"] == counter.total and summary["host_syncs_per_step"] == 4
+    assert summary["copies_per_step"] >= 1 and len(summary["top_ops"]) == 3
+    assert torch.Tensor.cpu is not None and "counted" not in torch.Tensor.tolist.__name__  # methods restored

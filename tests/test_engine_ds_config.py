@@ -24,11 +24,14 @@ def test_shipped_configs_resolve_with_explicit_pitfall_settings(name):
                                 DataConfig(batch_size=3), World(world_size=2))
     assert cfg["train_micro_batch_size_per_gpu"] == 3 and cfg["gradient_accumulation_steps"] == 4
     assert cfg["train_batch_size"] == 3 * 4 * 2
-    assert cfg["gradient_clipping"] == 0.7
+    # bf16 without DeepSpeed's scan: the clipping moves to torch's fused AdamW (deepspeed_engine.NonFiniteSkip)
+    moved = cfg["bf16"]["enabled"] and not cfg["bf16"]["check_grad_overflow"]
+    assert cfg["gradient_clipping"] == (0.0 if moved else 0.7)
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["zero_optimization"]["overlap_comm"] is True
     assert "auto" not in json.dumps(cfg)
     if cfg["bf16"]["enabled"]:
-        assert cfg["bf16"]["check_grad_overflow"] is True
+        # DeepSpeed's per-gradient scan only where the optimizer cannot skip a non-finite step on the device
+        assert cfg["bf16"]["check_grad_overflow"] is (name == "zero2_offload.json")
     assert dsc.optimizer_offloaded(cfg) == (name == "zero2_offload.json")
 
 
@@ -44,3 +47,22 @@ def test_ds_config_contradiction_and_optimizer_block_are_errors(tmp_path):
     assert dsc.precision_of(cfg) == "fp32"
     with pytest.raises(FileNotFoundError, match="nope.json"):
         dsc.resolve_ds_config(EngineConfig(ds_config="nope.json"), OptimConfig(), DataConfig(), World())
+
+
+@pytest.mark.parametrize("optimizer,offload,expected", [("auto", False, False), ("adamw", False, False),
+                                                         ("deepspeed_fused_adam", False, True),
+                                                         ("auto", True, True)])
+def test_bf16_overflow_scan_only_without_the_on_device_skip(tmp_path, optimizer, offload, expected):
+    """`bf16.check_grad_overflow: auto` (or absent): off with torch's fused AdamW (deepspeed_engine.NonFiniteSkip
+    skips a non-finite step on the device), on with DeepSpeed's optimizers; an explicit value is kept."""
+    base = {"bf16": {"enabled": True, "check_grad_overflow": "auto"}}
+    if offload:
+        base["zero_optimization"] = {"offload_optimizer": {"device": "cpu"}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(base))
+    cfg = dsc.resolve_ds_config(EngineConfig(ds_config=str(path)), OptimConfig(optimizer=optimizer), DataConfig(),
+                                World())
+    assert cfg["bf16"]["check_grad_overflow"] is expected
+    cfg = dsc.resolve_ds_config(EngineConfig(ds_config=str(path), ds_overrides={"bf16": {"check_grad_overflow": True}}),
+                                OptimConfig(), DataConfig(), World())
+    assert cfg["bf16"]["check_grad_overflow"] is True

@@ -128,6 +128,7 @@ class _Engine:
 
     def __init__(self, module: torch.nn.Module, counts: dict):
         self.module, self.counts, self.skipped_steps, self.monitor = module, counts, 0, None
+        self.nonfinite_skip = None
         self.optimizer = torch.optim.SGD(module.parameters(), lr=0.01)
         self.at_step: list[dict] = []
 

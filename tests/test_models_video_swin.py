@@ -365,3 +365,18 @@ def test_flex_attention_traces_as_one_graph_under_the_suite_warning_filters():
     traced = torch.compile(_flex_window_attention, backend="eager", fullgraph=True, dynamic=False)
     out = traced(q, k, v, table, index, regions, heads)
     torch.testing.assert_close(out, _flex_window_attention(q, k, v, table, index, regions, heads), rtol=1e-5, atol=1e-5)
+
+
+def test_flex_compile_changes_no_process_wide_setting():
+    """The compiled FlexAttention is built on first use by a cached factory; its raised recompile limit is set
+    around its own calls only (CUDA), and the CPU path (eager reference) compiles nothing."""
+    from violet_ds.models import video_swin
+
+    limit = torch._dynamo.config.recompile_limit
+    assert not hasattr(video_swin, "_compiled_flex")
+    model = build_video_swin("tiny", depths=(2,), num_heads=(2,), embed_dim=16, window_size=(2, 2, 2),
+                             drop_path_rate=0.0, attention="flex").eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 4, 32, 32))
+    assert torch._dynamo.config.recompile_limit == limit
+    assert video_swin._compiled_flex_attention.cache_info().currsize == 0

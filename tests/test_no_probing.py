@@ -19,6 +19,8 @@ ALLOWED = {
     ("engine/trainer.py", "getattr(signal, name, None)"): "signal module constants differ between platforms",
     ("engine/trainer.py", 'getattr(engine, "monitor", None)'): "a DeepSpeed engine has a monitor only when built so",
     ("engine/deepspeed_engine.py", 'getattr(engine, "monitor", None)'): "DeepSpeed engine: monitor is optional",
+    ("engine/deepspeed_engine.py", 'getattr(self.zero_optimizer, "_global_grad_norm", None)'):
+        "DeepSpeed ZeRO / bf16 optimizer: the global gradient norm of the step, absent before the first one",
     ("engine/deepspeed_engine.py", "getattr(optimizer, attribute, None)"):
         "DeepSpeed optimizer wrappers name their loss scale differently (cur_scale / loss_scale)",
     ("engine/checkpoint.py", "getattr(importlib.import_module(module_name), name)"):

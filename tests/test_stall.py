@@ -54,6 +54,7 @@ class PlainEngine:
         self.module = module
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
         self.skipped_steps = 0
+        self.nonfinite_skip = None
         self.norm = None
 
     def __call__(self, batch):

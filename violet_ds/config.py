@@ -193,7 +193,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     """final learning rate as a fraction of lr (linear and cosine schedules)"""
     grad_clip: float = 1.0
-    """gradient-norm clipping threshold (DeepSpeed gradient_clipping; 0 = off)"""
+    """gradient-norm clipping threshold (DeepSpeed's gradient_clipping; in bf16 with torch's fused AdamW the fused
+    kernel clips, see engine/deepspeed_engine.py; 0 = off)"""
     video_param_prefixes: List[str] = field(default_factory=lambda: ["model.video_backbone."])
     """parameter-name prefixes (in the task module) that get `video_lr_mult`"""
 

@@ -9,8 +9,11 @@ written to JSON after every section so a run cut short still leaves what it meas
 - steps: training steps through the real DeepSpeed ZeRO-2 engine and the pretraining task (VTM + MLM +
   MVM-pixel) for each precision (bf16, fp16), optimizer (DeepSpeed FusedAdam, torch fused AdamW, apex when
   importable) and activation checkpointing off / on / on + CPU offload: step time, samples/s, TFLOP/s, MFU,
-  peak memory;
-- max_batch: the largest micro-batch that fits, with and without checkpointing (doubling, then bisection);
+  peak memory, aten ops and host syncs per step; the code paths to compare side by side on the same card
+  (`overflow_check`: DeepSpeed's bf16 per-gradient overflow scan on, the previous path, or off, the on-device
+  skip; `compile`: eager or regionally compiled blocks, with the compile time, graphs and recompiles);
+- max_batch: the largest micro-batch that fits, with and without checkpointing (doubling, then bisection), then
+  the step at the largest batch without checkpointing timed with each `overflow_check` setting (MFU at scale);
 - profile: the top ops of one violet-v2 step by device time and its host syncs (where MFU goes);
 - loader: the real Dataset + DataLoader at the training frame size with worker processes and pinned memory
   (clips/s), next to the training step's samples/s.
@@ -154,6 +157,7 @@ def _attention(spec: dict) -> dict:
 
 def _max_batch(spec: dict) -> dict:
     """Largest micro-batch whose training step fits (one engine, doubling then bisection; see train.py)."""
+    spec = {key: value for key, value in spec.items() if key != "timed_rows"}
     return measure_step({**spec, "search": True, "batch_size": spec["start"], "steps": 1, "warmup": 0})
 
 
@@ -168,22 +172,42 @@ def _loader(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- driver
-def _plan(mode: str, apex: bool, tokenizer: Optional[str]) -> dict:
+SWITCHES = ("on", "off")
+
+
+def _scan_rows(name: str, settings: dict, overflow_check: Sequence[str]) -> List[tuple]:
+    """The row `name` once per `overflow_check` setting: "off" (the default path: no per-gradient scan, non-finite
+    steps skipped on the device) keeps the name, "on" (DeepSpeed's scan, the previous path) adds "overflow-scan"."""
+    return [(name + (" overflow-scan" if scan == "on" else ""), {**settings, "overflow_check": scan == "on"})
+            for scan in sorted(set(overflow_check), key=("off", "on").index)]
+
+
+def _plan(mode: str, apex: bool, tokenizer: Optional[str], overflow_check: Sequence[str] = SWITCHES,
+          compile: Sequence[str] = SWITCHES) -> dict:
     """What the check measures: shared step settings (`base`), engine-step rows, attention, max-batch and
-    loader settings; full sizes on a GPU, toy sizes on the CPU."""
-    return _gpu_plan(apex, tokenizer) if mode == "gpu" else _cpu_plan(tokenizer)
+    loader settings; full sizes on a GPU, toy sizes on the CPU. `overflow_check` / `compile`: the settings of each
+    switch to run side by side ("on", "off")."""
+    for name, values in (("overflow_check", overflow_check), ("compile", compile)):
+        if not values or set(values) - set(SWITCHES):
+            raise ValueError(f"bench gpu --{name}: a list of on / off, got {list(values)}")
+    if mode == "gpu":
+        return _gpu_plan(apex, tokenizer, overflow_check, compile)
+    return _cpu_plan(tokenizer, overflow_check, compile)
 
 
-def _gpu_plan(apex: bool, tokenizer: Optional[str]) -> dict:
+def _gpu_plan(apex: bool, tokenizer: Optional[str], overflow_check: Sequence[str] = SWITCHES,
+              compile: Sequence[str] = SWITCHES) -> dict:
     base = {"frames": 4, "image_size": 224, "text_len": 32, "threads": 8, "strategies": ["rm", "bm"],
             "tokenizer": tokenizer, "warmup": 2, "steps": 5, "ds_config": "zero2_bf16.json"}
     fp16 = {"ds_config": "zero2_fp16.json", "precision": "fp16"}
     # the rows every check needs first; `extra_steps` run after the max-batch search and the loader, so a
     # short device slot still gets the max batch (MFU at scale) before the finer comparisons
+    v2 = {"model": "violet-v2", "batch_size": 16, "precision": "bf16", "checkpointing": False}
+    # batch 16 is bound by the host launching kernels: ops per step counted, and the previous path next to it
     steps = [
         ("violet-tiny bf16", {"model": "violet-tiny", "batch_size": 32, "precision": "bf16", "checkpointing": False}),
-        ("violet-v2 bf16 torch-fused-AdamW", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
-                                              "checkpointing": False, "optimizer": "adamw", "profile": True}),
+        *_scan_rows("violet-v2 bf16 torch-fused-AdamW", {**v2, "optimizer": "adamw", "profile": True,
+                                                        "count_ops": True}, overflow_check),
         ("violet-v2 fp16", {"model": "violet-v2", "batch_size": 16, "checkpointing": False, **fp16}),
         ("violet-v2 bf16 ckpt", {"model": "violet-v2", "batch_size": 16, "precision": "bf16", "checkpointing": True}),
         ("violet-v2 bf16 ds-FusedAdam", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
@@ -197,12 +221,12 @@ def _gpu_plan(apex: bool, tokenizer: Optional[str]) -> dict:
                                          "checkpointing": True, "offload": True}),
         ("violet-v2 bf16 flex-attn", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
                                       "checkpointing": False, "attention": "flex"}),
-        # last: compiling the blocks took over 259 s on an H200 (torch 2.11); FLOPs are the eager row's (a
-        # FlopCounterMode pass would recompile every graph)
-        ("violet-v2 bf16 compiled blocks", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
-                                            "checkpointing": False, "compile": True, "warmup": 3,
-                                            "count_flops": False}),
     ]
+    if "on" in compile:
+        # last: compiling the blocks took over 259 s on an H200 (torch 2.11) before each block shape shared one
+        # graph; FLOPs are the eager row's (a FlopCounterMode pass would recompile every graph)
+        extra_steps.append(("violet-v2 bf16 compiled blocks", {**v2, "compile": True, "warmup": 3,
+                                                               "count_flops": False}))
     if apex:
         steps.append(("violet-v2 bf16 apex FusedAdam", {"model": "violet-v2", "batch_size": 16, "precision": "bf16",
                                                         "checkpointing": False, "optimizer": "apex_fused_adam"}))
@@ -210,19 +234,29 @@ def _gpu_plan(apex: bool, tokenizer: Optional[str]) -> dict:
             "attention": {"model": "violet-v2", "batch_size": 8, "frames": 4, "image_size": 224, "text_len": 32,
                           "flex": True},
             "max_batch": [("violet-v2 bf16 no ckpt", {"model": "violet-v2", "precision": "bf16", "checkpointing": False,
-                                                      "start": 64, "limit": 1024, "bisect": 2}),
+                                                      "start": 64, "limit": 1024, "bisect": 2,
+                                                      "timed_rows": _scan_rows("violet-v2 bf16 largest batch",
+                                                                               {**v2, "steps": 3, "warmup": 1,
+                                                                                "count_flops": False},
+                                                                               overflow_check)}),
                           ("violet-v2 bf16 ckpt", {"model": "violet-v2", "precision": "bf16", "checkpointing": True,
                                                    "start": 128, "limit": 2048, "bisect": 2})],
             "loader": {"frames": 4, "image_size": 224, "batch_size": 16, "workers": 8, "batches": 24,
                        "pin_memory": True, "rows": 96, "source_h": 240, "source_w": 320}}
 
 
-def _cpu_plan(tokenizer: Optional[str]) -> dict:
+def _cpu_plan(tokenizer: Optional[str], overflow_check: Sequence[str] = SWITCHES,
+              compile: Sequence[str] = ("off",)) -> dict:
     base = {"frames": 2, "image_size": 64, "text_len": 16, "threads": 2, "strategies": ["rm", "bm"],
             "tokenizer": tokenizer, "warmup": 1, "steps": 2, "ds_config": "cpu_test.json",
             "model": "violet-tiny", "batch_size": 2}
-    steps = [("violet-tiny fp32", {"precision": "fp32", "checkpointing": False, "profile": True})]
+    steps = [("violet-tiny fp32", {"precision": "fp32", "checkpointing": False, "profile": True}),
+             *_scan_rows("violet-tiny bf16", {"precision": "bf16", "checkpointing": False, "count_ops": True},
+                         overflow_check)]
     extra_steps = [("violet-tiny bf16 ckpt+offload", {"precision": "bf16", "checkpointing": True, "offload": True})]
+    if "on" in compile:  # inductor on 2 CPU cores: about a minute for violet-tiny
+        extra_steps.append(("violet-tiny bf16 compiled blocks", {"precision": "bf16", "checkpointing": False,
+                                                                 "compile": True, "count_flops": False}))
     return {"base": base, "steps": steps, "extra_steps": extra_steps,
             "attention": {"model": "violet-tiny", "batch_size": 2, "frames": 2, "image_size": 64, "text_len": 16,
                           "flex": False},
@@ -262,17 +296,26 @@ def _add_mfu(row: dict, steps: dict, peak: Optional[float]) -> None:
 
 
 def _step_lines(steps: dict) -> List[str]:
-    header = (f"{'engine step':<34} {'batch':>5} {'optimizer':>16} {'step ms':>8} {'samples/s':>10} {'TFLOP/s':>8} "
-              f"{'MFU %':>6} {'peak MB':>8} {'loss':>7}")
+    header = (f"{'engine step':<44} {'batch':>5} {'optimizer':>16} {'step ms':>8} {'samples/s':>10} {'TFLOP/s':>8} "
+              f"{'MFU %':>6} {'peak MB':>8} {'loss':>7} {'ops/step':>9} {'syncs':>6} {'compile s':>9} {'graphs':>6} "
+              f"{'recomp':>6}")
     lines = [header, "-" * len(header)]
     for name, row in steps.items():
         if "error" in row:
-            lines.append(f"{name:<34} FAILED: {row['error'].splitlines()[0][:120]}")
+            lines.append(f"{name:<44} FAILED: {row['error'].splitlines()[0][:120]}")
             continue
         mfu = f"{row['mfu_percent']:.1f}" if row.get("mfu_percent") is not None else "-"
-        lines.append(f"{name:<34} {row['batch_size']:>5} {row['optimizer'][:16]:>16} {1000 * row['step_s_median']:>8.1f} "
+        compile_s = f"{row['compile_s']:.1f}" if row.get("compile_s") is not None else "-"
+        lines.append(f"{name:<44} {row['batch_size']:>5} {row['optimizer'][:16]:>16} {1000 * row['step_s_median']:>8.1f} "
                      f"{row['samples_per_s']:>10.2f} {row['achieved_tflops']:>8.2f} {mfu:>6} "
-                     f"{row['peak_memory_mb']:>8.0f} {row['loss']:>7.3f}")
+                     f"{row['peak_memory_mb']:>8.0f} {row['loss']:>7.3f} {row.get('ops_per_step', '-'):>9} "
+                     f"{row.get('host_syncs_per_step', '-'):>6} {compile_s:>9} {row.get('compile_graphs', '-'):>6} "
+                     f"{row.get('recompiles', '-'):>6}")
+    for name, row in steps.items():
+        if row.get("top_ops"):
+            lines += ["", f"aten ops of one '{name}' step: {row['ops_per_step']} (host syncs {row['host_syncs']}, "
+                      f"copies {row['copies']})",
+                      "  " + ", ".join(f"{op} {count}" for op, count in row["top_ops"][:12])]
     for name, row in steps.items():
         if row.get("profile"):
             lines += ["", f"profile of one '{name}' step: top ops by self time (ms, calls); host syncs "
@@ -385,13 +428,18 @@ def select_rows(plan: dict, rows: Optional[Sequence[str]]) -> dict:
     """The plan with only the engine-step and max-batch rows whose name contains one of `rows` (None: every row)."""
     if not rows:
         return plan
-    kept = {key: [(name, extra) for name, extra in plan[key] if any(part in name for part in rows)]
+    def wanted(name: str, extra: dict) -> bool:
+        names = [name] + [row for row, _ in extra.get("timed_rows", ())]
+        return any(part in candidate for part in rows for candidate in names)
+
+    kept = {key: [(name, extra) for name, extra in plan[key] if wanted(name, extra)]
             for key in ("steps", "extra_steps", "max_batch")}
     return {**plan, **kept}
 
 
 def start_check(mode: str, output: str, peak_tflops: Optional[float], tokenizer: Optional[str], budget_s: float,
-                rows: Optional[Sequence[str]]) -> GpuCheck:
+                rows: Optional[Sequence[str]], overflow_check: Sequence[str] = SWITCHES,
+                compile: Optional[Sequence[str]] = None) -> GpuCheck:
     """The environment section (saved and printed at once) and the plan of what follows."""
     mode = resolve_mode(mode)
     check = GpuCheck(mode=mode, path=Path(output), budget_s=budget_s)
@@ -399,7 +447,10 @@ def start_check(mode: str, output: str, peak_tflops: Optional[float], tokenizer:
     check.results["env"] = _env({"cuda": check.cuda, "peak_tflops": peak_tflops})
     check.save()
     print(f"env: {check.results['env']}", flush=True)
-    check.plan = select_rows(_plan(mode, bool(check.results["env"].get("apex")), tokenizer), rows)
+    if compile is None:  # inductor on the CPU takes minutes: CI's CPU mode leaves the compiled row out unless asked
+        compile = SWITCHES if check.cuda else ("off",)
+    check.plan = select_rows(_plan(mode, bool(check.results["env"].get("apex")), tokenizer, overflow_check, compile),
+                             rows)
     return check
 
 
@@ -459,6 +510,11 @@ def run_max_batch(check: GpuCheck) -> None:
         _add_mfu(found[name], check.results.get("steps", {}), check.peak)
         print(f"max batch {name}: {found[name]}", flush=True)
         check.save()
+        largest = found[name].get("max_batch")
+        if largest and extra.get("timed_rows"):
+            # the step at the largest batch once per code path, each in a fresh process: MFU at scale side by side
+            run_steps(check, [(f"{row} {largest}", {**settings, "batch_size": largest})
+                              for row, settings in extra["timed_rows"]])
 
 
 SECTIONS = ("env", "attention", "steps", "max_batch", "loader")
@@ -466,11 +522,12 @@ SECTIONS = ("env", "attention", "steps", "max_batch", "loader")
 
 def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", peak_tflops: Optional[float] = None,
               tokenizer: Optional[str] = None, budget_s: float = 480.0, sections: Sequence[str] = SECTIONS,
-              rows: Optional[Sequence[str]] = None) -> GpuCheck:
+              rows: Optional[Sequence[str]] = None, overflow_check: Sequence[str] = SWITCHES,
+              compile: Optional[Sequence[str]] = None) -> GpuCheck:
     """Run the check's sections (`violet-ds bench gpu` documents the arguments): the environment, attention, the
     engine steps every check needs, the loader, the max-batch search, then the finer step comparisons, each
     isolated (a failing one is recorded with its error and the rest still runs). Returns the finished check."""
-    check = start_check(mode, output, peak_tflops, tokenizer, budget_s, rows)
+    check = start_check(mode, output, peak_tflops, tokenizer, budget_s, rows, overflow_check, compile)
     if "attention" in sections:
         run_attention(check)
     if "steps" in sections:

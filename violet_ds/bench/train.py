@@ -16,10 +16,12 @@ import multiprocessing
 import os
 import time
 import traceback
+from collections import Counter
 from types import SimpleNamespace
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from violet_ds.bench.meta import bench_meta, write_results
@@ -71,8 +73,12 @@ def _build(spec: dict) -> SimpleNamespace:
     from violet_ds.tasks import create_task
 
     torch.set_num_threads(spec["threads"])
+    overrides = {}
+    if spec.get("overflow_check") is not None:
+        # the bf16 per-gradient overflow scan (DeepSpeed's) on or off; unset: what ds_config.py resolves
+        overrides = {"bf16": {"check_grad_overflow": bool(spec["overflow_check"])}}
     engine_cfg = EngineConfig(ds_config=spec["ds_config"], precision=spec["precision"],
-                              keep_host_memory=spec.get("keep_host_memory", True))
+                              keep_host_memory=spec.get("keep_host_memory", True), ds_overrides=overrides)
     world = setup_world(engine_cfg)
     seed_everything(0)
     tokenizer = load_tokenizer(spec["tokenizer"])
@@ -160,6 +166,76 @@ def _count_flops(built: SimpleNamespace, batch: dict, spec: dict) -> Tuple[torch
     return loss, counter.get_total_flops() * spec["batch_size"] / probe, probe
 
 
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+            "equal", "is_nonzero", "allclose")
+"""aten ops whose result the host must wait for on an accelerator (`.item()`, `bool(t)`, data-dependent shapes)"""
+COPY_OPS = ("copy_", "clone", "_to_copy", "cat", "contiguous")
+"""aten ops that only move memory: the copies of a step (`contiguous` dispatches as `clone`)"""
+READBACKS = ("cpu", "tolist", "numpy")
+"""Tensor methods that read a tensor back to the host (a device-to-host copy and a sync on an accelerator)"""
+
+
+class OpCounter(TorchDispatchMode):
+    """Every aten op dispatched while active (forward, backward, optimizer), by name, and the host reads back:
+    `syncs` counts SYNC_OPS and calls of the READBACKS methods (on the CPU `.cpu()` / `.tolist()` dispatch no
+    op, so they are counted where they are called)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.readbacks: Counter = Counter()
+        self._saved: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func._schema.name.split("::")[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for name in READBACKS:
+            original = self._saved[name] = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _name=name, _original=original, **kwargs):
+                self.readbacks[_name] += 1
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        self._saved = {}
+        return super().__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def syncs(self) -> Counter:
+        found = Counter({name: self.ops[name] for name in SYNC_OPS if self.ops[name]})
+        found.update(self.readbacks)
+        return found
+
+    @property
+    def copies(self) -> int:
+        return sum(self.ops[name] for name in COPY_OPS)
+
+    def summary(self, top: int = 15) -> dict:
+        return {"ops_per_step": self.total, "host_syncs_per_step": sum(self.syncs.values()),
+                "host_syncs": dict(self.syncs), "copies_per_step": self.copies,
+                "copies": {name: self.ops[name] for name in COPY_OPS if self.ops[name]},
+                "top_ops": self.ops.most_common(top)}
+
+
+def count_step_ops(step: Callable[[], None]) -> dict:
+    """aten ops, host syncs and copies of one `step()` (forward, backward, engine step) under :class:`OpCounter`."""
+    counter = OpCounter()
+    with counter:
+        step()
+    return counter.summary()
+
+
 def _guard_cost_us(guard: DivergenceGuard, loss: torch.Tensor, device: torch.device) -> float:
     """The guard's own work per step, isolated from the (noisy) step time: observe + end_step, and a check every
     10 steps, on a loss tensor of the run's device."""
@@ -175,9 +251,22 @@ def _guard_cost_us(guard: DivergenceGuard, loss: torch.Tensor, device: torch.dev
     return (time.perf_counter() - started) / 2000 * 1e6
 
 
+def _first_compiled_step(step: Callable[[], None], device: torch.device) -> dict:
+    """The first step of a model with compiled blocks: its seconds and what dynamo compiled in it."""
+    from violet_ds.models.compile import compile_counters
+
+    started = time.perf_counter()
+    step()
+    _sync(device)
+    seconds = time.perf_counter() - started
+    return {"first_step_s": seconds, **compile_counters()}
+
+
 def measure_step(spec: dict) -> dict:
     """One configuration, in this process: build, warm up, time `steps` steps, count FLOPs (`search`: the
-    largest micro-batch that fits instead, :func:`search_max_batch`)."""
+    largest micro-batch that fits instead, :func:`search_max_batch`). With `compile`, the first step is timed on
+    its own (compile time) and every graph compiled after it is a recompile; with `count_ops` (eager rows), one
+    more step runs under :class:`OpCounter`."""
     if spec.get("search"):
         return search_max_batch(spec)
     built = _build(spec)
@@ -186,8 +275,22 @@ def measure_step(spec: dict) -> dict:
                                        built.tokenizer), device)
     guard = DivergenceGuard(3, built.world) if spec.get("guard") else None
     step = _step_function(built.engine, batch, guard)
-    times, faults = _timed_steps(step, device, spec["warmup"], spec["steps"])
+    warmup = spec["warmup"]
+    first = None
+    if spec.get("compile"):
+        first = _first_compiled_step(step, device)
+        warmup = max(warmup - 1, 0)
+    times, faults = _timed_steps(step, device, warmup, spec["steps"])
     peak = memory_mb(device)
+    compiled = {}
+    if first is not None:
+        from violet_ds.models.compile import compile_counters
+
+        compiled = {"compile_graphs": first["graphs"], "recompiles": compile_counters()["graphs"] - first["graphs"],
+                    "compile_s": first["first_step_s"] - sorted(times)[len(times) // 2],
+                    "dynamo_compile_s": first["compile_s"], "first_step_s": first["first_step_s"]}
+    # a TorchDispatchMode cannot run inside compiled graphs (dynamo refuses to trace under one): eager rows only
+    ops = count_step_ops(step) if spec.get("count_ops") and not spec.get("compile") else {}
     profile = _profile_step(step, device) if spec.get("profile") else None
     timed_attention = built.model.video_backbone.cfg.attention if hasattr(built.model, "video_backbone") else None
     loss, flops, probe = _count_flops(built, batch, spec)
@@ -211,7 +314,10 @@ def measure_step(spec: dict) -> dict:
         "divergence_guard": bool(spec.get("guard")), "guard_us_per_step": guard_us,
         "compile": bool(spec.get("compile")),
         "keep_host_memory": bool(spec.get("keep_host_memory", True)), "host_memory": host_memory.describe(),
-        "page_faults_per_step": faults,
+        "page_faults_per_step": faults, **ops, **compiled,
+        "overflow_check": bool(built.ds_config.get("bf16", {}).get("check_grad_overflow"))
+        if built.ds_config.get("bf16", {}).get("enabled") else None,
+        "nonfinite_skip": getattr(built.engine, "nonfinite_skip", None) is not None,
     }
 
 
@@ -345,19 +451,45 @@ def _child_main(function: Callable[[dict], dict], spec: dict, queue) -> None:
         queue.put(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=6)}"))
 
 
+def _on_off(value) -> str:
+    return "-" if value is None else ("on" if value else "off")
+
+
+def _count(row: dict, key: str) -> str:
+    return "-" if row.get(key) is None else str(row[key])
+
+
+def _seconds(row: dict, key: str) -> str:
+    return "-" if row.get(key) is None else f"{row[key]:.1f}"
+
+
+def top_ops_lines(row: dict, top: int = 12) -> List[str]:
+    """The most frequent aten ops of a row counted with `count_ops`, and its host syncs."""
+    if not row.get("top_ops"):
+        return []
+    ops = ", ".join(f"{name} {count}" for name, count in row["top_ops"][:top])
+    return [f"  {row['model']} ops/step {row['ops_per_step']} (host syncs {row['host_syncs']}, copies "
+            f"{row['copies']}): {ops}"]
+
+
 def format_table(rows: List[dict]) -> str:
     """The table `bench train` prints: one line per measured configuration."""
     header = (f"{'model':<12} {'batch':>5} {'frames':>6} {'size':>5} {'ckpt':>5} {'guard':>5} {'comp':>5} {'heap':>5} "
-              f"{'prec':>5} {'params M':>9} {'step s':>8} {'samples/s':>10} {'peak MB':>9} {'GFLOP/step':>11} {'TFLOP/s':>8}")
+              f"{'prec':>5} {'scan':>5} {'params M':>9} {'step s':>8} {'samples/s':>10} {'peak MB':>9} {'GFLOP/step':>11} "
+              f"{'TFLOP/s':>8} {'ops/step':>9} {'syncs':>6} {'copies':>7} {'compile s':>10} {'graphs':>7} {'recomp':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['model']:<12} {r['batch_size']:>5} {r['frames']:>6} {r['image_size']:>5} "
                      f"{'on' if r['checkpointing'] else 'off':>5} {'on' if r.get('divergence_guard') else 'off':>5} "
                      f"{'on' if r.get('compile') else 'off':>5} "
                      f"{'keep' if r.get('keep_host_memory', True) else 'free':>5} "
-                     f"{r['precision']:>5} {r['params_m']:>9.2f} "
+                     f"{r['precision']:>5} {_on_off(r.get('overflow_check')):>5} {r['params_m']:>9.2f} "
                      f"{r['step_s_median']:>8.3f} {r['samples_per_s']:>10.2f} {r['peak_memory_mb']:>9.0f} "
-                     f"{r['gflops_per_step']:>11.1f} {r['achieved_tflops']:>8.3f}")
+                     f"{r['gflops_per_step']:>11.1f} {r['achieved_tflops']:>8.3f} {_count(r, 'ops_per_step'):>9} "
+                     f"{_count(r, 'host_syncs_per_step'):>6} {_count(r, 'copies_per_step'):>7} "
+                     f"{_seconds(r, 'compile_s'):>10} {_count(r, 'compile_graphs'):>7} {_count(r, 'recompiles'):>7}")
+    for r in rows:
+        lines += top_ops_lines(r)
     return "\n".join(lines)
 
 
@@ -366,7 +498,13 @@ def _progress_line(spec: dict, row: dict) -> str:
     line = (f"  {spec['model']} checkpointing={on[spec['checkpointing']]} guard={on[spec['guard']]} "
             f"compile={on[spec['compile']]} heap={'keep' if spec['keep_host_memory'] else 'free'}: "
             f"{row['step_s_median']:.3f} s/step, {row['peak_memory_mb']:.0f} MB")
-    return line + (f", guard {row['guard_us_per_step']:.1f} us/step" if spec["guard"] else "")
+    line += f", guard {row['guard_us_per_step']:.1f} us/step" if spec["guard"] else ""
+    line += f", overflow scan {_on_off(row.get('overflow_check'))}"
+    line += f", {row['ops_per_step']} ops/step, {row['host_syncs_per_step']} host syncs" if "ops_per_step" in row else ""
+    if row.get("compile_graphs") is not None:
+        line += (f", compile {row['compile_s']:.1f} s, {row['compile_graphs']} graphs, "
+                 f"{row['recompiles']} recompiles")
+    return line
 
 
 def bench_train(models: Sequence[str] = ("violet-tiny",), batch_size: int = 2, frames: int = 4, image_size: int = 224,
@@ -374,7 +512,8 @@ def bench_train(models: Sequence[str] = ("violet-tiny",), batch_size: int = 2, f
                 precision: str = "bf16", ds_config: str = "auto", divergence_guard: Sequence[bool] = (False,),
                 compile: Sequence[bool] = (False,), keep_host_memory: Sequence[bool] = (True,),
                 tokenizer: Optional[str] = None, strategies: Sequence[str] = ("rm", "bm"), threads: int = 2,
-                output: Optional[str] = "runs/bench/bench_train.json") -> List[dict]:
+                output: Optional[str] = "runs/bench/bench_train.json", count_ops: bool = False,
+                overflow_check: Sequence[Optional[bool]] = (None,), count_flops: bool = True) -> List[dict]:
     """One row per model and combination of the settings to compare (`violet-ds bench train` documents them),
     each measured in a fresh process (:func:`measure_step`); a line per row as it finishes. The rows, each with
     the run's `meta`, are written to `output` (when given) and returned."""
@@ -383,13 +522,14 @@ def bench_train(models: Sequence[str] = ("violet-tiny",), batch_size: int = 2, f
         ds_config = "zero2_bf16.json" if on_cuda else "cpu_test.json"
     rows = []
     for model in models:
-        for flag, guarded, compiled, keep in itertools.product(checkpointing, divergence_guard, compile,
-                                                               keep_host_memory):
+        for flag, guarded, compiled, keep, scan in itertools.product(checkpointing, divergence_guard, compile,
+                                                                     keep_host_memory, overflow_check):
             spec = {"model": model, "batch_size": batch_size, "frames": frames, "image_size": image_size,
                     "text_len": text_len, "checkpointing": flag, "steps": steps, "warmup": warmup,
                     "precision": precision, "ds_config": ds_config, "tokenizer": tokenizer,
                     "strategies": list(strategies), "threads": threads, "guard": guarded, "compile": compiled,
-                    "keep_host_memory": keep}
+                    "keep_host_memory": keep, "count_ops": count_ops, "overflow_check": scan,
+                    "count_flops": count_flops}
             try:
                 rows.append(run_in_child(measure_step, spec))
             except RuntimeError as error:

@@ -17,7 +17,8 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
                 precision: str = "bf16", ds_config: str = "auto", divergence_guard: List[bool] = [False],
                 compile: List[bool] = [False], keep_host_memory: List[bool] = [True],
                 tokenizer: Optional[str] = None, strategies: List[str] = ["rm", "bm"], threads: int = 2,
-                output: str = "runs/bench/bench_train.json") -> None:
+                output: str = "runs/bench/bench_train.json", count_ops: bool = False,
+                overflow_check: List[Optional[bool]] = [None], count_flops: bool = True) -> None:
     """Benchmark one pretraining step (VTM + MLM + MVM-pixel, forward + backward + ZeRO-2 step) per model,
     with activation checkpointing off and on; prints a table and writes JSON.
 
@@ -42,12 +43,19 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
         strategies: visual masking strategies (add `am` to include the attention pass).
         threads: torch CPU threads.
         output: JSON file of the results.
+        count_ops: also run one step under an aten-op counter: ops, host syncs (`.item()`, `.cpu()`,
+            `.tolist()`, data-dependent shapes) and copies per step, and the most frequent ops.
+        overflow_check: bf16 settings of DeepSpeed's per-gradient overflow scan to compare (`[true, false]`);
+            null = what the ds_config resolves to (off with torch's fused AdamW, which skips non-finite steps
+            on the device).
+        count_flops: count model FLOPs (one more forward + backward; with compiled blocks it recompiles them).
     """
     rows = train_bench.bench_train(
         models=models, batch_size=batch_size, frames=frames, image_size=image_size, text_len=text_len,
         checkpointing=checkpointing, steps=steps, warmup=warmup, precision=precision, ds_config=ds_config,
         divergence_guard=divergence_guard, compile=compile, keep_host_memory=keep_host_memory, tokenizer=tokenizer,
-        strategies=strategies, threads=threads, output=output)
+        strategies=strategies, threads=threads, output=output, count_ops=count_ops, overflow_check=overflow_check,
+        count_flops=count_flops)
     print(train_bench.format_table(rows), flush=True)
     print(f"results: {output}", flush=True)
 
@@ -55,7 +63,8 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
 def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", peak_tflops: Optional[float] = None,
               tokenizer: Optional[str] = None, budget_s: float = 480.0,
               sections: List[str] = ["env", "attention", "steps", "max_batch", "loader"],
-              rows: Optional[List[str]] = None) -> int:
+              rows: Optional[List[str]] = None, overflow_check: List[str] = ["on", "off"],
+              compile: Optional[List[str]] = None) -> int:
     """One-shot check of every CUDA path: engine steps (bf16/fp16, FusedAdam/torch/apex, checkpointing off/on/offload),
     attention kernels, max batch, data loader; prints one table and writes JSON.
 
@@ -68,10 +77,16 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
         sections: which sections to run.
         rows: run only the engine-step and max-batch rows whose name contains one of these strings (e.g.
             `--rows '[fp16, ckpt]'` for a rerun of what a short device slot left out); default: every row.
+        overflow_check: code paths of the bf16 violet-v2 rows (batch 16 and the largest batch) to run side by side:
+            `on` = DeepSpeed's per-gradient overflow scan (the previous path, rows named "overflow-scan"), `off` =
+            no scan, a non-finite step skipped on the device (the default path).
+        compile: `off` / `on` = eager / regionally compiled violet-v2 blocks at batch 16 (compile time, graphs,
+            recompiles); default both on a GPU, `[off]` in the CPU mode (inductor takes minutes there).
     Returns 0 when every section ran, 1 when one failed (the table says which).
     """
     check = gpu_check.bench_gpu(mode=mode, output=output, peak_tflops=peak_tflops, tokenizer=tokenizer,
-                                budget_s=budget_s, sections=sections, rows=rows)
+                                budget_s=budget_s, sections=sections, rows=rows, overflow_check=overflow_check,
+                                compile=compile)
     print(gpu_check.format_table(check.results), flush=True)
     print(f"results: {check.path}", flush=True)
     return 1 if check.failed else 0

@@ -53,21 +53,36 @@ def parameter_groups(module: nn.Module, optim: OptimConfig,
     return out
 
 
+def optimizer_kind(optim: OptimConfig, offloaded: bool = False) -> str:
+    """The optimizer `optim.optimizer` resolves to ("auto": torch's fused AdamW, DeepSpeed's CPU Adam when the
+    optimizer state is offloaded)."""
+    if optim.optimizer == "auto":
+        # torch's fused AdamW (one multi-tensor kernel per step, no JIT build) on GPU and CPU alike; DeepSpeed's
+        # FusedAdam needs an nvcc build at first use (see tools/gpu_check.sh for both timed)
+        return "deepspeed_cpu_adam" if offloaded else "adamw"
+    return optim.optimizer
+
+
+def skips_nonfinite_on_device(kind: str) -> bool:
+    """Whether the optimizer `kind` can skip a step on the device (torch's fused AdamW reads a `found_inf` tensor,
+    as it does under a GradScaler): then `deepspeed_engine.skip_nonfinite_steps` replaces DeepSpeed's bf16
+    per-gradient overflow scan (ds_config.py turns the scan off)."""
+    return kind == "adamw" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+
+
 def build_optimizer(groups: list[dict], optim: OptimConfig, device: torch.device,
                     offloaded: bool = False) -> torch.optim.Optimizer:
     """The client optimizer handed to DeepSpeed (see OptimConfig.optimizer)."""
-    kind = optim.optimizer
-    if kind == "auto":
-        # torch's fused AdamW (one multi-tensor CUDA kernel, no JIT build) on GPU and CPU alike;
-        # DeepSpeed's FusedAdam needs an nvcc build at first use (see tools/gpu_check.sh for both timed)
-        kind = "deepspeed_cpu_adam" if offloaded else "adamw"
+    kind = optimizer_kind(optim, offloaded)
     if kind.startswith("deepspeed_"):
         _deepspeed_friendly_arch_list()
     clean = [{k: v for k, v in g.items() if k in ("params", "weight_decay", "lr")} for g in groups]
     common = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if kind == "adamw":
+        # fused on CPU too: one `_fused_adamw_` op per step (foreach: a dozen `_foreach_*` ops), and the only
+        # implementation that honours `found_inf` (the on-device skip of a non-finite step)
         fused_ok = "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(clean, **common, **({"fused": True} if fused_ok else {}))
+        return torch.optim.AdamW(clean, **common, **({"fused": True} if fused_ok else {"foreach": True}))
     if kind == "deepspeed_fused_adam":
         from deepspeed.ops.adam import FusedAdam
 

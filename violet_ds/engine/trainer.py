@@ -180,6 +180,7 @@ class Trainer:
         self._last_saved_step = -1
         # every rank's stop flag, combined where the loop closes a logging window (None: no window this step)
         self._window_stop: Optional[bool] = None
+        self._skipped_seen = 0
         self.summary = TrainSummary()
 
     # ------------------------------------------------------------------ checkpoints
@@ -345,7 +346,7 @@ class Trainer:
         record = {
             "step": step, "epoch": self.state.cursor.epoch, **terms, "lr": self._step_lr,
             "grad_norm": dse.grad_norm(self.engine), "loss_scale": dse.loss_scale(self.engine),
-            "skipped_steps": int(self.engine.skipped_steps),
+            "skipped_steps": dse.skipped_steps(self.engine),
             "samples_per_s": self.batch_size * self.grad_accum * self.world.world_size / max(step_time, 1e-9),
             "step_time_s": step_time, "memory_mb": memory_mb(self.world.device),
             "samples_seen": self.state.cursor.samples_seen,
@@ -355,9 +356,21 @@ class Trainer:
         if self.run.log_sample_indices:
             record["indices"] = window.indices
         self.logger.record(record)
+        self._warn_nonfinite_skips(step)
         self.stall.update(step, terms, record["grad_norm"])
         self._bar.report(step, terms.get("loss", float("nan")), self._step_lr, record["samples_per_s"])
         return self.divergence.check_window()
+
+    def _warn_nonfinite_skips(self, step: int) -> None:
+        """One warning per logging window in which steps were skipped for a non-finite gradient norm (fp16 overflow
+        skips of DeepSpeed's loss scaler are routine and stay in the `skipped_steps` scalar only)."""
+        if self.engine.nonfinite_skip is None:
+            return
+        skipped = self.engine.nonfinite_skip.skipped_steps()
+        if skipped > self._skipped_seen:
+            self.logger.warning(f"step {step}: {skipped - self._skipped_seen} optimizer step(s) skipped since the last "
+                                "log line (gradient norm inf or NaN; weights and optimizer state left as they were)")
+            self._skipped_seen = skipped
 
     def _window_means(self, window: _LogWindow, stop_here: bool) -> tuple[Dict[str, float], bool]:
         """Each scalar output averaged over the window's micro-batches and over ranks, and whether any rank was
@@ -426,7 +439,7 @@ class Trainer:
         self._bar.close()
         summary.steps = self.state.step
         summary.epochs_done = self.state.cursor.epoch
-        summary.skipped_steps = int(self.engine.skipped_steps)
+        summary.skipped_steps = dse.skipped_steps(self.engine)
         summary.first_loss = summary.losses[0] if summary.losses else None
         summary.last_loss = summary.losses[-1] if summary.losses else None
         summary.wall_s = time.time() - started

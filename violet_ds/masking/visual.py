@@ -141,7 +141,10 @@ def mask_video_tokens(batch: int, grid: tuple[int, int, int], strategies: Sequen
         if name == "rm":
             part = random_mask(batch, grid, ratio, generator=generator, device=device)
         elif name == "bm":
-            part = blockwise_mask(batch, grid, ratio, generator=generator, device=device)
+            # built where the strategies were drawn: its loop reads the covered count every block, a host sync
+            # per block on an accelerator (on a CPU run the same draws as before)
+            part = blockwise_mask(batch, grid, ratio, generator=generator, device=drawn_on)
+            part = part.to(device, non_blocking=True)
         else:
             if attention is None:
                 raise ValueError("attended masking ('am') needs the attention each token receives")

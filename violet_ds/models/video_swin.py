@@ -17,6 +17,7 @@ one zero frame at the end, so there is no temporal downsampling (output frame t 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import dataclasses
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import Mlp, trunc_normal_
 
 from violet_ds.config import check_at_least, check_field_types
 from violet_ds.weights import KeyReport, load_checked, strip_prefix
@@ -221,19 +222,25 @@ def _flex_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ta
     return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
-_compiled_flex = None
+FLEX_GRAPH_LIMIT = 64
+"""Graphs the compiled FlexAttention may hold: one per stage geometry (heads, window, shifted or not) and batch size"""
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    """The compiled FlexAttention function, built at its first use (compiling is lazy: nothing runs here)."""
+    return torch.compile(_flex_window_attention, dynamic=False, fullgraph=True)
 
 
 def _flex_call(*args):
-    """Compiled FlexAttention on CUDA (its fused kernel); eager elsewhere (forward-only reference)."""
-    global _compiled_flex
-    if not args[0].is_cuda:
+    """Compiled FlexAttention on CUDA (its fused kernel); eager elsewhere (forward-only reference), and inside a
+    compiled block (`model.compile`), whose graph then holds it."""
+    if not args[0].is_cuda or torch.compiler.is_compiling():
         return _flex_window_attention(*args)
-    if _compiled_flex is None:
-        # one graph per stage geometry (heads, window, shifted or not): allow them all
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _compiled_flex = torch.compile(_flex_window_attention, dynamic=False, fullgraph=True)
-    return _compiled_flex(*args)
+    # violet-v2 has 7 window geometries per batch size, torch's default limit per function is 8: raised for this
+    # call only, so that no other compiled function of the process gets more recompiles than it asked for
+    with torch._dynamo.config.patch(recompile_limit=FLEX_GRAPH_LIMIT):
+        return _compiled_flex_attention()(*args)
 
 
 class PatchEmbed3D(nn.Module):
@@ -299,15 +306,18 @@ class WindowAttention3D(nn.Module):
             self._index_cache[key] = cached
         return cached
 
-    def relative_bias(self, window: Size3) -> torch.Tensor:
-        """(heads, N, N) bias for an (effective) window."""
-        index = self._index_for(window)
-        n = index.shape[0]
-        # gathered from the (heads, table) transpose, so the result is (heads, N, N) and contiguous (SDPA's
-        # memory-efficient CUDA kernel needs a unit-stride mask); index_select's backward is an index_add,
-        # several times cheaper on CPU than the sorted index_put of `table[index]`
-        table = self.relative_position_bias_table.t().contiguous()
-        return table.index_select(1, index.reshape(-1)).view(-1, n, n)
+    def bias_index(self, window: Size3) -> "WindowIndex":
+        """The relative-position indices of an (effective) window (computed here; a stage computes them once for
+        all its blocks and hands them over, so that no compiled block touches a cache)."""
+        return WindowIndex.of(self._index_for(window), self.num_heads)
+
+    def relative_bias(self, window: Size3, index: Optional["WindowIndex"] = None) -> torch.Tensor:
+        """(heads, N, N) bias for an (effective) window: one gather from the flat table, contiguous as SDPA's
+        memory-efficient CUDA kernel needs (no transposed copy of the table); index_select's backward is an
+        index_add, several times cheaper on CPU than the sorted index_put of `table[index]`."""
+        index = index if index is not None else self.bias_index(window)
+        n = index.index.shape[0]
+        return self.relative_position_bias_table.reshape(-1).index_select(0, index.flat).view(-1, n, n)
 
     def uses_flex(self, device: torch.device) -> bool:
         # only when asked: on an H200 (torch 2.11) the compiled FlexAttention was between 4% faster and 11% slower
@@ -319,22 +329,26 @@ class WindowAttention3D(nn.Module):
     def uses_explicit(self, device: torch.device) -> bool:
         return self.attention == "explicit" or (self.attention == "auto" and device.type == "cpu")
 
-    def forward(self, windows: torch.Tensor, window: Size3, shift: Optional["ShiftGeometry"]) -> torch.Tensor:
+    def forward(self, windows: torch.Tensor, window: Size3, shift: Optional["ShiftGeometry"],
+                index: Optional["WindowIndex"] = None) -> torch.Tensor:
         # windows: (B * nW, N, C) ordered batch-major, as window_partition returns them
+        index = index if index is not None else self.bias_index(window)
         bw, n, c = windows.shape
         heads = self.num_heads
-        qkv = self.qkv(windows).view(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        if shift is not None:
+        qkv = self.qkv(windows)
+        if shift is None:
+            q, k, v = qkv.view(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
             # fold windows into the head axis: (B, nW*heads, N, d), so the per-window mask is shared
-            # by the batch instead of materialised per sample
+            # by the batch instead of materialised per sample; q, k and v in one copy (not one each)
             nw = shift.regions.shape[0]
-            q, k, v = (t.reshape(bw // nw, nw * heads, n, -1) for t in (q, k, v))
+            qkv = qkv.view(bw // nw, nw, n, 3, heads, c // heads).permute(3, 0, 1, 4, 2, 5)
+            q, k, v = qkv.reshape(3, bw // nw, nw * heads, n, c // heads).unbind(0)
         if self.uses_flex(q.device) and not (self.training and self.attn_drop > 0):
-            out = _flex_call(q, k, v, self.relative_position_bias_table, self._index_for(window),
+            out = _flex_call(q, k, v, self.relative_position_bias_table, index.index,
                              None if shift is None else shift.regions, heads)
         else:
-            bias = self.relative_bias(window).to(q.dtype)
+            bias = self.relative_bias(window, index).to(q.dtype)
             if shift is None:
                 mask = bias.unsqueeze(0)
             else:
@@ -349,6 +363,20 @@ class WindowAttention3D(nn.Module):
 
 
 @dataclass
+class WindowIndex:
+    """Relative-position indices of one (effective) window: `index` (N, N) into the (offsets, heads) bias table,
+    and `flat` (heads * N * N) into the flattened table, head-major (one gather gives the (heads, N, N) bias)."""
+
+    index: torch.Tensor
+    flat: torch.Tensor
+
+    @classmethod
+    def of(cls, index: torch.Tensor, heads: int) -> "WindowIndex":
+        heads_offset = torch.arange(heads, device=index.device).view(-1, 1, 1)
+        return cls(index, (index.unsqueeze(0) * heads + heads_offset).reshape(-1))
+
+
+@dataclass
 class ShiftGeometry:
     """What shifted-window attention needs for one padded grid: region labels (nW, N), the
     additive mask (nW, N, N) built from them, and the token permutation of the shifted partition
@@ -358,6 +386,24 @@ class ShiftGeometry:
     mask: torch.Tensor
     order: torch.Tensor
     inverse: torch.Tensor
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: the residual branch of a sample is dropped with probability `rate` in training, the kept
+    ones scaled by 1 / (1 - rate). The keep probability is a 0-dim buffer, not a Python float: dynamo guards on a
+    float attribute's value, so blocks with different rates (they grow with depth) would each compile their own
+    graph, where with a tensor every block of a stage shares one (`model.compile`)."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        # (a rate of 1 keeps 1e-6 of the samples: timm's would divide by zero there)
+        self.register_buffer("keep", torch.tensor(max(1.0 - rate, 1e-6)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(self.keep)
+        return x * mask.div_(self.keep)
 
 
 class SwinBlock3D(nn.Module):
@@ -374,8 +420,8 @@ class SwinBlock3D(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
-    def _attention(self, x: torch.Tensor, window: Size3, shift: Size3,
-                   shift_mask: Optional[ShiftGeometry]) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, window: Size3, shift: Size3, shift_mask: Optional[ShiftGeometry],
+                   index: Optional[WindowIndex]) -> torch.Tensor:
         b, t, h, w, c = x.shape
         x = self.norm1(x)
         pad = [(-s) % ws for s, ws in zip((t, h, w), window)]
@@ -387,19 +433,19 @@ class SwinBlock3D(nn.Module):
             # the cyclic shift and the partition in one gather (and its inverse after attention)
             n = window[0] * window[1] * window[2]
             windows = _PermuteTokens.apply(x.reshape(b, -1, c), shift_mask.order, shift_mask.inverse)
-            windows = self.attn(windows.view(-1, n, c), window, shift_mask)
+            windows = self.attn(windows.view(-1, n, c), window, shift_mask, index)
             x = _PermuteTokens.apply(windows.view(b, -1, c), shift_mask.inverse, shift_mask.order)
             x = x.view(b, tp, hp, wp, c)
         else:
-            windows = self.attn(window_partition(x, window), window, None)
+            windows = self.attn(window_partition(x, window), window, None, index)
             x = window_reverse(windows, window, b, tp, hp, wp)
         if any(pad):
             x = x[:, :t, :h, :w].contiguous()
         return x
 
-    def forward(self, x: torch.Tensor, window: Size3, shift: Size3,
-                shift_mask: Optional[ShiftGeometry]) -> torch.Tensor:
-        x = x + self.drop_path(self._attention(x, window, shift, shift_mask))
+    def forward(self, x: torch.Tensor, window: Size3, shift: Size3, shift_mask: Optional[ShiftGeometry],
+                index: Optional[WindowIndex] = None) -> torch.Tensor:
+        x = x + self.drop_path(self._attention(x, window, shift, shift_mask, index))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -437,6 +483,15 @@ class SwinStage(nn.Module):
         self.downsample = PatchMerging(dim) if downsample else None
         self.grad_checkpointing = False
         self._mask_cache: Dict[tuple, ShiftGeometry] = {}
+        self._index_cache: Dict[tuple, WindowIndex] = {}
+
+    def _window_index(self, window: Size3, device: torch.device) -> WindowIndex:
+        """The bias indices of the effective window, shared by every block of the stage (same window, same heads)."""
+        key = (window, device)
+        index = self._index_cache.get(key)
+        if index is None:
+            index = self._index_cache[key] = self.blocks[0].attn.bias_index(window)
+        return index
 
     def _shift_mask(self, padded: Size3, window: Size3, shift: Size3, device: torch.device) -> ShiftGeometry:
         key = (padded, window, shift, device)
@@ -455,12 +510,13 @@ class SwinStage(nn.Module):
         if any(shift) and len(self.blocks) > 1:
             padded = tuple(g + (-g) % ws for g, ws in zip(grid, window))
             shift_mask = self._shift_mask(padded, window, shift, x.device)
+        index = self._window_index(window, x.device)
         for i, block in enumerate(self.blocks):
             block_shift = shift if i % 2 == 1 else (0, 0, 0)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, window, block_shift, shift_mask, use_reentrant=False)
+                x = checkpoint(block, x, window, block_shift, shift_mask, index, use_reentrant=False)
             else:
-                x = block(x, window, block_shift, shift_mask)
+                x = block(x, window, block_shift, shift_mask, index)
         if self.downsample is not None:
             x = self.downsample(x)
         return x
