@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -188,8 +189,19 @@ def start_cluster(directory: Path, nodes: int = 2, slurm: bool = False, ssh: boo
         yield cluster
 
 
-def leftovers(cluster: SimCluster) -> list[str]:
-    """What a torn-down cluster left behind: namespaces, links, processes, mounts, /dev/shm segments, pid files."""
+def leftovers(cluster: SimCluster, wait_s: float = 10.0) -> list[str]:
+    """What a torn-down cluster left behind: namespaces, links, processes, mounts, /dev/shm segments, pid files.
+    The kernel removes a deleted namespace's veth pair asynchronously: what is left is looked at again for up to
+    `wait_s` seconds before it counts."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = _leftovers_now(cluster)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+def _leftovers_now(cluster: SimCluster) -> list[str]:
     left = []
     state = cluster.state
     prefix = state.get("PREFIX")

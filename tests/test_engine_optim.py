@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from deepspeed.utils import groups as ds_groups
 from torch import nn
 
 from violet_ds.config import OptimConfig
@@ -81,6 +82,9 @@ def _bf16_engine(scan: bool = False):
     engine_cfg = EngineConfig(ds_config="cpu_test.json", precision="bf16",
                               ds_overrides={"bf16": {"check_grad_overflow": True}} if scan else {})
     world = setup_world(engine_cfg)
+    # DeepSpeed caches a clone of the world group per process; an earlier test of this pytest process may have
+    # destroyed the group it cloned
+    ds_groups._WORLD_GROUP = None
     torch.manual_seed(0)
     task = _Regression()
     optim_cfg = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", grad_clip=0.1, weight_decay=0.0)
