@@ -99,6 +99,7 @@ class _StopSignal:
     def __init__(self, enabled: bool, announce: bool = True):
         self.received: Optional[str] = None
         self.interrupts = 0
+        self.saved = False  # the stop's checkpoint is written: a late Ctrl-C has nothing left to cut short
         self._announce = announce
         self._previous: Dict[int, Any] = {}
         for name in (self.SIGNALS if enabled else ()) + ("SIGINT",):
@@ -116,6 +117,8 @@ class _StopSignal:
 
     def _interrupt(self, number, frame) -> None:
         self.interrupts += 1
+        if self.saved:
+            return
         if self.interrupts > 1:
             raise KeyboardInterrupt("second Ctrl-C: stopped at once, without saving")
         self.received = self.received or "SIGINT"
@@ -426,6 +429,7 @@ class Trainer:
             self._last_saved_step = self.state.step
 
     def _report_stop(self, stop: _StopSignal, summary: TrainSummary) -> None:
+        stop.saved = True
         summary.preempted = True
         summary.stop_signal = stop.received
         self.logger.warning(f"{stop.received or 'stop signal'} received: saved step {self.state.step} and "
