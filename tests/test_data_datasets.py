@@ -193,3 +193,50 @@ def test_tokenizer_special_ids_come_from_the_vocab(demo_tokenizer, bert_dir):
     assert demo_tokenizer.cls_id != bert.cls_id  # nothing hard-coded: the two vocabularies differ
     with pytest.raises(FileNotFoundError, match="not a tokenizer directory"):
         Tokenizer(Path(bert_dir).parent / "nowhere")
+
+
+def _mc_file(path: Path, video: str, options: list[str]) -> Path:
+    record = {"question": "what does the small red square do ?", "video": video, "answer": 0,
+              **{f"option_{k}": o for k, o in enumerate(options)}}
+    path.write_text(json.dumps({"train": [record]}))
+    return path
+
+
+def test_text_cut_at_max_text_len_is_reported(demo, demo_tokenizer, tmp_path, caplog):
+    tsv, video = str(demo / "video_*.tsv"), TSVFile(next(demo.glob("video_*.tsv")))[0][0]
+    same_start = ["it moves left and then it moves up", "it moves left and then it moves down", "it moves right",
+                  "it stays still", "it moves up"]
+    annotations = _mc_file(tmp_path / "mc.json", video, same_start)
+    caplog.set_level("WARNING", logger="violet_ds.data.datasets")
+    MCQADataset(tsv, annotations, "train", demo_tokenizer, num_frames=2, size=32, max_text_len=64)
+    assert not caplog.records
+    MCQADataset(tsv, annotations, "train", demo_tokenizer, num_frames=2, size=32, max_text_len=14)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert str(annotations) in messages[0] and "longer than data.max_text_len=14" in messages[0]
+    # the two options that differ only in their last word are equal once cut: nothing can answer that record
+    assert "1 of 1 records" in messages[1] and same_start[0] in messages[1] and same_start[1] in messages[1]
+    caplog.clear()
+    PretrainDataset(tsv, demo / "txt_pretrain.json", "train", demo_tokenizer, num_frames=2, size=32, max_text_len=5)
+    assert len(caplog.records) == 1 and "longer than data.max_text_len=5" in caplog.records[0].getMessage()
+
+
+def test_shuffled_frame_order_ablation(demo, demo_tokenizer):
+    tsv = str(demo / "video_*.tsv")
+    common = dict(num_frames=6, size=32, max_text_len=16, train=False)
+    kept = MCQADataset(tsv, demo / "txt_qamc.json", "train", demo_tokenizer, **common)
+    shuffled = MCQADataset(tsv, demo / "txt_qamc.json", "train", demo_tokenizer, frame_order="shuffle", **common)
+    for index in range(4):
+        frames = kept.source.frames(kept.records[index].video)
+        order_a, order_b = (shuffled.reader(frames)[1], shuffled.reader(frames)[1])
+        kept_order = kept.reader(frames)[1]
+        # the same frames, never in their own order, and the same order at every evaluation
+        assert sorted(order_a.tolist()) == kept_order.tolist() and not order_a.equal(kept_order)
+        assert order_a.equal(order_b)
+        assert shuffled[index]["video"].equal(kept[index]["video"][torch.argsort(torch.argsort(order_a))])
+    training = MCQADataset(tsv, demo / "txt_qamc.json", "train", demo_tokenizer, frame_order="shuffle",
+                           **{**common, "train": True})
+    frames = kept.source.frames(kept.records[0].video)
+    assert len({tuple(training.reader(frames)[1].argsort().tolist()) for _ in range(8)}) > 1
+    with pytest.raises(ValueError, match="frame_order"):
+        MCQADataset(tsv, demo / "txt_qamc.json", "train", demo_tokenizer, frame_order="reverse", **common)

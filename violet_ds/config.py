@@ -107,6 +107,9 @@ class DataConfig:
     """seconds the run waits for one batch before it stops its DataLoader workers and ends with an error (0 = wait forever)"""
     eval_clips: int = 1
     """clips per video at evaluation (multi-clip testing averages over them)"""
+    frame_order: Literal["keep", "shuffle"] = "keep"
+    """`shuffle`: an ablation that puts each clip's sampled frames in a random order other than their own (a fixed
+    one per video at evaluation), to measure how much a model relies on the order of frames"""
 
     def sources(self, split: str) -> List[DataSource]:
         """The sources of `split` (train, val or test)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import random
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 TsvSpec = Union[str, Path, Sequence[Union[str, Path]]]
 MIN_SEEN_FOR_LIMIT = 20
+LENGTH_CHECK_SAMPLES = 1000
+"""records whose text lengths are checked against `max_text_len` when a dataset is built (evenly spaced)"""
 
 
 class BadSampleLimitError(RuntimeError):
@@ -95,23 +98,39 @@ class ClipReader:
     """Reads one clip: temporal sampling on the stored frames, decoding only the chosen ones, transform."""
 
     def __init__(self, num_frames: int, size: int, train: bool, spatial: str = "crop", flip: bool = False,
-                 decoder: str = "auto", short: str = "repeat", scale: float = 1.0, sampling: str = "auto"):
+                 decoder: str = "auto", short: str = "repeat", scale: float = 1.0, sampling: str = "auto",
+                 frame_order: str = "keep"):
         # `fixed`: evaluation-style clips (segment centres, centre crop, no flip/scale) even in training,
         # which pre-extracted MVM targets (`violet-ds extract-targets`) need to describe the clip
         if sampling not in ("auto", "fixed"):
             raise ValueError(f"unknown clip sampling {sampling!r} (auto, fixed)")
         self.num_frames, self.train, self.decoder, self.short = num_frames, train, decoder, short
         self.sampling = sampling
+        if frame_order not in ("keep", "shuffle"):
+            raise ValueError(f"unknown frame_order {frame_order!r} (keep, shuffle)")
+        self.frame_order = frame_order
         self.random_clip = train and sampling == "auto"
         self.transform = VideoTransform(size, train=self.random_clip, mode=spatial, flip=flip, scale=scale)
         self.size = size
 
     def __call__(self, frames: list[str], generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         indices = sample_frame_indices(len(frames), self.num_frames, self.random_clip, generator, self.short)
+        if self.frame_order == "shuffle":
+            indices = indices[self.other_order(len(indices), frames, generator)]
         unique, inverse = torch.unique(indices, return_inverse=True)
         decoded = decode_frames([frames[i] for i in unique.tolist()], self.decoder, min_size=self.size)
         video = self.transform(decoded, generator)[inverse]
         return video, indices
+
+    def other_order(self, count: int, frames: list[str], generator: Optional[torch.Generator]) -> torch.Tensor:
+        """A random permutation of `count` frames other than the identity; at evaluation a fixed function of the
+        clip's stored frames, so that every evaluation sees the same shuffled clips."""
+        if generator is None and not self.random_clip:
+            generator = torch.Generator().manual_seed(zlib.crc32(str(frames[0])[-256:].encode()))
+        order = torch.randperm(count, generator=generator)
+        if count > 1 and bool((order == torch.arange(count)).all()):
+            order = order.roll(1)
+        return order
 
 
 # ---------------------------------------------------------------- base class
@@ -154,13 +173,15 @@ class VideoTextDataset(Dataset):
     def __init__(self, tsv: TsvSpec, tokenizer: Optional[Tokenizer], num_frames: int = 5, size: int = 224,
                  max_text_len: int = 32, train: bool = False, *, spatial: str = "crop", flip: bool = False,
                  decoder: str = "auto", short: str = "repeat", max_bad_fraction: float = 0.0,
-                 frame_column: Optional[int] = None, source: Optional[FrameSource] = None, sampling: str = "auto"):
+                 frame_column: Optional[int] = None, source: Optional[FrameSource] = None, sampling: str = "auto",
+                 frame_order: str = "keep"):
         if not 0.0 <= max_bad_fraction < 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction}")
         self.source = source if source is not None else FrameSource(tsv, frame_column)
         self.tokenizer = tokenizer
         self.num_frames, self.size, self.max_text_len, self.train = num_frames, size, max_text_len, train
-        self.reader = ClipReader(num_frames, size, train, spatial, flip, decoder, short, sampling=sampling)
+        self.reader = ClipReader(num_frames, size, train, spatial, flip, decoder, short, sampling=sampling,
+                                 frame_order=frame_order)
         self.max_bad_fraction = max_bad_fraction
         self.bad_samples: list[tuple[int, str, str]] = []
         self.missing_videos: list[str] = []
@@ -183,6 +204,66 @@ class VideoTextDataset(Dataset):
         self.missing_videos = sorted({video for _, video in missing})
         dropped = {i for i, _ in missing}
         return [r for i, r in enumerate(records) if i not in dropped]
+
+    # ---- text longer than max_text_len
+    def _check_text_length(self, records: list, texts_of, where: str, options: bool = False) -> None:
+        """Warn when texts will be cut at `max_text_len`, and (`options`) when the cut makes a record's options equal.
+
+        `texts_of(record)` gives `(texts, pairs)` (pairs None or one per text). Checks up to
+        LENGTH_CHECK_SAMPLES records, evenly spaced, so building a large dataset stays fast. A cut text is
+        normal for long captions; options (question + option, cut longest first) that become identical
+        cannot be told apart by any model, and the cut is silent otherwise.
+        """
+        if self.tokenizer is None or not records:
+            return
+        checked = records[::max(1, len(records) // LENGTH_CHECK_SAMPLES)]
+        texts, pairs, owner = [], [], []
+        for number, record in enumerate(checked):
+            record_texts, record_pairs = texts_of(record)
+            texts += record_texts
+            pairs += record_pairs if record_pairs is not None else [None] * len(record_texts)
+            owner += [number] * len(record_texts)
+        length = [0] * len(texts)
+        for paired in (False, True):
+            which = [k for k, pair in enumerate(pairs) if (pair is not None) == paired]
+            if which:
+                counted = self.tokenizer.lengths([texts[k] for k in which], [pairs[k] for k in which] if paired else None)
+                for k, n in zip(which, counted):
+                    length[k] = n
+        long = [k for k, n in enumerate(length) if n > self.max_text_len]
+        if not long:
+            return
+        worst = max(long, key=length.__getitem__)
+        example = texts[worst] if pairs[worst] is None else f"{texts[worst]} [SEP] {pairs[worst]}"
+        logger.warning("%s: %d of %d texts checked are longer than data.max_text_len=%d tokens (longest %d, %r); "
+                       "their end is cut%s. Raise data.max_text_len to keep them whole.", where, len(long), len(texts),
+                       self.max_text_len, length[worst], example,
+                       " (question + option: the longer part first)" if pairs[worst] is not None else "")
+        if options:
+            self._check_equal_after_cut(checked, owner, texts, pairs, {owner[k] for k in long}, where)
+
+    def _check_equal_after_cut(self, checked: list, owner: list, texts: list, pairs: list, cut: set, where: str) -> None:
+        """Warn when a record's texts (e.g. its options) differ but are equal once cut at max_text_len."""
+        mine = [k for k, number in enumerate(owner) if number in cut]
+        rows: list = [None] * len(texts)
+        for paired in (False, True):
+            which = [k for k in mine if (pairs[k] is not None) == paired]
+            if which:
+                ids, _ = self.tokenizer.encode([texts[k] for k in which], self.max_text_len,
+                                               [pairs[k] for k in which] if paired else None)
+                for k, row in zip(which, ids.tolist()):
+                    rows[k] = tuple(row)
+        seen: dict = {}
+        equal = {}
+        for k in mine:
+            first = seen.setdefault((owner[k], rows[k]), k)
+            if (texts[first], pairs[first]) != (texts[k], pairs[k]):
+                equal.setdefault(owner[k], (pairs[first] or texts[first], pairs[k] or texts[k]))
+        if equal:
+            logger.warning("%s: in %d of %d records checked, two different options become the same text when cut at "
+                           "data.max_text_len=%d (e.g. %r and %r): no model can tell them apart. Raise "
+                           "data.max_text_len.", where, len(equal), len(checked), self.max_text_len,
+                           *next(iter(equal.values())))
 
     # ---- helpers for subclasses
     def encode_text(self, text: str, pair: Optional[str] = None, max_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,6 +344,7 @@ class PretrainDataset(VideoTextDataset):
         self.kind = kind
         self.annotation_path = annotations
         self.records = self._keep_present(ann.load_pretrain_captions(annotations, split), annotations, split)
+        self._check_text_length(self.records, lambda r: (r.captions, None), f"{annotations} ({split})")
         self.vq_tokens = None
         if vq is not None:
             self.vq_tokens = load_vq_tokens(vq)
@@ -332,6 +414,13 @@ class MCQADataset(VideoTextDataset):
         if len(counts) > 1:
             raise ann.AnnotationError(f"{annotations}: {split}: records have different option counts {sorted(counts)}")
         self.records = self._keep_present(records, annotations, split)
+        self._check_text_length(self.records, self._option_texts, f"{annotations} ({split})", options=True)
+
+    @staticmethod
+    def _option_texts(record: ann.MCRecord) -> tuple[list[str], Optional[list[str]]]:
+        if record.question.strip():
+            return [record.question] * len(record.options), list(record.options)
+        return list(record.options), None
 
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
@@ -367,6 +456,7 @@ class OEQADataset(VideoTextDataset):
             records = [r for r in records if r.answer != ann.UNANSWERABLE]
         self.records = self._keep_present(records, annotations, split)
         self.unanswerable = sum(r.answer == ann.UNANSWERABLE for r in self.records)
+        self._check_text_length(self.records, lambda r: ([self.question_text(r)], None), f"{annotations} ({split})")
         self.answer_token_ids = [tokenizer.token_id(word) for word in self.vocab]
 
     def question_text(self, record: ann.OERecord) -> str:
@@ -401,6 +491,7 @@ class RetrievalDataset(VideoTextDataset):
         super().__init__(tsv, tokenizer, num_frames, size, max_text_len, train, **options)
         self.annotation_path = annotations
         self.records = self._keep_present(ann.load_text_video(annotations, split), annotations, split)
+        self._check_text_length(self.records, lambda r: ([r.caption], None), f"{annotations} ({split})")
 
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
@@ -488,6 +579,8 @@ class MultiClipVideoDataset(VideoDataset):
         if self.eval_clips == 1:
             return {"video": self.reader(frames)[0], "video_id": video_id}
         indices = self.clip_indices(len(frames))
+        if self.reader.frame_order == "shuffle":
+            indices = indices[:, self.reader.other_order(self.num_frames, frames, None)]
         unique, inverse = torch.unique(indices.flatten(), return_inverse=True)
         decoded = decode_frames([frames[i] for i in unique.tolist()], self.reader.decoder, min_size=self.size)
         video = self.reader.transform(decoded, None)[inverse]

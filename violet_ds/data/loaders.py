@@ -69,7 +69,8 @@ def build_split(dataset_class: type, data: DataConfig, tokenizer, split: str) ->
     parts = []
     for source in sources:
         options = dict(num_frames=data.num_frames, size=data.image_size, max_text_len=data.max_text_len,
-                       train=split == "train", decoder=data.jpeg_decoder, max_bad_fraction=data.max_bad_fraction)
+                       train=split == "train", decoder=data.jpeg_decoder, max_bad_fraction=data.max_bad_fraction,
+                       frame_order=data.frame_order)
         if "kind" in accepted:
             options["kind"] = source.kind
         if "vq" in accepted:
@@ -124,7 +125,8 @@ def read_clips_as_extracted(datasets: Mapping[str, Dataset], data: DataConfig, s
                                  "extracted with short='repeat'")
             if reader.random_clip:
                 part.reader = ClipReader(reader.num_frames, reader.size, reader.train, mode, reader.transform.flip,
-                                         reader.decoder, reader.short, reader.transform.scale, sampling="fixed")
+                                         reader.decoder, reader.short, reader.transform.scale, sampling="fixed",
+                                         frame_order=reader.frame_order)
 
 
 def data_loader(dataset: Dataset, sampler, data: DataConfig, batch_size: int, *, seed: int, drop_last: bool,

@@ -119,6 +119,12 @@ class Tokenizer:
                       return_tensors="pt", return_token_type_ids=False)
         return out["input_ids"].long(), out["attention_mask"].long()
 
+    def lengths(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None) -> list[int]:
+        """Token count of each text (with its pair and the special tokens), without truncation."""
+        out = self.hf(list(texts), None if pairs is None else list(pairs), add_special_tokens=True,
+                      return_attention_mask=False, return_token_type_ids=False)
+        return [len(ids) for ids in out["input_ids"]]
+
     def token_id(self, token: str) -> int:
         """Id of one vocabulary entry, or -1 when the word is not a single word piece."""
         pieces = self.hf.tokenize(token)

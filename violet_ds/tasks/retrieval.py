@@ -277,7 +277,8 @@ def build_retrieval_eval_datasets(data_cfg, tokenizer, split: str) -> Dict[str, 
     source = sources[0]
     return build_retrieval_eval(source.tsv, source.annotations, source.split, tokenizer, data_cfg.num_frames,
                                 data_cfg.image_size, data_cfg.max_text_len, clips=data_cfg.eval_clips,
-                                decoder=data_cfg.jpeg_decoder, max_bad_fraction=data_cfg.max_bad_fraction)
+                                decoder=data_cfg.jpeg_decoder, max_bad_fraction=data_cfg.max_bad_fraction,
+                                frame_order=data_cfg.frame_order)
 
 
 def _progress(iterable, description: str, world, total: Optional[int] = None):
