@@ -1,4 +1,5 @@
-"""engine/optim.py (parameter groups, optimizer, LR schedule) and the frozen-teacher check of engine/deepspeed_engine.py."""
+"""engine/optim.py (parameter groups, optimizer, LR schedule) and engine/deepspeed_engine.py (the frozen-teacher
+check, the on-device skip of a non-finite step, the lighter ZeRO bookkeeping)."""
 
 from __future__ import annotations
 
@@ -62,19 +63,22 @@ def test_cpu_optimizer_is_fused_adamw_and_schedule_shape():
 
 
 class _Regression(nn.Module):
-    """A task as the engine sees one: batch in, {"loss"} out."""
+    """A task as the engine sees one: batch in, {"loss"} out (`depth` more hidden layers: more parameter tensors)."""
 
-    def __init__(self):
+    def __init__(self, depth: int = 0):
         super().__init__()
         self.first = nn.Linear(8, 16)
+        self.hidden = nn.ModuleList(nn.Linear(16, 16) for _ in range(depth))
         self.second = nn.Linear(16, 1)
 
     def forward(self, batch):
-        x = batch["x"].to(self.first.weight.dtype)
-        return {"loss": (self.second(torch.relu(self.first(x))).float().squeeze(-1) - batch["y"]).square().mean()}
+        x = torch.relu(self.first(batch["x"].to(self.first.weight.dtype)))
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
+        return {"loss": (self.second(x).float().squeeze(-1) - batch["y"]).square().mean()}
 
 
-def _bf16_engine(scan: bool = False):
+def _bf16_engine(scan: bool = False, depth: int = 0, data_seed: int = 0):
     from violet_ds.commands.run import setup_world
     from violet_ds.config import DataConfig, EngineConfig
     from violet_ds.engine.ds_config import resolve_ds_config
@@ -86,11 +90,11 @@ def _bf16_engine(scan: bool = False):
     # destroyed the group it cloned
     ds_groups._WORLD_GROUP = None
     torch.manual_seed(0)
-    task = _Regression()
+    task = _Regression(depth)
     optim_cfg = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", grad_clip=0.1, weight_decay=0.0)
     ds_config = resolve_ds_config(engine_cfg, optim_cfg, DataConfig(batch_size=4), world)
     engine, optimizer, _, _ = dse.initialize(task, ds_config, optim_cfg, total_steps=10, world=world)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(data_seed)
     batch = {"x": torch.randn(4, 8, generator=generator), "y": torch.randn(4, generator=generator)}
     return engine, optimizer, task, ds_config, batch
 
@@ -160,3 +164,126 @@ def test_clipping_in_the_fused_kernel_equals_deepspeeds():
         _train_step(engine, batch)
     for mine, deepspeeds in zip(ours, task.parameters()):
         torch.testing.assert_close(mine, deepspeeds.detach().float(), rtol=0, atol=0)
+
+
+def _deepspeeds_own_bookkeeping(zero_optimizer) -> None:
+    """Undo `dse.lighten_zero_bookkeeping`: DeepSpeed's own methods, torch's flatten / unflatten."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for name in ("get_grad_norm_direct", "_update_model_bit16_weights"):
+        vars(zero_optimizer).pop(name)
+    zero_optimizer.flatten, zero_optimizer.unflatten = _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+def _lightened_and_deepspeeds_runs(depth: int, data_seed: int = 0, poison_rank: int = 0, rank: int = 0) -> dict:
+    """Both paths through 5 clipped bf16 ZeRO-2 steps, the third with a NaN gradient (on `poison_rank`), a
+    parameter moved out of the flat bit16 buffer after the first: per path the weights, Adam moments, norms, skipped
+    steps, whether the moved parameter aliases the buffer again, and the ops of each step."""
+    from violet_ds.bench.train import OpCounter
+
+    runs = {}
+    for lightened in (True, False):
+        engine, optimizer, task, _, batch = _bf16_engine(depth=depth, data_seed=data_seed)
+        if not lightened:
+            _deepspeeds_own_bookkeeping(optimizer)
+        norms, counts = [], []
+        for step in range(5):
+            counter = OpCounter()
+            with counter:
+                _train_step(engine, batch, poison=task.first.weight if step == 2 and rank == poison_rank else None)
+            counts.append(counter.ops)
+            norms.append(float(engine.get_global_grad_norm()))
+            if step == 0:
+                # as a checkpoint load or offload_states / reload_states would leave it
+                task.second.weight.data = task.second.weight.data.clone()
+        flat = {t.untyped_storage().data_ptr() for t in optimizer.bit16_groups_flat}
+        client = optimizer.optimizer
+        runs[lightened] = {
+            "weights": [p.detach().float().clone() for p in task.parameters()],
+            "moments": [client.state[p]["exp_avg"].clone() for group in client.param_groups for p in group["params"]],
+            "norms": norms, "skipped": dse.skipped_steps(engine), "counts": counts,
+            "realiased": task.second.weight.untyped_storage().data_ptr() in flat,
+            "tensors": sum(1 for _ in task.parameters())}
+    return runs
+
+
+def _assert_same_training(runs: dict) -> None:
+    mine, deepspeeds = runs[True], runs[False]
+    for key in ("weights", "moments"):
+        for a, b in zip(mine[key], deepspeeds[key]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert mine["norms"][2] == deepspeeds["norms"][2] == float("inf")
+    assert mine["norms"] == deepspeeds["norms"] and min(mine["norms"]) > 0.1  # clipped steps
+    assert mine["skipped"] == deepspeeds["skipped"] == 1
+    assert mine["realiased"] and deepspeeds["realiased"]
+
+
+def test_lighter_zero_bookkeeping_trains_as_deepspeeds_own_methods():
+    """lighten_zero_bookkeeping (on by default): the gradient norm of a group in one `_foreach_norm`, no re-pointing of
+    the bit16 parameters that still alias the flat buffer, flatten / unflatten in one op each. Weights, Adam moments
+    and norms equal those of DeepSpeed's own methods bitwise over clipped steps and a skipped NaN step; a parameter
+    moved out of the buffer is re-pointed as DeepSpeed does; per parameter tensor about 11 fewer ops per step."""
+    runs = _lightened_and_deepspeeds_runs(depth=6)
+    _assert_same_training(runs)
+    mine, deepspeeds = runs[True], runs[False]
+    tensors = mine["tensors"]
+    assert tensors == 16
+    for ops in mine["counts"]:
+        assert ops["linalg_vector_norm"] <= 1 and ops["_foreach_norm"] == 2  # one norm per group (2 groups)
+    # the first step links the optimizer state per parameter (once, DeepSpeed's), the second re-points the moved
+    # parameter's group; later ones narrow no gradient (unflatten) and re-point no parameter
+    assert [ops["slice"] for ops in mine["counts"]] == [tensors, tensors // 2, 0, 0, 0]
+    assert deepspeeds["counts"][3]["linalg_vector_norm"] >= tensors
+    saved = sum(deepspeeds["counts"][3].values()) - sum(mine["counts"][3].values())
+    assert saved >= 10 * tensors, saved
+
+
+def _two_rank_worker(rank: int, port: int, queue) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    try:
+        # each rank its own samples; the NaN gradient on rank 1 only
+        runs = _lightened_and_deepspeeds_runs(depth=3, data_seed=rank, poison_rank=1, rank=rank)
+        for run in runs.values():
+            run.pop("counts")
+            # plain lists: a tensor would travel as shared memory this process takes along when it exits
+            for key in ("weights", "moments"):
+                run[key] = [t.tolist() for t in run[key]]
+        queue.put((rank, runs))
+    except BaseException as error:  # reported by the test
+        import traceback
+
+        queue.put((rank, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+
+
+def test_lighter_zero_bookkeeping_with_gradients_partitioned_over_two_ranks():
+    """Two ranks (gloo, CPU): each owns half of every group's gradients and optimizer state (parameters split
+    across the partition boundary, alignment padding); the lighter bookkeeping trains as DeepSpeed's own methods
+    bitwise, a NaN gradient on one rank skips the step on both, and both ranks end with the same weights."""
+    import multiprocessing
+
+    from violet_ds.engine.distributed import free_port
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_two_rank_worker, args=(rank, port, queue)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    try:
+        results = dict(queue.get(timeout=300) for _ in processes)
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    for rank, runs in results.items():
+        assert isinstance(runs, dict), runs
+        for run in runs.values():
+            for key in ("weights", "moments"):
+                run[key] = [torch.tensor(values) for values in run[key]]
+        _assert_same_training(runs)
+    for a, b in zip(results[0][True]["weights"], results[1][True]["weights"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -21,6 +21,12 @@ ALLOWED = {
     ("engine/deepspeed_engine.py", 'getattr(engine, "monitor", None)'): "DeepSpeed engine: monitor is optional",
     ("engine/deepspeed_engine.py", 'getattr(self.zero_optimizer, "_global_grad_norm", None)'):
         "DeepSpeed ZeRO / bf16 optimizer: the global gradient norm of the step, absent before the first one",
+    ("engine/deepspeed_engine.py", 'getattr(zero_optimizer, "zenflow", False) and hasattr(torch, "_chunk_cat")'):
+        "DeepSpeed ZeRO optimizer: ZenFlow swaps flatten itself; torch's private _chunk_cat is not in every version",
+    ("engine/deepspeed_engine.py", 'getattr(g, "_zero_padding", False)'):
+        "DeepSpeed ZeRO gradients: its alignment padding tensors carry the flag, others do not",
+    ("engine/deepspeed_engine.py", "hasattr(p, PIPE_REPLICATED)"):
+        "DeepSpeed parameters: pipeline-replicated ones carry the attribute (DeepSpeed's own norm checks the same)",
     ("engine/deepspeed_engine.py", "getattr(optimizer, attribute, None)"):
         "DeepSpeed optimizer wrappers name their loss scale differently (cur_scale / loss_scale)",
     ("engine/checkpoint.py", "getattr(importlib.import_module(module_name), name)"):

@@ -335,7 +335,9 @@ class WindowAttention3D(nn.Module):
         index = index if index is not None else self.bias_index(window)
         bw, n, c = windows.shape
         heads = self.num_heads
-        qkv = self.qkv(windows)
+        # the Linear layers on (tokens, C): a plain addmm, where on 3-D input torch flattens and unflattens around it
+        # (two views more in forward and in backward, same result)
+        qkv = self.qkv(windows.reshape(bw * n, c))
         if shift is None:
             q, k, v = qkv.view(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
         else:
@@ -358,8 +360,8 @@ class WindowAttention3D(nn.Module):
                 out = explicit_window_attention(q, k, v, mask, dropout_p)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        out = out.reshape(bw, heads, n, -1).transpose(1, 2).reshape(bw, n, c)
-        return self.proj_drop(self.proj(out))
+        out = out.reshape(bw, heads, n, -1).transpose(1, 2).reshape(bw * n, c)
+        return self.proj_drop(self.proj(out)).view(bw, n, c)
 
 
 @dataclass
@@ -446,7 +448,8 @@ class SwinBlock3D(nn.Module):
     def forward(self, x: torch.Tensor, window: Size3, shift: Size3, shift_mask: Optional[ShiftGeometry],
                 index: Optional[WindowIndex] = None) -> torch.Tensor:
         x = x + self.drop_path(self._attention(x, window, shift, shift_mask, index))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        # the MLP on (tokens, C), as the attention's Linear layers
+        return x + self.drop_path(self.mlp(self.norm2(x).view(-1, x.shape[-1])).view(x.shape))
 
 
 class PatchMerging(nn.Module):
