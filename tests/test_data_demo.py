@@ -78,3 +78,40 @@ def test_demo_motion_captions_name_only_the_motion(tmp_path):
     assert files["demo0001"][3:] == ["something stays still", "an object staying still"]
     for caption in files["demo0000"][3:] + files["demo0001"][3:]:
         assert not {"red", "blue", "circle", "square", "small", "big"} & set(caption.split())
+
+
+def test_demo_sequences_move_in_the_order_their_captions_say(tmp_path):
+    import json
+
+    import numpy as np
+
+    from violet_ds.data.datasets import PretrainDataset
+    from violet_ds.data.demo import DemoVideo, build_annotations, render_clip
+    from violet_ds.data.tokenizer import Tokenizer
+
+    root = tmp_path / "demo"
+    make_demo_data(out=str(root), num_sequences=12, **SMALL)
+    captions = json.loads((root / "txt_pretrain.json").read_text())
+    sequences = {video: texts for video, texts in captions["train"].items() if video.startswith("seq")}
+    assert len(sequences) == 12 and not any(v.startswith("seq") for v in captions["val"])
+    # the 12 ordered pairs of distinct moves, once each, and no downstream file names a sequence
+    pairs = {tuple(texts[0].split(" moves ")[1].split(" then ")) for texts in sequences.values()}
+    assert len(pairs) == 12 and all(a != b for a, b in pairs)
+    for name in ("txt_qamc.json", "txt_retrieval.json", "txt_action.json", "txt_qaoe.json"):
+        assert "seq0" not in (root / name).read_text()
+    dataset = PretrainDataset(str(root / "video_*.tsv"), root / "txt_pretrain.json", "train",
+                              Tokenizer(root / "tokenizer"), num_frames=5, size=32, train=False, spatial="resize")
+    assert sum(r.video.startswith("seq") for r in dataset.records) == 12
+    # the shape's centre follows the first move over the first half and the second over the second half
+    clip = render_clip("red", "square", "big", "left", 9, 64, np.random.default_rng(0), then="up")
+    red = (clip[..., 0] > 200) & (clip[..., 1] < 100)
+    centres = np.array([[np.nonzero(f)[1].mean(), np.nonzero(f)[0].mean()] for f in red])
+    first, second = centres[4] - centres[0], centres[8] - centres[4]
+    assert first[0] < -10 and abs(first[1]) < 1, first
+    assert second[1] < -10 and abs(second[0]) < 1, second
+    plain = build_annotations([DemoVideo("demo0000", "red", "circle", "small", "left", "train")], [], seed=0)
+    with_sequence = build_annotations([DemoVideo("demo0000", "red", "circle", "small", "left", "train")], [], seed=0,
+                                      sequences=[DemoVideo("seq0000", "red", "circle", "small", "up", "train", "down")])
+    assert {k: v for k, v in with_sequence.items() if k != "txt_pretrain.json"} == \
+        {k: v for k, v in plain.items() if k != "txt_pretrain.json"}
+    assert with_sequence["txt_pretrain.json"]["train"]["seq0000"][0] == "a small red circle moves up then down"

@@ -46,3 +46,19 @@ def test_a_build_writes_the_official_layout(tmp_path):
     assert {"question", "option_0", "option_4", "answer", "video"} <= set(qa["train"][0])
     assert (tmp_path / "video_000.lineidx").is_file() and (tmp_path / "tokenizer" / "vocab.txt").is_file()
     assert len(json.loads((tmp_path / "labels.json").read_text())) == 20
+
+
+def test_order_readout_tool_trains_each_readout(tmp_path, capsys):
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("order_readout", Path(__file__).parents[1] / "tools" / "order_readout.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    make_heldout_order(str(tmp_path / "order"), kind="order", num_videos=40, seed=3)
+    clips, labels, splits = tool.labelled_clips(tmp_path / "order", 4)
+    assert clips.shape == (40, 4, 3, 64, 64) and labels.max() < len(tool.PAIRS) and "test" in splits
+    for model in ("cnn", "flat", "fusion"):
+        tool.readout(types.SimpleNamespace(data=str(tmp_path / "order"), model=model, run=None, patch=None, frames=4,
+                                           epochs=1, batch_size=16, lr=3e-4, seed=0))
+        assert f"{model} epoch 1: train loss" in capsys.readouterr().out

@@ -42,7 +42,11 @@ def run_cli(*args: str) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def finetune_and_test(tmp_path: Path, data: Path, seed: int, frames: int) -> float:
+def finetune_and_test(tmp_path: Path, data: Path, seed: int, frames: int, task: str = "held-out motion",
+                      overrides: dict | None = None, shuffled: bool = False) -> dict[str, float]:
+    """The demo QA recipe (plus `overrides`: {section: {key: value}}) finetuned on `data` and tested; returns the
+    test accuracy `{"test": %}`, and with `shuffled` also `{"shuffled": %}`: the same checkpoint tested on clips
+    whose frames are put in another order (`data.frame_order: shuffle`)."""
     config = yaml.safe_load(RECIPE.read_text())
     for split in ("train", "val", "test"):
         config["data"][split] = [{"tsv": str(data / "video_*.tsv"), "annotations": str(data / "txt_qamc.json"),
@@ -53,16 +57,23 @@ def finetune_and_test(tmp_path: Path, data: Path, seed: int, frames: int) -> flo
     config["engine"]["seed"] = seed
     config["run"].update(name=f"heldout_f{frames}_s{seed}", output_dir=str(tmp_path), init_from=str(DEMO_RUN),
                          progress=False)
+    for section, values in (overrides or {}).items():
+        config[section].update(values)
     path = tmp_path / f"f{frames}_s{seed}.yaml"
     path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / config["run"]["name"]
     run_cli("finetune", "--config", str(path))
-    run_cli("evaluate", "--config", str(path), "--run.init_from", str(run_dir / "checkpoints"), "--split", "test")
-    accuracy = json.loads((run_dir / "eval_test.json").read_text())["acc"]
+    checkpoint = ("--run.init_from", str(run_dir / "checkpoints"), "--split", "test")
+    run_cli("evaluate", "--config", str(path), *checkpoint)
+    result = {"test": json.loads((run_dir / "eval_test.json").read_text())["acc"]}
+    if shuffled:
+        run_cli("evaluate", "--config", str(path), *checkpoint, "--data.frame_order", "shuffle",
+                "--run.name", f"{config['run']['name']}_shuffled")
+        result["shuffled"] = json.loads((tmp_path / f"{config['run']['name']}_shuffled" / "eval_test.json").read_text())["acc"]
     summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"\nheld-out motion, seed {seed}, {frames} frame(s): {accuracy:.1f}% test after {summary['steps']} steps "
+    print(f"\n{task}, seed {seed}, {frames} frame(s): {result} test after {summary['steps']} steps "
           f"({summary['wall_s']:.0f} s), val {summary['val']}, stall {summary.get('stall')}")
-    return accuracy
+    return result
 
 
 @pytest.mark.slow
@@ -71,8 +82,8 @@ def finetune_and_test(tmp_path: Path, data: Path, seed: int, frames: int) -> flo
 def test_demo_recipe_learns_heldout_motion(tmp_path, seed):
     data = tmp_path / "heldout"
     make_heldout_motion(str(data), num_videos=900, seed=200 + seed)
-    four = finetune_and_test(tmp_path, data, seed, frames=4)
-    one = finetune_and_test(tmp_path, data, seed, frames=1)
+    four = finetune_and_test(tmp_path, data, seed, frames=4)["test"]
+    one = finetune_and_test(tmp_path, data, seed, frames=1)["test"]
     assert four >= 90.0, f"seed {seed}: {four:.1f}% test with 4 frames (1 frame: {one:.1f}%)"
     assert one <= 40.0, f"seed {seed}: {one:.1f}% test with 1 frame: the task leaks the answer without motion"
 

@@ -15,7 +15,8 @@ from violet_ds.data import tsv as tsv_files
 
 def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: int = 100, num_frames: int = 8,
                    render_frames: int = 16, size: int = 64, seed: int = 0, workers: int = 2,
-                   vocab_size: int = 384, motion_captions: int = 0, force: bool = False) -> int:
+                   vocab_size: int = 384, motion_captions: int = 0, num_sequences: int = 0,
+                   force: bool = False) -> int:
     """Generate the synthetic demo dataset (videos, frame TSVs, annotations in every official format,
     WordPiece tokenizer); the layout is documented in violet_ds/data/demo.py.
 
@@ -31,6 +32,8 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
         vocab_size: WordPiece vocabulary size cap (special + character tokens + whole words by frequency).
         motion_captions: motion-only captions per video added to the pretraining captions ("something
             moves left"): video-text matching and MLM can then only be solved from the motion.
+        num_sequences: extra two-move videos in the pretraining captions only (train split), e.g. "a big red
+            circle moves left then up": the captions that tie the order of words to the order of frames.
         force: delete an existing output folder first.
     """
     # imported when the command runs: the demo and extraction modules import torch, the other commands here do not
@@ -39,13 +42,15 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
     try:
         summary = demo.make_demo_data(out=out, num_videos=num_videos, num_images=num_images, num_frames=num_frames,
                                       render_frames=render_frames, size=size, seed=seed, workers=workers,
-                                      vocab_size=vocab_size, motion_captions=motion_captions, force=force)
+                                      vocab_size=vocab_size, motion_captions=motion_captions,
+                                      num_sequences=num_sequences, force=force)
     except FileExistsError as refused:
         print(refused)
         return 1
     meta = summary.meta
     side = meta["arguments"]["size"]
-    print(f"demo data in {summary.root}: {num_videos} videos ({num_frames} frames of {side}x{side} in "
+    two_moves = f" + {num_sequences} two-move videos" if num_sequences else ""
+    print(f"demo data in {summary.root}: {num_videos} videos{two_moves} ({num_frames} frames of {side}x{side} in "
           f"{len(meta['video_shards'])} shards), {num_images} images, {summary.annotation_files} annotation files, "
           f"vocabulary {meta['tokenizer_vocab_size']} ({summary.seconds:.1f}s)")
     return 0

@@ -10,7 +10,10 @@ Content. Each video shows one shape (circle, square, triangle) of one colour (re
 yellow, white) and size (small, big) that moves left, right, up, down or stays still over
 `render_frames` frames. Colour, shape and size are visible in any single frame; the motion needs at
 least two frames, so the motion questions, MC options, action labels and the direction blank test
-temporal modelling. Still images (one shape, no motion) form the image-text part.
+temporal modelling. Still images (one shape, no motion) form the image-text part. `num_sequences`
+more videos (default none; ids seqNNNN, pretraining captions only, all in the train split) show two moves
+one after the other ("a big red circle moves left then up"): captions whose word order follows the order
+of events (docs/results.md#temporal-order says what they do to the demo pretraining).
 
 Layout of `out/` (stable names, referenced by configs):
 ```
@@ -19,7 +22,7 @@ images/imgNNNN.png            the still images (ids img0000, ...)
 video_000.tsv, video_001.tsv, ...  (+ .lineidx) frame TSV shards of all videos (`num_frames` frames,
                               short side `size` px); use the glob `out/video_*.tsv`
 image_000.tsv (+ .lineidx)    one-frame rows of the images; glob `out/image_*.tsv`
-txt_pretrain.json             video captions  {"train"|"val": {video_id: [caption, ...]}}
+txt_pretrain.json             video captions  {"train"|"val": {video_id: [caption, ...]}} (+ the sequences)
 txt_image.json                image captions  {"train"|"val": {image_id: [caption, ...]}}
 txt_retrieval.json            {"train"|"val"|"test": [{"video", "caption"}]}
 txt_caption.json              captioning, same format as retrieval (all references per video)
@@ -44,6 +47,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import av
 import numpy as np
@@ -72,26 +76,37 @@ class DemoVideo:
     size: str
     motion: str
     split: str
+    then: str = ""
+    """a second move after `motion` (the clip's second half), "" for one motion"""
 
 
 # ---------------------------------------------------------------- rendering
 
+STEPS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
+
+
+def _path(motion: str, then: str, frames: int, travel: float) -> np.ndarray:
+    """`(frames, 2)` offsets from the start: `motion` over the clip, or `motion` then `then` over its two halves."""
+    progress = np.linspace(0.0, 1.0, frames)[:, None]
+    if not then:
+        return travel * progress * np.array(STEPS[motion])
+    first, second = np.clip(2 * progress, 0, 1), np.clip(2 * progress - 1, 0, 1)
+    return travel * (first * np.array(STEPS[motion]) + second * np.array(STEPS[then]))
+
+
 def render_clip(color: str, shape: str, size: str, motion: str, frames: int, side: int,
-                rng: np.random.Generator) -> np.ndarray:
-    """uint8 `(frames, side, side, 3)` clip of one shape moving (vectorised over frames and pixels)."""
+                rng: np.random.Generator, then: str = "") -> np.ndarray:
+    """uint8 `(frames, side, side, 3)` clip of one shape moving (vectorised over frames and pixels); with `then`,
+    two moves of 0.3 frame sides each, one per half of the clip."""
     radius = side * (0.09 if size == "small" else 0.17)
-    travel = side * 0.45
+    offsets = _path(motion, then, frames, side * (0.3 if then else 0.45))
     margin = radius + 2
-    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}[motion]
     # start so that the whole path stays inside the frame
-    low_x = margin + (travel if dx < 0 else 0)
-    high_x = side - margin - (travel if dx > 0 else 0)
-    low_y = margin + (travel if dy < 0 else 0)
-    high_y = side - margin - (travel if dy > 0 else 0)
-    start_x, start_y = rng.uniform(low_x, high_x), rng.uniform(low_y, high_y)
-    progress = np.linspace(0.0, 1.0, frames)
-    centre_x = (start_x + dx * travel * progress)[:, None, None]
-    centre_y = (start_y + dy * travel * progress)[:, None, None]
+    low = margin - offsets.min(axis=0)
+    high = side - margin - offsets.max(axis=0)
+    start_x, start_y = rng.uniform(low[0], high[0]), rng.uniform(low[1], high[1])
+    centre_x = (start_x + offsets[:, 0])[:, None, None]
+    centre_y = (start_y + offsets[:, 1])[:, None, None]
     grid_y, grid_x = np.mgrid[0:side, 0:side].astype(np.float32)
     off_x, off_y = grid_x[None] - centre_x, grid_y[None] - centre_y
     if shape == "circle":
@@ -124,7 +139,7 @@ def encode_mp4(clip: np.ndarray, path: Path, fps: int = 8) -> None:
 def _render_job(job: tuple) -> str:
     item, frames, side, seed, index, folder = job
     rng = np.random.default_rng([seed, index])
-    clip = render_clip(item.color, item.shape, item.size, item.motion, frames, side, rng)
+    clip = render_clip(item.color, item.shape, item.size, item.motion, frames, side, rng, item.then)
     encode_mp4(clip, Path(folder) / f"{item.video}.mp4")
     return item.video
 
@@ -141,6 +156,11 @@ def _image_job(job: tuple) -> str:
 
 def describe(item: DemoVideo, variant: int = 0) -> str:
     noun = f"{item.size} {item.color} {item.shape}"
+    if item.then:
+        first, second = item.motion, item.then
+        templates = (f"a {noun} moves {first} then {second}", f"the {noun} is moving {first} and then {second}",
+                     f"a {noun} first slides {first} then {second}")
+        return templates[variant % len(templates)]
     if item.motion == "still":
         templates = (f"a {noun} stays still", f"the {noun} does not move", f"a {noun} rests in place")
     else:
@@ -151,6 +171,9 @@ def describe(item: DemoVideo, variant: int = 0) -> str:
 
 def describe_motion(item: DemoVideo, variant: int = 0) -> str:
     """A caption of the motion alone (no colour, shape or size): only the clip's motion can match it."""
+    if item.then:
+        return (f"something moves {item.motion} then {item.then}",
+                f"an object moving {item.motion} and then {item.then}")[variant % 2]
     if item.motion == "still":
         return ("something stays still", "an object staying still")[variant % 2]
     return (f"something moves {item.motion}", f"an object moving {item.motion}")[variant % 2]
@@ -178,18 +201,30 @@ def make_items(count: int, seed: int, prefix: str) -> list[DemoVideo]:
     return items
 
 
+def make_sequences(count: int, seed: int, prefix: str = "seq") -> list[DemoVideo]:
+    """`count` two-move videos (train split), the 12 ordered pairs of distinct moves in turn."""
+    rng = np.random.default_rng([seed, 11])
+    pairs = [(a, b) for a in MOTIONS[:4] for b in MOTIONS[:4] if a != b]
+    return [DemoVideo(video=f"{prefix}{index:04d}", color=str(rng.choice(list(COLORS))), shape=str(rng.choice(SHAPES)),
+                      size=str(rng.choice(SIZES)), motion=pairs[index % len(pairs)][0], split="train",
+                      then=pairs[index % len(pairs)][1])
+            for index in range(count)]
+
+
 def build_annotations(videos: list[DemoVideo], images: list[DemoVideo], seed: int,
-                      motion_captions: int = 0) -> dict[str, dict]:
+                      motion_captions: int = 0, sequences: Sequence[DemoVideo] = ()) -> dict[str, dict]:
     """Every annotation file of the demo as {file name: JSON object}.
 
-    `motion_captions` adds that many motion-only captions per video to `txt_pretrain.json`.
+    `motion_captions` adds that many motion-only captions per video to `txt_pretrain.json`; `sequences`
+    (two-move videos) appear in `txt_pretrain.json` only, so every downstream file is the same with or without.
     """
     rng = np.random.default_rng([seed, 7])
     splits = ("train", "val", "test")
     by_split = {s: [v for v in videos if v.split == s] for s in splits}
+    captioned = {s: by_split[s] + [v for v in sequences if v.split == s] for s in splits}
     files: dict[str, dict] = {}
     files["txt_pretrain.json"] = {s: {v.video: [describe(v, 0), describe(v, 1), describe(v, 2)]
-                                          + [describe_motion(v, k) for k in range(motion_captions)] for v in by_split[s]}
+                                          + [describe_motion(v, k) for k in range(motion_captions)] for v in captioned[s]}
                                   for s in ("train", "val")}
     image_split = {s: [i for i in images if i.split == s] for s in splits}
     files["txt_image.json"] = {s: {i.video: [describe_image(i, 0), describe_image(i, 1)] for i in image_split[s]}
@@ -352,7 +387,8 @@ class DemoSummary:
 
 def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: int = 100, num_frames: int = 8,
                    render_frames: int = 16, size: int = 64, seed: int = 0, workers: int = 2,
-                   vocab_size: int = 384, motion_captions: int = 0, force: bool = False) -> DemoSummary:
+                   vocab_size: int = 384, motion_captions: int = 0, num_sequences: int = 0,
+                   force: bool = False) -> DemoSummary:
     """Generate the synthetic demo dataset in `out` (`violet-ds make-demo-data` documents the arguments); an
     existing, non-empty `out` is refused (FileExistsError) unless `force`, which deletes it first."""
     started = time.perf_counter()
@@ -368,7 +404,9 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
     images = make_items(num_images, seed + 1, "img")
     for image in images:
         image.motion = "still"
+    sequences = make_sequences(num_sequences, seed)
     render_jobs = [(v, render_frames, side, seed, i, str(root / "videos")) for i, v in enumerate(videos)]
+    render_jobs += [(v, render_frames, side, seed, 2_000_000 + i, str(root / "videos")) for i, v in enumerate(sequences)]
     image_jobs = [(v, side, seed, i, str(root / "images")) for i, v in enumerate(images)]
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -386,7 +424,7 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
     failed = {**video_report.failed, **image_report.failed}
     if failed:
         raise RuntimeError(f"demo extraction failed for {sorted(failed)[:5]}: {next(iter(failed.values()))}")
-    files = build_annotations(videos, images, seed, motion_captions)
+    files = build_annotations(videos, images, seed, motion_captions, sequences)
     for name, content in files.items():
         (root / name).write_text(json.dumps(content, indent=1))
     train_tokenizer(all_texts(files), root / "tokenizer", vocab_size)
@@ -400,8 +438,9 @@ def make_demo_data(out: str = "data/demo", num_videos: int = 300, num_images: in
                 raise RuntimeError(f"demo answer {word!r} is not a single word piece of the demo vocabulary")
     meta = {"arguments": {"num_videos": num_videos, "num_images": num_images, "num_frames": num_frames,
                           "render_frames": render_frames, "size": side, "seed": seed, "vocab_size": vocab_size,
-                          "motion_captions": motion_captions},
+                          "motion_captions": motion_captions, "num_sequences": num_sequences},
             "videos": {s: sum(v.split == s for v in videos) for s in ("train", "val", "test")},
+            "sequences": {"train": len(sequences)},
             "video_shards": [Path(p).name for p in video_report.shards],
             "image_shards": [Path(p).name for p in image_report.shards],
             "tokenizer_vocab_size": tokenizer.vocab_size, "motions": list(MOTIONS), "colors": list(COLORS),
