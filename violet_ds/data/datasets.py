@@ -133,6 +133,19 @@ class ClipReader:
         return order
 
 
+def _per_pairing(texts: list, pairs: list, run) -> list:
+    """`run(texts, pairs or None)` on the texts without a pair and on those with one (the tokenizer takes one kind
+    per call); the results in the order of `texts`."""
+    out: list = [None] * len(texts)
+    for paired in (False, True):
+        which = [k for k, pair in enumerate(pairs) if (pair is not None) == paired]
+        if which:
+            results = run([texts[k] for k in which], [pairs[k] for k in which] if paired else None)
+            for k, result in zip(which, results):
+                out[k] = result
+    return out
+
+
 # ---------------------------------------------------------------- base class
 
 class SharedCounts:
@@ -223,13 +236,7 @@ class VideoTextDataset(Dataset):
             texts += record_texts
             pairs += record_pairs if record_pairs is not None else [None] * len(record_texts)
             owner += [number] * len(record_texts)
-        length = [0] * len(texts)
-        for paired in (False, True):
-            which = [k for k, pair in enumerate(pairs) if (pair is not None) == paired]
-            if which:
-                counted = self.tokenizer.lengths([texts[k] for k in which], [pairs[k] for k in which] if paired else None)
-                for k, n in zip(which, counted):
-                    length[k] = n
+        length = _per_pairing(texts, pairs, self.tokenizer.lengths)
         long = [k for k, n in enumerate(length) if n > self.max_text_len]
         if not long:
             return
@@ -239,26 +246,19 @@ class VideoTextDataset(Dataset):
                        "their end is cut%s. Raise data.max_text_len to keep them whole.", where, len(long), len(texts),
                        self.max_text_len, length[worst], example,
                        " (question + option: the longer part first)" if pairs[worst] is not None else "")
-        if options:
-            self._check_equal_after_cut(checked, owner, texts, pairs, {owner[k] for k in long}, where)
-
-    def _check_equal_after_cut(self, checked: list, owner: list, texts: list, pairs: list, cut: set, where: str) -> None:
-        """Warn when a record's texts (e.g. its options) differ but are equal once cut at max_text_len."""
+        if not options:
+            return
+        # the texts of every record with a cut text, as the model gets them; two different ones that read the same
+        cut = {owner[k] for k in long}
         mine = [k for k, number in enumerate(owner) if number in cut]
-        rows: list = [None] * len(texts)
-        for paired in (False, True):
-            which = [k for k in mine if (pairs[k] is not None) == paired]
-            if which:
-                ids, _ = self.tokenizer.encode([texts[k] for k in which], self.max_text_len,
-                                               [pairs[k] for k in which] if paired else None)
-                for k, row in zip(which, ids.tolist()):
-                    rows[k] = tuple(row)
-        seen: dict = {}
-        equal = {}
-        for k in mine:
-            first = seen.setdefault((owner[k], rows[k]), k)
-            if (texts[first], pairs[first]) != (texts[k], pairs[k]):
-                equal.setdefault(owner[k], (pairs[first] or texts[first], pairs[k] or texts[k]))
+        rows = _per_pairing([texts[k] for k in mine], [pairs[k] for k in mine], lambda t, p: [
+            tuple(row) for row in self.tokenizer.encode(t, self.max_text_len, p)[0].tolist()])
+        first: dict = {}
+        equal: dict = {}
+        for k, row in zip(mine, rows):
+            other = first.setdefault((owner[k], row), k)
+            if (texts[other], pairs[other]) != (texts[k], pairs[k]):
+                equal.setdefault(owner[k], (pairs[other] or texts[other], pairs[k] or texts[k]))
         if equal:
             logger.warning("%s: in %d of %d records checked, two different options become the same text when cut at "
                            "data.max_text_len=%d (e.g. %r and %r): no model can tell them apart. Raise "
