@@ -58,7 +58,10 @@ def test_order_readout_tool_trains_each_readout(tmp_path, capsys):
     make_heldout_order(str(tmp_path / "order"), kind="order", num_videos=40, seed=3)
     clips, labels, splits = tool.labelled_clips(tmp_path / "order", 4)
     assert clips.shape == (40, 4, 3, 64, 64) and labels.max() < len(tool.PAIRS) and "test" in splits
-    for model in ("cnn", "flat", "fusion"):
-        tool.readout(types.SimpleNamespace(data=str(tmp_path / "order"), model=model, run=None, patch=None, frames=4,
-                                           epochs=1, batch_size=16, lr=3e-4, seed=0))
+    args = dict(data=str(tmp_path / "order"), run=None, patch=None, frames=4, epochs=1, batch_size=16, lr=3e-4,
+                seed=0, head="linear", save=None)
+    for model, head in (("cnn", "linear"), ("flat", "linear"), ("fusion", "linear"), ("fusion", "score")):
+        tool.readout(types.SimpleNamespace(**{**args, "model": model, "head": head}))
         assert f"{model} epoch 1: train loss" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--save"):
+        tool.readout(types.SimpleNamespace(**{**args, "model": "fusion", "save": str(tmp_path / "model")}))

@@ -93,6 +93,44 @@ def test_mc_mlm_listwise_adds_option_cross_entropy(demo):
     binary, listwise = losses[0.0][0], losses[1.0][0]
     assert listwise == pytest.approx(binary + losses[1.0][1], rel=1e-5)
 
+def test_mc_video_answer_loss_names_the_answer_from_the_video_alone(demo):
+    """qa_mc with `video_answer_loss`: the option loss plus weight x a cross-entropy of `heads.video_answer` on the
+    video fused with [CLS] [SEP] against the answer text's class; the same answer text has one key everywhere."""
+    import zlib
+
+    import torch.nn.functional as F
+
+    from violet_ds.data.datasets import collate
+    from violet_ds.tasks.common import encode_video, fuse_pairs, pooled_of
+
+    task, tokenizer = build(demo, "qa_mc", "head", {"video_answer_loss": 0.5, "answer_buckets": 7})
+    assert task.chance_losses() == {"loss_options": pytest.approx(float(torch.tensor(5.0).log()))}
+    train_set = next(iter(task.build_datasets(data_config(demo, "txt_qamc.json"), tokenizer, "train").values()))
+    items = [train_set[i] for i in range(4)]
+    for item, record in zip(items, train_set.records):
+        text = " ".join(record.options[record.answer].lower().split())
+        assert item["answer_key"] == zlib.crc32(text.encode())
+    batch = collate(items)
+    task.eval()  # no dropout, so the pieces below recompute the same numbers
+    task.training = True
+    out = task(batch)
+    tokens, mask = encode_video(task.model, batch["video"])
+    empty = torch.tensor([[tokenizer.hf.cls_token_id, tokenizer.hf.sep_token_id]] * 4)
+    pooled = pooled_of(fuse_pairs(task.model, tokens, mask, empty, torch.ones_like(empty)), tokens.shape[1])
+    expected = F.cross_entropy(task.heads["video_answer"](pooled), batch["answer_key"] % 7).detach()
+    assert float(out["loss_video_answer"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(float(out["loss_options"]) + 0.5 * float(expected), rel=1e-5)
+    out["loss"].backward()
+    assert task.heads["video_answer"].weight.grad.abs().sum() > 0
+    # prediction never reads the head: evaluation scores are the option scores alone
+    plain, _ = build(demo, "qa_mc", "head")
+    plain.load_state_dict({k: v for k, v in task.state_dict().items() if "video_answer" not in k})
+    plain.eval(), task.eval()
+    torch.testing.assert_close(task.option_logits(batch)[0], plain.option_logits(batch)[0])
+    with pytest.raises(ValueError, match="answer_buckets"):
+        build(demo, "qa_mc", "head", {"video_answer_loss": 1.0, "answer_buckets": 1})
+
+
 def test_answer_slot_and_true_false_score(demo):
     from violet_ds.tasks.common import SpecialIds, append_answer_mask, true_false_logits
 

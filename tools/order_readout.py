@@ -7,7 +7,9 @@ text, training on the build's train split and printing test accuracy after every
 - `fusion`: the whole model, the video through the cross-modal layers (with an empty text) and a linear layer on
   the [CLS] output, as every violet_ds head reads it.
 `--run DIR` starts the encoder / model from a run's weights (`violet_ds.pretrained.load_run`), otherwise from
-a random init. `--patch T,H,W` changes the random model's tubelet.
+a random init. `--patch T,H,W` changes the random model's tubelet. `--head score` reads out with violet_ds's
+ScoreHead (an MLP whose last layer starts at zero) instead of a linear layer. `--save DIR` writes the trained run
+model (with `--run`) as a model directory, which `violet-ds finetune --run.init_from DIR` can start from.
 
 `mlm`: how often a pretraining run's MLM head names the motion word of its own training captions when that
 word is masked ("a big red circle moves [MASK]"; with two-move captions, each of the two words in turn), among
@@ -15,6 +17,7 @@ left / right / up / down (chance 25%).
 
     python tests/heldout_order.py --kind order --out /tmp/order --seed 4242
     python tools/order_readout.py readout --data /tmp/order --model flat --run runs/demo
+    python tools/order_readout.py readout --data /tmp/order --model fusion --run runs/demo --epochs 30
     python tools/order_readout.py mlm --run runs/demo --data data/demo
 """
 
@@ -33,7 +36,8 @@ from violet_ds.data.datasets import ClipReader, FrameSource
 from violet_ds.data.frames import normalize
 from violet_ds.data.tokenizer import Tokenizer
 from violet_ds.models import create_model
-from violet_ds.pretrained import load_run
+from violet_ds.models.heads import ScoreHead
+from violet_ds.pretrained import load_run, save_pretrained
 from violet_ds.tasks.common import encode_video, fuse_pairs, pooled_of
 
 MOVES = ("left", "right", "up", "down")
@@ -51,21 +55,24 @@ def labelled_clips(data: Path, frames: int) -> tuple[torch.Tensor, torch.Tensor,
 
 
 class Readout(nn.Module):
-    def __init__(self, kind: str, run: str | None, patch: tuple[int, int, int] | None, example: torch.Tensor):
+    def __init__(self, kind: str, run: str | None, patch: tuple[int, int, int] | None, example: torch.Tensor,
+                 head: str = "linear"):
         super().__init__()
         self.kind = kind
+        self.loaded = None
         if kind == "cnn":
             self.net = nn.Sequential(nn.Conv3d(3, 16, (1, 3, 3), (1, 2, 2), (0, 1, 1)), nn.ReLU(),
                                      nn.Conv3d(16, 32, (2, 3, 3), (1, 2, 2), (0, 1, 1)), nn.ReLU(),
                                      nn.Conv3d(32, 64, (2, 3, 3), (1, 2, 2), (0, 1, 1)), nn.ReLU(), nn.Flatten())
         elif run:
-            self.model = load_run(run, mvm=False).task.model
+            self.loaded = load_run(run, mvm=False)
+            self.model = self.loaded.task.model
         else:
             swin = {"patch_size": patch} if patch else {}
             self.model = create_model("violet-tiny", vocab_size=384, max_frames=8, swin_overrides=swin)
         with torch.no_grad():
             width = self.features(example).shape[1]
-        self.head = nn.Linear(width, len(PAIRS))
+        self.head = nn.Linear(width, len(PAIRS)) if head == "linear" else ScoreHead(width, len(PAIRS), dropout=0.0)
 
     def features(self, clips: torch.Tensor) -> torch.Tensor:
         if self.kind == "cnn":
@@ -86,7 +93,9 @@ def readout(args: argparse.Namespace) -> None:
     train = torch.tensor([s == "train" for s in splits])
     test = torch.tensor([s == "test" for s in splits])
     patch = tuple(int(x) for x in args.patch.split(",")) if args.patch else None
-    model = Readout(args.model, args.run, patch, clips[:2])
+    if args.save and not (args.run and args.model != "cnn"):
+        raise SystemExit("--save writes a run's model: give --run and --model flat or fusion")
+    model = Readout(args.model, args.run, patch, clips[:2], args.head)
     optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=1e-3)
     x_train, y_train = clips[train], labels[train]
     started = time.perf_counter()
@@ -103,6 +112,9 @@ def readout(args: argparse.Namespace) -> None:
         accuracy = 100 * predicted.eq(labels[test]).float().mean().item()
         print(f"{args.model} epoch {epoch + 1}: train loss {loss.item():.3f}, test {accuracy:.1f}% "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
+    if args.save:
+        save_pretrained(model.loaded.task, args.save)
+        print(f"model directory {args.save}")
 
 
 @torch.no_grad()
@@ -142,6 +154,8 @@ def main() -> None:
     one.add_argument("--model", choices=("cnn", "flat", "fusion"), default="flat")
     one.add_argument("--run", help="start from this run's weights (default: random init)")
     one.add_argument("--patch", help="tubelet T,H,W of the random violet-tiny (default 2,8,8)")
+    one.add_argument("--head", choices=("linear", "score"), default="linear")
+    one.add_argument("--save", help="write the trained model (needs --run) as a model directory here")
     one.add_argument("--frames", type=int, default=4)
     one.add_argument("--epochs", type=int, default=12)
     one.add_argument("--batch_size", type=int, default=16)

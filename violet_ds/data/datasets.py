@@ -398,7 +398,9 @@ class MixedDataset(Dataset):
 # ---------------------------------------------------------------- downstream tasks
 
 class MCQADataset(VideoTextDataset):
-    """Multiple-choice QA: `option_ids`/`option_mask` `(K, L)` and `answer` (option index).
+    """Multiple-choice QA: `option_ids`/`option_mask` `(K, L)`, `answer` (option index) and `answer_key` (the
+    right option's text, lower-cased with its spaces collapsed, as a CRC-32: the same answer text gives the same key
+    in every record, split and source).
 
     TGIF style (a question): each option is encoded as the pair `[CLS] question [SEP] option [SEP]`.
     MSRVTT-MC style (no question): each option is a caption on its own.
@@ -430,8 +432,9 @@ class MCQADataset(VideoTextDataset):
                                               pairs=record.options)
         else:
             ids, mask = self.tokenizer.encode(record.options, self.max_text_len)
-        return {"video": video, "option_ids": ids, "option_mask": mask,
-                "answer": record.answer, "video_id": record.video}
+        answer_text = " ".join(record.options[record.answer].lower().split())
+        return {"video": video, "option_ids": ids, "option_mask": mask, "answer": record.answer,
+                "answer_key": zlib.crc32(answer_text.encode("utf-8")), "video_id": record.video}
 
 
 class OEQADataset(VideoTextDataset):
