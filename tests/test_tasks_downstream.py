@@ -93,6 +93,7 @@ def test_mc_mlm_listwise_adds_option_cross_entropy(demo):
     binary, listwise = losses[0.0][0], losses[1.0][0]
     assert listwise == pytest.approx(binary + losses[1.0][1], rel=1e-5)
 
+
 def test_mc_video_answer_loss_names_the_answer_from_the_video_alone(demo):
     """qa_mc with `video_answer_loss`: the option loss plus weight x a cross-entropy of `heads.video_answer` on the
     video fused with [CLS] [SEP] against the answer text's class; the same answer text has one key everywhere."""

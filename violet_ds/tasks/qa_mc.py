@@ -66,6 +66,8 @@ class MultipleChoiceQA(DownstreamTask):
             # a linear layer at PyTorch's default init, not a ScoreHead: a zero last layer gives the pooled output no
             # gradient until the head has grown, and the read-out then sits at the answer prior for thousands of steps
             self.heads["video_answer"] = nn.Linear(self.model.hidden_size, buckets)
+            empty = torch.tensor([self.special.cls, self.special.sep])
+            self.register_buffer("empty_text", empty, persistent=False)  # moves with the task: no copy per step
 
     def chance_losses(self) -> Dict[str, float]:
         """Option loss of scores collapsed to one constant (the trainer's stall detector watches it)."""
@@ -78,8 +80,7 @@ class MultipleChoiceQA(DownstreamTask):
     def video_answer_loss(self, video_tokens: torch.Tensor, video_mask: torch.Tensor,
                           answer_key: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of `heads.video_answer` on the video fused with an empty text against the answer's class."""
-        batch_size = video_tokens.shape[0]
-        empty = torch.tensor([self.special.cls, self.special.sep], device=video_tokens.device).expand(batch_size, -1)
+        empty = self.empty_text.expand(video_tokens.shape[0], -1)
         hidden = fuse_pairs(self.model, video_tokens, video_mask, empty, torch.ones_like(empty), self.task_vector())
         logits = self.heads["video_answer"](pooled_of(hidden, video_tokens.shape[1])).float()
         return F.cross_entropy(logits, answer_key.to(logits.device) % logits.shape[1])
