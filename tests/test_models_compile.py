@@ -53,15 +53,31 @@ def test_build_model_applies_compile_and_attention_choice():
 
 
 @pytest.mark.slow
-def test_inductor_compiled_blocks_match_eager():
-    """The real inductor compile on the CPU (minutes on 2 cores)."""
+def test_inductor_compiled_blocks_match_eager(tmp_path, monkeypatch):
+    """The real inductor compile on the CPU (minutes on 2 cores); a second compile of the same blocks in a fresh
+    dynamo state takes every graph from inductor's on-disk cache, and `compile_counters` says so."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
     torch.manual_seed(0)
     eager = create_model("violet-tiny").eval()
     compiled = create_model("violet-tiny").eval()
     compiled.load_state_dict(eager.state_dict())
+    start = compile_counters()
     compile_blocks(compiled)
     with torch.no_grad():
         torch.testing.assert_close(compiled(*_inputs()).hidden, eager(*_inputs()).hidden, rtol=1e-4, atol=1e-5)
+    cold = compile_counters()
+    misses = cold["cache_misses"] - start["cache_misses"]
+    assert misses > 0 and cold["cache_hits"] == start["cache_hits"]
+
+    torch._dynamo.reset()
+    again = create_model("violet-tiny").eval()
+    again.load_state_dict(eager.state_dict())
+    compile_blocks(again)
+    with torch.no_grad():
+        torch.testing.assert_close(again(*_inputs()).hidden, eager(*_inputs()).hidden, rtol=1e-4, atol=1e-5)
+    warm = compile_counters()
+    assert warm["cache_misses"] == cold["cache_misses"] and warm["cache_hits"] - cold["cache_hits"] == misses
 
 
 def test_model_fields_reach_the_module_at_construction():

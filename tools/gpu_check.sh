@@ -6,15 +6,20 @@
 # left of the budget; the engine steps of tests/test_cuda.py are not rerun here: the bench's step rows run the
 # same engine paths and are checked the same way (finite loss, device, precision, the optimizer asked for).
 # Extra arguments go to `violet-ds bench gpu` (see `violet-ds bench gpu --help`; a `--budget_s` there wins).
-# Output: $GPU_CHECK_OUT (default runs/bench): gpu_check.json, gpu_check.log, gpu_check_tests.log.
+# Output: $GPU_CHECK_OUT (default runs/bench): gpu_check.json, gpu_check.log, gpu_check_tests.log, and
+# inductor_cache/ (the compiled blocks' kernels, unless TORCHINDUCTOR_CACHE_DIR is set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out_dir="${GPU_CHECK_OUT:-runs/bench}"
 total="${GPU_CHECK_BUDGET_S:-480}"
 mkdir -p "$out_dir"
+# compiled kernels kept next to the results: a rerun on the same machine (`--rows ...`) compiles from this cache
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$out_dir/inductor_cache}"
 started=$(date +%s)
-python3 -m pytest -q -p no:cacheprovider -m "not slow" -k "not engine_step" tests/test_cuda.py \
-    tests/test_models_video_swin.py 2>&1 | tee "$out_dir/gpu_check_tests.log" | tail -n 15
+# GPU_CHECK_TESTS: the test files to run first (the CPU-mode check in the test suite runs only the CUDA file,
+# whose tests skip there, not the Video Swin tests the suite runs anyway)
+read -r -a test_files <<< "${GPU_CHECK_TESTS:-tests/test_cuda.py tests/test_models_video_swin.py}"
+python3 -m pytest -q -p no:cacheprovider -m "not slow" -k "not engine_step" "${test_files[@]}" 2>&1 | tee "$out_dir/gpu_check_tests.log" | tail -n 15
 tests_rc=${PIPESTATUS[0]}
 left=$(( total - ($(date +%s) - started) ))
 (( left < 60 )) && left=60

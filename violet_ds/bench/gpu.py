@@ -312,6 +312,11 @@ def _step_lines(steps: dict) -> List[str]:
                      f"{row.get('host_syncs_per_step', '-'):>6} {compile_s:>9} {row.get('compile_graphs', '-'):>6} "
                      f"{row.get('recompiles', '-'):>6}")
     for name, row in steps.items():
+        if row.get("compile_cache"):
+            cache = row["compile_cache"]
+            lines += ["", f"compile of '{name}': {row['compile_s']:.1f} s, inductor cache {cache['hits']} hits / "
+                      f"{cache['misses']} misses ({'warm' if cache['hits'] and not cache['misses'] else 'cold'})"]
+    for name, row in steps.items():
         if row.get("top_ops"):
             lines += ["", f"aten ops of one '{name}' step: {row['ops_per_step']} (host syncs {row['host_syncs']}, "
                       f"copies {row['copies']})",

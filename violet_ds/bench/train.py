@@ -288,7 +288,8 @@ def measure_step(spec: dict) -> dict:
 
         compiled = {"compile_graphs": first["graphs"], "recompiles": compile_counters()["graphs"] - first["graphs"],
                     "compile_s": first["first_step_s"] - sorted(times)[len(times) // 2],
-                    "dynamo_compile_s": first["compile_s"], "first_step_s": first["first_step_s"]}
+                    "dynamo_compile_s": first["compile_s"], "first_step_s": first["first_step_s"],
+                    "compile_cache": {"hits": first["cache_hits"], "misses": first["cache_misses"]}}
     # a TorchDispatchMode cannot run inside compiled graphs (dynamo refuses to trace under one): eager rows only
     ops = count_step_ops(step) if spec.get("count_ops") and not spec.get("compile") else {}
     profile = _profile_step(step, device) if spec.get("profile") else None
@@ -502,8 +503,10 @@ def _progress_line(spec: dict, row: dict) -> str:
     line += f", overflow scan {_on_off(row.get('overflow_check'))}"
     line += f", {row['ops_per_step']} ops/step, {row['host_syncs_per_step']} host syncs" if "ops_per_step" in row else ""
     if row.get("compile_graphs") is not None:
+        cache = row.get("compile_cache", {})
         line += (f", compile {row['compile_s']:.1f} s, {row['compile_graphs']} graphs, "
-                 f"{row['recompiles']} recompiles")
+                 f"{row['recompiles']} recompiles, inductor cache {cache.get('hits', 0)} hits / "
+                 f"{cache.get('misses', 0)} misses")
     return line
 
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from violet_ds.bench import data as data_bench
 from violet_ds.bench import gpu as gpu_check
@@ -63,8 +63,8 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
 def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", peak_tflops: Optional[float] = None,
               tokenizer: Optional[str] = None, budget_s: float = 480.0,
               sections: List[str] = ["env", "attention", "steps", "max_batch", "loader"],
-              rows: Optional[List[str]] = None, overflow_check: List[str] = ["on", "off"],
-              compile: Optional[List[str]] = None) -> int:
+              rows: Optional[List[str]] = None, overflow_check: List[Union[bool, str]] = ["on", "off"],
+              compile: Optional[List[Union[bool, str]]] = None) -> int:
     """One-shot check of every CUDA path: engine steps (bf16/fp16, FusedAdam/torch/apex, checkpointing off/on/offload),
     attention kernels, max batch, data loader; prints one table and writes JSON.
 
@@ -85,11 +85,17 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
     Returns 0 when every section ran, 1 when one failed (the table says which).
     """
     check = gpu_check.bench_gpu(mode=mode, output=output, peak_tflops=peak_tflops, tokenizer=tokenizer,
-                                budget_s=budget_s, sections=sections, rows=rows, overflow_check=overflow_check,
-                                compile=compile)
+                                budget_s=budget_s, sections=sections, rows=rows,
+                                overflow_check=_on_off(overflow_check),
+                                compile=None if compile is None else _on_off(compile))
     print(gpu_check.format_table(check.results), flush=True)
     print(f"results: {check.path}", flush=True)
     return 1 if check.failed else 0
+
+
+def _on_off(values: List[Union[bool, str]]) -> List[str]:
+    """A switch list as "on" / "off" (a YAML command line reads `[on, off]` as booleans)."""
+    return [("on" if value else "off") if isinstance(value, bool) else value for value in values]
 
 
 def bench_data(tsv: Optional[str] = None, num_frames: int = 5, size: int = 224, batch_size: int = 8,

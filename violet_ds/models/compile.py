@@ -63,11 +63,15 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> List[str]:
 
 def compile_counters() -> dict:
     """What dynamo compiled so far in this process: `graphs` (distinct graphs handed to the backend, recompiles
-    included) and `compile_s` (seconds spent compiling, dynamo's own timing of its frames, backend included)."""
+    included), `compile_s` (seconds spent compiling, dynamo's own timing of its frames, backend included) and
+    `cache_hits` / `cache_misses` (inductor's on-disk FX graph cache, forward and backward graphs: a compile whose
+    graphs all hit took its kernels from an earlier process, `TORCHINDUCTOR_CACHE_DIR`)."""
     from torch._dynamo.utils import compilation_time_metrics, counters
 
     return {"graphs": int(counters["stats"]["unique_graphs"]),
-            "compile_s": float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))}
+            "compile_s": float(sum(compilation_time_metrics.get("_compile.compile_inner", []))),
+            "cache_hits": int(counters["inductor"]["fxgraph_cache_hit"]),
+            "cache_misses": int(counters["inductor"]["fxgraph_cache_miss"])}
 
 
 def graph_breaks(function, *args, **kwargs) -> dict:
