@@ -78,12 +78,12 @@ class _Regression(nn.Module):
         return {"loss": (self.second(x).float().squeeze(-1) - batch["y"]).square().mean()}
 
 
-def _bf16_engine(scan: bool = False, depth: int = 0, data_seed: int = 0):
+def _bf16_engine(scan: bool = False, depth: int = 0, data_seed: int = 0, ds_config: str = "cpu_test.json"):
     from violet_ds.commands.run import setup_world
     from violet_ds.config import DataConfig, EngineConfig
     from violet_ds.engine.ds_config import resolve_ds_config
 
-    engine_cfg = EngineConfig(ds_config="cpu_test.json", precision="bf16",
+    engine_cfg = EngineConfig(ds_config=ds_config, precision="bf16",
                               ds_overrides={"bf16": {"check_grad_overflow": True}} if scan else {})
     world = setup_world(engine_cfg)
     # DeepSpeed caches a clone of the world group per process; an earlier test of this pytest process may have
@@ -170,12 +170,14 @@ def _deepspeeds_own_bookkeeping(zero_optimizer) -> None:
     """Undo `dse.lighten_zero_bookkeeping`: DeepSpeed's own methods, torch's flatten / unflatten."""
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    for name in ("get_grad_norm_direct", "_update_model_bit16_weights"):
-        vars(zero_optimizer).pop(name)
+    for name in ("get_grad_norm_direct", "_update_model_bit16_weights", "update_offload_overflow_tracker",
+                 "complete_grad_norm_calculation_for_cpu_offload"):
+        vars(zero_optimizer).pop(name, None)
     zero_optimizer.flatten, zero_optimizer.unflatten = _flatten_dense_tensors, _unflatten_dense_tensors
 
 
-def _lightened_and_deepspeeds_runs(depth: int, data_seed: int = 0, poison_rank: int = 0, rank: int = 0) -> dict:
+def _lightened_and_deepspeeds_runs(depth: int, data_seed: int = 0, poison_rank: int = 0, rank: int = 0,
+                                   ds_config: str = "cpu_test.json") -> dict:
     """Both paths through 5 clipped bf16 ZeRO-2 steps, the third with a NaN gradient (on `poison_rank`), a
     parameter moved out of the flat bit16 buffer after the first: per path the weights, Adam moments, norms, skipped
     steps, whether the moved parameter aliases the buffer again, and the ops of each step."""
@@ -183,7 +185,7 @@ def _lightened_and_deepspeeds_runs(depth: int, data_seed: int = 0, poison_rank: 
 
     runs = {}
     for lightened in (True, False):
-        engine, optimizer, task, _, batch = _bf16_engine(depth=depth, data_seed=data_seed)
+        engine, optimizer, task, _, batch = _bf16_engine(depth=depth, data_seed=data_seed, ds_config=ds_config)
         if not lightened:
             _deepspeeds_own_bookkeeping(optimizer)
         norms, counts = [], []
@@ -203,6 +205,7 @@ def _lightened_and_deepspeeds_runs(depth: int, data_seed: int = 0, poison_rank: 
             "moments": [client.state[p]["exp_avg"].clone() for group in client.param_groups for p in group["params"]],
             "norms": norms, "skipped": dse.skipped_steps(engine), "counts": counts,
             "realiased": task.second.weight.untyped_storage().data_ptr() in flat,
+            "optimizer": type(client).__name__,
             "tensors": sum(1 for _ in task.parameters())}
     return runs
 
@@ -236,6 +239,25 @@ def test_lighter_zero_bookkeeping_trains_as_deepspeeds_own_methods():
     assert deepspeeds["counts"][3]["linalg_vector_norm"] >= tensors
     saved = sum(deepspeeds["counts"][3].values()) - sum(mine["counts"][3].values())
     assert saved >= 10 * tensors, saved
+
+
+@pytest.mark.slow
+def test_lighter_zero_bookkeeping_with_the_optimizer_offloaded():
+    """The packaged `zero2_offload.json` (DeepSpeedCPUAdam on fp32 partitions in host memory, DeepSpeed's bf16
+    overflow scan on, contiguous gradients): the same weights, Adam moments, norms and skipped NaN step as DeepSpeed's
+    own methods, with one host read per step in place of two per parameter tensor. Slow: the first use builds
+    DeepSpeed's cpu_adam op (about a minute)."""
+    runs = _lightened_and_deepspeeds_runs(depth=6, ds_config="zero2_offload.json")
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    _assert_same_training(runs)
+    assert runs[True]["optimizer"] == runs[False]["optimizer"] == DeepSpeedCPUAdam.__name__
+    # host reads per step: DeepSpeed's two per parameter tensor (its inf/NaN test, its norm) against a handful
+    tensors = runs[True]["tensors"]
+    reads = [[ops["_local_scalar_dense"] for ops in run["counts"]] for run in (runs[True], runs[False])]
+    assert max(reads[0]) <= 4, reads
+    # (the NaN step, the third, ends at DeepSpeed's overflow check, before its norm)
+    assert all(theirs >= 2 * tensors for step, theirs in enumerate(reads[1]) if step != 2), reads
 
 
 def _two_rank_worker(rank: int, port: int, queue) -> None:
