@@ -58,6 +58,10 @@ def test_gpu_check_script_cpu_mode_runs_every_section(tmp_path):
     assert default["host_syncs_per_step"] + 4 <= scan["host_syncs_per_step"]
     assert results["attention"]["sdpa"]["kernels"], results["attention"]
     assert results["loader"]["clips_per_s"] > 0
+    kernels = results["kernels"]
+    assert set(kernels["ms"]) == {"sdpa", "sdpa-math", "explicit"} and kernels["batch_sizes"] == [2, 4]
+    assert all(isinstance(ms, float) and ms > 0 for row in kernels["ms"].values() for ms in row.values()), kernels
+    assert set(kernels["fastest"]) == {"2", "4"} and "window attention kernels" in printed
     assert results["steps"]["violet-tiny fp32"]["profile"]["top_ops_ms"]
     assert "engine step" in printed and "violet-tiny fp32" in printed and "ops/step" in printed and "gpu_check: tests rc=0, bench rc=0" in printed
     tests_log = (tmp_path / "gpu_check_tests.log").read_text()
@@ -145,3 +149,25 @@ def test_switch_lists_written_on_off_parse_from_the_command_line(tmp_path, monke
     assert seen == {"overflow_check": ["on"], "compile": ["off"]}
     with pytest.raises(ValueError, match="on / off"):
         main([*common, "--compile", "[maybe]"])
+
+
+def test_window_kernel_table_names_each_kernel_and_the_fastest():
+    """The GPU plan times every window-attention kernel at batch 16 and 64; a kernel that failed (e.g. a forced SDPA
+    backend that does not take the bias) is listed with its reason and never named fastest."""
+    from violet_ds.bench.gpu import WINDOW_KERNELS, _kernel_lines, _plan
+
+    plan = _plan("gpu", False, None)["kernels"]
+    assert plan["batch_sizes"] == [16, 64] and plan["kernels"] == list(WINDOW_KERNELS)
+    assert {"sdpa-efficient", "sdpa-cudnn", "flex", "explicit"} <= set(plan["kernels"])
+    lines = _kernel_lines({"model": "violet-v2", "frames": 4, "image_size": 224, "batch_sizes": [16, 64],
+                           "ms": {"sdpa": {"16": 40.5, "64": 150.0}, "sdpa-cudnn": {"16": "error: No available kernel",
+                                                                                    "64": "error: No available kernel"},
+                                  "explicit": {"16": 38.0, "64": 160.25}},
+                           "fastest": {"16": "explicit", "64": "sdpa"}})
+    text = "\n".join(lines)
+    assert "sdpa-cudnn" in text and "failed" in text and "sdpa-cudnn at batch 16: error: No available kernel" in text
+    assert "fastest: batch 16 explicit, batch 64 sdpa" in text and "160.25" in text
+    with pytest.raises(ValueError, match="unknown"):
+        from violet_ds.bench.gpu import bench_gpu
+
+        bench_gpu(mode="cpu", sections=["kernel"])

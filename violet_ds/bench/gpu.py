@@ -15,6 +15,9 @@ written to JSON after every section so a run cut short still leaves what it meas
 - max_batch: the largest micro-batch that fits, with and without checkpointing (doubling, then bisection), then
   the step at the largest batch without checkpointing timed with each `overflow_check` setting (MFU at scale);
 - profile: the top ops of one violet-v2 step by device time and its host syncs (where MFU goes);
+- kernels (last): the Video Swin backbone's forward + backward per window-attention kernel (SDPA as torch picks,
+  SDPA forced to its memory-efficient, cuDNN or math backend, the explicit baddbmm + softmax, compiled
+  FlexAttention) at batch 16 and 64, and the fastest per batch;
 - loader: the real Dataset + DataLoader at the training frame size with worker processes and pinned memory
   (clips/s), next to the training step's samples/s.
 
@@ -24,6 +27,7 @@ so the command never rots. MFU is reported against the card's dense bf16 peak (`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -155,6 +159,51 @@ def _attention(spec: dict) -> dict:
     return out
 
 
+WINDOW_KERNELS = {
+    # name: (model.video_attention choice, SDPA backend forced or None = torch's own pick)
+    "sdpa": ("sdpa", None), "sdpa-efficient": ("sdpa", "EFFICIENT_ATTENTION"), "sdpa-cudnn": ("sdpa", "CUDNN_ATTENTION"),
+    "sdpa-math": ("sdpa", "MATH"), "explicit": ("explicit", None), "flex": ("flex", None)}
+"""The Video Swin window-attention kernels the `kernels` section times (a forced SDPA backend that does not take
+the relative-position bias, or its gradient, fails its row with torch's reason)"""
+
+
+def _window_kernels(spec: dict) -> dict:
+    """The Video Swin backbone alone, forward + backward, per window-attention kernel and batch size: median ms,
+    or the error that kernel gave (unsupported input, out of memory). The fastest kernel per batch is named."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from violet_ds.models import create_model
+
+    cuda = spec["cuda"]
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.manual_seed(0)
+    backbone = create_model(spec["model"], max_frames=max(spec["frames"], 4)).video_backbone.to(device)
+    timings: Dict[str, dict] = {}
+    for batch in spec["batch_sizes"]:
+        clip = torch.randn(batch, 3, spec["frames"], spec["image_size"], spec["image_size"], device=device)
+        for name in spec["kernels"]:
+            choice, backend = WINDOW_KERNELS[name]
+            backbone.set_attention(choice)
+            try:
+                with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
+                    ms = _backbone_ms(backbone, clip, dtype, cuda)
+                timings.setdefault(name, {})[str(batch)] = ms
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+                timings.setdefault(name, {})[str(batch)] = f"error: {str(error).splitlines()[0][:160]}"
+            backbone.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.empty_cache()
+        del clip
+    fastest = {}
+    for batch in map(str, spec["batch_sizes"]):
+        measured = {name: row[batch] for name, row in timings.items() if isinstance(row.get(batch), float)}
+        if measured:
+            fastest[batch] = min(measured, key=measured.get)
+    return {"batch_sizes": list(spec["batch_sizes"]), "ms": timings, "fastest": fastest,
+            "frames": spec["frames"], "image_size": spec["image_size"], "model": spec["model"]}
+
+
 def _max_batch(spec: dict) -> dict:
     """Largest micro-batch whose training step fits (one engine, doubling then bisection; see train.py)."""
     spec = {key: value for key, value in spec.items() if key != "timed_rows"}
@@ -233,6 +282,8 @@ def _gpu_plan(apex: bool, tokenizer: Optional[str], overflow_check: Sequence[str
     return {"base": base, "steps": steps, "extra_steps": extra_steps,
             "attention": {"model": "violet-v2", "batch_size": 8, "frames": 4, "image_size": 224, "text_len": 32,
                           "flex": True},
+            "kernels": {"model": "violet-v2", "frames": 4, "image_size": 224, "batch_sizes": [16, 64],
+                        "kernels": list(WINDOW_KERNELS)},
             "max_batch": [("violet-v2 bf16 no ckpt", {"model": "violet-v2", "precision": "bf16", "checkpointing": False,
                                                       "start": 64, "limit": 1024, "bisect": 2,
                                                       "timed_rows": _scan_rows("violet-v2 bf16 largest batch",
@@ -260,6 +311,9 @@ def _cpu_plan(tokenizer: Optional[str], overflow_check: Sequence[str] = SWITCHES
     return {"base": base, "steps": steps, "extra_steps": extra_steps,
             "attention": {"model": "violet-tiny", "batch_size": 2, "frames": 2, "image_size": 64, "text_len": 16,
                           "flex": False},
+            # FlexAttention has no CPU backward; the bias gradient rules out SDPA's flash kernel, not the math one
+            "kernels": {"model": "violet-tiny", "frames": 2, "image_size": 64, "batch_sizes": [2, 4],
+                        "kernels": ["sdpa", "sdpa-math", "explicit"]},
             "max_batch": [],
             "loader": {"frames": 2, "image_size": 64, "batch_size": 4, "workers": 2, "batches": 3, "pin_memory": False,
                        "rows": 12, "source_h": 96, "source_w": 128}}
@@ -342,6 +396,28 @@ def _attention_lines(attention: dict) -> List[str]:
     return lines
 
 
+def _kernel_lines(kernels: dict) -> List[str]:
+    if not kernels:
+        return []
+    lines = ["", f"window attention kernels: {kernels.get('model', '')} Video Swin forward + backward, ms "
+                 f"({kernels.get('frames')} x {kernels.get('image_size')} px)"]
+    if "error" in kernels:
+        return lines + [f"  FAILED: {kernels['error'].splitlines()[0][:160]}"]
+    batches = [str(b) for b in kernels["batch_sizes"]]
+    lines.append(f"  {'kernel':<16}" + "".join(f"{'batch ' + b:>12}" for b in batches))
+    for name, row in kernels["ms"].items():
+        cells = [row.get(b) for b in batches]
+        lines.append(f"  {name:<16}" + "".join(f"{c:>12.2f}" if isinstance(c, float) else f"{'failed':>12}"
+                                             for c in cells))
+    for name, row in kernels["ms"].items():
+        for b in batches:
+            if isinstance(row.get(b), str):
+                lines.append(f"  {name} at batch {b}: {row[b]}")
+    lines.append("  fastest: " + ", ".join(f"batch {b} {kernels['fastest'][b]}" for b in batches
+                                          if b in kernels["fastest"]))
+    return lines
+
+
 def _max_batch_lines(max_batch: dict) -> List[str]:
     lines = []
     for name, row in max_batch.items():
@@ -365,7 +441,7 @@ def _loader_lines(loader: Optional[dict]) -> List[str]:
 
 def format_table(results: dict) -> str:
     """The table `bench gpu` prints at the end: environment, engine steps (+ profiles), attention, max batch,
-    loader and the total time."""
+    loader, window-attention kernels and the total time."""
     env = results.get("env", {})
     lines = [f"violet-ds GPU check: {env.get('device', '?')} | torch {env.get('torch')} (CUDA {env.get('cuda')}) | "
              f"deepspeed {env.get('deepspeed')} | apex {env.get('apex')} | flex {env.get('flex_attention')} | "
@@ -374,6 +450,7 @@ def format_table(results: dict) -> str:
     lines += _attention_lines(results.get("attention", {}))
     lines += _max_batch_lines(results.get("max_batch", {}))
     lines += _loader_lines(results.get("loader"))
+    lines += _kernel_lines(results.get("kernels", {}))
     lines.append(f"total {results.get('seconds', 0):.0f} s")
     return "\n".join(lines)
 
@@ -504,6 +581,16 @@ def run_loader(check: GpuCheck) -> None:
     check.save()
 
 
+def run_kernels(check: GpuCheck) -> None:
+    """The window-attention kernel table, skipped once less than a minute of the budget is left."""
+    if check.left() < 60:
+        check.results["kernels"] = {"error": "skipped: time budget spent"}
+    else:
+        check.results["kernels"] = check.run_child(_window_kernels, {**check.plan["kernels"], "cuda": check.cuda})
+    print(f"kernels: {check.results['kernels']}", flush=True)
+    check.save()
+
+
 def run_max_batch(check: GpuCheck) -> None:
     """The max-batch searches, each skipped once less than a minute of the budget is left."""
     found = check.results["max_batch"] = {}
@@ -522,7 +609,7 @@ def run_max_batch(check: GpuCheck) -> None:
                               for row, settings in extra["timed_rows"]])
 
 
-SECTIONS = ("env", "attention", "steps", "max_batch", "loader")
+SECTIONS = ("env", "attention", "steps", "max_batch", "loader", "kernels")
 
 
 def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", peak_tflops: Optional[float] = None,
@@ -532,6 +619,9 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
     """Run the check's sections (`violet-ds bench gpu` documents the arguments): the environment, attention, the
     engine steps every check needs, the loader, the max-batch search, then the finer step comparisons, each
     isolated (a failing one is recorded with its error and the rest still runs). Returns the finished check."""
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"bench gpu --sections: unknown {unknown}; the sections are {list(SECTIONS)}")
     check = start_check(mode, output, peak_tflops, tokenizer, budget_s, rows, overflow_check, compile)
     if "attention" in sections:
         run_attention(check)
@@ -543,5 +633,7 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
         run_max_batch(check)
     if "steps" in sections:
         run_steps(check, check.plan["extra_steps"])
+    if "kernels" in sections:
+        run_kernels(check)
     check.save()
     return check

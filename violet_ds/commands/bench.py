@@ -62,7 +62,7 @@ def bench_train(models: List[str] = ["violet-tiny"], batch_size: int = 2, frames
 
 def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", peak_tflops: Optional[float] = None,
               tokenizer: Optional[str] = None, budget_s: float = 480.0,
-              sections: List[str] = ["env", "attention", "steps", "max_batch", "loader"],
+              sections: List[str] = ["env", "attention", "steps", "max_batch", "loader", "kernels"],
               rows: Optional[List[str]] = None, overflow_check: List[Union[bool, str]] = ["on", "off"],
               compile: Optional[List[Union[bool, str]]] = None) -> int:
     """One-shot check of every CUDA path: engine steps (bf16/fp16, FusedAdam/torch/apex, checkpointing off/on/offload),
@@ -74,7 +74,8 @@ def bench_gpu(mode: str = "auto", output: str = "runs/bench/gpu_check.json", pea
         peak_tflops: dense bf16 peak of the card for MFU (default: looked up from the device name).
         tokenizer: BERT vocabulary folder (default: the packaged one).
         budget_s: skip the sections still to come once this many seconds have passed.
-        sections: which sections to run.
+        sections: which sections to run (env, attention, steps, max_batch, loader, kernels: the Video Swin
+            forward + backward per window-attention kernel at batch 16 and 64, run last).
         rows: run only the engine-step and max-batch rows whose name contains one of these strings (e.g.
             `--rows '[fp16, ckpt]'` for a rerun of what a short device slot left out); default: every row.
         overflow_check: code paths of the bf16 violet-v2 rows (batch 16 and the largest batch) to run side by side:
