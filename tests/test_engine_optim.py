@@ -171,7 +171,7 @@ def _deepspeeds_own_bookkeeping(zero_optimizer) -> None:
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     for name in ("get_grad_norm_direct", "_update_model_bit16_weights", "update_offload_overflow_tracker",
-                 "complete_grad_norm_calculation_for_cpu_offload"):
+                 "has_overflow", "complete_grad_norm_calculation_for_cpu_offload"):
         vars(zero_optimizer).pop(name, None)
     zero_optimizer.flatten, zero_optimizer.unflatten = _flatten_dense_tensors, _unflatten_dense_tensors
 
@@ -260,14 +260,14 @@ def test_lighter_zero_bookkeeping_with_the_optimizer_offloaded():
     assert all(theirs >= 2 * tensors for step, theirs in enumerate(reads[1]) if step != 2), reads
 
 
-def _two_rank_worker(rank: int, port: int, queue) -> None:
+def _two_rank_worker(rank: int, port: int, queue, ds_config: str = "cpu_test.json") -> None:
     import os
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     try:
         # each rank its own samples; the NaN gradient on rank 1 only
-        runs = _lightened_and_deepspeeds_runs(depth=3, data_seed=rank, poison_rank=1, rank=rank)
+        runs = _lightened_and_deepspeeds_runs(depth=3, data_seed=rank, poison_rank=1, rank=rank, ds_config=ds_config)
         for run in runs.values():
             run.pop("counts")
             # plain lists: a tensor would travel as shared memory this process takes along when it exits
@@ -280,10 +280,13 @@ def _two_rank_worker(rank: int, port: int, queue) -> None:
         queue.put((rank, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
 
 
-def test_lighter_zero_bookkeeping_with_gradients_partitioned_over_two_ranks():
+@pytest.mark.parametrize("ds_config", ["cpu_test.json",
+                                       pytest.param("zero2_offload.json", marks=pytest.mark.slow, id="offload")])
+def test_lighter_zero_bookkeeping_with_gradients_partitioned_over_two_ranks(ds_config):
     """Two ranks (gloo, CPU): each owns half of every group's gradients and optimizer state (parameters split
     across the partition boundary, alignment padding); the lighter bookkeeping trains as DeepSpeed's own methods
-    bitwise, a NaN gradient on one rank skips the step on both, and both ranks end with the same weights."""
+    bitwise, a NaN gradient on one rank skips the step on both, and both ranks end with the same weights (also with
+    the optimizer offloaded: slow, it builds DeepSpeed's cpu_adam op)."""
     import multiprocessing
 
     from violet_ds.engine.distributed import free_port
@@ -291,7 +294,7 @@ def test_lighter_zero_bookkeeping_with_gradients_partitioned_over_two_ranks():
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    processes = [context.Process(target=_two_rank_worker, args=(rank, port, queue)) for rank in (0, 1)]
+    processes = [context.Process(target=_two_rank_worker, args=(rank, port, queue, ds_config)) for rank in (0, 1)]
     for process in processes:
         process.start()
     try:

@@ -99,6 +99,7 @@ def lighten_zero_bookkeeping(zero_optimizer) -> bool:
     zero_optimizer._update_model_bit16_weights = types.MethodType(_update_moved_bit16_weights, zero_optimizer)
     if getattr(zero_optimizer, "cpu_offload", False):
         zero_optimizer.update_offload_overflow_tracker = types.MethodType(_offload_overflow_on_device, zero_optimizer)
+        zero_optimizer.has_overflow = types.MethodType(_offload_has_overflow, zero_optimizer)
         zero_optimizer.complete_grad_norm_calculation_for_cpu_offload = types.MethodType(_offload_grad_norm,
                                                                                          zero_optimizer)
     return True
@@ -163,7 +164,7 @@ def _foreach_grad_norm_direct(self, gradients, params, norm_type=2):
 def _offload_overflow_on_device(self, grad) -> None:
     """DeepSpeedZeroOptimizer.update_offload_overflow_tracker without a host read per gradient: `local_overflow`
     (False after every step) becomes DeepSpeed's own inf/NaN test of each gradient or-ed on the device, a 0-dim bool
-    tensor that `has_overflow` reads once (`ByteTensor([local_overflow])`)."""
+    tensor that `has_overflow` (`_offload_has_overflow`) reads once."""
     if grad is None:
         return
     found = self._has_inf_or_nan(grad.data)
@@ -172,6 +173,20 @@ def _offload_overflow_on_device(self, grad) -> None:
         self.local_overflow = found.logical_or(torch.tensor(previous, device=found.device))
     else:
         self.local_overflow = previous.logical_or(found)
+
+
+def _offload_has_overflow(self, partition_gradients=True) -> bool:
+    """DeepSpeedZeroOptimizer.has_overflow with the optimizer offloaded, reading the device flag
+    `_offload_overflow_on_device` keeps: DeepSpeed's max all-reduce over data- and model-parallel ranks, one host
+    read."""
+    from deepspeed import comm as dist
+
+    flag = self.local_overflow
+    flag = flag if isinstance(flag, torch.Tensor) else torch.tensor(bool(flag))
+    overflow = flag.to(device=self.device, dtype=torch.uint8).reshape(1)
+    dist.all_reduce(overflow, op=dist.ReduceOp.MAX, group=self.dp_process_group)
+    self._model_parallel_all_reduce(tensor=overflow, op=dist.ReduceOp.MAX)
+    return bool(overflow[0].item())
 
 
 def _offload_grad_norm(self, params):
