@@ -97,7 +97,7 @@ def lighten_zero_bookkeeping(zero_optimizer) -> bool:
         zero_optimizer.unflatten = unflatten_dense_tensors
     zero_optimizer.get_grad_norm_direct = types.MethodType(_foreach_grad_norm_direct, zero_optimizer)
     zero_optimizer._update_model_bit16_weights = types.MethodType(_update_moved_bit16_weights, zero_optimizer)
-    if getattr(zero_optimizer, "cpu_offload", False):
+    if zero_optimizer.cpu_offload:
         zero_optimizer.update_offload_overflow_tracker = types.MethodType(_offload_overflow_on_device, zero_optimizer)
         zero_optimizer.has_overflow = types.MethodType(_offload_has_overflow, zero_optimizer)
         zero_optimizer.complete_grad_norm_calculation_for_cpu_offload = types.MethodType(_offload_grad_norm,
