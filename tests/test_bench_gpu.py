@@ -171,3 +171,14 @@ def test_window_kernel_table_names_each_kernel_and_the_fastest():
         from violet_ds.bench.gpu import bench_gpu
 
         bench_gpu(mode="cpu", sections=["kernel"])
+
+
+def test_a_kernel_that_refuses_the_input_fails_its_cell_only():
+    """SDPA forced to its memory-efficient backend has no CPU kernel: that cell holds torch's reason, the other
+    kernel is timed and named fastest."""
+    from violet_ds.bench.gpu import _window_kernels
+
+    result = _window_kernels({"cuda": False, "model": "violet-tiny", "frames": 2, "image_size": 64,
+                              "batch_sizes": [1], "kernels": ["sdpa-efficient", "sdpa"]})
+    assert result["ms"]["sdpa-efficient"]["1"].startswith("error: RuntimeError"), result
+    assert isinstance(result["ms"]["sdpa"]["1"], float) and result["fastest"] == {"1": "sdpa"}
