@@ -145,14 +145,12 @@ def test_switch_lists_written_on_off_parse_from_the_command_line(tmp_path, monke
 
     monkeypatch.setattr(gpu_check, "_plan", plan)
     common = ["bench", "gpu", "--mode", "cpu", "--sections", "[env]", "--output", str(tmp_path / "check.json")]
-    for switches in (["--overflow_check", "[on, off]", "--compile", "[off, on]"],
-                     ["--overflow_check", "[true]", "--compile", "[false]"]):
+    for (scan, compiled), expected in ((("[on, off]", "[off, on]"), (["on", "off"], ["off", "on"])),
+                                       (("[true]", "[false]"), (["on"], ["off"]))):
         with pytest.raises(SystemExit) as done:
-            main([*common, *switches])
+            main([*common, "--overflow_check", scan, "--compile", compiled])
         assert done.value.code == 0
-        if switches[1] == "[on, off]":
-            assert seen == {"overflow_check": ["on", "off"], "compile": ["off", "on"]}
-    assert seen == {"overflow_check": ["on"], "compile": ["off"]}
+        assert seen == {"overflow_check": expected[0], "compile": expected[1]}
     with pytest.raises(ValueError, match="on / off"):
         main([*common, "--compile", "[maybe]"])
 
